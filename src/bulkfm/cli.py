@@ -1,0 +1,63 @@
+"""Command line: a thin layer over functions a notebook user calls the same way.
+
+Each stage owns a small ``cli`` module with ``register(subparsers)``; registration
+must stay cheap (no torch import), the handler imports what it needs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from bulkfm.errors import BulkfmError
+
+# Stage modules that add sub-commands. A module that is missing (a stage not yet
+# built) is skipped so the rest of the CLI keeps working.
+COMMAND_MODULES: tuple[str, ...] = (
+    "bulkfm.data.cli",
+    "bulkfm.train.cli",
+    "bulkfm.impute",
+    "bulkfm.pipeline",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bulkfm", description="Foundation models for bulk RNA-seq."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more detail")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name and name.startswith(exc.name):
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    handler = getattr(args, "handler", None)
+    if handler is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(handler(args) or 0)
+    except BulkfmError as exc:
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
