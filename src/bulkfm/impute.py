@@ -1,0 +1,161 @@
+"""Fill genes a sample lacks with the model's masked-language-model prediction.
+
+Genes recorded absent (``adata.layers["missing"]``) are fed as [MASK]; the predicted
+bin distribution is turned into TPM by :meth:`BinTokenizer.decode_expected`. This is
+the imputation of the paper's robustness experiment, and a better fill than 0 TPM for
+samples from pipelines that drop genes.
+
+CLI: ``bulkfm impute --model DIR --input X.h5ad --output Y.h5ad``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import scipy.sparse as sp
+
+from bulkfm.errors import ConfigError, InputFileError
+
+if TYPE_CHECKING:
+    import anndata as ad
+
+    from bulkfm.models.bulkrnabert import BulkRNABert
+    from bulkfm.tokenize import BinTokenizer
+
+logger = logging.getLogger(__name__)
+
+IMPUTED_LAYER = "imputed"
+UNS_KEY = "imputation"
+
+
+def impute_missing(
+    model: BulkRNABert,
+    tokenizer: BinTokenizer,
+    adata: ad.AnnData,
+    *,
+    batch_size: int = 8,
+) -> ad.AnnData:
+    """A copy of ``adata`` whose missing entries hold predicted TPM.
+
+    Adds ``layers["imputed"]`` (sparse bool, which entries were replaced) and
+    ``uns["bulkfm"]["imputation"]`` (per-sample gene lists and counts). Genes outside the
+    model vocabulary are left as they are; ``layers["missing"]`` is kept as provenance.
+    """
+    import torch
+
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+    from bulkfm.models.bulkrnabert import check_tokenizer_matches
+
+    check_tokenizer_matches(model.config, tokenizer)
+    cols = tokenizer.align_columns(list(map(str, adata.var_names)))
+    vocab_cols = np.arange(tokenizer.n_genes) if cols is None else cols
+    out = adata.copy()
+    out.X = np.asarray(out.X.toarray() if sp.issparse(out.X) else out.X, dtype=np.float32)
+    missing = adata.layers.get("missing")
+    if missing is None:
+        logger.warning("no layers['missing']: nothing to impute")
+        rows = np.array([], dtype=np.int64)
+    else:
+        missing_vocab = sp.csr_matrix(missing)[:, vocab_cols]
+        rows = np.flatnonzero(missing_vocab.getnnz(axis=1))
+    hit_rows: list[np.ndarray] = []
+    hit_cols: list[np.ndarray] = []
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(rows), batch_size):
+            batch_rows = rows[start : start + batch_size]
+            tokens = tokenizer.encode_adata(adata[batch_rows])
+            with torch.inference_mode():
+                logits = model(torch.from_numpy(tokens).to(model.device)).logits
+            masked = tokens == tokenizer.mask_token_id
+            probs = logits[torch.from_numpy(masked).to(logits.device)].float().softmax(dim=-1)
+            values = tokenizer.decode_expected(probs.cpu().numpy())
+            sample_idx, gene_idx = np.nonzero(masked)
+            r, c = batch_rows[sample_idx], vocab_cols[gene_idx]
+            out.X[r, c] = values
+            hit_rows.append(r)
+            hit_cols.append(c)
+    finally:
+        model.train(was_training)
+    r = np.concatenate(hit_rows) if hit_rows else np.array([], dtype=np.int64)
+    c = np.concatenate(hit_cols) if hit_cols else np.array([], dtype=np.int64)
+    out.layers[IMPUTED_LAYER] = sp.csr_matrix(
+        (np.ones(len(r), dtype=bool), (r, c)), shape=adata.shape
+    )
+    out.uns.setdefault("bulkfm", {})[UNS_KEY] = _report(out, rows, tokenizer)
+    logger.info(
+        "imputed %d values in %d of %d samples", out.layers[IMPUTED_LAYER].nnz, len(rows), out.n_obs
+    )
+    return out
+
+
+def _report(adata: ad.AnnData, rows: np.ndarray, tokenizer: BinTokenizer) -> dict[str, Any]:
+    layer = adata.layers[IMPUTED_LAYER]
+    var_names = np.asarray(adata.var_names, dtype=str)
+    genes_per_sample = [var_names[layer[r].indices].tolist() for r in rows]
+    return {
+        "method": "expected bin value of the MLM prediction with the gene fed as [MASK]",
+        "normalization_factor": tokenizer.normalization_factor,
+        "n_values": int(layer.nnz),
+        "n_samples": len(rows),
+        "samples": [str(adata.obs_names[r]) for r in rows],
+        "n_genes_per_sample": [len(g) for g in genes_per_sample],
+        "genes_per_sample": [";".join(g) for g in genes_per_sample],
+    }
+
+
+# --------------------------------------------------------------------------- CLI
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "impute",
+        help="fill genes missing from samples with BulkRNABert predictions",
+        description=(
+            "Genes recorded missing (layers['missing']) are fed to the model as [MASK] and "
+            "replaced by the predicted TPM; the output records them in layers['imputed']."
+        ),
+    )
+    parser.add_argument("--model", required=True, type=Path, help="checkpoint directory")
+    parser.add_argument("--input", required=True, type=Path, help="input .h5ad (TPM)")
+    parser.add_argument("--output", required=True, type=Path, help="output .h5ad")
+    parser.add_argument("--batch-size", type=int, default=8, help="samples per forward pass")
+    parser.add_argument(
+        "--genes", type=Path, default=None, help="gene list file (official-format checkpoints)"
+    )
+    parser.add_argument(
+        "--normalization-factor",
+        type=float,
+        default=None,
+        help="max log10(1+TPM) of the training data (official-format checkpoints)",
+    )
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    parser.set_defaults(handler=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    import anndata as ad
+
+    from bulkfm.io import write_h5ad
+    from bulkfm.models.bulkrnabert import load_pretrained
+
+    if not args.input.is_file():
+        raise InputFileError(f"input {args.input} does not exist: give an .h5ad file")
+    model, tokenizer = load_pretrained(
+        args.model,
+        genes=args.genes,
+        normalization_factor=args.normalization_factor,
+        device=args.device,
+    )
+    adata = ad.read_h5ad(args.input)
+    result = impute_missing(model, tokenizer, adata, batch_size=args.batch_size)
+    write_h5ad(result, args.output)
+    print(
+        f"imputed {result.uns['bulkfm'][UNS_KEY]['n_values']} values in "
+        f"{result.uns['bulkfm'][UNS_KEY]['n_samples']} samples -> {args.output}"
+    )
+    return 0

@@ -1,0 +1,640 @@
+"""BulkRNABert in PyTorch: config, encoder, MLM head and checkpoint I/O.
+
+Same architecture and parameter names as the authors' PyTorch port, so their
+``model.safetensors`` + ``config.json`` load without renaming and give the same outputs:
+
+    tokens [B, G] -> expression_embedding_layer (bins + [MASK]) ------------------+
+    gene ids [G]  -> gene_embedding_layer (Gene2Vec-sized) -> fc_gene_embedding --(+)
+                  -> num_layers x pre-LN block: x + MHA(LN(x)); x + FFN(LN(x))
+                  -> lm_head (no final LayerNorm) -> logits over the expression bins
+
+Gene identity is the position, so there is no positional encoding; attention has no
+mask (every gene of a sample is real). The only addition to the official model is the
+[MASK] row(s) of the expression embedding, which the release lacks: official 64-row
+weights are padded on load (see ``_pad_special_rows``).
+
+IA3 hook points (kept as separate modules so adapters can wrap them without
+touching this file): ``mha.w_k`` and ``mha.w_v`` outputs are the keys and values, and
+``activation`` output in each block is the FFN hidden activation before ``fc2``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from bulkfm.errors import CheckpointError, ConfigError, GeneMappingError
+from bulkfm.io import atomic_path, write_text
+
+if TYPE_CHECKING:
+    from bulkfm.tokenize import BinTokenizer
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+# Field names of the official config.json, in its order.
+OFFICIAL_CONFIG_FIELDS: tuple[str, ...] = (
+    "n_genes",
+    "n_expressions_bins",
+    "embed_dim",
+    "init_gene_embed_dim",
+    "use_gene_embedding",
+    "project_gene_embedding",
+    "num_attention_heads",
+    "key_size",
+    "ffn_embed_dim",
+    "num_layers",
+)
+# Keys the HuggingFace port writes that do not change the architecture.
+_IGNORED_CONFIG_FIELDS = frozenset(
+    {
+        "architectures",
+        "auto_map",
+        "model_type",
+        "torch_dtype",
+        "dtype",
+        "transformers_version",
+        "embeddings_layers_to_save",
+        "attention_maps_to_save",
+        "attention_layers_to_save",
+        "format",
+    }
+)
+CONFIG_FORMAT = "bulkfm.bulkrnabert/1"
+
+
+# --------------------------------------------------------------------------- config
+@dataclass
+class BulkRNABertConfig:
+    """Architecture hyper-parameters; defaults are the official TCGA checkpoint."""
+
+    n_genes: int = 19062
+    n_expressions_bins: int = 64
+    embed_dim: int = 256
+    init_gene_embed_dim: int = 200
+    use_gene_embedding: bool = True
+    project_gene_embedding: bool = True
+    num_attention_heads: int = 8
+    key_size: int | None = None
+    ffn_embed_dim: int = 512
+    num_layers: int = 4
+    n_special_tokens: int = 1
+    layer_norm_eps: float = 1e-5
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        for name in (
+            "n_genes",
+            "n_expressions_bins",
+            "embed_dim",
+            "init_gene_embed_dim",
+            "num_attention_heads",
+            "ffn_embed_dim",
+            "num_layers",
+        ):
+            _check_positive_int(name, getattr(self, name))
+        if self.n_expressions_bins < 2:
+            raise ConfigError(f"n_expressions_bins must be >= 2, got {self.n_expressions_bins}")
+        _check_positive_int("n_special_tokens", self.n_special_tokens)
+        if self.key_size is None:
+            if self.embed_dim % self.num_attention_heads:
+                raise ConfigError(
+                    f"embed_dim={self.embed_dim} is not divisible by num_attention_heads="
+                    f"{self.num_attention_heads}; change one of them or set key_size explicitly"
+                )
+            self.key_size = self.embed_dim // self.num_attention_heads
+        _check_positive_int("key_size", self.key_size)
+        if not (isinstance(self.layer_norm_eps, float | int) and self.layer_norm_eps > 0):
+            raise ConfigError(f"layer_norm_eps must be > 0, got {self.layer_norm_eps!r}")
+        if (
+            self.use_gene_embedding
+            and not self.project_gene_embedding
+            and self.init_gene_embed_dim != self.embed_dim
+        ):
+            # Same rule as the official config: the sum needs matching sizes.
+            logger.warning(
+                "init_gene_embed_dim (%d) != embed_dim (%d): setting project_gene_embedding=True",
+                self.init_gene_embed_dim,
+                self.embed_dim,
+            )
+            self.project_gene_embedding = True
+
+    @property
+    def mask_token_id(self) -> int:
+        return self.n_expressions_bins
+
+    @property
+    def vocab_size(self) -> int:
+        return self.n_expressions_bins + self.n_special_tokens
+
+    def to_dict(self) -> dict[str, Any]:
+        """Official fields first (their names), then this project's extras."""
+        data = dataclasses.asdict(self)
+        ordered = {k: data.pop(k) for k in OFFICIAL_CONFIG_FIELDS}
+        return {**ordered, **data, "format": CONFIG_FORMAT}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> BulkRNABertConfig:
+        """Accepts official, HuggingFace-port and bulkfm config dicts; unknown keys are logged."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in data.items() if k in known}
+        unknown = sorted(set(data) - known - _IGNORED_CONFIG_FIELDS)
+        if unknown:
+            logger.warning("ignoring unknown BulkRNABert config fields: %s", unknown)
+        return cls(**kwargs)
+
+
+def _check_positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+
+
+# --------------------------------------------------------------------------- outputs
+@dataclass
+class BulkRNABertOutput:
+    """``hidden_states[0]`` is the embedding sum; ``hidden_states[i]`` the output of block i."""
+
+    logits: torch.Tensor
+    last_hidden_state: torch.Tensor
+    hidden_states: dict[int, torch.Tensor] | None = None
+    attentions: list[torch.Tensor] | None = None
+
+
+# --------------------------------------------------------------------------- modules
+class BulkRNABertAttention(nn.Module):
+    """Multi-head self-attention with biased q/k/v/output projections.
+
+    Runs through ``scaled_dot_product_attention`` (flash/memory-efficient kernels, no
+    G x G matrix held) unless attention maps are requested for interpretation.
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, key_size: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.key_size = key_size
+        inner = num_heads * key_size
+        self.w_q = nn.Linear(embed_dim, inner)
+        self.w_k = nn.Linear(embed_dim, inner)
+        self.w_v = nn.Linear(embed_dim, inner)
+        self.output = nn.Linear(inner, embed_dim)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length, _ = x.shape
+        return x.reshape(batch, length, self.num_heads, self.key_size).transpose(1, 2)
+
+    def forward(
+        self, x: torch.Tensor, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        q = self._heads(self.w_q(x))
+        k = self._heads(self.w_k(x))
+        v = self._heads(self.w_v(x))
+        weights = None
+        if output_attentions:
+            scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.key_size)
+            weights = scores.softmax(dim=-1)
+            context = weights @ v
+        else:
+            context = F.scaled_dot_product_attention(q, k, v)
+        batch, _, length, _ = context.shape
+        context = context.transpose(1, 2).reshape(batch, length, self.num_heads * self.key_size)
+        return self.output(context), weights
+
+
+class BulkRNABertLayer(nn.Module):
+    """Pre-LayerNorm transformer block: x + MHA(LN(x)), then x + FFN(LN(x))."""
+
+    def __init__(self, config: BulkRNABertConfig) -> None:
+        super().__init__()
+        assert config.key_size is not None  # resolved by the config
+        dim = config.embed_dim
+        self.layer_norm_self_attention = nn.LayerNorm(dim, eps=config.layer_norm_eps)
+        self.mha = BulkRNABertAttention(dim, config.num_attention_heads, config.key_size)
+        self.layer_norm_mlp = nn.LayerNorm(dim, eps=config.layer_norm_eps)
+        self.fc1 = nn.Linear(dim, config.ffn_embed_dim)
+        self.activation = nn.GELU(approximate="none")
+        self.fc2 = nn.Linear(config.ffn_embed_dim, dim)
+
+    def mlp(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.activation(self.fc1(self.layer_norm_mlp(x))))
+
+    def forward(
+        self, x: torch.Tensor, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        attended, weights = self.mha(self.layer_norm_self_attention(x), output_attentions)
+        x = x + attended
+        x = x + self.mlp(x)
+        return x, weights
+
+
+# --------------------------------------------------------------------------- model
+class BulkRNABert(nn.Module):
+    """Encoder + MLM head over a fixed gene vocabulary (see module docstring)."""
+
+    def __init__(self, config: BulkRNABertConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.expression_embedding_layer = nn.Embedding(config.vocab_size, config.embed_dim)
+        # Always created (as in the official port) so state dicts have the same keys
+        # whatever use_gene_embedding / project_gene_embedding say.
+        self.gene_embedding_layer = nn.Embedding(config.n_genes, config.init_gene_embed_dim)
+        self.fc_gene_embedding = nn.Linear(config.init_gene_embed_dim, config.embed_dim)
+        self.transformer_layers = nn.ModuleList(
+            BulkRNABertLayer(config) for _ in range(config.num_layers)
+        )
+        self.lm_head = nn.Linear(config.embed_dim, config.n_expressions_bins)
+        self.reset_parameters()
+        self.register_load_state_dict_pre_hook(_pad_special_rows_hook)
+
+    def reset_parameters(self) -> None:
+        """BERT-style init: N(0, 0.02) weights and embeddings, zero biases, unit LayerNorms."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=0.02)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=0.02)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        *,
+        gene_index: torch.Tensor | None = None,
+        output_hidden_states: bool | Sequence[int] = False,
+        output_attentions: bool = False,
+    ) -> BulkRNABertOutput:
+        """tokens: [B, G] bin ids (``mask_token_id`` for [MASK]).
+
+        ``gene_index`` [G] names the vocabulary genes of the G positions (default: all
+        ``n_genes`` in order), so a full-vocabulary model can run on a gene subset.
+        """
+        keep = self._layers_to_keep(output_hidden_states)
+        x, hidden_states, attentions = self._encode(
+            tokens, gene_index, keep, output_attentions, self.config.num_layers
+        )
+        return BulkRNABertOutput(
+            logits=self.lm_head(x),
+            last_hidden_state=x,
+            hidden_states=hidden_states if keep else None,
+            attentions=attentions if output_attentions else None,
+        )
+
+    @torch.no_grad()
+    def embed(
+        self,
+        tokens: torch.Tensor,
+        *,
+        gene_index: torch.Tensor | None = None,
+        layer: int = -1,
+        exclude_mask: bool = True,
+    ) -> torch.Tensor:
+        """Sample embeddings [B, D]: mean over genes of one layer's output.
+
+        ``layer`` indexes [embeddings, block 1, ..., block L] (so -1 = last block, as in
+        the paper). [MASK] positions are left out of the mean by default because they
+        carry no measurement of the sample.
+        """
+        depth = self._normalise_layer(layer)
+        x, _, _ = self._encode(tokens, gene_index, set(), False, depth)
+        if not exclude_mask:
+            return x.mean(dim=1)
+        keep = (tokens != self.config.mask_token_id).unsqueeze(-1).to(x.dtype)
+        return (x * keep).sum(dim=1) / keep.sum(dim=1).clamp(min=1.0)
+
+    def embed_inputs(self, tokens: torch.Tensor, gene_index: torch.Tensor | None) -> torch.Tensor:
+        """Expression embedding + (projected) gene embedding: the input of block 1."""
+        x = self.expression_embedding_layer(tokens)
+        if self.config.use_gene_embedding:
+            if gene_index is None:
+                gene_index = torch.arange(self.config.n_genes, device=tokens.device)
+            genes = self.gene_embedding_layer(gene_index)
+            if self.config.project_gene_embedding:
+                genes = self.fc_gene_embedding(genes)
+            x = x + genes
+        return x
+
+    def _encode(
+        self,
+        tokens: torch.Tensor,
+        gene_index: torch.Tensor | None,
+        keep: set[int],
+        output_attentions: bool,
+        depth: int,
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor], list[torch.Tensor]]:
+        self._check_inputs(tokens, gene_index)
+        x = self.embed_inputs(tokens, gene_index)
+        hidden_states: dict[int, torch.Tensor] = {0: x} if 0 in keep else {}
+        attentions: list[torch.Tensor] = []
+        use_checkpoint = (
+            self.config.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        )
+        for i, layer in enumerate(self.transformer_layers[:depth], start=1):
+            if use_checkpoint:
+                x, weights = checkpoint(layer, x, output_attentions, use_reentrant=False)
+            else:
+                x, weights = layer(x, output_attentions)
+            if i in keep:
+                hidden_states[i] = x
+            if weights is not None:
+                attentions.append(weights)
+        return x, hidden_states, attentions
+
+    def _layers_to_keep(self, requested: bool | Sequence[int]) -> set[int]:
+        if isinstance(requested, bool):
+            return set(range(self.config.num_layers + 1)) if requested else set()
+        return {self._normalise_layer(i) for i in requested}
+
+    def _normalise_layer(self, layer: int) -> int:
+        n = self.config.num_layers
+        if not -(n + 1) <= layer <= n:
+            raise ConfigError(
+                f"layer {layer} does not exist: use 0 (embeddings) to {n} (last block), or "
+                f"negative indices down to {-(n + 1)}"
+            )
+        return layer % (n + 1)
+
+    def _check_inputs(self, tokens: torch.Tensor, gene_index: torch.Tensor | None) -> None:
+        if tokens.ndim != 2 or tokens.dtype not in (torch.int64, torch.int32):
+            raise ConfigError(
+                f"tokens must be an integer tensor [batch, genes], got {tokens.dtype} with "
+                f"shape {tuple(tokens.shape)}; make them with BinTokenizer.encode"
+            )
+        n_positions = tokens.shape[1]
+        if gene_index is None:
+            if self.config.use_gene_embedding and n_positions != self.config.n_genes:
+                raise GeneMappingError(
+                    f"tokens have {n_positions} gene positions but the model has "
+                    f"{self.config.n_genes} genes; pass gene_index (vocabulary index of each "
+                    "position) to run on a gene subset"
+                )
+        else:
+            if gene_index.ndim != 1 or gene_index.shape[0] != n_positions:
+                raise GeneMappingError(
+                    f"gene_index must be 1-D with one entry per token position "
+                    f"({n_positions}), got shape {tuple(gene_index.shape)}"
+                )
+            if not torch.compiler.is_compiling() and gene_index.numel():
+                lo, hi = int(gene_index.min()), int(gene_index.max())
+                if lo < 0 or hi >= self.config.n_genes:
+                    raise GeneMappingError(
+                        f"gene_index values must lie in 0..{self.config.n_genes - 1}, got "
+                        f"{lo}..{hi}; index genes by their position in the tokenizer gene list"
+                    )
+        if not torch.compiler.is_compiling() and tokens.numel():
+            lo, hi = int(tokens.min()), int(tokens.max())
+            if lo < 0 or hi >= self.config.vocab_size:
+                raise CheckpointError(
+                    f"token ids must lie in 0..{self.config.vocab_size - 1} "
+                    f"({self.config.n_expressions_bins} bins + {self.config.n_special_tokens} "
+                    f"special), got {lo}..{hi}; tokens made with a tokenizer of another bin "
+                    "count, or the official tokenizer's unclamped 64, do not fit this model: "
+                    "use bulkfm.tokenize.BinTokenizer"
+                )
+
+    # ------------------------------------------------------------------ state dicts
+    def load_checked_state_dict(
+        self, state_dict: Mapping[str, torch.Tensor], *, strict: bool = True, source: str = ""
+    ) -> None:
+        """``load_state_dict`` with errors that say which tensor or key is wrong."""
+        where = f" in {source}" if source else ""
+        state_dict = dict(state_dict)
+        _pad_special_rows(self, state_dict, prefix="")
+        expected = self.state_dict()
+        missing = [k for k in expected if k not in state_dict]
+        unexpected = [k for k in state_dict if k not in expected]
+        if strict and (missing or unexpected):
+            raise CheckpointError(
+                f"checkpoint{where} does not match the model: missing keys {missing[:10]}"
+                f"{' ...' if len(missing) > 10 else ''} ({len(missing)} in all), unexpected keys "
+                f"{unexpected[:10]}{' ...' if len(unexpected) > 10 else ''} "
+                f"({len(unexpected)} in all); check that config.json belongs to these weights "
+                "(num_layers, names), or load with strict=False to skip them"
+            )
+        for key, target in expected.items():  # model order: the first layer named first
+            tensor = state_dict.get(key)
+            if tensor is not None and tuple(tensor.shape) != tuple(target.shape):
+                raise CheckpointError(
+                    f"checkpoint{where} tensor {key!r} has shape {tuple(tensor.shape)} but the "
+                    f"config expects {tuple(target.shape)}; config.json does not match "
+                    "these weights (compare n_genes, embed_dim, ffn_embed_dim, key_size, ...)"
+                )
+        if missing or unexpected:
+            logger.warning(
+                "loaded non-strictly%s: %d missing keys %s, %d unexpected keys %s",
+                where,
+                len(missing),
+                missing[:5],
+                len(unexpected),
+                unexpected[:5],
+            )
+        self.load_state_dict({k: v for k, v in state_dict.items() if k in expected}, strict=False)
+
+    # ------------------------------------------------------------------ persistence
+    def save_pretrained(
+        self, directory: str | os.PathLike, tokenizer: BinTokenizer | None = None
+    ) -> Path:
+        """config.json + model.safetensors (+ tokenizer.json), each written atomically."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        if tokenizer is not None:
+            check_tokenizer_matches(self.config, tokenizer)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        with atomic_path(directory / WEIGHTS_FILE) as tmp:
+            save_file(tensors, str(tmp), metadata={"format": "pt"})
+        write_text(json.dumps(self.config.to_dict(), indent=1) + "\n", directory / CONFIG_FILE)
+        if tokenizer is not None:
+            tokenizer.save(directory)
+        return directory
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        directory: str | os.PathLike,
+        *,
+        strict: bool = True,
+        device: str | torch.device = "cpu",
+        **overrides: Any,
+    ) -> BulkRNABert:
+        """Load a bulkfm or official-format directory; returned in eval mode.
+
+        ``overrides`` replace config fields that do not change tensor shapes (e.g.
+        ``gradient_checkpointing=True``).
+        """
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        config = read_config(directory)
+        if overrides:
+            unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(config)})
+            if unknown:
+                raise ConfigError(
+                    f"unknown config overrides {unknown}; use BulkRNABertConfig field names"
+                )
+            config = dataclasses.replace(config, **overrides)
+        weights = directory / WEIGHTS_FILE
+        if not weights.exists():
+            raise CheckpointError(
+                f"{directory} has no {WEIGHTS_FILE}; a checkpoint directory holds config.json "
+                "and model.safetensors (convert a JAX params.joblib with "
+                "bulkfm.models.convert.convert_haiku_to_safetensors)"
+            )
+        try:
+            state_dict = load_file(str(weights), device=str(device))
+        except Exception as exc:  # safetensors raises its own error types
+            raise CheckpointError(f"cannot read {weights}: {exc}; the file is damaged") from exc
+        model = cls(config).to(device)
+        model.load_checked_state_dict(state_dict, strict=strict, source=str(weights))
+        return model.eval()
+
+
+# --------------------------------------------------------------------------- loading helpers
+def _pad_special_rows(module: BulkRNABert, state_dict: dict[str, Any], prefix: str) -> None:
+    """Give an official (bins-only) expression embedding the rows of the special tokens.
+
+    The release has no [MASK] row; starting it at the mean bin embedding puts [MASK] in
+    the middle of what the model has seen, so an untuned model treats it as "average
+    expression" rather than an arbitrary point.
+    """
+    key = prefix + "expression_embedding_layer.weight"
+    weight = state_dict.get(key)
+    config = module.config
+    if weight is None or weight.ndim != 2 or weight.shape[0] != config.n_expressions_bins:
+        return  # already has the special rows, or a shape error reported by the caller
+    extra = weight.float().mean(dim=0, keepdim=True).to(weight.dtype)
+    state_dict[key] = torch.cat([weight, extra.expand(config.n_special_tokens, -1)], dim=0)
+    logger.info(
+        "expression embedding has %d rows (bins only, official format): added %d special "
+        "row(s) initialised to the mean bin embedding",
+        weight.shape[0],
+        config.n_special_tokens,
+    )
+
+
+def _pad_special_rows_hook(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+    assert isinstance(module, BulkRNABert)
+    _pad_special_rows(module, state_dict, prefix)
+
+
+def read_config(directory: str | os.PathLike) -> BulkRNABertConfig:
+    path = Path(directory) / CONFIG_FILE
+    if not path.exists():
+        raise CheckpointError(
+            f"{path} does not exist; a checkpoint directory needs config.json (official field "
+            "names) beside model.safetensors"
+        )
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path} is not valid JSON ({exc}); restore the file") from exc
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} must hold a JSON object of config fields")
+    try:
+        return BulkRNABertConfig.from_dict(data)
+    except (ConfigError, TypeError) as exc:
+        raise CheckpointError(f"{path} is not a valid BulkRNABert config: {exc}") from exc
+
+
+def check_tokenizer_matches(config: BulkRNABertConfig, tokenizer: BinTokenizer) -> None:
+    """A tokenizer fits a model when it has the model's gene count and bin count."""
+    if tokenizer.n_bins != config.n_expressions_bins:
+        raise CheckpointError(
+            f"tokenizer has {tokenizer.n_bins} bins but the model has "
+            f"{config.n_expressions_bins} expression bins; use the tokenizer saved with the model"
+        )
+    if tokenizer.n_genes != config.n_genes:
+        raise CheckpointError(
+            f"tokenizer has {tokenizer.n_genes} genes but the model has n_genes="
+            f"{config.n_genes}; give the gene list the checkpoint was trained with (model order)"
+        )
+
+
+def load_pretrained(
+    directory: str | os.PathLike,
+    *,
+    genes: Sequence[str] | str | os.PathLike | None = None,
+    normalization_factor: float | None = None,
+    strict: bool = True,
+    device: str | torch.device = "cpu",
+) -> tuple[BulkRNABert, BinTokenizer]:
+    """Model and tokenizer of a checkpoint directory.
+
+    A bulkfm checkpoint carries tokenizer.json. An official-format one does not: then
+    ``genes`` (a list or a file with one id a line, model order) and
+    ``normalization_factor`` (5.547176906585117 for the official TCGA model) are required.
+    Given alongside a tokenizer.json they must agree with it.
+    """
+    from bulkfm.tokenize import (
+        TOKENIZER_FILE,
+        BinTokenizer,
+        TokenizerConfig,
+        as_gene_list,
+        gene_overlap_report,
+    )
+
+    directory = Path(directory)
+    model = BulkRNABert.from_pretrained(directory, strict=strict, device=device)
+    gene_list = as_gene_list(genes) if genes is not None else None
+    if (directory / TOKENIZER_FILE).exists():
+        tokenizer = BinTokenizer.load(directory)
+        if gene_list is not None and gene_list != tokenizer.genes:
+            raise CheckpointError(
+                "genes given differ from the checkpoint's tokenizer.json: "
+                f"{gene_overlap_report(tokenizer.genes, gene_list)}; leave genes out to use "
+                "the saved list"
+            )
+        if normalization_factor is not None and not math.isclose(
+            normalization_factor, tokenizer.normalization_factor, rel_tol=1e-12
+        ):
+            raise CheckpointError(
+                f"normalization_factor={normalization_factor} differs from the checkpoint's "
+                f"{tokenizer.normalization_factor}; leave it out to use the saved value"
+            )
+    else:
+        if gene_list is None or normalization_factor is None:
+            raise CheckpointError(
+                f"{directory} has no {TOKENIZER_FILE} (official-format checkpoint): pass "
+                "genes=<gene list file or ids in model order> and normalization_factor=<max "
+                "log10(1+TPM) of its training data>, e.g. the official TCGA model needs "
+                "genes='bulkrnabert_gene_ids.txt', normalization_factor=5.547176906585117"
+            )
+        if len(gene_list) != model.config.n_genes:
+            raise CheckpointError(
+                f"gene list has {len(gene_list)} genes ({len(set(gene_list))} distinct) but the "
+                f"checkpoint has n_genes={model.config.n_genes}; give the list the checkpoint "
+                "was trained with"
+            )
+        tokenizer = BinTokenizer(
+            TokenizerConfig(
+                genes=gene_list,
+                normalization_factor=normalization_factor,
+                n_bins=model.config.n_expressions_bins,
+            )
+        )
+    check_tokenizer_matches(model.config, tokenizer)
+    return model, tokenizer

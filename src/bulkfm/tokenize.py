@@ -1,0 +1,474 @@
+"""TPM -> BulkRNABert expression tokens, and model predictions -> TPM.
+
+The official recipe: ``v = log10(1 + TPM) / normalization_factor``, exact zeros -> token
+0, every other value -> ``np.digitize(v, np.linspace(0, 1, n_bins))``. The factor is a
+property of the *training data* (its max log-TPM), so it is fitted once and stored with
+the checkpoint; per-sample scaling would change what a token means between samples.
+
+Two deliberate departures from the official code, both for values it cannot represent:
+
+- ``v >= 1`` (TPM at or above the training maximum) gives ``n_bins`` officially, one past
+  the embedding; here it is clamped to ``n_bins - 1``.
+- Genes the data layer recorded as absent (``adata.layers["missing"]``) become the mask
+  token ``n_bins`` instead of the official zero fill, so the model is not told "not
+  expressed" when the truth is "not measured".
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import scipy.sparse as sp
+
+from bulkfm.errors import ConfigError, DuplicateIdError, ExpressionValueError, GeneMappingError
+from bulkfm.io import write_text
+
+if TYPE_CHECKING:
+    import anndata as ad
+
+logger = logging.getLogger(__name__)
+
+TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_FORMAT = "bulkfm.bin_tokenizer/1"
+# Elements per chunk: small enough for the float64 working copies to stay in cache,
+# which makes tokenising several times faster than whole-matrix passes.
+_CHUNK_ELEMENTS = 1 << 18
+
+
+def _check_factor(value: Any) -> float:
+    try:
+        factor = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"normalization_factor must be a number, got {value!r}; use the max of "
+            "log10(1 + TPM) over the training data (5.547176906585117 for the official "
+            "TCGA checkpoint)"
+        ) from None
+    if not math.isfinite(factor) or factor <= 0:
+        raise ConfigError(
+            f"normalization_factor must be finite and > 0, got {factor}; it is the max of "
+            "log10(1 + TPM) over the training data, so a value <= 0 means the data were all "
+            "zeros or the factor was not fitted (use BinTokenizer.fit)"
+        )
+    return factor
+
+
+@dataclass
+class TokenizerConfig:
+    """Everything needed to reproduce the tokens of a checkpoint (saved as tokenizer.json)."""
+
+    genes: list[str]
+    normalization_factor: float
+    n_bins: int = 64
+
+    def __post_init__(self) -> None:
+        self.genes = [str(g) for g in self.genes]
+        if not self.genes:
+            raise ConfigError("genes is empty: give the model's gene ids in model order")
+        counts = Counter(self.genes)
+        dups = [g for g, n in counts.items() if n > 1]
+        if dups:
+            raise DuplicateIdError(
+                f"{len(dups)} duplicate gene ids in the tokenizer gene list "
+                f"(e.g. {dups[:5]}); each model position must be one gene, so de-duplicate "
+                "the list"
+            )
+        self.normalization_factor = _check_factor(self.normalization_factor)
+        if isinstance(self.n_bins, bool) or not isinstance(self.n_bins, int) or self.n_bins < 2:
+            raise ConfigError(f"n_bins must be an integer >= 2, got {self.n_bins!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": TOKENIZER_FORMAT,
+            "transform": "log10(1 + TPM) / normalization_factor",
+            "normalization_factor": self.normalization_factor,
+            "n_bins": self.n_bins,
+            "bin_edges": np.linspace(0.0, 1.0, self.n_bins).tolist(),
+            "mask_token_id": self.n_bins,
+            "genes": list(self.genes),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TokenizerConfig:
+        missing = [k for k in ("genes", "normalization_factor") if k not in data]
+        if missing:
+            raise ConfigError(
+                f"tokenizer config lacks {missing}; a tokenizer.json written by "
+                "BinTokenizer.save has genes, normalization_factor and n_bins"
+            )
+        config = cls(
+            genes=list(data["genes"]),
+            normalization_factor=data["normalization_factor"],
+            n_bins=int(data.get("n_bins", 64)),
+        )
+        edges = data.get("bin_edges")
+        if edges is not None and not np.allclose(
+            edges, np.linspace(0.0, 1.0, config.n_bins), rtol=0, atol=1e-12
+        ):
+            raise ConfigError(
+                "tokenizer.json bin_edges are not linspace(0, 1, n_bins): this tokenizer only "
+                "implements the official linear bins; re-create the file with BinTokenizer.save"
+            )
+        return config
+
+
+def gene_overlap_report(expected: Sequence[str], found: Sequence[str], n_examples: int = 5) -> str:
+    """One-line overlap summary used by every gene-mismatch error."""
+    found_set = set(found)
+    expected_set = set(expected)
+    present = [g for g in expected if g in found_set]
+    absent = [g for g in expected if g not in found_set]
+    extra = [g for g in found if g not in expected_set]
+    return (
+        f"{len(present)} of {len(expected)} expected genes found"
+        f"; missing e.g. {absent[:n_examples]}"
+        + (f"; {len(extra)} unexpected, e.g. {extra[:n_examples]}" if extra else "")
+    )
+
+
+def _as_missing_matrix(missing: Any, shape: tuple[int, int]) -> np.ndarray | sp.csr_matrix | None:
+    if missing is None:
+        return None
+    if sp.issparse(missing):
+        missing = sp.csr_matrix(missing)
+    else:
+        missing = np.asarray(missing)
+        if missing.ndim == 1 and shape[0] == 1:
+            missing = missing[None, :]
+    if missing.shape != shape:
+        raise ExpressionValueError(
+            f"missing mask has shape {missing.shape} but the expression matrix is {shape}; "
+            "pass a samples x genes boolean mask aligned with X"
+        )
+    return missing
+
+
+def _dense_rows(matrix: Any, start: int, stop: int, cols: np.ndarray | None) -> np.ndarray:
+    block = matrix[start:stop]
+    if cols is not None:
+        block = block[:, cols]
+    if sp.issparse(block):
+        block = block.toarray()
+    return np.asarray(block)
+
+
+def _validate_chunk(values: np.ndarray, row_offset: int) -> None:
+    if not values.size:
+        return
+    # Two reductions catch NaN (propagates into min), negatives and inf cheaply;
+    # the element-wise search below only runs to explain a failure.
+    if values.min() >= 0 and values.max() < np.inf:
+        return
+    bad = ~np.isfinite(values)
+    if bad.any():
+        r, c = np.argwhere(bad)[0]
+        raise ExpressionValueError(
+            f"{int(bad.sum())} NaN/inf expression values (first at sample {row_offset + r}, "
+            f"gene column {c}); impute or drop them, or record them in layers['missing'] so "
+            "they become the mask token"
+        )
+    neg = values < 0
+    r, c = np.argwhere(neg)[0]
+    raise ExpressionValueError(
+        f"{int(neg.sum())} negative expression values (first {values[r, c]} at sample "
+        f"{row_offset + r}, gene column {c}); the tokenizer expects TPM >= 0, not "
+        "log-transformed or centred values"
+    )
+
+
+class BinTokenizer:
+    """Official BulkRNABert linear-bin tokenizer with a fitted factor and its own mask id."""
+
+    def __init__(self, config: TokenizerConfig) -> None:
+        self.config = config
+        self._edges = np.linspace(0.0, 1.0, config.n_bins)
+        self._edges_ext = np.append(self._edges, np.inf)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def genes(self) -> list[str]:
+        return self.config.genes
+
+    @property
+    def n_genes(self) -> int:
+        return len(self.config.genes)
+
+    @property
+    def n_bins(self) -> int:
+        return self.config.n_bins
+
+    @property
+    def normalization_factor(self) -> float:
+        return self.config.normalization_factor
+
+    @property
+    def mask_token_id(self) -> int:
+        return self.config.n_bins
+
+    @property
+    def bin_edges(self) -> np.ndarray:
+        return self._edges.copy()
+
+    def __repr__(self) -> str:
+        return (
+            f"BinTokenizer(n_genes={self.n_genes}, n_bins={self.n_bins}, "
+            f"normalization_factor={self.normalization_factor!r})"
+        )
+
+    # ------------------------------------------------------------------ fitting
+    @classmethod
+    def fit(
+        cls,
+        X_tpm: Any,
+        genes: Sequence[str],
+        *,
+        missing: Any = None,
+        n_bins: int = 64,
+    ) -> BinTokenizer:
+        """Factor = max log10(1 + TPM) over ``X_tpm`` (entries marked missing ignored)."""
+        X = _as_2d(X_tpm)
+        if X.shape[1] != len(genes):
+            raise GeneMappingError(
+                f"X has {X.shape[1]} gene columns but {len(genes)} gene ids were given; "
+                "pass one id per column, in column order"
+            )
+        mask = _as_missing_matrix(missing, X.shape)
+        top = 0.0
+        for start, stop in _row_chunks(X.shape):
+            values = _dense_rows(X, start, stop, None).astype(np.float64, copy=True)
+            if mask is not None:
+                values[_dense_rows(mask, start, stop, None).astype(bool)] = 0.0
+            _validate_chunk(values, start)
+            if values.size:
+                top = max(top, float(values.max()))
+        factor = float(np.log10(1.0 + top))
+        if factor <= 0:
+            raise ConfigError(
+                "cannot fit the normalization factor: every (non-missing) expression value is "
+                "0; fit on the real training matrix"
+            )
+        return cls(TokenizerConfig(genes=list(genes), normalization_factor=factor, n_bins=n_bins))
+
+    @classmethod
+    def fit_adata(cls, adata: ad.AnnData, *, n_bins: int = 64) -> BinTokenizer:
+        """Fit on an AnnData's TPM (``X``), genes = ``var_names`` in their order."""
+        return cls.fit(
+            adata.X,
+            list(map(str, adata.var_names)),
+            missing=adata.layers.get("missing"),
+            n_bins=n_bins,
+        )
+
+    from_adata = fit_adata
+
+    # ------------------------------------------------------------------ encoding
+    def encode(self, X_tpm: Any, missing: Any = None) -> np.ndarray:
+        """Samples x genes TPM (columns in ``self.genes`` order) -> int64 token ids."""
+        one_d = np.ndim(X_tpm) == 1 and not sp.issparse(X_tpm)
+        X = _as_2d(X_tpm)
+        if X.shape[1] != self.n_genes:
+            raise GeneMappingError(
+                f"X has {X.shape[1]} gene columns but the tokenizer has {self.n_genes} genes; "
+                "columns must be exactly the tokenizer genes in order (use encode_adata to "
+                "align an AnnData by gene id)"
+            )
+        tokens = self._encode_aligned(X, None, _as_missing_matrix(missing, X.shape), None)
+        return tokens[0] if one_d else tokens
+
+    def encode_adata(self, adata: ad.AnnData) -> np.ndarray:
+        """Tokens of an AnnData, columns aligned to ``self.genes`` by gene id."""
+        cols = self.align_columns(list(map(str, adata.var_names)))
+        missing = adata.layers.get("missing")
+        if missing is not None and missing.shape != adata.shape:
+            raise ExpressionValueError(
+                f"layers['missing'] has shape {missing.shape}, X has {adata.shape}; rebuild "
+                "the AnnData with bulkfm.data so the layer matches X"
+            )
+        return self._encode_aligned(adata.X, cols, missing, cols)
+
+    def align_columns(self, var_names: Sequence[str]) -> np.ndarray | None:
+        """Column indices putting ``var_names`` in tokenizer order (None: already aligned)."""
+        var_names = list(var_names)
+        if var_names == self.genes:
+            return None
+        position = {g: i for i, g in enumerate(var_names)}
+        if len(position) != len(var_names):
+            raise DuplicateIdError(
+                "the AnnData has duplicate var_names; make gene ids unique "
+                "(bulkfm.data harmonises duplicates) before tokenising"
+            )
+        absent = [g for g in self.genes if g not in position]
+        if absent:
+            raise GeneMappingError(
+                "the AnnData genes do not cover the tokenizer's vocabulary: "
+                f"{gene_overlap_report(self.genes, var_names)}. Harmonise the data to the "
+                "model's gene list (bulkfm.data; absent genes are recorded in "
+                "layers['missing'] and become the mask token)"
+            )
+        extra = len(var_names) - self.n_genes
+        if extra:
+            logger.info("ignoring %d AnnData genes outside the tokenizer vocabulary", extra)
+        return np.fromiter((position[g] for g in self.genes), dtype=np.int64, count=self.n_genes)
+
+    def _encode_aligned(
+        self, X: Any, cols: np.ndarray | None, missing: Any, missing_cols: np.ndarray | None
+    ) -> np.ndarray:
+        n_rows = X.shape[0]
+        out = np.empty((n_rows, self.n_genes), dtype=np.int64)
+        for start, stop in _row_chunks((n_rows, self.n_genes)):
+            values = _dense_rows(X, start, stop, cols).astype(np.float64, copy=True)
+            is_missing = None
+            if missing is not None:
+                is_missing = _dense_rows(missing, start, stop, missing_cols).astype(bool)
+                values[is_missing] = 0.0
+            _validate_chunk(values, start)
+            out[start:stop] = self._tokens_of(values)
+            if is_missing is not None:
+                out[start:stop][is_missing] = self.mask_token_id
+        return out
+
+    def _tokens_of(self, tpm: np.ndarray) -> np.ndarray:
+        """Official digitisation of a float64 block (overwrites ``tpm``).
+
+        Equals ``np.digitize(v, edges)`` with zeros -> 0 and clamping, but the bin is first
+        guessed arithmetically (edges are linear) and then corrected by one comparison on
+        each side, which is exact and about twice as fast as a binary search.
+        """
+        np.add(tpm, 1.0, out=tpm)
+        np.log10(tpm, out=tpm)
+        tpm /= self.normalization_factor
+        last = self.n_bins - 1
+        tokens = (tpm * last).astype(np.intp)
+        np.minimum(tokens, last, out=tokens)
+        tokens += 1
+        tokens -= tpm < self._edges_ext[tokens - 1]
+        tokens += tpm >= self._edges_ext[tokens]
+        np.minimum(tokens, last, out=tokens)
+        tokens *= tpm > 0.0
+        return tokens
+
+    # ------------------------------------------------------------------ decoding
+    def bin_centers(self) -> np.ndarray:
+        """Normalised value each bin stands for: 0 for bin 0, interval midpoints otherwise."""
+        edges = self._edges
+        centers = np.empty(self.n_bins, dtype=np.float64)
+        centers[0] = 0.0
+        centers[1:] = 0.5 * (edges[:-1] + edges[1:])
+        return centers
+
+    def to_tpm(self, normalized: np.ndarray) -> np.ndarray:
+        """Inverse of the transform: normalised log value -> TPM."""
+        return (
+            np.power(10.0, np.asarray(normalized, dtype=np.float64) * self.normalization_factor)
+            - 1.0
+        )
+
+    def decode(self, tokens: np.ndarray) -> np.ndarray:
+        """Token ids -> TPM at each bin's centre; the mask token decodes to NaN."""
+        tokens = np.asarray(tokens)
+        if tokens.size and (tokens.min() < 0 or tokens.max() > self.mask_token_id):
+            raise ExpressionValueError(
+                f"token ids must lie in 0..{self.mask_token_id}, got "
+                f"{tokens.min()}..{tokens.max()}; were they made by another tokenizer?"
+            )
+        centers = np.append(self.to_tpm(self.bin_centers()), np.nan)
+        return centers[tokens]
+
+    def decode_expected(self, probs: np.ndarray) -> np.ndarray:
+        """Bin probabilities (..., n_bins) -> TPM of the expected normalised value.
+
+        The expectation is taken in the normalised log space the bins live in, then mapped
+        back, so one confident high bin does not dominate as it would in linear TPM.
+        """
+        probs = np.asarray(probs, dtype=np.float64)
+        if probs.ndim == 0 or probs.shape[-1] != self.n_bins:
+            raise ExpressionValueError(
+                f"probabilities must have a last axis of n_bins={self.n_bins}, got shape "
+                f"{probs.shape}; pass softmax(logits) of the LM head"
+            )
+        if probs.size and (
+            probs.min() < 0 or not np.allclose(probs.sum(axis=-1), 1.0, rtol=0, atol=1e-3)
+        ):
+            raise ExpressionValueError(
+                "probabilities must be >= 0 and sum to 1 over the last axis; apply softmax to "
+                "the logits first"
+            )
+        return self.to_tpm(probs @ self.bin_centers())
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, directory: str | os.PathLike) -> Path:
+        path = Path(directory) / TOKENIZER_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return write_text(json.dumps(self.config.to_dict(), indent=1) + "\n", path)
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> BinTokenizer:
+        path = Path(directory)
+        if path.is_dir():
+            path = path / TOKENIZER_FILE
+        if not path.exists():
+            raise ConfigError(
+                f"{path} does not exist; a checkpoint saved with a tokenizer has "
+                f"{TOKENIZER_FILE} (official checkpoints do not: give genes and "
+                "normalization_factor to bulkfm.models.load_pretrained)"
+            )
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path} is not valid JSON ({exc}); re-save the tokenizer") from exc
+        return cls(TokenizerConfig.from_dict(data))
+
+
+def read_gene_list(path: str | os.PathLike) -> list[str]:
+    """One gene id per line (blank lines and ``#`` comments skipped), e.g. the official list."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"gene list file {path} does not exist; give a file with one id a line")
+    genes = [
+        line.strip()
+        for line in path.read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    if not genes:
+        raise ConfigError(f"gene list file {path} is empty; it needs one gene id per line")
+    return genes
+
+
+def as_gene_list(genes: Sequence[str] | str | os.PathLike) -> list[str]:
+    """A gene list given either as ids or as the path of a one-id-a-line file."""
+    if isinstance(genes, str | os.PathLike):
+        return read_gene_list(genes)
+    return [str(g) for g in genes]
+
+
+def _as_2d(X: Any) -> Any:
+    if sp.issparse(X):
+        return sp.csr_matrix(X)
+    if hasattr(X, "to_numpy"):
+        X = X.to_numpy()
+    X = np.asarray(X)
+    if X.ndim == 1:
+        X = X[None, :]
+    if X.ndim != 2:
+        raise ExpressionValueError(f"expression must be samples x genes (2-D), got {X.ndim}-D")
+    if not (np.issubdtype(X.dtype, np.number) or X.dtype == bool):
+        raise ExpressionValueError(
+            f"expression values must be numeric, got dtype {X.dtype}; convert the table to "
+            "floats first (check for text columns such as ids)"
+        )
+    return X
+
+
+def _row_chunks(shape: tuple[int, int]) -> list[tuple[int, int]]:
+    n_rows, n_cols = shape
+    step = max(1, _CHUNK_ELEMENTS // max(1, n_cols))
+    return [(s, min(s + step, n_rows)) for s in range(0, n_rows, step)]

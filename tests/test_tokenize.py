@@ -1,0 +1,324 @@
+from __future__ import annotations
+
+import json
+import time
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from bulkfm import tokenize as tk
+from bulkfm.errors import ConfigError, DuplicateIdError, ExpressionValueError, GeneMappingError
+from bulkfm.tokenize import BinTokenizer, TokenizerConfig
+
+OFFICIAL_FACTOR = 5.547176906585117
+
+
+def official_tokens(tpm: np.ndarray, factor: float, n_bins: int = 64) -> np.ndarray:
+    """The official numpy recipe, one sample at a time, then the documented clamp."""
+    rows = []
+    for sample in np.asarray(tpm, dtype=np.float64):
+        values = np.log10(1 + sample) / factor
+        ids = np.digitize(values, np.linspace(0, 1, n_bins))
+        ids[values == 0.0] = 0
+        rows.append(ids)
+    return np.minimum(np.vstack(rows), n_bins - 1)
+
+
+def make_tpm(rng: np.random.Generator, n: int, g: int, factor: float) -> np.ndarray:
+    """TPM with exact zeros, tiny values, values at bin edges and values above the factor."""
+    x = rng.lognormal(1.0, 2.5, size=(n, g))
+    x[rng.random((n, g)) < 0.25] = 0.0
+    edges = np.linspace(0, 1, 64)
+    at_edges = 10 ** (edges[rng.integers(0, 64, size=n * g // 10)] * factor) - 1
+    flat = x.reshape(-1)
+    flat[rng.choice(flat.size, size=at_edges.size, replace=False)] = at_edges
+    x[0, :3] = [1e-300, 10**factor - 1, 10 ** (factor * 1.5)]
+    return x
+
+
+def genes_of(n: int) -> list[str]:
+    return [f"ENSG{i:011d}" for i in range(n)]
+
+
+@pytest.fixture
+def tokenizer() -> BinTokenizer:
+    return BinTokenizer(TokenizerConfig(genes_of(50), normalization_factor=4.0))
+
+
+def test_encode_matches_official_recipe(tokenizer: BinTokenizer) -> None:
+    rng = np.random.default_rng(1)
+    x = make_tpm(rng, 40, 50, tokenizer.normalization_factor)
+    raw = np.vstack(
+        [
+            np.digitize(np.log10(1 + s) / tokenizer.normalization_factor, np.linspace(0, 1, 64))
+            for s in x
+        ]
+    )
+    assert (raw == 64).any(), "data must exercise the official out-of-range 64"
+    tokens = tokenizer.encode(x)
+    assert tokens.dtype == np.int64
+    np.testing.assert_array_equal(tokens, official_tokens(x, tokenizer.normalization_factor))
+    assert tokens.min() == 0 and tokens.max() == 63
+    # exact zeros and only exact zeros give token 0
+    np.testing.assert_array_equal(tokens == 0, np.log10(1 + x) == 0)
+
+
+def test_encode_float32_input_matches_official_on_float64(tokenizer: BinTokenizer) -> None:
+    x = make_tpm(np.random.default_rng(2), 10, 50, 4.0).astype(np.float32)
+    np.testing.assert_array_equal(tokenizer.encode(x), official_tokens(x, 4.0))
+
+
+def test_encode_chunked_equals_unchunked(
+    tokenizer: BinTokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    x = make_tpm(np.random.default_rng(3), 23, 50, 4.0)
+    missing = np.random.default_rng(4).random(x.shape) < 0.1
+    whole = tokenizer.encode(x, missing)
+    monkeypatch.setattr(tk, "_CHUNK_ELEMENTS", 7)  # one row per chunk
+    np.testing.assert_array_equal(tokenizer.encode(x, missing), whole)
+
+
+@pytest.mark.parametrize("as_sparse", [False, True])
+def test_missing_becomes_mask_token(tokenizer: BinTokenizer, as_sparse: bool) -> None:
+    x = make_tpm(np.random.default_rng(5), 8, 50, 4.0)
+    missing = np.random.default_rng(6).random(x.shape) < 0.2
+    x_filled = x.copy()
+    x_filled[missing] = np.nan  # whatever sits in a missing cell is never read
+    mask = sp.csr_matrix(missing) if as_sparse else missing
+    tokens = tokenizer.encode(x_filled, mask)
+    expected = official_tokens(x, 4.0)
+    expected[missing] = tokenizer.mask_token_id
+    np.testing.assert_array_equal(tokens, expected)
+    assert tokenizer.mask_token_id == 64
+
+
+def test_encode_one_sample_1d(tokenizer: BinTokenizer) -> None:
+    x = make_tpm(np.random.default_rng(7), 1, 50, 4.0)
+    np.testing.assert_array_equal(tokenizer.encode(x[0]), official_tokens(x, 4.0)[0])
+
+
+def test_fit_factor_is_max_log_tpm_ignoring_missing() -> None:
+    x = make_tpm(np.random.default_rng(8), 12, 6, 4.0)
+    missing = np.zeros_like(x, dtype=bool)
+    top = np.unravel_index(np.argmax(x), x.shape)
+    missing[top] = True
+    fitted = BinTokenizer.fit(x, genes_of(6), missing=missing)
+    assert fitted.normalization_factor == pytest.approx(np.log10(1 + np.sort(x.ravel())[-2]))
+    assert BinTokenizer.fit(x, genes_of(6)).normalization_factor == pytest.approx(
+        np.log10(1 + x.max())
+    )
+
+
+def test_fit_adata_and_encode_adata_align_by_gene_id(tokenizer: BinTokenizer) -> None:
+    rng = np.random.default_rng(9)
+    x = make_tpm(rng, 6, 50, 4.0)
+    missing = rng.random(x.shape) < 0.15
+    order = rng.permutation(50)
+    # AnnData: genes shuffled plus one extra gene the model does not know
+    x_ad = np.hstack([x[:, order], rng.random((6, 1))]).astype(np.float32)
+    var = [tokenizer.genes[i] for i in order] + ["ENSG99999999999"]
+    miss_ad = sp.csr_matrix(np.hstack([missing[:, order], np.zeros((6, 1), bool)]))
+    adata = ad.AnnData(X=x_ad, var=pd.DataFrame(index=var))
+    adata.layers["missing"] = miss_ad
+    tokens = tokenizer.encode_adata(adata)
+    expected = official_tokens(x.astype(np.float32), 4.0)
+    expected[missing] = tokenizer.mask_token_id
+    np.testing.assert_array_equal(tokens, expected)
+
+    fitted = BinTokenizer.fit_adata(adata)
+    assert fitted.genes == var
+    kept = x_ad[~miss_ad.toarray()]
+    assert fitted.normalization_factor == pytest.approx(np.log10(1 + kept.astype(float).max()))
+    assert BinTokenizer.from_adata(adata).config == fitted.config
+
+
+def test_encode_sparse_x_equals_dense(tokenizer: BinTokenizer) -> None:
+    x = make_tpm(np.random.default_rng(10), 5, 50, 4.0)
+    np.testing.assert_array_equal(tokenizer.encode(sp.csr_matrix(x)), tokenizer.encode(x))
+
+
+def test_bin_centers_tokenize_back_to_their_bin(tokenizer: BinTokenizer) -> None:
+    centers = tokenizer.bin_centers()
+    assert centers.shape == (64,)
+    assert centers[0] == 0.0
+    assert np.all(np.diff(centers) > 0)
+    tpm = tokenizer.to_tpm(centers)
+    np.testing.assert_array_equal(tokenizer.encode(tpm[None, :50]), [np.arange(50)])
+    np.testing.assert_array_equal(
+        BinTokenizer(TokenizerConfig(genes_of(64), 4.0)).encode(tpm[None]), [np.arange(64)]
+    )
+
+
+def test_decode_expected_is_expected_value_in_log_space(tokenizer: BinTokenizer) -> None:
+    rng = np.random.default_rng(11)
+    probs = rng.dirichlet(np.ones(64), size=(3, 5))
+    centers = np.concatenate([[0.0], (np.arange(63) + 0.5) / 63])
+    expected = 10 ** ((probs * centers).sum(-1) * 4.0) - 1
+    np.testing.assert_allclose(tokenizer.decode_expected(probs), expected, rtol=1e-9)
+    one_hot = np.eye(64)[[0, 10, 63]]
+    np.testing.assert_array_equal(
+        tokenizer.encode(np.pad(tokenizer.decode_expected(one_hot), (0, 47))[None])[0, :3],
+        [0, 10, 63],
+    )
+
+
+def test_decode_tokens_and_mask_is_nan(tokenizer: BinTokenizer) -> None:
+    out = tokenizer.decode(np.array([[0, 5, 64]]))
+    assert out[0, 0] == 0.0
+    assert tokenizer.encode(np.pad(out[:, 1:2], ((0, 0), (0, 49))))[0, 0] == 5
+    assert np.isnan(out[0, 2])
+
+
+def test_save_load_round_trip(tmp_path, tokenizer: BinTokenizer) -> None:
+    tokenizer.save(tmp_path)
+    data = json.loads((tmp_path / "tokenizer.json").read_text())
+    assert data["genes"] == tokenizer.genes
+    assert data["mask_token_id"] == 64
+    np.testing.assert_array_equal(data["bin_edges"], np.linspace(0, 1, 64))
+    loaded = BinTokenizer.load(tmp_path)
+    assert loaded.config == tokenizer.config
+    x = make_tpm(np.random.default_rng(12), 3, 50, 4.0)
+    np.testing.assert_array_equal(loaded.encode(x), tokenizer.encode(x))
+
+
+def test_read_gene_list(tmp_path) -> None:
+    path = tmp_path / "genes.txt"
+    path.write_text("# comment\nENSG1\n\nENSG2\n")
+    assert tk.read_gene_list(path) == ["ENSG1", "ENSG2"]
+    assert tk.as_gene_list(str(path)) == ["ENSG1", "ENSG2"]
+    assert tk.as_gene_list(("a", "b")) == ["a", "b"]
+
+
+@pytest.mark.slow
+def test_encode_is_fast_enough_for_19k_genes() -> None:
+    tok = BinTokenizer(TokenizerConfig(genes_of(19062), OFFICIAL_FACTOR))
+    x = np.random.default_rng(13).lognormal(1, 2, size=(500, 19062)).astype(np.float32)
+    start = time.perf_counter()
+    tokens = tok.encode(x)
+    elapsed = time.perf_counter() - start
+    np.testing.assert_array_equal(tokens[:3], official_tokens(x[:3], OFFICIAL_FACTOR))
+    # 10k samples must take seconds: 500 samples well under one second on one core.
+    assert elapsed < 5.0, f"tokenising 500 x 19062 took {elapsed:.1f} s"
+
+
+@pytest.mark.realdata
+def test_official_fixture_tokenizes_like_official_code(shared_data) -> None:
+    table = pd.read_csv(shared_data / "tcga" / "bulkrnabert_tcga_gbm_4samples_tpm.csv")
+    genes = tk.read_gene_list(shared_data / "genes" / "bulkrnabert_gene_ids.txt")
+    x = table[genes].to_numpy()
+    tok = BinTokenizer(TokenizerConfig(genes, OFFICIAL_FACTOR))
+    tokens = tok.encode(x)
+    np.testing.assert_array_equal(tokens, official_tokens(x, OFFICIAL_FACTOR))
+    assert len(np.unique(tokens)) > 30
+
+
+# ---------------------------------------------------------------- bad input, one case each
+@pytest.mark.parametrize("factor", [0.0, -1.0, float("nan"), float("inf")])
+def test_bad_factor_is_config_error(factor: float) -> None:
+    with pytest.raises(ConfigError, match=r"normalization_factor must be finite and > 0"):
+        TokenizerConfig(genes_of(3), normalization_factor=factor)
+
+
+def test_non_numeric_factor_is_config_error() -> None:
+    with pytest.raises(ConfigError, match=r"must be a number"):
+        TokenizerConfig(genes_of(3), normalization_factor="high")  # type: ignore[arg-type]
+
+
+def test_fit_on_all_zeros_is_config_error() -> None:
+    with pytest.raises(ConfigError, match=r"every .* expression value is 0"):
+        BinTokenizer.fit(np.zeros((3, 4)), genes_of(4))
+
+
+def test_nan_tpm_is_expression_error(tokenizer: BinTokenizer) -> None:
+    x = np.ones((2, 50))
+    x[1, 7] = np.nan
+    with pytest.raises(ExpressionValueError, match=r"NaN/inf .*sample 1, gene column 7"):
+        tokenizer.encode(x)
+
+
+def test_negative_tpm_is_expression_error(tokenizer: BinTokenizer) -> None:
+    x = np.ones((2, 50))
+    x[0, 3] = -0.5
+    with pytest.raises(ExpressionValueError, match=r"negative .*-0.5 at sample 0, gene column 3"):
+        tokenizer.encode(x)
+
+
+def test_text_values_are_expression_error(tokenizer: BinTokenizer) -> None:
+    with pytest.raises(ExpressionValueError, match=r"must be numeric"):
+        tokenizer.encode(np.array([["a"] * 50]))
+
+
+def test_wrong_column_count_is_gene_mapping_error(tokenizer: BinTokenizer) -> None:
+    with pytest.raises(GeneMappingError, match=r"49 gene columns but the tokenizer has 50"):
+        tokenizer.encode(np.ones((2, 49)))
+
+
+def test_missing_mask_shape_is_expression_error(tokenizer: BinTokenizer) -> None:
+    with pytest.raises(ExpressionValueError, match=r"missing mask has shape \(2, 3\)"):
+        tokenizer.encode(np.ones((2, 50)), np.zeros((2, 3), bool))
+
+
+def test_adata_without_vocab_genes_reports_overlap(tokenizer: BinTokenizer) -> None:
+    var = [*tokenizer.genes[:47], "ENSGX1", "ENSGX2"]
+    adata = ad.AnnData(X=np.ones((2, 49), np.float32), var=pd.DataFrame(index=var))
+    with pytest.raises(
+        GeneMappingError, match=r"47 of 50 expected genes found; missing e\.g\. \['ENSG00000000047'"
+    ):
+        tokenizer.encode_adata(adata)
+
+
+def test_duplicate_vocab_genes_is_duplicate_error() -> None:
+    with pytest.raises(DuplicateIdError, match=r"1 duplicate gene ids .*\['g1'\]"):
+        TokenizerConfig(["g1", "g2", "g1"], normalization_factor=1.0)
+
+
+def test_adata_duplicate_var_names_is_duplicate_error(tokenizer: BinTokenizer) -> None:
+    var = [*tokenizer.genes, tokenizer.genes[0]]
+    adata = ad.AnnData(X=np.ones((1, 51), np.float32))
+    adata.var_names = var
+    with pytest.raises(DuplicateIdError, match=r"duplicate var_names"):
+        tokenizer.encode_adata(adata)
+
+
+def test_decode_expected_wrong_width_is_error(tokenizer: BinTokenizer) -> None:
+    with pytest.raises(ExpressionValueError, match=r"last axis of n_bins=64"):
+        tokenizer.decode_expected(np.full((2, 65), 1 / 65))
+
+
+def test_decode_expected_logits_instead_of_probs_is_error(tokenizer: BinTokenizer) -> None:
+    with pytest.raises(ExpressionValueError, match=r"apply softmax"):
+        tokenizer.decode_expected(np.random.default_rng(0).normal(size=(2, 64)))
+
+
+def test_decode_out_of_range_token_is_error(tokenizer: BinTokenizer) -> None:
+    with pytest.raises(ExpressionValueError, match=r"token ids must lie in 0..64"):
+        tokenizer.decode(np.array([65]))
+
+
+def test_load_without_file_is_config_error(tmp_path) -> None:
+    with pytest.raises(ConfigError, match=r"tokenizer.json.*official checkpoints"):
+        BinTokenizer.load(tmp_path)
+
+
+def test_load_with_foreign_bins_is_config_error(tmp_path, tokenizer: BinTokenizer) -> None:
+    tokenizer.save(tmp_path)
+    data = json.loads((tmp_path / "tokenizer.json").read_text())
+    data["bin_edges"] = np.geomspace(1e-3, 1, 64).tolist()
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match=r"bin_edges are not linspace"):
+        BinTokenizer.load(tmp_path)
+
+
+def test_load_without_genes_is_config_error(tmp_path) -> None:
+    (tmp_path / "tokenizer.json").write_text(json.dumps({"normalization_factor": 2.0}))
+    with pytest.raises(ConfigError, match=r"lacks \['genes'\]"):
+        BinTokenizer.load(tmp_path)
+
+
+def test_empty_gene_list_file_is_config_error(tmp_path) -> None:
+    (tmp_path / "genes.txt").write_text("\n")
+    with pytest.raises(ConfigError, match=r"is empty"):
+        tk.read_gene_list(tmp_path / "genes.txt")
