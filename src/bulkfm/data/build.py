@@ -342,9 +342,13 @@ def _normalise_obs(adata: ad.AnnData) -> None:
             .astype(object)
             .fillna(pd.Series(adata.obs_names, index=adata.obs_names))
         )
-    for col in ("cohort", "sample_type", "study", "source", "survival_endpoint"):
-        if col in adata.obs:
-            adata.obs[col] = adata.obs[col].astype("string").astype("category")
+    for col in adata.obs.columns:
+        series = adata.obs[col]
+        if series.dtype == object or isinstance(series.dtype, pd.StringDtype):
+            adata.obs[col] = series.astype("string").astype("category")
+    for col in adata.var.columns:
+        if adata.var[col].dtype == object:
+            adata.var[col] = adata.var[col].astype("string").astype("category")
 
 
 def _config_record(config: BuildConfig) -> dict[str, Any]:

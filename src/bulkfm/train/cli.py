@@ -1,0 +1,63 @@
+"""``bulkfm pretrain``: masked-LM pre-training from a YAML config.
+
+Runs the same way on one CPU, under ``torchrun --nproc_per_node N -m bulkfm.cli
+pretrain ...`` or ``accelerate launch -m bulkfm.cli pretrain ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "pretrain",
+        help="masked-LM pre-training of BulkRNABert",
+        description=(
+            "Pre-train BulkRNABert with the BERT masking recipe on an .h5ad (X = TPM). "
+            "Checkpoints, log.csv, summary.json and the final model (final/) go to the "
+            "config's output_dir. Multi-GPU: launch with torchrun or accelerate launch."
+        ),
+    )
+    parser.add_argument("--config", required=True, type=Path, help="YAML config file")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config entry, e.g. --set optim.lr=3e-4 --set data.path=x.h5ad",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest checkpoint in output_dir",
+    )
+    parser.set_defaults(handler=_pretrain)
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    from bulkfm.train.config import PretrainConfig
+
+    config = PretrainConfig.from_yaml(args.config, overrides=args.overrides)
+
+    import torch.distributed as dist
+
+    from bulkfm.train.pretrain import pretrain
+
+    try:
+        result = pretrain(config, resume=args.resume)
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    if result.world_size == 1 or _is_rank_zero():
+        print(json.dumps(result.to_dict(), indent=1))
+    return 0
+
+
+def _is_rank_zero() -> bool:
+    import os
+
+    return os.environ.get("RANK", "0") == "0"

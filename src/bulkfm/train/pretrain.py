@@ -1,0 +1,935 @@
+"""Masked-LM pre-training of BulkRNABert, one code path from one CPU to many GPUs.
+
+Distribution goes through HuggingFace accelerate: the same script runs as a plain
+process, under ``torchrun`` or under ``accelerate launch`` (DDP by default, FSDP
+when the accelerate config asks for it).
+
+Reproducibility is by construction rather than by luck:
+
+- the data order is a seeded stream of per-epoch permutations, cut into global
+  batches of ``micro_batch * world_size * accumulation`` samples;
+- each sample's mask is seeded from ``(seed, epoch, sample index)``;
+- the loss of a global batch is the sum of the target cross-entropies divided by
+  the number of targets *in the whole global batch*, so the gradient does not
+  depend on how the batch is split over processes or micro-steps.
+
+So 1 process x micro batch 4 and 2 processes x micro batch 2 train the same
+model, and a run resumed from a checkpoint ends where an uninterrupted one does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import re
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from bulkfm.errors import CheckpointError, ConfigError
+from bulkfm.io import write_text
+from bulkfm.train.config import PretrainConfig
+from bulkfm.train.data import (
+    EVAL_STREAM,
+    TRAIN_STREAM,
+    MaskedTokenDataset,
+    PretrainData,
+    StepBatchSampler,
+    collate,
+    eval_batches,
+    load_adata,
+    prepare_pretrain_data,
+)
+from bulkfm.train.masking import IGNORE_INDEX, masked_lm_loss
+
+if TYPE_CHECKING:
+    import anndata as ad
+    from accelerate import Accelerator
+
+logger = logging.getLogger(__name__)
+
+STATE_FORMAT = "bulkfm.pretrain_state/1"
+CHECKPOINT_DIR = "checkpoints"
+FINAL_DIR = "final"
+LOG_FILE = "log.csv"
+LOG_COLUMNS = (
+    "step",
+    "epoch",
+    "samples",
+    "tokens",
+    "loss",
+    "lr",
+    "grad_norm",
+    "eval_loss",
+    "eval_acc",
+    "trivial_acc",
+    "trivial_loss",
+    "eval_acc_1bin",
+    "trivial_acc_1bin",
+    "elapsed_s",
+)
+_CHECKPOINT_RE = re.compile(r"^step_(\d+)$")
+# Config entries that may change between a run and its resumption without changing
+# what is being trained.
+_RESUMABLE_CHANGES = {
+    "output_dir",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "eval_every",
+    "eval_batch_size",
+    "log_every",
+    "tensorboard",
+    "num_workers",
+    "optim.max_steps",
+    "data.path",
+}
+
+
+@dataclass
+class PretrainResult:
+    """What a run produced; ``to_dict`` is what ``summary.json`` holds."""
+
+    output_dir: Path
+    final_dir: Path | None
+    step: int
+    samples_seen: int
+    tokens_seen: int
+    train_loss: float | None
+    eval: dict[str, float] = field(default_factory=dict)
+    initial_eval: dict[str, float] = field(default_factory=dict)
+    n_genes: int = 0
+    n_train: int = 0
+    n_eval: int = 0
+    grad_accum_steps: int = 1
+    world_size: int = 1
+    global_batch_size: int = 0
+    mixed_precision: str = "no"
+    resumed_from: int | None = None
+    stopped_early: bool = False
+    elapsed_s: float = 0.0
+    log_path: Path | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        for key in ("output_dir", "final_dir", "log_path"):
+            out[key] = None if out[key] is None else str(out[key])
+        return out
+
+
+# ---------------------------------------------------------------------- schedule
+def warmup_cosine(step: int, *, warmup_steps: int, max_steps: int, min_ratio: float) -> float:
+    """LR multiplier before optimiser step ``step`` (0-based): linear warm-up to 1, then a
+    half cosine down to ``min_ratio`` at ``max_steps``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    span = max(1, max_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_optimizer(model: torch.nn.Module, config: PretrainConfig) -> torch.optim.AdamW:
+    """AdamW; biases and LayerNorm parameters (1-D) are not decayed, as in BERT."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    opt = config.optim
+    return torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": opt.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=opt.lr,
+        betas=opt.betas,
+        eps=opt.eps,
+    )
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, config: PretrainConfig
+) -> torch.optim.lr_scheduler.LambdaLR:
+    opt = config.optim
+
+    def factor(step: int) -> float:
+        return warmup_cosine(
+            step,
+            warmup_steps=opt.warmup_steps,
+            max_steps=opt.max_steps,
+            min_ratio=opt.min_lr_ratio,
+        )
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def resolve_mixed_precision(requested: str) -> str:
+    """bf16 autocast only where the hardware runs it natively; otherwise fp32.
+
+    CPUs without native bf16 (no AVX512-BF16/AMX) emulate it, which is several times
+    slower than fp32, so there the request is turned down with a warning.
+    """
+    if requested != "bf16":
+        return "no"
+    if torch.cuda.is_available():
+        if torch.cuda.is_bf16_supported():
+            return "bf16"
+        logger.warning("mixed_precision=bf16 asked for but this GPU lacks bf16; using fp32")
+        return "no"
+    if torch.backends.mps.is_available():
+        logger.warning("bf16 autocast is not used on MPS; training in fp32")
+        return "no"
+    if _cpu_has_native_bf16():
+        return "bf16"
+    logger.warning("mixed_precision=bf16 asked for but this CPU has no native bf16; using fp32")
+    return "no"
+
+
+def _cpu_has_native_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _distributed_without_gpu() -> bool:
+    """True under torchrun/accelerate launch on a machine without CUDA: accelerate then
+    needs ``cpu=True`` to pick the gloo backend instead of ignoring the launcher."""
+    launched = os.environ.get("LOCAL_RANK") is not None or int(os.environ.get("WORLD_SIZE", 1)) > 1
+    return launched and not torch.cuda.is_available()
+
+
+def _make_accelerator(precision: str, accum: int, world: int, *, cpu: bool) -> Accelerator:
+    """An Accelerator; in a single process a second run may change the precision.
+
+    accelerate keeps one global state per process and refuses a new precision; a
+    notebook user running two configs one after the other should not have to restart,
+    so the (non-distributed) state is reset and built again.
+    """
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    try:
+        return Accelerator(mixed_precision=precision, gradient_accumulation_steps=accum, cpu=cpu)
+    except ValueError as exc:
+        if world > 1 or "already been initialized" not in str(exc):
+            raise
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+    return Accelerator(mixed_precision=precision, gradient_accumulation_steps=accum, cpu=cpu)
+
+
+# ---------------------------------------------------------------------- model
+def build_model(config: PretrainConfig, n_genes: int) -> torch.nn.Module:
+    from bulkfm.models.bulkrnabert import BulkRNABert, BulkRNABertConfig
+
+    model_config = BulkRNABertConfig(
+        n_genes=n_genes,
+        gradient_checkpointing=config.gradient_checkpointing,
+        **dataclasses.asdict(config.model),
+    )
+    return BulkRNABert(model_config)
+
+
+# ---------------------------------------------------------------------- logging
+class RunLog:
+    """CSV log (always) and TensorBoard (when asked for and installed); main process only."""
+
+    def __init__(self, output_dir: Path, *, enabled: bool, tensorboard: bool) -> None:
+        self.path = output_dir / LOG_FILE
+        self.enabled = enabled
+        self._writer = None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                logger.warning(
+                    "tensorboard=true but the tensorboard package is not installed "
+                    "(pip install 'bulkfm[tensorboard]'); logging to CSV only"
+                )
+            else:
+                self._writer = SummaryWriter(log_dir=str(output_dir / "tensorboard"))
+
+    def start(self, keep_until_step: int | None) -> None:
+        """New log, or on resume the old one cut back to the checkpoint's step (a killed
+        run may have logged steps the resumed run will redo)."""
+        if not self.enabled:
+            return
+        rows: list[dict[str, str]] = []
+        if keep_until_step is not None and self.path.exists():
+            with self.path.open(newline="") as handle:
+                rows = [r for r in csv.DictReader(handle) if int(r["step"]) <= keep_until_step]
+        with self.path.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=LOG_COLUMNS)
+            writer.writeheader()
+            writer.writerows({k: r.get(k, "") for k in LOG_COLUMNS} for r in rows)
+
+    def write(self, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a", newline="") as handle:
+            csv.DictWriter(handle, fieldnames=LOG_COLUMNS).writerow(
+                {k: _fmt(row.get(k)) for k in LOG_COLUMNS}
+            )
+        if self._writer is not None:
+            for key, value in row.items():
+                if key != "step" and isinstance(value, int | float) and value is not None:
+                    self._writer.add_scalar(key, value, row["step"])
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
+
+
+def read_log(path: str | Path) -> list[dict[str, float | None]]:
+    """The CSV log as a list of rows with floats (empty cells -> None)."""
+    with Path(path).open(newline="") as handle:
+        return [
+            {k: (float(v) if v not in ("", None) else None) for k, v in row.items()}
+            for row in csv.DictReader(handle)
+        ]
+
+
+# ---------------------------------------------------------------------- checkpoints
+def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints (step, path), oldest first. Half-written ones live under a
+    ``.tmp-`` name until renamed, so they are never listed."""
+    root = Path(output_dir) / CHECKPOINT_DIR
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        match = _CHECKPOINT_RE.match(child.name)
+        if match and (child / "trainer_state.json").is_file():
+            found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def find_latest_checkpoint(output_dir: str | Path) -> Path | None:
+    found = list_checkpoints(output_dir)
+    return found[-1][1] if found else None
+
+
+def _genes_digest(genes: list[str]) -> str:
+    return hashlib.sha256("\n".join(genes).encode()).hexdigest()
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def _is_fsdp(accelerator: Accelerator) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda_{i}"] = state
+    np_state = np.random.get_state()  # noqa: NPY002 (global state is what we restore)
+    py_state = random.getstate()
+    plain = {
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        "python": [py_state[0], list(py_state[1]), py_state[2]],
+    }
+    return tensors, plain
+
+
+def _set_rng_state(tensors: dict[str, torch.Tensor], plain: dict[str, Any]) -> None:
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("cuda_")]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    name, keys, pos, has_gauss, gauss = plain["numpy"]
+    np_state = (name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss)
+    np.random.set_state(np_state)  # noqa: NPY002
+    version, internal, gauss_next = plain["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+
+
+def save_checkpoint(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    state: dict[str, Any],
+    output_dir: Path,
+    *,
+    keep: int,
+    tokenizer: Any = None,
+) -> Path:
+    """Write ``checkpoints/step_N`` atomically: everything goes to a temporary folder that
+    is renamed only once complete, so a kill leaves either the old set or the new one.
+
+    Weights are saved unwrapped (safetensors) and the optimiser state as plain tensors,
+    so a DDP checkpoint resumes on any number of processes. FSDP shards are saved with
+    accelerate's ``save_state`` (resume with the same layout).
+    """
+    from safetensors.torch import save_file
+
+    step = int(state["step"])
+    root = output_dir / CHECKPOINT_DIR
+    final = root / f"step_{step:07d}"
+    tmp = root / f".tmp-step_{step:07d}"
+    if accelerator.is_main_process:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+
+    if _is_fsdp(accelerator):
+        accelerator.save_state(str(tmp / "accelerate"))
+    else:
+        weights = accelerator.get_state_dict(model)
+        if accelerator.is_main_process:
+            save_file(
+                {k: v.contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors")
+            )
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    rng_tensors, rng_plain = _rng_state()
+    rank = accelerator.process_index
+    save_file(rng_tensors, str(tmp / f"rng_rank{rank}.safetensors"))
+    (tmp / f"rng_rank{rank}.json").write_text(json.dumps(rng_plain))
+    accelerator.wait_for_everyone()
+
+    if accelerator.is_main_process:
+        (tmp / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for _, old in list_checkpoints(output_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        logger.info("checkpoint %s written", final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(
+    path: Path,
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+) -> dict[str, Any]:
+    """Restore what :func:`save_checkpoint` wrote; returns the trainer state."""
+    from safetensors.torch import load_file
+
+    state_path = path / "trainer_state.json"
+    try:
+        state = json.loads(state_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(
+            f"cannot read {state_path} ({exc}); delete that checkpoint folder to resume from "
+            "the one before it"
+        ) from exc
+    if state.get("format") != STATE_FORMAT:
+        raise CheckpointError(
+            f"{path} is not a bulkfm pre-training checkpoint (format {state.get('format')!r}, "
+            f"expected {STATE_FORMAT!r})"
+        )
+    if (path / "accelerate").is_dir():
+        if not _is_fsdp(accelerator):
+            raise CheckpointError(
+                f"{path} holds FSDP shards; resume it under the same FSDP accelerate config"
+            )
+        accelerator.load_state(str(path / "accelerate"))
+    else:
+        weights = load_file(str(path / "model.safetensors"))
+        missing, unexpected = accelerator.unwrap_model(model).load_state_dict(weights, strict=False)
+        if missing or unexpected:
+            raise CheckpointError(
+                f"{path} does not fit the model: missing {missing[:5]}, unexpected "
+                f"{unexpected[:5]}; was the model config changed since the checkpoint?"
+            )
+        optimizer.load_state_dict(
+            torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+        )
+    scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()))
+    rank = accelerator.process_index
+    rng_file = path / f"rng_rank{rank}.safetensors"
+    if state.get("world_size") == accelerator.num_processes and rng_file.exists():
+        _set_rng_state(
+            load_file(str(rng_file)), json.loads((path / f"rng_rank{rank}.json").read_text())
+        )
+    else:
+        logger.warning("process count changed since the checkpoint: RNG states not restored")
+    return state
+
+
+def _check_resumable(saved: dict[str, Any], config: PretrainConfig, genes: list[str]) -> None:
+    old = _flatten(saved.get("config", {}))
+    new = _flatten(config.to_dict())
+    changed = sorted(
+        k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in _RESUMABLE_CHANGES
+    )
+    if changed:
+        details = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:6])
+        raise CheckpointError(
+            f"the config differs from the checkpoint's in what is trained ({details}); "
+            "restore those values or start a new output_dir"
+        )
+    if saved.get("genes_sha256") != _genes_digest(genes):
+        raise CheckpointError(
+            "the gene list chosen from the data differs from the checkpoint's (was the data "
+            "file changed?); resume with the same data or start a new output_dir"
+        )
+
+
+# ---------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    dataset: MaskedTokenDataset,
+    batches: list[list[tuple[int, int]]],
+    data: PretrainData,
+    accelerator: Accelerator,
+) -> dict[str, float]:
+    """Held-out MLM loss and reconstruction accuracy on fixed masks, next to the trivial
+    predictor (each gene's most frequent training bin) on the very same targets.
+
+    ``*_acc_1bin`` also counts a prediction one bin off as right: a bin is only
+    log10(1 + TPM) * 0.016 wide, narrower than the sampling noise of a low-count gene,
+    so on small data the exact accuracy has a low ceiling for any predictor.
+    """
+    device = accelerator.device
+    mode = torch.as_tensor(data.gene_mode, device=device)
+    log_prob = torch.as_tensor(data.gene_log_prob, device=device)
+    sums = torch.zeros(7, dtype=torch.float64, device=device)
+    was_training = model.training
+    model.eval()
+    for keys in batches:
+        batch = collate([dataset[k] for k in keys])
+        input_ids = batch["input_ids"].to(device)
+        labels = batch["labels"].to(device)
+        logits = model(input_ids).logits.float()
+        selected = labels != IGNORE_INDEX
+        target = labels[selected]
+        gene = torch.arange(labels.shape[1], device=device).expand_as(labels)[selected]
+        chosen = logits[selected]
+        predicted = chosen.argmax(-1)
+        sums[0] += F.cross_entropy(chosen, target, reduction="sum").double()
+        sums[1] += (predicted == target).sum()
+        sums[2] += (mode[gene] == target).sum()
+        sums[3] += -log_prob[gene, target].double().sum()
+        sums[4] += target.numel()
+        sums[5] += ((predicted - target).abs() <= 1).sum()
+        sums[6] += ((mode[gene] - target).abs() <= 1).sum()
+    model.train(was_training)
+    sums = accelerator.reduce(sums, reduction="sum")
+    count = float(sums[4])
+    if count == 0:
+        return {}
+    return {
+        "eval_loss": float(sums[0]) / count,
+        "eval_acc": float(sums[1]) / count,
+        "trivial_acc": float(sums[2]) / count,
+        "trivial_loss": float(sums[3]) / count,
+        "eval_acc_1bin": float(sums[5]) / count,
+        "trivial_acc_1bin": float(sums[6]) / count,
+        "eval_targets": count,
+    }
+
+
+# ---------------------------------------------------------------------- training
+@dataclass
+class _Progress:
+    step: int = 0
+    samples_seen: int = 0
+
+
+def _train_loader(
+    data: PretrainData,
+    config: PretrainConfig,
+    accelerator: Accelerator,
+    start_sample: int,
+) -> Iterator[dict[str, torch.Tensor]]:
+    dataset = MaskedTokenDataset(
+        data.tokens,
+        data.train_idx,
+        n_bins=data.tokenizer.n_bins,
+        mask_token_id=data.tokenizer.mask_token_id,
+        seed=config.seed,
+        stream=TRAIN_STREAM,
+        masking=config.masking,
+    )
+    sampler = StepBatchSampler(
+        data.n_train,
+        seed=config.seed,
+        micro_batch_size=config.optim.micro_batch_size,
+        world_size=accelerator.num_processes,
+        rank=accelerator.process_index,
+        start_sample=start_sample,
+    )
+    loader = DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=collate,
+        num_workers=config.num_workers,
+        pin_memory=accelerator.device.type == "cuda",
+    )
+    return iter(loader)
+
+
+def _optimizer_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    micro_batches: list[dict[str, torch.Tensor]],
+    accelerator: Accelerator,
+    max_grad_norm: float | None,
+) -> tuple[float, float | None]:
+    """One optimiser step over this process's micro-batches; returns (global loss, grad norm).
+
+    Each micro-batch loss is ``sum CE * world * accum / N_global``: accelerate divides by
+    ``accum`` and DDP averages over ``world``, so the applied gradient is exactly
+    ``sum over the global batch / N_global``, the token mean of the whole step.
+    """
+    device = accelerator.device
+    local_targets = sum(int((mb["labels"] != IGNORE_INDEX).sum()) for mb in micro_batches)
+    counts = torch.tensor([local_targets], dtype=torch.float64, device=device)
+    n_global = float(accelerator.reduce(counts, reduction="sum")[0])
+    scale = accelerator.num_processes * len(micro_batches) / max(n_global, 1.0)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    grad_norm = None
+    for mb in micro_batches:
+        with accelerator.accumulate(model):
+            logits = model(mb["input_ids"].to(device, non_blocking=True)).logits
+            ce = masked_lm_loss(logits, mb["labels"].to(device, non_blocking=True), "sum")
+            accelerator.backward(ce * scale)
+            loss_sum += ce.detach().double()
+            if accelerator.sync_gradients:
+                if max_grad_norm is not None:
+                    norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+                    grad_norm = float(norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+    total = float(accelerator.reduce(loss_sum.reshape(1), reduction="sum")[0])
+    return total / max(n_global, 1.0), grad_norm
+
+
+class _Run:
+    """State of one pre-training run between set-up and the final save."""
+
+    def __init__(self, config: PretrainConfig, data: PretrainData, cpu: bool) -> None:
+        from accelerate.utils import set_seed
+
+        self.started = time.perf_counter()
+        self.config = config
+        self.data = data
+        self.output_dir = Path(config.output_dir)
+        self.world = _process_count(cpu)
+        self.accum = config.grad_accum_steps(data.n_genes, self.world)
+        self.global_batch = config.optim.micro_batch_size * self.world * self.accum
+        self.precision = resolve_mixed_precision(config.mixed_precision)
+        self.accelerator = _make_accelerator(self.precision, self.accum, self.world, cpu=cpu)
+        self.main = self.accelerator.is_main_process
+
+        set_seed(config.seed)
+        model = build_model(config, data.n_genes)
+        optimizer = build_optimizer(model, config)
+        # Stepped by hand: accelerate's scheduler wrapper steps once per process, which
+        # would make the schedule depend on the process count.
+        self.scheduler = build_scheduler(optimizer, config)
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.progress = _Progress()
+        self.resumed_from: int | None = None
+        self.initial_eval: dict[str, float] = {}
+        self.last_eval: dict[str, float] = {}
+        self.loss: float | None = None
+        self.eval_dataset = MaskedTokenDataset(
+            data.tokens,
+            data.eval_idx,
+            n_bins=data.tokenizer.n_bins,
+            mask_token_id=data.tokenizer.mask_token_id,
+            seed=config.seed,
+            stream=EVAL_STREAM,
+            masking=config.masking,
+        )
+        self.eval_plan = eval_batches(
+            data.n_eval,
+            config.eval_batch_size or config.optim.micro_batch_size,
+            self.world,
+            self.accelerator.process_index,
+        )
+        self.log = RunLog(self.output_dir, enabled=self.main, tensorboard=config.tensorboard)
+
+    # ------------------------------------------------------------------ pieces
+    def resume_from(self, checkpoint: Path) -> None:
+        saved = load_checkpoint(
+            checkpoint, self.accelerator, self.model, self.optimizer, self.scheduler
+        )
+        _check_resumable(saved, self.config, self.data.genes)
+        self.progress = _Progress(int(saved["step"]), int(saved["samples_seen"]))
+        self.resumed_from = self.progress.step
+        self.accelerator.step = 0  # checkpoints are taken at optimiser-step boundaries
+        if saved.get("global_batch_size") != self.global_batch:
+            logger.warning(
+                "global batch changed from %s to %d samples since the checkpoint",
+                saved.get("global_batch_size"),
+                self.global_batch,
+            )
+        logger.info("resumed from %s (step %d)", checkpoint, self.progress.step)
+
+    def evaluate(self) -> dict[str, float]:
+        if not self.data.n_eval:
+            return {}
+        return evaluate(self.model, self.eval_dataset, self.eval_plan, self.data, self.accelerator)
+
+    def trainer_state(self) -> dict[str, Any]:
+        data, progress = self.data, self.progress
+        epoch, position = divmod(progress.samples_seen, data.n_train)
+        return {
+            "format": STATE_FORMAT,
+            "step": progress.step,
+            "samples_seen": progress.samples_seen,
+            "epoch": epoch,
+            "position_in_epoch": position,
+            "tokens_seen": progress.samples_seen * data.n_genes,
+            "world_size": self.world,
+            "micro_batch_size": self.config.optim.micro_batch_size,
+            "grad_accum_steps": self.accum,
+            "global_batch_size": self.global_batch,
+            "n_genes": data.n_genes,
+            "genes_sha256": _genes_digest(data.genes),
+            "config": self.config.to_dict(),
+        }
+
+    def log_row(self, **values: Any) -> None:
+        seen = self.progress.samples_seen
+        self.log.write(
+            {
+                "step": self.progress.step,
+                "epoch": round(seen / self.data.n_train, 4),
+                "samples": seen,
+                "tokens": seen * self.data.n_genes,
+                "elapsed_s": round(time.perf_counter() - self.started, 3),
+                **values,
+            }
+        )
+
+    def checkpoint(self) -> None:
+        save_checkpoint(
+            self.accelerator,
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            self.trainer_state(),
+            self.output_dir,
+            keep=self.config.keep_checkpoints,
+            tokenizer=self.data.tokenizer,
+        )
+
+    # ------------------------------------------------------------------ phases
+    def start(self) -> None:
+        if self.main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            write_text(self.config.to_yaml(), self.output_dir / "config.yaml")
+            self.data.tokenizer.save(self.output_dir)
+        self.log.start(keep_until_step=self.resumed_from)
+        logger.info(
+            "pre-training: %d genes, %d process(es) x micro batch %d x %d accumulation = %d "
+            "samples (%d tokens) per step, precision %s",
+            self.data.n_genes,
+            self.world,
+            self.config.optim.micro_batch_size,
+            self.accum,
+            self.global_batch,
+            self.global_batch * self.data.n_genes,
+            self.precision,
+        )
+        if self.resumed_from is None:
+            self.initial_eval = self.last_eval = self.evaluate()
+            self.log_row(lr=self.scheduler.get_last_lr()[0], **self.initial_eval)
+
+    def train(self, stop_after: int | None) -> bool:
+        """Optimiser steps up to ``max_steps``; True when stopped early by ``stop_after``."""
+        from tqdm.auto import tqdm
+
+        config, progress = self.config, self.progress
+        max_steps = config.optim.max_steps
+        batches = _train_loader(self.data, config, self.accelerator, progress.samples_seen)
+        bar = tqdm(
+            total=max_steps,
+            initial=progress.step,
+            desc="pretrain",
+            unit="step",
+            disable=None if self.main else True,
+        )
+        self.model.train()
+        with contextlib.closing(bar):
+            while progress.step < max_steps:
+                micro_batches = [next(batches) for _ in range(self.accum)]
+                lr = self.scheduler.get_last_lr()[0]
+                self.loss, grad_norm = _optimizer_step(
+                    self.model,
+                    self.optimizer,
+                    self.scheduler,
+                    micro_batches,
+                    self.accelerator,
+                    config.optim.max_grad_norm,
+                )
+                progress.step += 1
+                progress.samples_seen += self.global_batch
+                if not math.isfinite(self.loss):
+                    raise ConfigError(
+                        f"the training loss became {self.loss} at step {progress.step}; lower "
+                        "optim.lr, keep optim.max_grad_norm set, or use mixed_precision: 'no'"
+                    )
+                last = progress.step == max_steps
+                metrics = self.evaluate() if last or progress.step % config.eval_every == 0 else {}
+                if metrics:
+                    self.last_eval = metrics
+                if metrics or progress.step % config.log_every == 0:
+                    self.log_row(loss=self.loss, lr=lr, grad_norm=grad_norm, **metrics)
+                bar.update(1)
+                postfix = {"loss": f"{self.loss:.4f}"}
+                if "eval_acc" in metrics:
+                    postfix["acc"] = f"{metrics['eval_acc']:.3f}"
+                bar.set_postfix(postfix)
+                if last or progress.step % config.checkpoint_every == 0:
+                    self.checkpoint()
+                if stop_after is not None and progress.step >= stop_after and not last:
+                    return True
+        return False
+
+    def result(self, final_dir: Path | None, stopped: bool) -> PretrainResult:
+        data, progress = self.data, self.progress
+        return PretrainResult(
+            output_dir=self.output_dir,
+            final_dir=final_dir,
+            step=progress.step,
+            samples_seen=progress.samples_seen,
+            tokens_seen=progress.samples_seen * data.n_genes,
+            train_loss=self.loss,
+            eval=self.last_eval,
+            initial_eval=self.initial_eval,
+            n_genes=data.n_genes,
+            n_train=data.n_train,
+            n_eval=data.n_eval,
+            grad_accum_steps=self.accum,
+            world_size=self.world,
+            global_batch_size=self.global_batch,
+            mixed_precision=self.precision,
+            resumed_from=self.resumed_from,
+            stopped_early=stopped,
+            elapsed_s=round(time.perf_counter() - self.started, 3),
+            log_path=self.log.path,
+        )
+
+
+def _process_count(cpu: bool) -> int:
+    from accelerate import PartialState
+
+    return PartialState(cpu=cpu).num_processes
+
+
+def pretrain(
+    config: PretrainConfig,
+    *,
+    resume: bool = False,
+    stop_after: int | None = None,
+    adata: ad.AnnData | None = None,
+) -> PretrainResult:
+    """Run (or resume) MLM pre-training as configured; returns a summary.
+
+    ``resume``: continue from the newest complete checkpoint in ``output_dir`` (a fresh
+    start when there is none). ``stop_after``: stop right after that optimiser step, as
+    if the process were killed there (no final save); used to test resumption.
+    ``adata``: use this AnnData instead of reading ``config.data.path``.
+    """
+    if config.num_threads is not None:
+        torch.set_num_threads(config.num_threads)
+    output_dir = Path(config.output_dir)
+    if not resume and list_checkpoints(output_dir):
+        raise ConfigError(
+            f"{output_dir} already holds checkpoints; pass --resume (resume=True) to continue "
+            "that run, or choose another output_dir"
+        )
+    if adata is None:
+        if config.data.path is None:
+            raise ConfigError("data.path is not set; point it at a .h5ad file with X = TPM")
+        adata = load_adata(config.data.path)
+    data = prepare_pretrain_data(
+        adata, config.data, seed=config.seed, n_bins=config.model.n_expressions_bins
+    )
+
+    run = _Run(config, data, cpu=_distributed_without_gpu())
+    checkpoint = find_latest_checkpoint(output_dir) if resume else None
+    if checkpoint is not None:
+        run.resume_from(checkpoint)
+    elif resume:
+        logger.warning("no checkpoint in %s: starting from scratch", output_dir)
+    run.start()
+    stopped = run.train(stop_after)
+
+    final_dir = None
+    if not stopped:
+        if not run.last_eval:  # resumed from the last step: nothing evaluated yet
+            run.last_eval = run.evaluate()
+        final_dir = _save_final(run.accelerator, run.model, config, data, output_dir)
+    run.log.close()
+    result = run.result(final_dir, stopped)
+    if run.main and not stopped:
+        write_text(json.dumps(result.to_dict(), indent=1) + "\n", output_dir / "summary.json")
+    run.accelerator.wait_for_everyone()
+    return result
+
+
+def _save_final(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    config: PretrainConfig,
+    data: PretrainData,
+    output_dir: Path,
+) -> Path:
+    """``model.save_pretrained(out/final, tokenizer=...)`` from a full (gathered) copy,
+    written beside and renamed into place."""
+    weights = accelerator.get_state_dict(model)
+    final = output_dir / FINAL_DIR
+    if accelerator.is_main_process:
+        fresh = build_model(config, data.n_genes)
+        fresh.load_state_dict({k: v.detach().cpu() for k, v in weights.items()})
+        tmp = output_dir / f".{FINAL_DIR}.tmp"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        fresh.save_pretrained(tmp, tokenizer=data.tokenizer)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        logger.info("final model written to %s", final)
+    accelerator.wait_for_everyone()
+    return final
