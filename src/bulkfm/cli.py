@@ -19,7 +19,9 @@ from bulkfm.errors import BulkfmError
 COMMAND_MODULES: tuple[str, ...] = (
     "bulkfm.data.cli",
     "bulkfm.train.cli",
+    "bulkfm.embed",
     "bulkfm.impute",
+    "bulkfm.bench.cli",
     "bulkfm.pipeline",
 )
 

@@ -201,26 +201,9 @@ RNASEQDB_TUMOURS = {"CHOL": 31, "KICH": 60, "UCS": 47}
 GTEX = {"BLADDER": 11, "CERVIX": 11, "KIDNEY": 32, "SALIVARY": 55, "UTERUS": 82}
 
 
-def build_shared(shared: Path):
-    config = BuildConfig(
-        inputs=expand_inputs(
-            [
-                shared / "tcga" / "tcga_tumor_counts_7cohorts.tsv.gz",
-                str(shared / "rnaseqdb" / "*.txt.gz"),
-            ]
-        ),
-        survival=shared / "clinical" / "tcga_cdr_survival.tsv.gz",
-        mutations=shared / "clinical" / "tcga_driver_mutations.tsv.gz",
-        gene_lengths=shared / "genes" / "gene_lengths.csv.gz",
-        cohort_from_filename=r"^([a-z]+)-",
-        duplicate_samples="suffix",
-    )
-    return build_dataset(config, progress=False)
-
-
 @pytest.fixture(scope="module")
-def shared_built(shared_data: Path):
-    return build_shared(shared_data)
+def shared_built(shared_adata):
+    return shared_adata
 
 
 @pytest.mark.realdata

@@ -262,7 +262,7 @@ def test_error_small_class_names_class_counts_and_fix() -> None:
 def test_error_class_with_enough_samples_but_too_few_patients() -> None:
     labels = np.array(["big"] * 50 + ["rare"] * 10)
     groups = np.array([f"p{i}" for i in range(50)] + ["q1"] * 5 + ["q2"] * 5)
-    with pytest.raises(SplitError, match=r"'rare': 10 samples / 2 patients.*lower test_size"):
+    with pytest.raises(SplitError, match=r"'rare': 10 samples / 2 patients.*raise test_size"):
         repeated_holdout(labels, groups)
 
 

@@ -171,14 +171,13 @@ def _prepare(
 
 
 def _check_enough(
-    y: np.ndarray | None, names: np.ndarray | None, g: np.ndarray, n_splits: int, k_name: str
+    y: np.ndarray | None, names: np.ndarray | None, g: np.ndarray, n_splits: int, fix: str
 ) -> None:
     """Every class needs a patient in every fold, else some test folds miss the class."""
     n_groups = np.unique(g).size
     if n_groups < n_splits:
         raise SplitError(
-            f"only {n_groups} patient(s) but {n_splits} folds are needed; lower {k_name} or "
-            "add samples"
+            f"only {n_groups} patient(s) but {n_splits} folds are needed; {fix} or add samples"
         )
     if y is None or names is None:
         return
@@ -193,7 +192,7 @@ def _check_enough(
         )
         raise SplitError(
             f"class(es) with fewer patients than the {n_splits} folds needed: {detail}; "
-            f"merge or drop these classes, or lower {k_name}"
+            f"merge or drop these classes, or {fix}"
         )
 
 
@@ -246,7 +245,7 @@ def repeated_holdout(
     y, names, g = _prepare(labels, groups, stratify=stratify)
     n = g.size
     n_splits, swap = _holdout_folds(float(test_size))
-    _check_enough(y, names, g, n_splits, "test_size")
+    _check_enough(y, names, g, n_splits, "raise test_size (fewer folds)")
     x = np.zeros((n, 1))
     out = []
     for seed in seeds:
@@ -286,7 +285,7 @@ def grouped_kfold(
         raise ConfigError(f"k must be an integer >= 2, got {k!r}")
     seed = _check_seed(seed)
     y, names, g = _prepare(labels, groups, stratify=stratify)
-    _check_enough(y, names, g, k, "k")
+    _check_enough(y, names, g, k, "lower k")
     x = np.zeros((g.size, 1))
     if stratify:
         cv = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)

@@ -8,6 +8,7 @@ from bulkfm.models.bulkrnabert import (
 )
 from bulkfm.models.convert import convert_haiku_to_safetensors, model_from_haiku
 from bulkfm.models.gene_init import init_gene_embeddings
+from bulkfm.models.heads import MLPHead, classification_head, survival_head
 from bulkfm.models.ia3 import (
     apply_ia3,
     count_parameters,
@@ -23,7 +24,9 @@ __all__ = [
     "BulkRNABert",
     "BulkRNABertConfig",
     "BulkRNABertOutput",
+    "MLPHead",
     "apply_ia3",
+    "classification_head",
     "convert_haiku_to_safetensors",
     "count_parameters",
     "get_adapter_params",
@@ -35,4 +38,5 @@ __all__ = [
     "model_from_haiku",
     "save_ia3",
     "set_trainable_params",
+    "survival_head",
 ]

@@ -1,0 +1,339 @@
+"""BulkRNABert sample embeddings: mean over genes of one layer's output.
+
+Why the mean skips missing genes: genes the data layer recorded absent
+(``layers["missing"]``) are fed as [MASK]; they carry no measurement of the sample, and
+averaging them in would pull samples from gene-poor sources towards one another. There
+is no padding either (every sample has the full gene vocabulary), so a sample's
+embedding never depends on which other samples share its batch.
+
+Memory stays bounded: samples are tokenised one batch at a time and only the [batch,
+embed_dim] result is kept.
+
+CLI: ``bulkfm embed --model DIR --input X.h5ad --output OUT.(h5ad|parquet|npy)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from bulkfm.errors import ConfigError, DuplicateIdError, ExpressionValueError, InputFileError
+from bulkfm.io import atomic_path, write_h5ad
+
+if TYPE_CHECKING:
+    import anndata as ad
+    import torch
+
+    from bulkfm.models.bulkrnabert import BulkRNABert
+    from bulkfm.tokenize import BinTokenizer
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["DEFAULT_KEY", "embed_adata", "read_embeddings", "register", "write_embeddings"]
+
+DEFAULT_KEY = "X_bulkrnabert"
+OUTPUT_SUFFIXES = (".h5ad", ".parquet", ".npy")
+IDS_SUFFIX = ".ids.txt"
+PARQUET_INDEX = "sample_id"
+_PARQUET_META_KEY = b"bulkfm"
+
+
+def embed_adata(
+    model: BulkRNABert,
+    tokenizer: BinTokenizer,
+    adata: ad.AnnData,
+    *,
+    layer: int = -1,
+    batch_size: int = 8,
+    exclude_missing: bool = True,
+    device: str | torch.device | None = None,
+    progress: bool | None = None,
+) -> np.ndarray:
+    """float32 [n_obs, embed_dim] embeddings in ``adata.obs_names`` order.
+
+    ``layer`` indexes [input embeddings, block 1, ..., block L] (-1 = last block, as in
+    the paper). ``exclude_missing=False`` averages over the [MASK] positions too.
+    ``device=None`` runs where the model is; a device given moves the model there.
+    ``progress=None`` shows a bar only on a terminal.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    from bulkfm.models.bulkrnabert import check_tokenizer_matches
+
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+    check_tokenizer_matches(model.config, tokenizer)
+    model._normalise_layer(layer)  # fail before any work on a layer that does not exist
+    if adata.n_obs == 0:
+        raise ExpressionValueError("the AnnData has no samples; nothing to embed")
+    if device is not None:
+        model.to(device)
+    out = np.empty((adata.n_obs, model.config.embed_dim), dtype=np.float32)
+    starts = range(0, adata.n_obs, batch_size)
+    was_training = model.training
+    model.eval()
+    try:
+        for start in tqdm(starts, desc="embedding", unit="batch", disable=_disable(progress)):
+            stop = min(start + batch_size, adata.n_obs)
+            tokens = tokenizer.encode_adata(adata[start:stop])
+            if exclude_missing:
+                _check_not_all_missing(tokens, tokenizer.mask_token_id, adata.obs_names[start:stop])
+            with torch.inference_mode():
+                emb = model.embed(
+                    torch.from_numpy(tokens).to(model.device),
+                    layer=layer,
+                    exclude_mask=exclude_missing,
+                )
+            out[start:stop] = emb.float().cpu().numpy()
+    finally:
+        model.train(was_training)
+    return out
+
+
+def _disable(progress: bool | None) -> bool | None:
+    """tqdm's ``disable``: None = only on a TTY."""
+    return None if progress is None else not progress
+
+
+def _check_not_all_missing(tokens: np.ndarray, mask_id: int, ids: Sequence[str]) -> None:
+    empty = (tokens == mask_id).all(axis=1)
+    if empty.any():
+        bad = [str(ids[i]) for i in np.flatnonzero(empty)]
+        raise ExpressionValueError(
+            f"{len(bad)} sample(s) have every model gene missing (e.g. {bad[:5]}), so their "
+            "embedding would average nothing; drop them or check their gene ids map to the "
+            "model's vocabulary"
+        )
+
+
+# --------------------------------------------------------------------------- writing
+def _ids_of(adata_or_ids: Any) -> list[str]:
+    if hasattr(adata_or_ids, "obs_names"):
+        ids = list(map(str, adata_or_ids.obs_names))
+    elif isinstance(adata_or_ids, str):
+        raise ConfigError("sample ids must be a sequence of ids or an AnnData, not one string")
+    else:
+        ids = [str(i) for i in adata_or_ids]
+    dups = [i for i, c in Counter(ids).items() if c > 1]
+    if dups:
+        raise DuplicateIdError(
+            f"{len(dups)} duplicate sample id(s) (e.g. {dups[:5]}); each embedding row needs "
+            "a unique id, de-duplicate obs_names (adata.obs_names_make_unique())"
+        )
+    return ids
+
+
+def _check_embeddings(emb: Any, n_ids: int) -> np.ndarray:
+    arr = np.asarray(emb)
+    if arr.ndim != 2:
+        raise ConfigError(f"embeddings must be a 2-D [samples, dims] array, got shape {arr.shape}")
+    if arr.shape[0] != n_ids:
+        raise ConfigError(
+            f"embeddings have {arr.shape[0]} rows but {n_ids} sample ids were given; pass the "
+            "ids of the embedded samples in the same order"
+        )
+    if not np.issubdtype(arr.dtype, np.floating) or not np.isfinite(arr).all():
+        raise ExpressionValueError(
+            "embeddings must be finite floats (got NaN/inf or a non-float dtype); "
+            "recompute them with embed_adata"
+        )
+    return arr
+
+
+def write_embeddings(
+    emb: Any,
+    adata_or_ids: Any,
+    path_or_adata: Any,
+    *,
+    key: str = DEFAULT_KEY,
+    metadata: Mapping[str, Any] | None = None,
+) -> Any:
+    """Store embeddings in an AnnData's ``obsm[key]`` or a file, atomically.
+
+    Targets: an AnnData (``obsm[key]`` set in place, its obs_names must equal the ids);
+    ``.h5ad`` (``adata_or_ids`` must be the AnnData: ``obsm[key]`` is set on it and it is
+    written); ``.parquet`` (index ``sample_id``, columns ``emb_0``...); ``.npy`` (the
+    matrix, plus ``<stem>.ids.txt`` with one sample id a line). ``metadata`` (JSON-able,
+    e.g. model and layer) goes to ``uns["bulkfm"]["embeddings"][key]`` or the parquet
+    schema. Returns the AnnData or the path written.
+    """
+    ids = _ids_of(adata_or_ids)
+    arr = _check_embeddings(emb, len(ids))
+    info = {"key": key, "n_samples": arr.shape[0], "dim": arr.shape[1], **(metadata or {})}
+    if hasattr(path_or_adata, "obsm"):
+        return _into_adata(arr, ids, path_or_adata, key, info)
+    path = Path(path_or_adata)
+    suffix = path.suffix.lower()
+    if suffix == ".h5ad":
+        if not hasattr(adata_or_ids, "obsm"):
+            raise ConfigError(
+                f"writing {path} (.h5ad) needs the AnnData itself as adata_or_ids, not ids; or "
+                "write .parquet / .npy"
+            )
+        write_h5ad(_into_adata(arr, ids, adata_or_ids, key, info), path)
+    elif suffix == ".parquet":
+        _write_parquet(arr, ids, path, info)
+    elif suffix == ".npy":
+        _write_npy(arr, ids, path)
+    else:
+        raise ConfigError(
+            f"unknown embedding output {path.name!r}: the file name must end with one of "
+            f"{OUTPUT_SUFFIXES}"
+        )
+    logger.info("wrote %d x %d embeddings to %s", arr.shape[0], arr.shape[1], path)
+    return path
+
+
+def _into_adata(
+    arr: np.ndarray, ids: list[str], adata: ad.AnnData, key: str, info: dict[str, Any]
+) -> ad.AnnData:
+    if list(map(str, adata.obs_names)) != ids:
+        raise ConfigError(
+            "the AnnData's obs_names differ from the embedded sample ids (or their order); "
+            "store embeddings into the AnnData they were computed from"
+        )
+    adata.obsm[key] = arr.astype(np.float32, copy=False)
+    adata.uns.setdefault("bulkfm", {}).setdefault("embeddings", {})[key] = json.loads(
+        json.dumps(info)
+    )
+    return adata
+
+
+def _write_parquet(arr: np.ndarray, ids: list[str], path: Path, info: dict[str, Any]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    frame = pd.DataFrame(
+        arr.astype(np.float32, copy=False),
+        index=pd.Index(ids, name=PARQUET_INDEX),
+        columns=[f"emb_{i}" for i in range(arr.shape[1])],
+    )
+    table = pa.Table.from_pandas(frame, preserve_index=True)
+    meta = {**(table.schema.metadata or {}), _PARQUET_META_KEY: json.dumps(info).encode()}
+    with atomic_path(path) as tmp:
+        pq.write_table(table.replace_schema_metadata(meta), tmp)
+
+
+def _ids_path(path: Path) -> Path:
+    return path.with_name(path.name[: -len(path.suffix)] + IDS_SUFFIX)
+
+
+def _write_npy(arr: np.ndarray, ids: list[str], path: Path) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        np.save(handle, arr.astype(np.float32, copy=False), allow_pickle=False)
+    with atomic_path(_ids_path(path)) as tmp:
+        tmp.write_text("".join(f"{i}\n" for i in ids))
+
+
+def read_embeddings(path: str | Path, *, key: str = DEFAULT_KEY) -> pd.DataFrame:
+    """Embeddings written by :func:`write_embeddings` as a DataFrame indexed by sample id."""
+    path = Path(path)
+    if not path.exists():
+        raise InputFileError(f"embedding file {path} does not exist; create it with bulkfm embed")
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        frame = pd.read_parquet(path)
+        frame.index = frame.index.astype(str)
+        return frame
+    if suffix == ".npy":
+        ids_path = _ids_path(path)
+        if not ids_path.exists():
+            raise InputFileError(f"{path} has no sample id file {ids_path.name} beside it")
+        arr = np.load(path, allow_pickle=False)
+        ids = ids_path.read_text().splitlines()
+        _check_embeddings(arr, len(ids))
+    elif suffix == ".h5ad":
+        import anndata as ad
+
+        adata = ad.read_h5ad(path)
+        if key not in adata.obsm:
+            raise InputFileError(
+                f"{path} has no obsm[{key!r}] (has {list(adata.obsm)}); pass key= the embedding key"
+            )
+        arr, ids = np.asarray(adata.obsm[key]), list(map(str, adata.obs_names))
+    else:
+        raise InputFileError(f"cannot read embeddings from {path.name}: use {OUTPUT_SUFFIXES}")
+    columns = [f"emb_{i}" for i in range(arr.shape[1])]
+    return pd.DataFrame(arr, index=pd.Index(ids, name=PARQUET_INDEX), columns=columns)
+
+
+# --------------------------------------------------------------------------- CLI
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "embed",
+        help="BulkRNABert sample embeddings (mean over genes of one layer)",
+        description=(
+            "Embed every sample of an .h5ad (X = TPM) with a BulkRNABert checkpoint. Genes "
+            "recorded missing are fed as [MASK] and left out of the mean. The output is the "
+            "input .h5ad with obsm[KEY], a .parquet table (sample_id x emb_i) or a .npy "
+            "matrix with a .ids.txt file of sample ids."
+        ),
+    )
+    parser.add_argument("--model", required=True, type=Path, help="checkpoint directory")
+    parser.add_argument("--input", required=True, type=Path, help="input .h5ad (TPM)")
+    parser.add_argument("--output", required=True, type=Path, help="output .h5ad, .parquet or .npy")
+    parser.add_argument(
+        "--layer", type=int, default=-1, help="0 = input embeddings, i = block i, -1 = last"
+    )
+    parser.add_argument("--batch-size", type=int, default=8, help="samples per forward pass")
+    parser.add_argument("--key", default=DEFAULT_KEY, help="obsm key (.h5ad output)")
+    parser.add_argument(
+        "--include-missing",
+        action="store_true",
+        help="average over missing ([MASK]) genes too (default: leave them out)",
+    )
+    parser.add_argument(
+        "--genes", type=Path, default=None, help="gene list file (official-format checkpoints)"
+    )
+    parser.add_argument(
+        "--normalization-factor",
+        type=float,
+        default=None,
+        help="max log10(1+TPM) of the training data (official-format checkpoints)",
+    )
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    parser.set_defaults(handler=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    import anndata as ad
+
+    from bulkfm.models.bulkrnabert import load_pretrained
+
+    if not args.input.is_file():
+        raise InputFileError(f"input {args.input} does not exist: give an .h5ad file")
+    if args.output.suffix.lower() not in OUTPUT_SUFFIXES:
+        raise ConfigError(f"--output must end with one of {OUTPUT_SUFFIXES}, got {args.output}")
+    model, tokenizer = load_pretrained(
+        args.model,
+        genes=args.genes,
+        normalization_factor=args.normalization_factor,
+        device=args.device,
+    )
+    adata = ad.read_h5ad(args.input)
+    emb = embed_adata(
+        model,
+        tokenizer,
+        adata,
+        layer=args.layer,
+        batch_size=args.batch_size,
+        exclude_missing=not args.include_missing,
+    )
+    metadata = {
+        "model": str(args.model),
+        "layer": args.layer,
+        "exclude_missing": not args.include_missing,
+        "pooling": "mean over genes",
+    }
+    write_embeddings(emb, adata, args.output, key=args.key, metadata=metadata)
+    print(f"embedded {emb.shape[0]} samples -> {emb.shape[1]} dims -> {args.output}")
+    return 0

@@ -1,0 +1,332 @@
+"""Downstream tasks on frozen embeddings: classification (``tasks.classification``) and
+survival (``tasks.survival``), plus the pieces both use, kept here so the two stay alike:
+id alignment, input standardisation, the patient-grouped inner validation split and the
+early-stopping training loop of an MLP head.
+
+Import-light: torch is imported inside the functions that train.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from bulkfm.errors import (
+    BulkfmWarning,
+    ClinicalMatchError,
+    ConfigError,
+    ExpressionValueError,
+    SplitError,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "AlignedInputs",
+    "Standardizer",
+    "align_inputs",
+    "check_embeddings",
+    "check_group_sizes",
+    "check_training_params",
+    "inner_split",
+    "n_holdout_folds",
+    "seeded",
+    "train_head",
+]
+
+
+# --------------------------------------------------------------------------- alignment
+@dataclass
+class AlignedInputs:
+    """Embeddings and per-sample targets in one sample order."""
+
+    X: np.ndarray
+    targets: list[np.ndarray]
+    ids: np.ndarray
+
+
+def check_embeddings(X: Any, what: str = "embeddings") -> np.ndarray:
+    """float32 2-D finite matrix, or an ExpressionValueError saying which samples are bad."""
+    arr = X.to_numpy() if hasattr(X, "to_numpy") else np.asarray(X)
+    if arr.ndim != 2 or arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise ConfigError(f"{what} must be a non-empty 2-D [samples, dims] matrix, got {arr.shape}")
+    try:
+        arr = arr.astype(np.float32, copy=False)
+    except (TypeError, ValueError) as exc:
+        raise ExpressionValueError(f"{what} must be numeric: {exc}") from exc
+    bad = ~np.isfinite(arr).all(axis=1)
+    if bad.any():
+        rows = np.flatnonzero(bad)
+        names = list(X.index[rows[:5]]) if hasattr(X, "index") else rows[:5].tolist()
+        raise ExpressionValueError(
+            f"{what} have NaN/inf values in {rows.size} sample(s) (e.g. {names}); recompute "
+            "them (bulkfm embed) or drop those samples"
+        )
+    return arr
+
+
+def align_inputs(embeddings: Any, *targets: Any, ids: Sequence[str] | None = None) -> AlignedInputs:
+    """Match targets to embedding rows by sample id.
+
+    ``embeddings`` is a DataFrame indexed by sample id (as ``read_embeddings`` returns) or
+    an array with ``ids``. A target that is a Series is matched by its index; an array
+    must already be in embedding order. Samples present on only one side are dropped with
+    a warning; no sample in common is an error, since it means the ids are of two
+    different kinds (e.g. patient vs sample barcodes).
+    """
+    if isinstance(embeddings, pd.DataFrame):
+        emb_ids = embeddings.index.astype(str).to_numpy()
+        X = embeddings.to_numpy()
+    else:
+        X = np.asarray(embeddings)
+        emb_ids = np.asarray([str(i) for i in ids]) if ids is not None else None
+    if X.ndim != 2:
+        raise ConfigError(f"embeddings must be 2-D [samples, dims], got shape {X.shape}")
+    if emb_ids is None:
+        emb_ids = np.arange(X.shape[0]).astype(str)
+        if any(isinstance(t, pd.Series) for t in targets):
+            raise ConfigError(
+                "targets are indexed Series but the embeddings have no ids; pass a DataFrame "
+                "indexed by sample id or ids="
+            )
+    if emb_ids.size != X.shape[0]:
+        raise ConfigError(f"{emb_ids.size} ids for {X.shape[0]} embedding rows; pass one id a row")
+    if pd.Index(emb_ids).has_duplicates:
+        raise ClinicalMatchError("embedding sample ids are not unique; de-duplicate them first")
+    keep = np.ones(emb_ids.size, dtype=bool)
+    for target in targets:
+        if isinstance(target, pd.Series):
+            keep &= np.isin(emb_ids, target.index.astype(str))
+        elif target is not None and len(target) != X.shape[0]:
+            raise ConfigError(
+                f"a target array has {len(target)} values for {X.shape[0]} embedding rows; pass "
+                "a pandas Series indexed by sample id to match by id"
+            )
+    if not keep.any():
+        example = next(t for t in targets if isinstance(t, pd.Series)).index[:3].tolist()
+        raise ClinicalMatchError(
+            f"no sample id is shared by the embeddings (e.g. {emb_ids[:3].tolist()}) and the "
+            f"labels / clinical values (e.g. {example}); index both by the same sample ids "
+            "(obs_names)"
+        )
+    if not keep.all():
+        warnings.warn(
+            f"{int((~keep).sum())} of {keep.size} embedded samples have no label and are left out",
+            BulkfmWarning,
+            stacklevel=3,
+        )
+    aligned = []
+    for target in targets:
+        if target is None:
+            aligned.append(None)
+        elif isinstance(target, pd.Series):
+            series = target.copy()
+            series.index = series.index.astype(str)
+            if series.index.has_duplicates:
+                raise ClinicalMatchError("label index has duplicate sample ids; de-duplicate it")
+            aligned.append(series.reindex(emb_ids[keep]).to_numpy())
+        else:
+            aligned.append(np.asarray(target)[keep])
+    return AlignedInputs(X=check_embeddings(X[keep]), targets=aligned, ids=emb_ids[keep])
+
+
+class Standardizer:
+    """Per-dimension z-scores fitted on training rows; constant dimensions are left centred.
+
+    Frozen embeddings of different layers differ in scale by orders of magnitude, so the
+    heads see unit-variance inputs whatever layer was pooled.
+    """
+
+    def fit(self, X: np.ndarray) -> Standardizer:
+        self.mean_ = X.mean(axis=0, dtype=np.float64)
+        std = X.std(axis=0, dtype=np.float64)
+        self.scale_ = np.where(std > 1e-12, std, 1.0)
+        return self
+
+    def transform(self, X: np.ndarray) -> np.ndarray:
+        if X.shape[1] != self.mean_.size:
+            raise ConfigError(
+                f"inputs have {X.shape[1]} dims but the model was fitted on {self.mean_.size}; "
+                "use embeddings from the same model and layer"
+            )
+        return ((X - self.mean_) / self.scale_).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- splits
+def n_holdout_folds(fraction: float) -> int:
+    """Patients per class a stratified grouped hold-out of ``fraction`` needs (see splits)."""
+    from bulkfm.data.splits import _holdout_folds
+
+    return _holdout_folds(fraction)[0]
+
+
+def check_group_sizes(
+    labels: np.ndarray, groups: np.ndarray | None, n_needed: int, *, context: str, fix: str
+) -> None:
+    """SplitError naming every class with fewer than ``n_needed`` patients."""
+    frame = pd.DataFrame(
+        {
+            "y": pd.Series(labels).astype(str),
+            "g": np.arange(len(labels)) if groups is None else groups,
+        }
+    )
+    patients = frame.groupby("y")["g"].nunique()
+    samples = frame.groupby("y").size()
+    small = patients[patients < n_needed]
+    if len(small):
+        detail = ", ".join(
+            f"{c!r} ({int(samples[c])} samples, {int(patients[c])} patients)" for c in small.index
+        )
+        raise SplitError(
+            f"{context} needs at least {n_needed} patients per class; too few in {detail}; {fix}"
+        )
+
+
+def inner_split(
+    strata: np.ndarray, groups: np.ndarray | None, val_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Patient-grouped, stratified (train, validation) positions for early stopping."""
+    from bulkfm.data.splits import repeated_holdout
+
+    n_needed = n_holdout_folds(val_fraction)
+    check_group_sizes(
+        strata,
+        groups,
+        n_needed,
+        context=f"the inner validation split (val_fraction={val_fraction})",
+        fix=(
+            "drop or merge these classes, raise val_fraction (0.5 needs 2 patients per class) or "
+            "set val_fraction=0 to train a fixed number of epochs without early stopping"
+        ),
+    )
+    split = repeated_holdout(strata, groups, seeds=[seed], test_size=val_fraction)[0]
+    return split.train, split.test
+
+
+# --------------------------------------------------------------------------- training
+@contextlib.contextmanager
+def seeded(seed: int, device: str | torch.device) -> Iterator[None]:
+    """Seed torch for initialisation and dropout without touching the caller's RNG state."""
+    import torch
+
+    dev = torch.device(device)
+    devices = [dev.index or 0] if dev.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def check_training_params(
+    *,
+    lr: float,
+    weight_decay: float,
+    max_epochs: int,
+    patience: int,
+    batch_size: int | None,
+    val_fraction: float,
+    seed: int,
+) -> None:
+    """Shared validation of the early-stopping hyper-parameters of the MLP estimators."""
+    if not (isinstance(lr, float | int) and lr > 0 and math.isfinite(lr)):
+        raise ConfigError(f"lr must be a positive number, got {lr!r}")
+    if not (isinstance(weight_decay, float | int) and weight_decay >= 0):
+        raise ConfigError(f"weight_decay must be >= 0, got {weight_decay!r}")
+    for name, value in (("max_epochs", max_epochs), ("patience", patience)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    if batch_size is not None and (
+        isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
+    ):
+        raise ConfigError(f"batch_size must be a positive integer or None, got {batch_size!r}")
+    if not (isinstance(val_fraction, float | int) and 0.0 <= val_fraction < 1.0):
+        raise ConfigError(
+            f"val_fraction must lie in [0, 1), got {val_fraction!r}; 0 = no early stopping"
+        )
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ConfigError(f"seed must be a non-negative integer, got {seed!r}")
+
+
+def train_head(
+    head: torch.nn.Module,
+    loss_fn: Callable[..., torch.Tensor],
+    X: torch.Tensor,
+    targets: Sequence[torch.Tensor],
+    train_idx: np.ndarray,
+    val_idx: np.ndarray | None,
+    *,
+    lr: float,
+    weight_decay: float,
+    max_epochs: int,
+    patience: int,
+    batch_size: int | None,
+    seed: int,
+) -> dict[str, Any]:
+    """Adam with early stopping on the validation loss; the best head is restored.
+
+    ``loss_fn(outputs, *targets)``; ``batch_size=None`` is full-batch (exact risk sets for
+    the Cox loss). Without validation rows the head trains ``max_epochs`` epochs.
+    """
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    optimiser = torch.optim.Adam(head.parameters(), lr=lr, weight_decay=weight_decay)
+    train_pos = torch.from_numpy(np.array(train_idx, dtype=np.int64))
+    step = batch_size or len(train_pos)
+    history: dict[str, Any] = {"train_loss": [], "val_loss": []}
+    best_loss, best_state, best_epoch, waited = math.inf, None, 0, 0
+    for epoch in range(1, max_epochs + 1):
+        head.train()
+        order = train_pos[torch.randperm(len(train_pos), generator=generator)]
+        total = 0.0
+        for start in range(0, len(order), step):
+            rows = order[start : start + step].to(X.device)
+            loss = loss_fn(head(X[rows]), *(t[rows] for t in targets))
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            total += float(loss.detach()) * len(rows)
+        history["train_loss"].append(total / len(order))
+        if val_idx is None or len(val_idx) == 0:
+            continue
+        val_loss = _evaluate(head, loss_fn, X, targets, val_idx)
+        history["val_loss"].append(val_loss)
+        if val_loss < best_loss - 1e-6:
+            best_loss, best_epoch, waited = val_loss, epoch, 0
+            best_state = copy.deepcopy(head.state_dict())
+        else:
+            waited += 1
+            if waited >= patience:
+                break
+    if best_state is not None:
+        head.load_state_dict(best_state)
+    head.eval()
+    history["epochs"] = len(history["train_loss"])
+    history["best_epoch"] = best_epoch if best_state is not None else history["epochs"]
+    return history
+
+
+def _evaluate(
+    head: torch.nn.Module,
+    loss_fn: Callable[..., torch.Tensor],
+    X: torch.Tensor,
+    targets: Sequence[torch.Tensor],
+    idx: np.ndarray,
+) -> float:
+    import torch
+
+    head.eval()
+    rows = torch.from_numpy(np.array(idx, dtype=np.int64)).to(X.device)
+    with torch.no_grad():
+        return float(loss_fn(head(X[rows]), *(t[rows] for t in targets)))
