@@ -497,6 +497,17 @@ def _mapping_report(
 # --------------------------------------------------------------------------- harmonize
 
 
+def _source_ids(raw: np.ndarray, codes: np.ndarray, n_out: int) -> np.ndarray:
+    """The input id(s) behind each output gene, ';'-joined only where genes were merged."""
+    out = np.empty(n_out, dtype=object)
+    out[codes] = raw
+    multi = np.bincount(codes, minlength=n_out)[codes] > 1
+    if multi.any():
+        joined = pd.Series(raw[multi]).groupby(codes[multi], sort=True).agg(";".join)
+        out[joined.index.to_numpy()] = joined.to_numpy()
+    return out
+
+
 def harmonize_genes(
     adata: ad.AnnData,
     *,
@@ -539,12 +550,7 @@ def harmonize_genes(
             layers[name] = _as_csr_bool(merged) if name == "missing" else merged
 
     gene_ids = np.asarray(genes, dtype=object)
-    source_ids = (
-        pd.Series(adata.var_names.to_numpy()[keep].astype(str))
-        .groupby(codes, sort=True)
-        .agg(";".join)
-        .to_numpy()
-    )
+    source_ids = _source_ids(adata.var_names.to_numpy()[keep].astype(str), codes, len(genes))
     var = pd.DataFrame(
         {
             "symbol": table.symbols(gene_ids),

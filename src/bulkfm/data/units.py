@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from bulkfm.data.genes import strip_version
 from bulkfm.errors import (
     BulkfmWarning,
     DuplicateIdError,
@@ -180,11 +181,6 @@ def _decide(stats: dict[str, float]) -> UnitGuess:
 # --------------------------------------------------------------------------- gene lengths
 
 
-def strip_ensembl_version(ids: pd.Index | list[str]) -> pd.Index:
-    """``ENSG00000141510.17`` -> ``ENSG00000141510``; other ids are left alone."""
-    return pd.Index(ids).astype(str).str.replace(r"^(ENS[A-Z]*G\d+)\.\d+$", r"\1", regex=True)
-
-
 def _sniff_sep(path: Path) -> str:
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt") as fh:
@@ -219,7 +215,7 @@ def _read_length_file(path: Path) -> pd.Series:
     lengths = pd.to_numeric(table[len_col], errors="coerce")
     series = pd.Series(
         lengths.to_numpy(dtype=np.float64),
-        index=strip_ensembl_version(table[id_col].str.strip()),
+        index=pd.Index(strip_version(table[id_col].str.strip())),
         name="length",
     )
     return _validate_lengths(series, str(path))
@@ -325,11 +321,17 @@ def _check_values(X: Any, what: str) -> None:
 
 
 def _lengths_for(var_names: pd.Index, lengths: pd.Series) -> np.ndarray:
-    keys = strip_ensembl_version(var_names)
-    index = strip_ensembl_version(lengths.index)
-    lookup = pd.Series(lengths.to_numpy(dtype=np.float64), index=index)
-    lookup = lookup[~lookup.index.duplicated(keep="first")]
-    return lookup.reindex(keys).to_numpy()
+    lookup = _stripped_lengths(lengths)
+    return lookup.reindex(strip_version(var_names)).to_numpy()
+
+
+def _stripped_lengths(lengths: pd.Series) -> pd.Series:
+    """Version-free, unique index; tables from load_gene_lengths already are (no work)."""
+    index = lengths.index
+    if index.is_unique and not index.astype(str).str.contains(".", regex=False).any():
+        return lengths.astype(np.float64, copy=False)
+    lookup = pd.Series(lengths.to_numpy(dtype=np.float64), index=strip_version(index))
+    return lookup[~lookup.index.duplicated(keep="first")]
 
 
 def _per_sample_scale(X: Any, scale_rows: np.ndarray) -> Any:
@@ -513,6 +515,5 @@ __all__ = [
     "counts_to_tpm",
     "detect_unit",
     "load_gene_lengths",
-    "strip_ensembl_version",
     "to_tpm",
 ]
