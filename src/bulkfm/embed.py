@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from bulkfm.cli_common import add_checkpoint_arguments, load_checkpoint_and_input
 from bulkfm.errors import ConfigError, DuplicateIdError, ExpressionValueError, InputFileError
 from bulkfm.io import atomic_path, write_h5ad
 
@@ -278,7 +279,7 @@ def register(subparsers: Any) -> None:
             "matrix with a .ids.txt file of sample ids."
         ),
     )
-    parser.add_argument("--model", required=True, type=Path, help="checkpoint directory")
+    add_checkpoint_arguments(parser)
     parser.add_argument("--input", required=True, type=Path, help="input .h5ad (TPM)")
     parser.add_argument("--output", required=True, type=Path, help="output .h5ad, .parquet or .npy")
     parser.add_argument(
@@ -291,35 +292,13 @@ def register(subparsers: Any) -> None:
         action="store_true",
         help="average over missing ([MASK]) genes too (default: leave them out)",
     )
-    parser.add_argument(
-        "--genes", type=Path, default=None, help="gene list file (official-format checkpoints)"
-    )
-    parser.add_argument(
-        "--normalization-factor",
-        type=float,
-        default=None,
-        help="max log10(1+TPM) of the training data (official-format checkpoints)",
-    )
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     parser.set_defaults(handler=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
-    import anndata as ad
-
-    from bulkfm.models.bulkrnabert import load_pretrained
-
-    if not args.input.is_file():
-        raise InputFileError(f"input {args.input} does not exist: give an .h5ad file")
     if args.output.suffix.lower() not in OUTPUT_SUFFIXES:
         raise ConfigError(f"--output must end with one of {OUTPUT_SUFFIXES}, got {args.output}")
-    model, tokenizer = load_pretrained(
-        args.model,
-        genes=args.genes,
-        normalization_factor=args.normalization_factor,
-        device=args.device,
-    )
-    adata = ad.read_h5ad(args.input)
+    model, tokenizer, adata = load_checkpoint_and_input(args)
     emb = embed_adata(
         model,
         tokenizer,

@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import scipy.sparse as sp
 
-from bulkfm.errors import ConfigError, InputFileError
+from bulkfm.cli_common import add_checkpoint_arguments, load_checkpoint_and_input
+from bulkfm.errors import ConfigError
 
 if TYPE_CHECKING:
     import anndata as ad
@@ -120,38 +121,17 @@ def register(subparsers: Any) -> None:
             "replaced by the predicted TPM; the output records them in layers['imputed']."
         ),
     )
-    parser.add_argument("--model", required=True, type=Path, help="checkpoint directory")
+    add_checkpoint_arguments(parser)
     parser.add_argument("--input", required=True, type=Path, help="input .h5ad (TPM)")
     parser.add_argument("--output", required=True, type=Path, help="output .h5ad")
     parser.add_argument("--batch-size", type=int, default=8, help="samples per forward pass")
-    parser.add_argument(
-        "--genes", type=Path, default=None, help="gene list file (official-format checkpoints)"
-    )
-    parser.add_argument(
-        "--normalization-factor",
-        type=float,
-        default=None,
-        help="max log10(1+TPM) of the training data (official-format checkpoints)",
-    )
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     parser.set_defaults(handler=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
-    import anndata as ad
-
     from bulkfm.io import write_h5ad
-    from bulkfm.models.bulkrnabert import load_pretrained
 
-    if not args.input.is_file():
-        raise InputFileError(f"input {args.input} does not exist: give an .h5ad file")
-    model, tokenizer = load_pretrained(
-        args.model,
-        genes=args.genes,
-        normalization_factor=args.normalization_factor,
-        device=args.device,
-    )
-    adata = ad.read_h5ad(args.input)
+    model, tokenizer, adata = load_checkpoint_and_input(args)
     result = impute_missing(model, tokenizer, adata, batch_size=args.batch_size)
     write_h5ad(result, args.output)
     print(
