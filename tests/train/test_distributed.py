@@ -51,12 +51,10 @@ def test_two_processes_train_the_same_model_as_one(tmp_path):
     assert a.keys() == b.keys()
     for name in a:
         assert torch.allclose(a[name], b[name], atol=1e-5, rtol=1e-4), name
-    # The comparison is not vacuous: training moved the weights well beyond the tolerance.
-    initial = load_file(
-        str(tmp_path / "one" / "checkpoints" / "step_0000005" / "model.safetensors")
-    )
-    assert torch.equal(initial["lm_head.weight"], a["lm_head.weight"])
     log_a, log_b = read_log(single.log_path), read_log(tmp_path / "two" / "log.csv")
+    # not vacuous: the runs trained (the loss moved far more than the tolerance)
+    losses = [r["loss"] for r in log_a if r["loss"] is not None]
+    assert abs(losses[-1] - losses[0]) > 1e-2
     assert [r["step"] for r in log_a] == [r["step"] for r in log_b]
     for ra, rb in zip(log_a, log_b, strict=True):
         for key in ("loss", "eval_loss", "eval_acc", "trivial_acc"):
