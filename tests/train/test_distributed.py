@@ -52,9 +52,8 @@ def test_two_processes_train_the_same_model_as_one(tmp_path):
     for name in a:
         assert torch.allclose(a[name], b[name], atol=1e-5, rtol=1e-4), name
     log_a, log_b = read_log(single.log_path), read_log(tmp_path / "two" / "log.csv")
-    # not vacuous: the runs trained (the loss moved far more than the tolerance)
-    losses = [r["loss"] for r in log_a if r["loss"] is not None]
-    assert abs(losses[-1] - losses[0]) > 1e-2
+    # not vacuous: biases start at zero (BERT init) and moved ~1000x the tolerance
+    assert a["lm_head.bias"].abs().max() > 1e-3
     assert [r["step"] for r in log_a] == [r["step"] for r in log_b]
     for ra, rb in zip(log_a, log_b, strict=True):
         for key in ("loss", "eval_loss", "eval_acc", "trivial_acc"):
