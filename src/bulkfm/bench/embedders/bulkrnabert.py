@@ -1,0 +1,129 @@
+"""A BulkRNABert checkpoint as a frozen benchmark model (mean over genes of one layer).
+
+Any checkpoint directory works: a bulkfm one (config.json, model.safetensors,
+tokenizer.json) or an official-format one (then ``genes`` and
+``normalization_factor`` are required, see ``bulkfm.models.bulkrnabert.load_pretrained``).
+The fingerprint hashes the checkpoint's files, so retraining into the same
+directory never reuses stale cached embeddings. torch is imported only on use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from bulkfm.bench.config import check_int
+from bulkfm.bench.embedders.base import Embedder, register_embedder
+from bulkfm.bench.fingerprint import stable_hash
+from bulkfm.errors import CheckpointError, ConfigError
+
+if TYPE_CHECKING:
+    import anndata as ad
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["BulkRNABertEmbedder", "checkpoint_digest"]
+
+
+def checkpoint_digest(directory: Path) -> str:
+    """Hash of the names and contents of the files directly in ``directory``."""
+    h = hashlib.blake2b(digest_size=16)
+    files = sorted(p for p in directory.iterdir() if p.is_file() and not p.name.startswith("."))
+    if not files:
+        raise CheckpointError(f"checkpoint directory {directory} is empty")
+    for p in files:
+        h.update(p.name.encode() + b"\0")
+        with p.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+@register_embedder("bulkrnabert")
+class BulkRNABertEmbedder(Embedder):
+    """Frozen BulkRNABert: ``bulkfm.embed.embed_adata`` of a checkpoint directory."""
+
+    learns = False
+
+    def __init__(
+        self,
+        model_dir: str | os.PathLike | None = None,
+        *,
+        genes: Sequence[str] | str | os.PathLike | None = None,
+        normalization_factor: float | None = None,
+        layer: int = -1,
+        batch_size: int = 8,
+        exclude_missing: bool = True,
+        device: str = "cpu",
+        label: str | None = None,
+    ) -> None:
+        super().__init__(label=label)
+        if model_dir is None:
+            raise ConfigError(
+                "the bulkrnabert model needs a checkpoint directory: --model-dir DIR (or "
+                "model_dir= in Python)"
+            )
+        self.model_dir = Path(model_dir)
+        if not self.model_dir.is_dir():
+            raise CheckpointError(
+                f"checkpoint directory {self.model_dir} not found; pass the folder holding "
+                "config.json and model.safetensors"
+            )
+        if isinstance(layer, bool) or not isinstance(layer, int):
+            raise ConfigError(f"layer must be an integer (-1 = last block), got {layer!r}")
+        self.genes = genes
+        self.normalization_factor = normalization_factor
+        self.layer = layer
+        self.batch_size = check_int("batch_size", batch_size, 1)
+        self.exclude_missing = bool(exclude_missing)
+        self.device = str(device)
+        self._digest: str | None = None
+
+    def config(self) -> dict[str, Any]:
+        if self._digest is None:
+            self._digest = checkpoint_digest(self.model_dir)
+        genes = self.genes
+        genes_repr = (
+            None
+            if genes is None
+            else str(genes)
+            if isinstance(genes, str | os.PathLike)
+            else stable_hash(list(genes))
+        )
+        return {
+            "checkpoint": self._digest,
+            "genes": genes_repr,
+            "normalization_factor": self.normalization_factor,
+            "layer": self.layer,
+            "exclude_missing": self.exclude_missing,
+        }
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "model_dir": str(self.model_dir)}
+
+    def transform(self, adata: ad.AnnData) -> np.ndarray:
+        from bulkfm.embed import embed_adata
+        from bulkfm.models.bulkrnabert import load_pretrained
+
+        model, tokenizer = load_pretrained(
+            self.model_dir,
+            genes=self.genes,
+            normalization_factor=self.normalization_factor,
+            device=self.device,
+        )
+        emb = embed_adata(
+            model,
+            tokenizer,
+            adata,
+            layer=self.layer,
+            batch_size=self.batch_size,
+            exclude_missing=self.exclude_missing,
+            device=self.device,
+        )
+        return np.asarray(emb)

@@ -1,0 +1,101 @@
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from bulkfm.bench.cli import parse_embeddings, parse_model_args
+from bulkfm.cli import main
+from bulkfm.errors import ConfigError
+from bulkfm.io import write_h5ad
+
+SMALL = [
+    "--splits",
+    "2",
+    "--min-positives",
+    "8",
+    "--min-negatives",
+    "8",
+    "--min-events",
+    "8",
+    "--min-class-patients",
+    "8",
+]
+
+
+@pytest.fixture
+def h5ad(sim, tmp_path):
+    return write_h5ad(sim, tmp_path / "sim.h5ad")
+
+
+def test_cli_runs_models_and_named_embeddings(sim, h5ad, tmp_path, capsys) -> None:
+    emb = pd.DataFrame(
+        sim.obsm["programmes"], index=sim.obs_names, columns=[f"e{i}" for i in range(8)]
+    )
+    emb.to_parquet(tmp_path / "prog.parquet")
+    out = tmp_path / "out"
+    args = ["bench", "--data", str(h5ad), "--out", str(out), "--models", "raw"]
+    args += ["--tasks", "cancer_type,survival", "--embeddings", f"prog={tmp_path / 'prog.parquet'}"]
+    args += ["--model-arg", "raw:n_top_genes=25", "--no-plots", *SMALL]
+    assert main(args) == 0
+    lb = pd.read_csv(out / "leaderboard.csv")
+    assert sorted(lb["model"].unique()) == ["prog", "raw"]
+    assert set(lb["task"]) == {"cancer_type", "survival"}
+    assert "cancer type (macro-F1)" in capsys.readouterr().out
+    assert list((out / "cache").glob("*.npy")) == []  # precomputed files are not re-cached
+
+
+def test_cli_unknown_model_lists_known(h5ad, tmp_path, capsys) -> None:
+    rc = main(["bench", "--data", str(h5ad), "--out", str(tmp_path), "--models", "scbert"])
+    assert rc == 1
+    assert "unknown model 'scbert'; known models: bulkrnabert, nmf, pca" in capsys.readouterr().err
+
+
+def test_cli_unknown_task_lists_grammar(h5ad, tmp_path, capsys) -> None:
+    args = ["bench", "--data", str(h5ad), "--out", str(tmp_path), "--tasks", "grade"]
+    assert main(args) == 1
+    assert "unknown task 'grade'; task names: auto, cancer_type" in capsys.readouterr().err
+
+
+def test_cli_list_models(capsys) -> None:
+    assert main(["bench", "--list-models"]) == 0
+    assert capsys.readouterr().out.split() == [
+        "bulkrnabert",
+        "nmf",
+        "pca",
+        "precomputed",
+        "random",
+        "raw",
+    ]
+
+
+def test_cli_yaml_config(h5ad, tmp_path) -> None:
+    cfg = tmp_path / "b.yaml"
+    cfg.write_text(
+        "models: [raw]\nmodel_args: {raw: {n_top_genes: 10}}\ntasks: cancer_type\n"
+        "bench: {n_splits: 2, min_class_patients: 8, seed: 3}\n"
+    )
+    out = tmp_path / "out"
+    assert main(["bench", "--data", str(h5ad), "--out", str(out), "--config", str(cfg)]) == 0
+    import json
+
+    record = json.loads((out / "run.json").read_text())
+    assert record["config"]["seed"] == 3 and record["config"]["n_splits"] == 2
+    assert record["models"][0]["config"]["n_top_genes"] == 10
+
+
+def test_cli_bad_yaml_key(h5ad, tmp_path, capsys) -> None:
+    cfg = tmp_path / "b.yaml"
+    cfg.write_text("bench: {n_split: 2}\n")
+    assert main(["bench", "--data", str(h5ad), "--out", str(tmp_path), "--config", str(cfg)]) == 1
+    assert "unknown benchmark setting(s) ['n_split']" in capsys.readouterr().err
+
+
+def test_parse_helpers() -> None:
+    assert parse_model_args(["pca:n_components=8", "pca:seed=2"]) == {
+        "pca": {"n_components": 8, "seed": 2}
+    }
+    assert set(parse_embeddings(["a=x.parquet", "y.npy"])) == {"a", "precomputed"}
+    with pytest.raises(ConfigError, match="MODEL:KEY=VALUE"):
+        parse_model_args(["pca=8"])
+    with pytest.raises(ConfigError, match="two embedding files"):
+        parse_embeddings(["x.npy", "y.npy"])
