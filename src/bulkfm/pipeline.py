@@ -49,8 +49,10 @@ def run_demo(
     seed: int = 0,
     max_steps: int | None = None,
     overrides: list[str] | None = None,
+    evaluate: bool = True,
 ) -> DemoResult:
-    """Simulate -> build -> pre-train -> report; returns where everything went."""
+    """Simulate -> build -> pre-train -> evaluate (embed, classify, survival vs baselines)
+    -> report; returns where everything went."""
     from bulkfm.data.build import BuildConfig, ExpressionInput, build_dataset, format_summary
     from bulkfm.data.simulate import SimulationConfig, simulate_bulk, write_simulated_files
 
@@ -67,7 +69,7 @@ def run_demo(
             tmp, index=False
         )
     timings["simulate"] = time.perf_counter() - t0
-    print(f"[1/3] simulated {truth.n_obs} samples x {truth.n_vars} genes -> {out / 'raw'}")
+    print(f"[1/4] simulated {truth.n_obs} samples x {truth.n_vars} genes -> {out / 'raw'}")
 
     t0 = time.perf_counter()
     build = BuildConfig(
@@ -79,7 +81,7 @@ def run_demo(
     adata = build_dataset(build, progress=False)
     data_path = write_h5ad(adata, out / "data.h5ad")
     timings["build"] = time.perf_counter() - t0
-    print(f"[2/3] built {data_path}\n")
+    print(f"[2/4] built {data_path}\n")
     print(format_summary(adata))
     print()
 
@@ -88,6 +90,8 @@ def run_demo(
     if model_dir is not None:
         metrics.update(model_dir[1])
         model_dir = model_dir[0]
+    if evaluate and model_dir is not None:
+        metrics["evaluation"] = _evaluate_stage(adata, model_dir, out / "evaluation", timings)
     timings["total"] = sum(timings.values())
 
     report_path = out / "report.md"
@@ -116,7 +120,7 @@ def _pretrain_stage(
     )
     resume = find_latest_checkpoint(config.output_dir) is not None
     print(
-        f"[3/3] pre-training a {config.model.num_layers}-layer BulkRNABert "
+        f"[3/4] pre-training a {config.model.num_layers}-layer BulkRNABert "
         f"({config.optim.max_steps} steps{', resuming' if resume else ''}) -> {config.output_dir}"
     )
     t0 = time.perf_counter()
@@ -141,6 +145,33 @@ def _pretrain_stage(
         }
     }
     return (result.final_dir or Path(config.output_dir)), metrics
+
+
+def _evaluate_stage(
+    adata: Any, model_dir: Path, out: Path, timings: dict[str, float]
+) -> dict[str, Any]:
+    from bulkfm.evaluate.protocol import evaluate_pipeline_stage
+
+    print("\n[4/4] evaluating: embeddings -> cancer type and survival, BulkRNABert vs baselines")
+    t0 = time.perf_counter()
+    summary = evaluate_pipeline_stage(adata, model_dir, out, quick=True)
+    timings["evaluate"] = time.perf_counter() - t0
+    for task, metric in (("classification", "macro_f1"), ("survival", "c_index")):
+        for arm in (summary.get(task) or {}).values():
+            value = arm.get(metric)
+            if value is not None:
+                print(f"  {task:>14} {arm['label']:<34} {metric} {_pm(value)}")
+    for name, path in summary.get("paths", {}).items():
+        if name.startswith("report"):
+            print(f"  evaluation {name}: {path}")
+    return summary
+
+
+def _pm(stat: dict[str, Any]) -> str:
+    mean, std = stat.get("mean"), stat.get("std")
+    if mean is None:
+        return "n/a"
+    return f"{mean:.3f} ± {std:.3f}" if std is not None else f"{mean:.3f}"
 
 
 def _report(adata: Any, metrics: dict[str, Any], data_path: Path, model_dir: Path | None) -> str:
@@ -199,6 +230,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--max-steps", type=int, help="pre-training steps (default from the config)")
     run.add_argument(
+        "--no-evaluate", action="store_true", help="stop after pre-training (skip stage 4)"
+    )
+    run.add_argument(
         "--set",
         dest="overrides",
         action="append",
@@ -217,5 +251,6 @@ def _run(args: argparse.Namespace) -> int:
         seed=args.seed,
         max_steps=args.max_steps,
         overrides=args.overrides,
+        evaluate=not args.no_evaluate,
     )
     return 0

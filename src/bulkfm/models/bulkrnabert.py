@@ -75,11 +75,12 @@ _IGNORED_CONFIG_FIELDS = frozenset(
     }
 )
 CONFIG_FORMAT = "bulkfm.bulkrnabert/1"
-# Rows (batch x genes positions) of the feed-forward run at once without autograd: at
-# 4,096 rows its two [rows, 512] fp32 temporaries take 16 MB instead of 0.6 GB for a
-# batch of 8 full-length samples, at no measurable speed cost (GEMMs this tall are
-# already at full efficiency).
-FFN_CHUNK_ROWS = 4096
+# Most rows (batch x gene positions) the feed-forward takes at once without autograd:
+# its two [rows, 512] fp32 temporaries then stay under 2 x 32 MB instead of 2 x 0.3 GB
+# for a batch of 8 full-length samples. Chunks are this tall so GEMMs keep their full
+# speed and so few parallel regions are added (each costs a thread wake-up, which on an
+# oversubscribed CPU is a scheduler time slice).
+FFN_CHUNK_ROWS = 16384
 
 
 # --------------------------------------------------------------------------- config
@@ -244,18 +245,24 @@ class BulkRNABertLayer(nn.Module):
         self, x: torch.Tensor, output_attentions: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         attended, weights = self.mha(self.layer_norm_self_attention(x), output_attentions)
-        if torch.is_grad_enabled() or not attended.is_contiguous():
+        if (
+            torch.is_grad_enabled()
+            or not attended.is_contiguous()
+            or attended.dtype != x.dtype  # autocast: the residual stays in x's precision
+        ):
             x = x + attended
             return x + self.mlp(x), weights
         # Without autograd the branch outputs are fresh and unreferenced: sum into them
         # instead of allocating, and run the position-wise FFN over row chunks so its
-        # [rows, ffn_embed_dim] temporaries stay a few MB whatever batch x genes is.
-        # Same arithmetic, so the same outputs (the input x is never modified: callers
-        # may hold it as a hidden state).
+        # [rows, ffn_embed_dim] temporaries stay small whatever batch x genes is. Same
+        # arithmetic, so the same outputs (the input x is never modified: callers may
+        # hold it as a hidden state).
         x = attended.add_(x)
         rows = x.view(-1, x.shape[-1])
-        for start in range(0, rows.shape[0], FFN_CHUNK_ROWS):
-            part = rows[start : start + FFN_CHUNK_ROWS]
+        n_chunks = -(-rows.shape[0] // FFN_CHUNK_ROWS)
+        step = -(-rows.shape[0] // max(n_chunks, 1))  # even chunks, no ragged tail
+        for start in range(0, rows.shape[0], max(step, 1)):
+            part = rows[start : start + step]
             part.add_(self.mlp(part))
         return x, weights
 
@@ -356,8 +363,12 @@ class BulkRNABert(nn.Module):
             genes = self.gene_embedding_layer(gene_index)
             if self.config.project_gene_embedding:
                 genes = self.fc_gene_embedding(genes)
-            # The embedding lookup is a fresh tensor: add in place when no graph is built.
-            x = x + genes if torch.is_grad_enabled() else x.add_(genes)
+            # The embedding lookup is a fresh tensor: add in place when no graph is built
+            # (and the sum keeps x's dtype, as under autocast with fp32 embeddings).
+            in_place = not torch.is_grad_enabled() and (
+                torch.promote_types(x.dtype, genes.dtype) == x.dtype
+            )
+            x = x.add_(genes) if in_place else x + genes
         return x
 
     def _encode(
