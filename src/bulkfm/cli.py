@@ -22,6 +22,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "bulkfm.embed",
     "bulkfm.impute",
     "bulkfm.bench.cli",
+    "bulkfm.evaluate.cli",
     "bulkfm.pipeline",
 )
 

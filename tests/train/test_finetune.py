@@ -185,6 +185,19 @@ def test_frozen_mode_trains_only_the_head(adata, tokenizer) -> None:
     np.testing.assert_allclose(ft.embed(adata), expected.numpy(), rtol=1e-5, atol=1e-6)
 
 
+def test_head_sees_standardised_embeddings(adata, tokenizer) -> None:
+    model = make_model()
+    cfg = FinetuneConfig(mode="frozen", **{**FAST, "epochs": 1, "patience": None})
+    ft = finetune(model, tokenizer, adata, "label", cfg)
+    pooled = model.embed(torch.from_numpy(tokenizer.encode_adata(adata))).double()
+    net = ft.network
+    torch.testing.assert_close(net.pool_mean.double(), pooled.mean(0), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(net.pool_scale.double(), pooled.std(0), rtol=1e-4, atol=1e-6)
+    z = net.standardize(pooled.float())
+    torch.testing.assert_close(z.mean(0), torch.zeros(z.shape[1]), rtol=0, atol=1e-4)
+    torch.testing.assert_close(z.std(0), torch.ones(z.shape[1]), rtol=0, atol=1e-4)
+
+
 def test_random_init_differs_from_pretrained_init(adata, tokenizer) -> None:
     model = make_model()
     cfg = FinetuneConfig(mode="frozen", random_init=True, **{**FAST, "epochs": 1})

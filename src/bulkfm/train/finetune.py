@@ -209,6 +209,27 @@ class FinetuneNetwork(nn.Module):
         self.encoder = encoder
         self.head = head
         self.depth = _layer_depth(encoder.config, layer)
+        # Fixed standardisation of the pooled embedding (training-set statistics at the
+        # start, see fit_standardizer), as the frozen-embedding heads standardise their
+        # inputs: raw pooled features have tiny, uneven scales the head trains poorly on.
+        dim = encoder.config.embed_dim
+        self.register_buffer("pool_mean", torch.zeros(dim))
+        self.register_buffer("pool_scale", torch.ones(dim))
+
+    def standardize(self, pooled: torch.Tensor) -> torch.Tensor:
+        return (pooled - self.pool_mean) / self.pool_scale
+
+    @torch.no_grad()
+    def fit_standardizer(self, tokens: torch.Tensor, batch_size: int) -> None:
+        was_training = self.training
+        self.eval()
+        device = self.pool_mean.device
+        pooled = _run_batches(lambda t: self.pool(t.long().to(device)), tokens, batch_size)
+        self.train(was_training)
+        if pooled.shape[0] < 2:
+            return
+        self.pool_mean.copy_(pooled.mean(0))
+        self.pool_scale.copy_(pooled.std(0).clamp(min=1e-6))
 
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
         """Mean over genes of block ``depth``'s output, [MASK] positions left out."""
@@ -218,7 +239,7 @@ class FinetuneNetwork(nn.Module):
         return (x * keep).sum(dim=1) / keep.sum(dim=1).clamp(min=1.0)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.head(self.pool(tokens))
+        return self.head(self.standardize(self.pool(tokens)))
 
 
 def _layer_depth(config: BulkRNABertConfig, layer: int) -> int:
@@ -624,6 +645,7 @@ def finetune(
         torch.manual_seed(config.seed)
         network = _make_network(model, config, depth, 0 if classes is None else classes.size)
         network.to(device)
+        network.fit_standardizer(tokens, config.batch_size)
         trainer = _Trainer(network, config, device)
         history, best_epoch = trainer.fit(tokens, targets, val_tokens, val_targets)
     counts = _param_report(network)
@@ -710,7 +732,7 @@ class _Trainer:
 
     def _forward(self, inputs: torch.Tensor) -> torch.Tensor:
         if self.config.mode == "frozen":
-            return self.network.head(inputs.to(self.device))
+            return self.network.head(self.network.standardize(inputs.to(self.device)))
         return self.network(inputs.long().to(self.device))
 
     def _loss(self, out: torch.Tensor, targets: _Targets) -> torch.Tensor:

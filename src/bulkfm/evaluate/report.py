@@ -1,0 +1,440 @@
+"""The evaluation report: tables shaped like the paper's, plots, Markdown and HTML.
+
+Tables are built once as plain rows and rendered twice (Markdown for the repository,
+HTML with the PNGs embedded so the single file can be mailed or opened offline). Every
+number is "mean ± std" over the splits, the paper's format; the best mean of each column
+is in bold, BulkRNABert arms and baselines alike, so a baseline that wins is visible.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from bulkfm.io import write_text
+
+if TYPE_CHECKING:
+    from bulkfm.evaluate.config import EvaluateConfig
+    from bulkfm.evaluate.protocol import EvaluationResult
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Table", "fmt_mean_std", "report_tables", "write_report"]
+
+CLASSIFICATION_METRICS = (
+    ("macro_f1", "macro-F1"),
+    ("weighted_f1", "weighted-F1"),
+    ("accuracy", "accuracy"),
+)
+SURVIVAL_METRICS = (
+    ("c_index", "C-index"),
+    ("c_index_weighted", "weighted"),
+    ("c_index_macro", "macro"),
+)
+
+
+def fmt_mean_std(stat: dict[str, Any] | None, digits: int = 3) -> str:
+    """``0.912 ± 0.013``; ``n/a`` when undefined; the std is left out with one value."""
+    if not stat or stat.get("mean") is None or _nan(stat["mean"]):
+        return "n/a"
+    text = f"{stat['mean']:.{digits}f}"
+    std = stat.get("std")
+    if std is not None and not _nan(std):
+        text += f" ± {std:.{digits}f}"
+    return text
+
+
+def _nan(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+@dataclass
+class Table:
+    title: str
+    columns: list[str]
+    rows: list[list[str]]
+    note: str = ""
+
+    def markdown(self) -> str:
+        lines = [f"### {self.title}", ""]
+        if self.note:
+            lines += [self.note, ""]
+        lines.append("| " + " | ".join(self.columns) + " |")
+        lines.append("|" + "---|" * len(self.columns))
+        lines += ["| " + " | ".join(row) + " |" for row in self.rows]
+        return "\n".join(lines) + "\n"
+
+    def html(self) -> str:
+        def cell(text: str, tag: str) -> str:
+            bold = text.startswith("**") and text.endswith("**")
+            body = html.escape(text.strip("*") if bold else text)
+            return f"<{tag}>{'<b>' + body + '</b>' if bold else body}</{tag}>"
+
+        head = "".join(cell(c, "th") for c in self.columns)
+        body = "".join("<tr>" + "".join(cell(v, "td") for v in row) + "</tr>" for row in self.rows)
+        note = f"<p>{html.escape(self.note)}</p>" if self.note else ""
+        return f"<h3>{html.escape(self.title)}</h3>{note}<table><tr>{head}</tr>{body}</table>"
+
+
+def _metric_table(
+    title: str, arms: dict[str, Any], metrics: Sequence[tuple[str, str]], note: str = ""
+) -> Table:
+    present = [(k, name) for k, name in metrics if any(k in a["summary"] for a in arms.values())]
+    best = {}
+    for key, _ in present:
+        means = [a["summary"].get(key, {}).get("mean") for a in arms.values()]
+        finite = [m for m in means if not _nan(m)]
+        best[key] = max(finite) if finite else None
+    rows = []
+    for arm in arms.values():
+        row = [arm["label"]]
+        for key, _ in present:
+            stat = arm["summary"].get(key)
+            text = fmt_mean_std(stat)
+            if stat and best[key] is not None and stat.get("mean") == best[key]:
+                text = f"**{text}**"
+            row.append(text)
+        rows.append(row)
+    return Table(title, ["Model", *[name for _, name in present]], rows, note)
+
+
+def report_tables(results: dict[str, Any]) -> list[Table]:
+    """Every table of the report, in order, from a results dict (results.json)."""
+    tables: list[Table] = []
+    n_splits = len(results.get("splits", {}).get("classification", [])) or len(
+        results.get("splits", {}).get("survival", [])
+    )
+    if results.get("classification"):
+        classes = results["data"].get("classes", {})
+        tables.append(
+            _metric_table(
+                f"Classification of {results['config']['data']['label_key']} "
+                f"({len(classes)} classes, {sum(classes.values())} samples)",
+                results["classification"],
+                CLASSIFICATION_METRICS,
+                f"Test scores, mean ± std over {n_splits} patient-grouped 80/20 splits "
+                "stratified by class; every model saw the same splits.",
+            )
+        )
+    if results.get("survival"):
+        surv = results["data"]["survival"]
+        tables.append(
+            _metric_table(
+                f"Pan-cancer survival ({surv['n']} samples, {surv['n_events']} events)",
+                results["survival"],
+                SURVIVAL_METRICS,
+                "C-index over the whole test set; weighted = per-cohort C-indexes weighted by "
+                "cohort test size; macro = their plain mean.",
+            )
+        )
+        tables.append(_per_cohort_table(results["survival"]))
+    if results.get("per_cohort_survival"):
+        tables.append(_cohort_models_table(results["per_cohort_survival"]))
+    if results.get("transfer"):
+        tables.append(_transfer_table(results["transfer"], results["survival"]))
+    if results.get("robustness"):
+        tables.append(_robustness_table(results["robustness"]))
+    return tables
+
+
+def _per_cohort_table(arms: dict[str, Any]) -> Table:
+    cohorts = sorted({c for a in arms.values() for c in a.get("per_cohort", {})})
+    rows = [[c, *[fmt_mean_std(a["per_cohort"].get(c)) for a in arms.values()]] for c in cohorts]
+    return Table(
+        "Per-cohort C-index of the pan-cancer models",
+        ["Cohort", *[a["label"] for a in arms.values()]],
+        rows,
+        "Cohorts without events or comparable pairs in a test split are skipped for that split.",
+    )
+
+
+def _cohort_models_table(per_cohort: dict[str, Any]) -> Table:
+    rows = []
+    labels: list[str] = []
+    for entry in per_cohort["cohorts"].values():
+        for arm in entry["arms"].values():
+            if arm["label"] not in labels:
+                labels.append(arm["label"])
+    for cohort, entry in per_cohort["cohorts"].items():
+        by_label = {a["label"]: a for a in entry["arms"].values()}
+        rows.append(
+            [
+                cohort,
+                str(entry["n"]),
+                str(entry["n_events"]),
+                *[
+                    fmt_mean_std(by_label.get(lab, {}).get("summary", {}).get("c_index"))
+                    for lab in labels
+                ],
+            ]
+        )
+    for cohort, reason in per_cohort.get("skipped", {}).items():
+        rows.append([cohort, "", "", *(["skipped: " + reason] + [""] * (len(labels) - 1))])
+    return Table(
+        "Per-cohort survival models (trained and tested within one cohort)",
+        ["Cohort", "n", "events", *labels],
+        rows,
+    )
+
+
+def _transfer_table(transfer: dict[str, Any], survival: dict[str, Any]) -> Table:
+    rows = []
+    for cohort, arms in transfer.items():
+        for arm, scores in arms.items():
+            rows.append(
+                [
+                    cohort,
+                    survival.get(arm, {}).get("label", arm),
+                    fmt_mean_std(scores.get("pan_cancer")),
+                    fmt_mean_std(scores.get("without_cohort")),
+                    fmt_mean_std(scores.get("cohort_only")),
+                ]
+            )
+    return Table(
+        "Transfer: C-index on one cohort's test samples",
+        ["Cohort", "Model", "pan-cancer", "trained without the cohort", "cohort only"],
+        rows,
+        "Same test samples in each row: the pan-cancer splits' test samples of that cohort.",
+    )
+
+
+def _robustness_table(rob: dict[str, Any]) -> Table:
+    rows = []
+    for fraction, entry in rob["fractions"].items():
+        row = [f"{float(fraction):.0%}", fmt_mean_std(entry["clean_macro_f1"])]
+        for variant in ("imputed", "masked", "zero"):
+            v = entry.get(variant)
+            row.append(
+                "n/a"
+                if v is None
+                else f"{fmt_mean_std(v['macro_f1'])} (ratio {fmt_mean_std(v['ratio'])})"
+            )
+        rows.append(row)
+    return Table(
+        f"Missing-gene robustness (frozen embeddings + {rob['head'].upper()} head)",
+        [
+            "genes removed",
+            "clean macro-F1",
+            "imputed by the model",
+            "left out ([MASK])",
+            "set to 0 TPM",
+        ],
+        rows,
+        "Genes removed from the test samples only; ratio = macro-F1 / clean macro-F1 per split.",
+    )
+
+
+# --------------------------------------------------------------------------- plots
+def _best(arms: dict[str, Any], kind: str, metric: str) -> str | None:
+    scored = [
+        (a["summary"].get(metric, {}).get("mean"), k) for k, a in arms.items() if a["kind"] == kind
+    ]
+    scored = [(m, k) for m, k in scored if not _nan(m)]
+    return max(scored)[1] if scored else None
+
+
+def _plots(result: EvaluationResult, plot_dir: Path) -> list[tuple[str, Path]]:
+    from bulkfm.evaluate.plots import (
+        confusion_figure,
+        per_cohort_figure,
+        save_png,
+        similarity_figure,
+    )
+
+    res = result.results
+    made: list[tuple[str, Path]] = []
+    clf = res.get("classification") or {}
+    for kind in ("bulkrnabert", "baseline"):
+        key = _best(clf, kind, "macro_f1")
+        if key is not None:
+            arm = clf[key]
+            fig = confusion_figure(
+                arm["confusion"], arm["labels"], f"{arm['label']} (all test splits)"
+            )
+            made.append(
+                (
+                    f"Confusion matrix: {arm['label']}",
+                    save_png(fig, plot_dir / f"confusion_{key}.png"),
+                )
+            )
+    surv = res.get("survival") or {}
+    for kind in ("bulkrnabert", "baseline"):
+        key = _best(surv, kind, "c_index")
+        if key is not None:
+            path = _km_plot(result, key, surv[key]["label"], plot_dir)
+            if path is not None:
+                made.append((f"Kaplan–Meier by predicted risk: {surv[key]['label']}", path))
+    per_cohort = {
+        a["label"]: {
+            c: (s["mean"], s["std"]) for c, s in a["per_cohort"].items() if not _nan(s["mean"])
+        }
+        for a in surv.values()
+    }
+    if any(per_cohort.values()):
+        fig = per_cohort_figure(per_cohort, "Per-cohort C-index of the pan-cancer models")
+        made.append(("Per-cohort C-index", save_png(fig, plot_dir / "per_cohort_cindex.png")))
+    sim = res.get("similarity")
+    if sim:
+        fig = similarity_figure(
+            sim["labels"], sim["cosine"], sim["linkage"], "Cosine similarity of mean embeddings"
+        )
+        made.append(
+            (
+                "Cohort similarity of mean BulkRNABert embeddings",
+                save_png(fig, plot_dir / "similarity.png"),
+            )
+        )
+    return made
+
+
+def _km_plot(result: EvaluationResult, key: str, label: str, plot_dir: Path) -> Path | None:
+    """KM curves of the median risk groups, pooling all test splits: risks of different
+    splits come from different models, so each is turned into its within-split percentile
+    first and the pooled percentiles are cut at their median."""
+    from bulkfm.errors import BulkfmError
+    from bulkfm.evaluate.plots import save_png
+    from bulkfm.tasks.survival import risk_groups_km
+
+    pred = result.survival[key].predictions
+    if pred.empty:
+        return None
+    pct = pred.groupby("split")["risk"].rank(pct=True).to_numpy()
+    try:
+        groups = risk_groups_km(
+            pred["time"].to_numpy(), pred["event"].to_numpy(), pct, plot=True, title=label
+        )
+    except BulkfmError as exc:
+        logger.warning("no Kaplan–Meier plot for %s: %s", label, exc)
+        return None
+    result.results.setdefault("km", {})[key] = {
+        "logrank": groups.logrank,
+        "groups": groups.table.reset_index().to_dict(orient="records"),
+    }
+    return save_png(groups.figure, plot_dir / f"km_{key}.png")
+
+
+# --------------------------------------------------------------------------- documents
+def _lists(res: dict[str, Any]) -> list[tuple[str, list[str]]]:
+    excl = res["data"].get("exclusions", {})
+    items = []
+    for key, value in excl.items():
+        if key == "survival":
+            items.append(f"survival: {value['n_excluded']} sample(s) left out ({value['reason']})")
+        elif key == "select":
+            items.append(
+                f"selection {value['rules']}: {value['n_before']} -> {value['n_after']} samples"
+            )
+        elif key == "dedupe":
+            items.append(
+                f"duplicates of {value['key']}: {value['n_dropped']} left out, the first kept "
+                f"(e.g. {', '.join(value['examples'][:2])})"
+            )
+        elif key == "small_classes":
+            items.append(
+                "classes too small for the splits: "
+                + "; ".join(f"{c} ({r})" for c, r in value.items())
+            )
+        elif key == "unlabelled":
+            items.append(f"{value} selected sample(s) without a label")
+        elif key == "no_embedding":
+            items.append(f"{value} selected sample(s) without a precomputed embedding")
+        else:
+            items.append(f"{key}: {value}")
+    stages: dict[str, float] = {}
+    for key, seconds in res.get("timings_s", {}).items():
+        stage = key.split("/")[0]
+        stages[stage] = stages.get(stage, 0.0) + seconds
+    timings = [", ".join(f"{k} {v:.1f} s" for k, v in stages.items())] if stages else []
+    return [
+        ("Notes", list(res.get("notes", []))),
+        ("Exclusions", items),
+        ("Warnings", list(res.get("warnings", []))),
+        ("Timings", timings),
+    ]
+
+
+def _header(res: dict[str, Any], title: str) -> list[str]:
+    model = res.get("model", {})
+    lines = [f"# {title}", ""]
+    desc = model.get("path") or model.get("source", "")
+    if "n_genes" in model:
+        desc += (
+            f" ({model['num_layers']} blocks, {model['embed_dim']}-d, {model['n_genes']} genes, "
+            f"{model['n_parameters']:,} parameters)"
+        )
+    lines.append(f"- model: {desc}")
+    pre = model.get("eval")
+    if pre:
+        lines.append(
+            f"- pre-training here: {model.get('steps')} steps; held-out masked-gene accuracy "
+            f"{pre.get('eval_acc', math.nan):.3f} vs {pre.get('trivial_acc', math.nan):.3f} for "
+            "the per-gene most frequent bin"
+        )
+    lines.append(
+        f"- samples: {res['data']['n_selected']} selected of {res['data']['n_loaded']} loaded"
+    )
+    lines.append("")
+    return lines
+
+
+def write_report(result: EvaluationResult, config: EvaluateConfig) -> dict[str, Path]:
+    """report.md (+ report.html with embedded PNGs, + plots/*.png) in the output folder."""
+    out = result.out_dir
+    res = result.results
+    plots = _plots(result, out / "plots") if config.report.plots else []
+    tables = report_tables(res)
+    sim = res.get("similarity")
+    md = _header(res, config.report.title)
+    md += [t.markdown() for t in tables]
+    if sim:
+        md.append(f"Dendrogram leaf order of the mean embeddings: {', '.join(sim['order'])}\n")
+    for caption, path in plots:
+        md.append(f"![{caption}](plots/{path.name})\n")
+    for title, items in _lists(res):
+        if items:
+            md += [f"### {title}", "", *[f"- {i}" for i in items], ""]
+    paths = {"report_md": write_text("\n".join(md) + "\n", out / "report.md")}
+    if config.report.html:
+        paths["report_html"] = write_text(
+            _html(res, config.report.title, tables, plots), out / "report.html"
+        )
+    for _caption, path in plots:
+        paths[f"plot_{path.stem}"] = path
+    return paths
+
+
+def _html(
+    res: dict[str, Any], title: str, tables: list[Table], plots: list[tuple[str, Path]]
+) -> str:
+    header = _header(res, title)
+    intro = "".join(f"<li>{html.escape(line[2:])}</li>" for line in header if line.startswith("- "))
+    body = [f"<h1>{html.escape(title)}</h1><ul>{intro}</ul>", *[t.html() for t in tables]]
+    for caption, path in plots:
+        data = base64.b64encode(path.read_bytes()).decode("ascii")
+        body.append(
+            f"<figure><img src='data:image/png;base64,{data}' alt='{html.escape(caption)}'>"
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+        )
+    for name, items in _lists(res):
+        if items:
+            body.append(
+                f"<h3>{html.escape(name)}</h3><ul>"
+                + "".join(f"<li>{html.escape(i)}</li>" for i in items)
+                + "</ul>"
+            )
+    style = (
+        "body{font-family:sans-serif;max-width:1100px;margin:2em auto;}"
+        "table{border-collapse:collapse;margin:0.5em 0 1.5em;}"
+        "td,th{border:1px solid #ccc;padding:3px 8px;text-align:left;}"
+        "img{max-width:100%;}"
+    )
+    return (
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n"
+    )

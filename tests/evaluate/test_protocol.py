@@ -1,0 +1,354 @@
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from scipy.cluster.hierarchy import dendrogram, linkage
+from sklearn.metrics.pairwise import cosine_similarity
+
+from bulkfm.errors import BulkfmWarning, ClinicalMatchError, ConfigError, SplitError
+from bulkfm.evaluate.config import EvaluateConfig
+from bulkfm.evaluate.protocol import cohort_similarity, run_evaluation
+from bulkfm.metrics import concordance_index
+from bulkfm.tasks.classification import run_classification
+from tests.evaluate import TINY_BASELINES, TINY_HEADS, tiny_data, tiny_model
+
+CLASSIFICATION_ARMS = {
+    "mlp",
+    "svm",
+    "ia3",
+    "full",
+    "random_init",
+    "random_frozen",
+    "baseline_pca_svm",
+    "baseline_nmf_svm",
+    "baseline_mlp",
+}
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def config(out: Path, **sections) -> EvaluateConfig:
+    raw = {
+        "output_dir": str(out),
+        "num_threads": 1,  # module-scoped runs start before the function-scoped thread fixture
+        "model": {"path": "given", "batch_size": 32},
+        "data": {"select": {"sample_type": "tumor"}},
+        "protocol": {"n_seeds": 2},
+        "heads": TINY_HEADS,
+        "baselines": TINY_BASELINES,
+    }
+    for key, value in sections.items():
+        raw[key] = {**raw.get(key, {}), **value} if isinstance(value, dict) else value
+    return EvaluateConfig.from_dict(raw)
+
+
+@pytest.fixture(scope="module")
+def data():
+    adata = tiny_data()
+    tum = np.flatnonzero(adata.obs["sample_type"].to_numpy() == "tumor")
+    times = adata.obs["survival_time"].to_numpy().copy()
+    times[tum[0]], times[tum[1]] = 0.0, np.nan  # two unusable survival records
+    adata.obs["survival_time"] = times
+    return adata
+
+
+@pytest.fixture(scope="module")
+def model(data):
+    return tiny_model(data)
+
+
+@pytest.fixture(scope="module")
+def run(data, model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("evaluation")
+    cfg = config(
+        out,
+        arms={"full": True, "random_init": True, "random_frozen": True},
+        tasks={"robustness": [0.3], "per_cohort_survival": ["all"], "transfer": ["COHB"]},
+    )
+    before = data.copy()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = run_evaluation(cfg, adata=data, model=model)
+    assert np.array_equal(before.X, data.X) and before.obs.equals(data.obs)  # input untouched
+    result.caught = [str(w.message) for w in caught]  # type: ignore[attr-defined]
+    return result
+
+
+# --------------------------------------------------------------------------- protocol
+def test_every_arm_and_baseline_sees_the_same_splits(run, data):
+    res = run.results
+    assert set(res["classification"]) == CLASSIFICATION_ARMS
+    tumours = data.obs[data.obs["sample_type"] == "tumor"]
+    expected = {str(i) for i in tumours.index}
+    reference = None
+    for key, arm in run.classification.items():
+        test_sets = arm.predictions.groupby("split")["sample_id"].apply(frozenset).to_dict()
+        assert len(test_sets) == 2, key
+        reference = reference or test_sets
+        assert test_sets == reference, key
+        assert [r["n_test"] for r in res["classification"][key]["per_split"]] == [
+            len(s) for s in reference.values()
+        ]
+    patient = tumours["patient"].astype(str)
+    for test in reference.values():
+        train = expected - test
+        assert not set(patient[list(test)]) & set(patient[list(train)])  # patient-grouped
+        assert 0.15 < len(test) / len(expected) < 0.25
+
+
+def test_summaries_are_mean_and_sample_std_of_the_splits(run):
+    for task, metrics in (
+        ("classification", ("macro_f1", "weighted_f1")),
+        ("survival", ("c_index", "c_index_weighted", "c_index_macro")),
+    ):
+        for key, arm in run.results[task].items():
+            for metric in metrics:
+                values = np.array([r[metric] for r in arm["per_split"]], dtype=float)
+                assert arm["summary"][metric]["mean"] == pytest.approx(np.nanmean(values)), key
+                if np.isfinite(values).sum() > 1:
+                    assert arm["summary"][metric]["std"] == pytest.approx(np.nanstd(values, ddof=1))
+
+
+def test_frozen_mlp_arm_equals_run_classification_on_the_same_splits(run, data, model):
+    from bulkfm.data.splits import repeated_holdout
+    from bulkfm.embed import embed_adata
+
+    tumours = data[data.obs["sample_type"] == "tumor"]
+    emb = embed_adata(*model, tumours, batch_size=32)
+    y = tumours.obs["cohort"].astype(str).to_numpy()
+    g = tumours.obs["patient"].astype(str).to_numpy()
+    splits = repeated_holdout(y, g, seeds=[0, 1])
+    ref = run_classification(emb, y, groups=g, method="mlp", splits=splits, mlp=TINY_HEADS["mlp"])
+    got = run.results["classification"]["mlp"]["summary"]["macro_f1"]["values"]
+    assert got == pytest.approx(ref.summary["macro_f1"]["values"])
+
+
+def test_baselines_beat_chance_on_separable_cohorts(run):
+    chance = 1 / 4
+    for key in ("baseline_pca_svm", "baseline_mlp"):
+        assert run.results["classification"][key]["summary"]["macro_f1"]["mean"] > chance + 0.2
+
+
+def test_fine_tuned_arms_record_their_trainable_parameters(run):
+    rows = {k: run.results["classification"][k]["per_split"][0] for k in ("ia3", "full")}
+    assert 0 < rows["ia3"]["trainable_params"] < rows["full"]["trainable_params"]
+
+
+def test_unusable_survival_records_are_excluded_and_reported(run, data):
+    excl = run.results["data"]["exclusions"]["survival"]
+    tum = data.obs_names[data.obs["sample_type"] == "tumor"]
+    assert excl["n_excluded"] == 2 and excl["ids"] == [str(tum[0]), str(tum[1])]
+    assert any("1 missing/infinite time, 1 time <= 0" in m for m in run.caught)
+    surv = run.results["survival"]
+    assert set(surv) >= {"mlp", "ia3", "baseline_pca_cox", "baseline_mlp"}
+    for arm in run.survival.values():
+        assert not set(excl["ids"]) & set(arm.predictions["sample_id"])
+
+
+def test_transfer_compares_three_models_on_the_same_cohort_test_samples(run, data):
+    transfer = run.results["transfer"]["COHB"]["mlp"]
+    pred = run.survival["mlp"].predictions
+    cohort = data.obs["cohort"].astype(str)
+    in_b = pred[cohort.reindex(pred["sample_id"]).to_numpy() == "COHB"]
+    expected = [
+        concordance_index(p["time"], p["event"], p["risk"]) for _, p in in_b.groupby("split")
+    ]
+    assert transfer["pan_cancer"]["values"] == pytest.approx(expected)
+    for variant in ("without_cohort", "cohort_only"):
+        assert transfer[variant]["n"] + transfer[variant]["n_nan"] == 2
+
+
+def test_per_cohort_survival_models_are_trained_within_each_cohort(run):
+    per = run.results["per_cohort_survival"]
+    assert set(per["cohorts"]) | set(per["skipped"]) == {"COHA", "COHB", "COHC", "COHD"}
+    for entry in per["cohorts"].values():
+        for arm in entry["arms"].values():
+            for row in arm["per_split"]:
+                assert row["n_train"] + row["n_test"] <= entry["n"]
+
+
+def test_robustness_ratios_divide_by_the_clean_score(run):
+    rob = run.results["robustness"]
+    rows = pd.DataFrame(rob["per_split"])
+    assert set(rows["variant"]) == {"imputed", "masked", "zero"}
+    valid = rows["clean_macro_f1"] > 0
+    np.testing.assert_allclose(
+        rows.loc[valid, "ratio"], rows.loc[valid, "macro_f1"] / rows.loc[valid, "clean_macro_f1"]
+    )
+    clean = rob["fractions"]["0.3"]["clean_macro_f1"]["values"]
+    assert clean == pytest.approx(
+        run.results["classification"]["mlp"]["summary"]["macro_f1"]["values"]
+    )
+
+
+def test_similarity_matches_centred_cosine_and_scipy_dendrogram():
+    rng = np.random.default_rng(0)
+    labels = np.repeat(["a", "b", "c", "d"], 10)
+    emb = rng.normal(size=(40, 6)) + 50.0  # large shared component
+    emb[labels == "b"] += 2.0
+    res = cohort_similarity(emb, labels)
+    centred = emb - emb.mean(axis=0)
+    means = np.vstack([centred[labels == c].mean(axis=0) for c in "abcd"])
+    np.testing.assert_allclose(res["cosine"], cosine_similarity(means), atol=1e-12)
+    ref = dendrogram(linkage(means, "average", metric="cosine"), no_plot=True, labels=list("abcd"))
+    assert res["order"] == ref["ivl"]
+    raw = cohort_similarity(emb, labels, center=False)
+    assert np.min(raw["cosine"]) > 0.99  # why centring is the default
+
+
+def test_outputs_are_written(run):
+    out = run.out_dir
+    results = json.loads((out / "results.json").read_text(), parse_constant=_no_nan)
+    assert results["splits"]["classification"][0]["n_test"] > 0
+    assert results["km"] and all(0 <= v["logrank"]["p_value"] <= 1 for v in results["km"].values())
+    md = (out / "report.md").read_text()
+    for arm in results["classification"].values():
+        assert arm["label"] in md
+    assert "| Model | macro-F1 | weighted-F1 | accuracy |" in md
+    assert "| Model | C-index | weighted | macro |" in md
+    assert "Transfer" in md and "robustness" in md
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") >= 4
+    for png in (out / "plots").glob("*.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    pred = pd.read_csv(out / "predictions.csv.gz")
+    assert set(pred["arm"]) >= CLASSIFICATION_ARMS - {"svm"}
+
+
+def _no_nan(token: str) -> None:
+    raise AssertionError(f"results.json holds {token}; NaN must be written as null")
+
+
+# --------------------------------------------------------------------------- bad input
+def test_class_with_too_few_patients_is_named_or_dropped(data, model, tmp_path):
+    small = data.copy()
+    tum = np.flatnonzero(small.obs["sample_type"].to_numpy() == "tumor")
+    cohort = small.obs["cohort"].astype(str).to_numpy()
+    cohort[tum[:3]] = "RARE"
+    small.obs["cohort"] = cohort
+    cfg = config(
+        tmp_path,
+        arms={"svm": False, "ia3": False},
+        baselines={"nmf_svm": False, "mlp": False, "pca_cox": False},
+        tasks={"survival": False, "similarity": False},
+    )
+    with pytest.raises(SplitError, match=r"'RARE' \(3 samples, 3 patients\).*drop_small_classes"):
+        run_evaluation(cfg, adata=small, model=model)
+    cfg.data.drop_small_classes = True
+    with pytest.warns(BulkfmWarning, match="left out 1 class.*RARE: 3 patient"):
+        res = run_evaluation(cfg, adata=small, model=model)
+    assert "RARE" in res.results["data"]["exclusions"]["small_classes"]
+    assert "RARE" not in res.results["data"]["classes"]
+
+
+def test_cohort_without_events_is_skipped_with_a_warning(data, model, tmp_path):
+    no_events = data.copy()
+    event = no_events.obs["survival_event"].to_numpy().copy()
+    event[no_events.obs["cohort"].astype(str).to_numpy() == "COHA"] = 0
+    no_events.obs["survival_event"] = event
+    cfg = config(
+        tmp_path,
+        arms={"svm": False, "ia3": False},
+        baselines={"pca_svm": False, "nmf_svm": False, "mlp": False},
+        tasks={"classification": False, "similarity": False, "per_cohort_survival": ["COHA"]},
+    )
+    with pytest.warns(BulkfmWarning) as record:
+        res = run_evaluation(cfg, adata=no_events, model=model)
+    messages = " | ".join(str(w.message) for w in record)
+    assert "skipped COHA (0 event(s)" in messages
+    assert "COHA: 0 event(s) < min_events=1" in messages  # pan-cancer per-cohort C-index
+    assert res.results["per_cohort_survival"]["skipped"]["COHA"].startswith("0 event(s)")
+    assert "COHA" not in res.results["survival"]["mlp"]["per_cohort"]
+
+
+def test_embeddings_sharing_no_sample_with_the_labels(data, tmp_path):
+    from bulkfm.embed import write_embeddings
+
+    path = tmp_path / "emb.parquet"
+    write_embeddings(np.ones((5, 4), dtype=np.float32), [f"other{i}" for i in range(5)], path)
+    cfg = EvaluateConfig.from_dict(
+        {
+            "output_dir": str(tmp_path / "out"),
+            "model": {"embeddings": str(path)},
+            "arms": {"ia3": False},
+            "baselines": {"genes": "all"},
+        }
+    )
+    with pytest.raises(ClinicalMatchError, match="no sample id is shared"):
+        run_evaluation(cfg, adata=data)
+
+
+def test_partial_embedding_overlap_is_an_explicit_exclusion(data, model, tmp_path):
+    from bulkfm.embed import embed_adata, write_embeddings
+
+    tum = data[data.obs["sample_type"] == "tumor"]
+    emb = embed_adata(*model, tum, batch_size=64)
+    path = tmp_path / "emb.parquet"
+    write_embeddings(emb[10:], list(tum.obs_names[10:]), path)
+    cfg = EvaluateConfig.from_dict(
+        {
+            "output_dir": str(tmp_path / "out"),
+            "model": {"embeddings": str(path)},
+            "protocol": {"n_seeds": 1},
+            "heads": TINY_HEADS,
+            "arms": {"ia3": False, "svm": False},
+            "baselines": {"genes": "all", "pca_svm": False, "nmf_svm": False, "mlp": False},
+            "data": {"select": {"sample_type": "tumor"}},
+            "tasks": {"survival": False},
+        }
+    )
+    with pytest.warns(BulkfmWarning, match=r"10 of \d+ selected samples have no embedding"):
+        res = run_evaluation(cfg, adata=data)
+    assert res.results["data"]["exclusions"]["no_embedding"] == 10
+    assert res.results["data"]["n_selected"] == tum.n_obs - 10
+
+
+def test_event_codes_other_than_0_1_are_an_error(data, model, tmp_path):
+    bad = data.copy()
+    event = bad.obs["survival_event"].to_numpy().astype(int).copy()
+    event[np.flatnonzero(bad.obs["sample_type"].to_numpy() == "tumor")[5]] = 2
+    bad.obs["survival_event"] = event
+    cfg = config(tmp_path, tasks={"classification": False, "similarity": False})
+    with pytest.raises(ClinicalMatchError, match="not 0/1"):
+        run_evaluation(cfg, adata=bad, model=model)
+
+
+def test_missing_columns_and_empty_selection_are_config_errors(data, model, tmp_path):
+    cfg = config(tmp_path, data={"label_key": "tumour_type"})
+    with pytest.raises(ConfigError, match=r"no column 'tumour_type'.*data\.label_key"):
+        run_evaluation(cfg, adata=data, model=model)
+    cfg = config(tmp_path, data={"select": {"sample_type": "metastasis"}})
+    with pytest.raises(ConfigError, match=r"no sample matches data\.select"):
+        run_evaluation(cfg, adata=data, model=model)
+
+
+def test_duplicates_are_kept_once(data, model, tmp_path):
+    import anndata as ad
+
+    tum = data[data.obs["sample_type"] == "tumor"].copy()
+    twin = tum[:4].copy()
+    twin.obs_names = [f"{n}|copy" for n in twin.obs_names]
+    both = ad.concat([tum, twin])
+    both.obs["sample_id"] = [n.split("|")[0] for n in both.obs_names]
+    cfg = config(
+        tmp_path,
+        arms={"svm": False, "ia3": False, "mlp": False},
+        baselines={"nmf_svm": False, "mlp": False, "pca_cox": False},
+        protocol={"n_seeds": 1},
+        tasks={"survival": False, "similarity": False},
+    )
+    res = run_evaluation(cfg, adata=both, model=model)
+    assert res.results["data"]["exclusions"]["dedupe"]["n_dropped"] == 4
+    assert res.results["data"]["n_selected"] == tum.n_obs
