@@ -25,6 +25,13 @@ def test_main_job_end_to_end(tmp_path: Path, capsys) -> None:
     assert (out / "pretrain" / "final" / "model.safetensors").exists()
     report = (out / "report.md").read_text()
     assert "reconstruction accuracy" in report and "nan" not in report
+    # stage 4: BulkRNABert arms next to the baselines, with the evaluation report written
+    evaluation = results["evaluation"]
+    labels = {a["label"] for a in evaluation["classification"].values()}
+    assert "PCA(256) + SVM" in labels or any(label.startswith("PCA") for label in labels)
+    assert any(label.startswith("BulkRNABert") for label in labels)
+    assert "Downstream evaluation" in report and "macro_f1" in report
+    assert Path(evaluation["paths"]["report_md"]).exists()
 
 
 def test_main_job_rejects_bad_override(tmp_path: Path, capsys) -> None:

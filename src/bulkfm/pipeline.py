@@ -86,7 +86,9 @@ def run_demo(
     print()
 
     metrics: dict[str, Any] = {"timings_s": timings}
+    t0 = time.perf_counter()
     model_dir = _pretrain_stage(adata, out, seed=seed, max_steps=max_steps, overrides=overrides)
+    timings["pretrain"] = time.perf_counter() - t0
     if model_dir is not None:
         metrics.update(model_dir[1])
         model_dir = model_dir[0]
@@ -201,6 +203,18 @@ def _report(adata: Any, metrics: dict[str, Any], data_path: Path, model_dir: Pat
             f"in {pre['elapsed_s']:.0f} s.",
             "",
         ]
+    evaluation = metrics.get("evaluation")
+    if evaluation:
+        lines += ["## Downstream evaluation (test splits, mean ± std)", ""]
+        for task, metric in (("classification", "macro_f1"), ("survival", "c_index")):
+            arms = evaluation.get(task) or {}
+            if arms:
+                lines += [f"| {task} | {metric} |", "|---|---|"]
+                lines += [f"| {a['label']} | {_pm(a.get(metric) or {})} |" for a in arms.values()]
+                lines.append("")
+        for name, path in evaluation.get("paths", {}).items():
+            lines.append(f"- {name}: `{path}`")
+        lines.append("")
     lines.append(
         "Timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in metrics["timings_s"].items())
     )
