@@ -1,0 +1,529 @@
+"""Training-step speed and peak memory of BulkRNABert: MLM pre-training, IA3
+fine-tuning, and whether the data loader keeps the device busy.
+
+Each configuration runs in a fresh process (its own peak RSS):
+
+- ``mlm``: one optimiser step of masked-LM pre-training (15% of genes selected, BERT
+  80/10/10 corruption, cross-entropy over the bins at the targets, AdamW over all
+  6M parameters) at each gene count, with and without gradient checkpointing;
+- ``ia3``: one step of IA3 fine-tuning as ``bulkfm.train.finetune`` runs it (encoder
+  -> mean over genes -> classification head; only the IA3 vectors and the head
+  train) at full length (19,062 genes), batch 1;
+- ``loader``: a short MLM training loop fed by the pre-training data pipeline
+  (``MaskedTokenDataset`` masking on the fly, ``StepBatchSampler``, ``DataLoader``),
+  timing the wait for each batch against the compute of each step.
+
+Reported per step: seconds, tokens (batch x genes) per second, model FLOPs (MLM: 3x the
+forward; IA3: frozen weights get no weight gradients, so 3x the attention and 2x the
+dense part), achieved FLOP/s and their ratio to the dense matmul FLOP/s measured in the
+same process, and peak RSS. Gradient checkpointing recomputes the forward in the
+backward; its FLOP/s still count model FLOPs only (the usual MFU convention), so its
+ratio shows what the recomputation costs.
+
+CPU:
+    python benchmarks/train_speed.py                       # 1,024 .. 19,062 genes
+    python benchmarks/train_speed.py --genes 4096 --checkpointing on
+GPU (bf16 autocast, flash attention via SDPA, MFU against the bf16 peak):
+    python benchmarks/train_speed.py --device cuda --batch-size 8 [--compile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common as common
+
+SCRIPT = Path(__file__).resolve()
+DEFAULT_GENES = (1024, 4096, 8192, 19062)
+SMOKE_GENES = (48, 96)
+WARM_GENES = 256
+
+
+# --------------------------------------------------------------------------- child side
+def model_config(n_genes: int, checkpointing: bool, smoke: bool) -> Any:
+    from bulkfm.models.bulkrnabert import BulkRNABertConfig
+
+    kw: dict[str, Any] = {"n_genes": n_genes, "gradient_checkpointing": checkpointing}
+    if smoke:
+        kw.update(embed_dim=32, num_attention_heads=4, ffn_embed_dim=64, num_layers=2)
+        kw.update(init_gene_embed_dim=24)
+    return BulkRNABertConfig(**kw)
+
+
+def masked_batch(tokens: Any, step: int, n_bins: int) -> tuple[Any, Any]:
+    from bulkfm.train.masking import mask_tokens, sample_generator
+
+    masked = mask_tokens(
+        tokens,
+        mask_token_id=n_bins,
+        n_bins=n_bins,
+        generator=sample_generator(0, 0, step, 0),
+    )
+    return masked.input_ids, masked.labels
+
+
+class MLMStep:
+    """fwd + masked-LM loss + bwd + AdamW step, as ``bulkfm.train.pretrain`` does it."""
+
+    def __init__(self, model: Any, device: str, compile_model: bool) -> None:
+        import torch
+
+        self.model = model
+        self.device = device
+        self.forward = torch.compile(model) if compile_model else model
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
+
+    def __call__(self, input_ids: Any, labels: Any, gene_index: Any = None) -> float:
+        import torch
+
+        from bulkfm.train.masking import masked_lm_loss
+
+        with torch.autocast(
+            device_type="cuda", dtype=torch.bfloat16, enabled=self.device == "cuda"
+        ):
+            logits = self.forward(input_ids, gene_index=gene_index).logits
+        loss = masked_lm_loss(logits, labels)
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+
+def _random_tokens(batch: int, n_genes: int, seed: int, device: str = "cpu") -> Any:
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 64, (batch, n_genes), generator=gen).to(device)
+
+
+def child_mlm(payload: dict[str, Any]) -> dict[str, Any]:
+    torch = common.setup_torch(payload["threads"], payload["device"])
+    from bulkfm.models.bulkrnabert import BulkRNABert
+
+    device, n_genes, batch = payload["device"], payload["genes"], payload["batch_size"]
+    torch.manual_seed(payload["seed"])
+    config = model_config(n_genes, payload["checkpointing"], payload["smoke"])
+    model = BulkRNABert(config).to(device).train()
+    step = MLMStep(model, device, payload.get("compile", False))
+    bins = config.n_expressions_bins
+    base_rss = common.current_rss_mb()
+    # Warm-up on a short gene prefix (threads, kernels, AdamW state) unless compiling,
+    # where the real shape must be traced once.
+    warm = n_genes if payload.get("compile") else min(n_genes, WARM_GENES)
+    ids, labels = masked_batch(_random_tokens(batch, warm, 1), 0, bins)
+    subset = None if warm == n_genes else torch.arange(warm, device=device)
+    kernels = common.attention_kernels(lambda: step(ids.to(device), labels.to(device), subset))
+    common.synchronize(device)
+    common.reset_device_peak(device)
+    batches = [
+        tuple(t.to(device) for t in masked_batch(_random_tokens(batch, n_genes, 2 + i), i, bins))
+        for i in range(payload["max_reps"])
+    ]
+    losses: list[float] = []
+
+    def timed() -> common.Timing:
+        return common.timed_reps(
+            lambda: losses.append(step(*batches[len(losses)])),
+            budget_s=payload["budget_s"],
+            min_reps=payload["min_reps"],
+            max_reps=payload["max_reps"],
+            device=device,
+        )
+
+    timing, gemm, gemm_n = common.measure_around(timed, device, payload["smoke"])
+    fwd = common.model_flops(config, n_genes, batch, lm_head=True)
+    step_flops = 3 * fwd.total
+    return {
+        **common.device_info(device),
+        "times_s": timing.wall,
+        "cpu_s": timing.cpu,
+        "losses": losses,
+        "base_rss_mb": base_rss,
+        "device_peak_mb": common.device_peak_memory_mb(device),
+        "step_flops": step_flops,
+        "flops": fwd.as_dict(),
+        "attention_kernels": kernels,
+        **common.rates(step_flops, timing, gemm, gemm_n, torch.get_num_threads(), device),
+    }
+
+
+def child_ia3(payload: dict[str, Any]) -> dict[str, Any]:
+    torch = common.setup_torch(payload["threads"], payload["device"])
+    import torch.nn.functional as F
+
+    from bulkfm.models.bulkrnabert import BulkRNABert
+    from bulkfm.models.heads import classification_head
+    from bulkfm.models.ia3 import apply_ia3, get_adapter_params, set_trainable_params
+    from bulkfm.train.finetune import FinetuneNetwork
+
+    device, n_genes, batch = payload["device"], payload["genes"], payload["batch_size"]
+    torch.manual_seed(payload["seed"])
+    config = model_config(n_genes, payload["checkpointing"], payload["smoke"])
+    network = FinetuneNetwork(BulkRNABert(config), classification_head(config.embed_dim, 4))
+    apply_ia3(network)
+    head = {n: p for n, p in network.named_parameters() if n.startswith("head.")}
+    set_trainable_params(network, {**get_adapter_params(network), **head})
+    network.to(device).train()
+    trainable = [p for p in network.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-3)
+    labels = torch.arange(batch, device=device) % 4
+    gpu = device == "cuda"
+
+    def one_step(tokens: Any, gene_index: Any = None) -> float:
+        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=gpu):
+            if gene_index is None:
+                logits = network(tokens)
+            else:  # warm-up on a gene subset: FinetuneNetwork needs the full length
+                out = network.encoder(tokens, gene_index=gene_index, output_hidden_states=True)
+                logits = network.head(out.hidden_states[network.depth].mean(dim=1))
+        loss = F.cross_entropy(logits.float(), labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    base_rss = common.current_rss_mb()
+    warm = min(n_genes, WARM_GENES)
+    one_step(_random_tokens(batch, warm, 1, device), torch.arange(warm, device=device))
+    common.synchronize(device)
+    common.reset_device_peak(device)
+    tokens = _random_tokens(batch, n_genes, 2, device)
+
+    def timed() -> common.Timing:
+        return common.timed_reps(
+            lambda: one_step(tokens),
+            budget_s=payload["budget_s"],
+            min_reps=payload["min_reps"],
+            max_reps=payload["max_reps"],
+            device=device,
+        )
+
+    timing, gemm, gemm_n = common.measure_around(timed, device, payload["smoke"])
+    fwd = common.model_flops(config, n_genes, batch, lm_head=True)
+    # No weight gradients in the frozen encoder: backward = input gradients only
+    # (1x dense, 2x attention: dQ, dK, dV and dP are four products against two).
+    step_flops = 3 * fwd.attention + 2 * fwd.dense
+    return {
+        **common.device_info(device),
+        "times_s": timing.wall,
+        "cpu_s": timing.cpu,
+        "base_rss_mb": base_rss,
+        "device_peak_mb": common.device_peak_memory_mb(device),
+        "step_flops": step_flops,
+        "flops": fwd.as_dict(),
+        "trainable_params": sum(p.numel() for p in trainable),
+        **common.rates(step_flops, timing, gemm, gemm_n, torch.get_num_threads(), device),
+    }
+
+
+def child_loader(payload: dict[str, Any]) -> dict[str, Any]:
+    torch = common.setup_torch(payload["threads"], payload["device"])
+    import numpy as np
+    from torch.utils.data import DataLoader
+
+    from bulkfm.models.bulkrnabert import BulkRNABert
+    from bulkfm.tokenize import BinTokenizer, TokenizerConfig
+    from bulkfm.train.data import MaskedTokenDataset, StepBatchSampler, collate
+
+    device, n_genes, batch = payload["device"], payload["genes"], payload["batch_size"]
+    steps = payload["steps"]
+    n_samples = max(64, (steps + 1) * batch)
+    rng = np.random.default_rng(0)
+    tpm = rng.lognormal(1.0, 2.0, (n_samples, n_genes)).astype(np.float32)
+    tpm[rng.random(tpm.shape) < 0.3] = 0.0
+    genes = [f"G{i}" for i in range(n_genes)]
+    tokenizer = BinTokenizer(TokenizerConfig(genes=genes, normalization_factor=5.547))
+    tokens = tokenizer.encode(tpm).astype(np.int16)  # as prepare_pretrain_data stores them
+    del tpm
+    dataset = MaskedTokenDataset(tokens, np.arange(n_samples), n_bins=64, mask_token_id=64, seed=0)
+    sampler = StepBatchSampler(n_samples, seed=0, micro_batch_size=batch)
+    workers = payload["workers"]
+    loader = DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=collate,
+        num_workers=workers,
+        pin_memory=device == "cuda",
+        persistent_workers=workers > 0,
+    )
+    torch.manual_seed(payload["seed"])
+    config = model_config(n_genes, False, payload["smoke"])
+    model = BulkRNABert(config).to(device).train()
+    step = MLMStep(model, device, payload.get("compile", False))
+    batches = iter(loader)
+    data_s: list[float] = []
+    compute_s: list[float] = []
+    for i in range(steps + 1):  # step 0 warms up (workers start, kernels load)
+        start = time.perf_counter()
+        item = next(batches)
+        ids = item["input_ids"].to(device, non_blocking=True)
+        labels = item["labels"].to(device, non_blocking=True)
+        fetched = time.perf_counter()
+        step(ids, labels)
+        common.synchronize(device)
+        done = time.perf_counter()
+        if i:
+            data_s.append(fetched - start)
+            compute_s.append(done - fetched)
+    return {
+        **common.device_info(device),
+        "data_s": data_s,
+        "compute_s": compute_s,
+        "data_fraction": sum(data_s) / (sum(data_s) + sum(compute_s)),
+    }
+
+
+def child(payload: dict[str, Any]) -> dict[str, Any]:
+    kinds = {"mlm": child_mlm, "ia3": child_ia3, "loader": child_loader}
+    return kinds[payload["kind"]](payload)
+
+
+# --------------------------------------------------------------------------- parent side
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--genes", type=int, nargs="+", default=None, help="MLM gene counts")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--threads", type=int, default=common.DEFAULT_THREADS)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument(
+        "--checkpointing", choices=("off", "on", "both"), default="both", help="MLM runs"
+    )
+    p.add_argument("--ia3-genes", type=int, default=None, help="0 skips IA3 (default 19062)")
+    p.add_argument("--ia3-checkpointing", choices=("off", "on", "both"), default="off")
+    p.add_argument("--loader-genes", type=int, default=None, help="0 skips (default 4096)")
+    p.add_argument("--loader-steps", type=int, default=4)
+    p.add_argument("--loader-batch-size", type=int, default=2)
+    p.add_argument("--workers", type=int, default=None, help="loader workers (cpu 0, gpu 4)")
+    p.add_argument("--budget-s", type=float, default=30.0, help="timing budget per config")
+    p.add_argument("--min-reps", type=int, default=1)
+    p.add_argument("--max-reps", type=int, default=3)
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--peak-tflops", type=float, default=None, help="GPU bf16 peak for MFU")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timeout-s", type=float, default=3600.0, help="per child process")
+    p.add_argument("--json", type=Path, default=None, help="also write all results here")
+    p.add_argument(
+        "--malloc-mmap-threshold",
+        type=int,
+        default=None,
+        help="glibc MALLOC_MMAP_THRESHOLD_ for the children (bytes; see _common.malloc_env)",
+    )
+    p.add_argument("--smoke", action="store_true", help="tiny model and sizes (for tests)")
+    p.add_argument(
+        "--inline",
+        action="store_true",
+        help="run configurations in this process (tests; peak memory then not isolated)",
+    )
+    args = p.parse_args(argv)
+    if args.genes is None:
+        args.genes = list(SMOKE_GENES if args.smoke else DEFAULT_GENES)
+    if args.ia3_genes is None:
+        args.ia3_genes = SMOKE_GENES[-1] if args.smoke else 19062
+    if args.loader_genes is None:
+        args.loader_genes = SMOKE_GENES[-1] if args.smoke else 4096
+    if args.smoke:
+        args.budget_s, args.max_reps, args.loader_steps = 0.0, 1, 2
+    return args
+
+
+def _flags(choice: str) -> list[bool]:
+    return {"off": [False], "on": [True], "both": [False, True]}[choice]
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    device = common.device_of(args.device, inline=args.inline)
+    workers = args.workers if args.workers is not None else (4 if device == "cuda" else 0)
+    print(common.machine_line(args.threads))
+    if args.malloc_mmap_threshold:
+        print(f"children run with MALLOC_MMAP_THRESHOLD_={args.malloc_mmap_threshold}")
+    print(
+        f"train_speed: device {device}, batch {args.batch_size}, genes {args.genes}, torch "
+        f"threads {args.threads}" + (" (bf16 autocast)" if device == "cuda" else "")
+    )
+    base = {
+        "batch_size": args.batch_size,
+        "threads": args.threads,
+        "device": device,
+        "seed": args.seed,
+        "smoke": args.smoke,
+        "budget_s": args.budget_s,
+        "min_reps": args.min_reps,
+        "max_reps": args.max_reps,
+        "compile": args.compile,
+    }
+    plan = [
+        {"kind": "mlm", "genes": g, "checkpointing": c}
+        for g in args.genes
+        for c in _flags(args.checkpointing)
+    ]
+    if args.ia3_genes:
+        plan += [
+            {"kind": "ia3", "genes": args.ia3_genes, "checkpointing": c}
+            for c in _flags(args.ia3_checkpointing)
+        ]
+    rows = []
+    for item in plan:
+        res = common.run_config(
+            child,
+            SCRIPT,
+            {**base, **item},
+            inline=args.inline,
+            timeout=args.timeout_s,
+            env=common.malloc_env(args.malloc_mmap_threshold),
+        )
+        rows.append(summarise(res, args))
+        print(f"  done: {_label(item)}: {_short(rows[-1])}", flush=True)
+    loader = None
+    if args.loader_genes:
+        loader = common.run_config(
+            child,
+            SCRIPT,
+            {
+                **base,
+                "kind": "loader",
+                "genes": args.loader_genes,
+                "batch_size": args.loader_batch_size,
+                "steps": args.loader_steps,
+                "workers": workers,
+                "checkpointing": False,
+            },
+            inline=args.inline,
+            timeout=args.timeout_s,
+            env=common.malloc_env(args.malloc_mmap_threshold),
+        )
+    report = {"device": device, "args": vars(args) | {"json": str(args.json)}, "rows": rows}
+    report["loader"] = loader
+    report["scaling"] = scaling(rows)
+    print_report(report, device)
+    common.write_json(args.json, report)
+    return report
+
+
+def _label(item: dict[str, Any]) -> str:
+    return f"{item['kind']} @ {item['genes']} genes, checkpointing {item['checkpointing']}"
+
+
+def summarise(res: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    if "error" in res:
+        return res
+    t = common.median(res["times_s"])
+    achieved = res["flops_per_s"]
+    row = {
+        **res,
+        "ckpt": "on" if res["checkpointing"] else "off",
+        "reps": len(res["times_s"]),
+        "s_per_step": t,
+        "tokens_per_s": res["batch_size"] * res["genes"] / t,
+        "gflop_per_step": res["step_flops"] / 1e9,
+        "gflops_achieved": achieved / 1e9,
+        "gemm_gflops": res["gemm_flops_per_s"] / 1e9,
+        "peak_mb": res["peak_rss_mb"],
+    }
+    if res["device"] == "cuda":
+        peak = common.gpu_peak_tflops(res.get("device_name", ""), args.peak_tflops)
+        row["mfu"] = achieved / (peak * 1e12) if peak else None
+    return row
+
+
+def _short(row: dict[str, Any]) -> str:
+    if "error" in row:
+        return row["error"]
+    return (
+        f"{row['s_per_step']:.4g} s/step, {row['tokens_per_s']:.4g} tokens/s, "
+        f"{row['ratio_to_gemm']:.2f} of matmul, peak {row['peak_mb']:.0f} MB"
+    )
+
+
+def scaling(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Exponent of step time vs genes (smallest >= 4,096 to largest), per checkpointing."""
+    out = []
+    for ckpt in ("off", "on"):
+        runs = sorted(
+            (r for r in rows if r.get("kind") == "mlm" and r.get("ckpt") == ckpt),
+            key=lambda r: r["genes"],
+        )
+        if len(runs) < 2:
+            continue
+        big = [r for r in runs if r["genes"] >= 4096]
+        lo, hi = (big[0] if len(big) >= 2 else runs[0]), runs[-1]
+        out.append(
+            {
+                "ckpt": ckpt,
+                "from_genes": lo["genes"],
+                "to_genes": hi["genes"],
+                "measured": common.scaling_exponent(
+                    lo["genes"], lo["s_per_step"], hi["genes"], hi["s_per_step"]
+                ),
+                "measured_cpu": common.scaling_exponent(
+                    lo["genes"],
+                    common.median(lo["cpu_s"]),
+                    hi["genes"],
+                    common.median(hi["cpu_s"]),
+                ),
+                "flops": common.scaling_exponent(
+                    lo["genes"], lo["step_flops"], hi["genes"], hi["step_flops"]
+                ),
+            }
+        )
+    return out
+
+
+def print_report(report: dict[str, Any], device: str) -> None:
+    columns = [
+        ("kind", "kind"),
+        ("genes", "genes"),
+        ("ckpt", "checkpointing"),
+        ("reps", "steps"),
+        ("s_per_step", "s/step"),
+        ("tokens_per_s", "tokens/s"),
+        ("gflop_per_step", "GFLOP/step"),
+        ("gflops_achieved", "GFLOP/s"),
+        ("gemm_gflops", "matmul GFLOP/s"),
+        ("ratio_to_gemm", "ratio"),
+        ("cpu_ratio_to_gemm", "ratio (CPU time)"),
+        ("base_rss_mb", "RSS after load MB"),
+        ("peak_mb", "peak RSS MB"),
+        ("ru_maxrss_mb", "ru_maxrss MB"),
+    ]
+    if device == "cuda":
+        columns += [("device_peak_mb", "GPU peak MB"), ("mfu", "MFU (bf16 peak)")]
+    rows = report["rows"]
+    print()
+    print(common.format_table([r for r in rows if "error" not in r], columns))
+    for r in rows:
+        if "error" in r:
+            print(f"FAILED {r.get('kind')} @ {r.get('genes')} genes: {r['error']}")
+    kernels = {k for r in rows for k in r.get("attention_kernels", [])}
+    print(f"attention operators (MLM step): {', '.join(sorted(kernels)) or '-'}")
+    for sc in report["scaling"]:
+        print(
+            f"scaling (checkpointing {sc['ckpt']}) {sc['from_genes']} -> {sc['to_genes']} "
+            f"genes: step time grows as genes^{sc['measured']:.3f} (CPU time: "
+            f"genes^{sc['measured_cpu']:.3f}); FLOPs predict genes^{sc['flops']:.3f}"
+        )
+    loader = report["loader"]
+    if loader is None:
+        return
+    if "error" in loader:
+        print(f"FAILED loader: {loader['error']}")
+        return
+    data, compute = sum(loader["data_s"]), sum(loader["compute_s"])
+    print(
+        f"\ndata loader ({loader['genes']} genes, batch {loader['batch_size']}, "
+        f"{loader['workers']} workers, {len(loader['data_s'])} steps): waiting for data "
+        f"{data:.3f} s vs compute {compute:.3f} s -> {100 * loader['data_fraction']:.2f}% of "
+        "the loop in data loading"
+    )
+
+
+if __name__ == "__main__":
+    if common.is_child():
+        raise SystemExit(common.child_main(child))
+    main()

@@ -1,0 +1,237 @@
+"""The benchmark scripts run end to end at a tiny size (so they cannot rot), their
+helpers measure what they claim, and the model's inference fast path computes what
+the autograd path computes.
+
+No timing is asserted: the machine is shared. What is asserted is what must hold at
+any speed: the FLOP formula equals torch's own count, the naive-attention baseline
+gives the model's embeddings from the same weights, gradient checkpointing does not
+change the loss, the vectorised tokenizer equals the official recipe, and a child's
+peak memory is its own.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load(name: str) -> ModuleType:
+    """A benchmark module by file name (benchmarks/ is not a package)."""
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    if name == "_common":  # imported by that name by the scripts themselves
+        return importlib.import_module("_common")
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def keep_torch_threads(monkeypatch: pytest.MonkeyPatch):
+    """Inline benchmark runs set torch threads and OMP env: give them back after."""
+    for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.setenv(key, os.environ.get(key, ""))
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_config(**kw):
+    from bulkfm.models.bulkrnabert import BulkRNABertConfig
+
+    base = dict(
+        n_genes=40,
+        embed_dim=32,
+        num_attention_heads=4,
+        ffn_embed_dim=64,
+        num_layers=2,
+        init_gene_embed_dim=24,
+    )
+    return BulkRNABertConfig(**{**base, **kw})
+
+
+# --------------------------------------------------------------------------- helpers
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"key_size": 16}, {"use_gene_embedding": False}, {"n_genes": 64, "num_layers": 3}],
+)
+def test_model_flops_equal_torch_flop_counter(overrides: dict) -> None:
+    from bulkfm.models.bulkrnabert import BulkRNABert
+
+    common = load("_common")
+    config = tiny_config(**overrides)
+    model = BulkRNABert(config)
+    tokens = torch.randint(0, 64, (3, config.n_genes))
+    assert (
+        common.counted_flops(model, tokens) == common.model_flops(config, config.n_genes, 3).total
+    )
+    subset = torch.arange(5, 25)
+    assert common.counted_flops(model, tokens[:, :20], subset) == (
+        common.model_flops(config, 20, 3).total
+    )
+
+
+def test_flop_split_scales_as_stated() -> None:
+    common = load("_common")
+    config = tiny_config()
+    small, large = common.model_flops(config, 100), common.model_flops(config, 400)
+    assert large.attention == 16 * small.attention  # quadratic in genes
+    # Linear in genes, except the LM head and gene projection also linear: all x4.
+    assert large.dense == 4 * small.dense
+    assert common.scaling_exponent(100, 3.0, 400, 48.0) == pytest.approx(2.0)
+    assert math.isnan(common.scaling_exponent(100, 0.0, 400, 1.0))
+
+
+CHILD = """
+import sys
+sys.path.insert(0, {bench!r})
+import numpy as np
+import _common as common
+
+def handler(payload):
+    block = np.ones(payload["mb"] * 2**20 // 8)  # touched pages: resident
+    if payload.get("fail"):
+        raise RuntimeError("deliberate failure")
+    return {{"checksum": float(block[:10].sum())}}
+
+raise SystemExit(common.child_main(handler))
+"""
+
+
+def test_run_child_reports_that_childs_own_peak(tmp_path: Path) -> None:
+    common = load("_common")
+    script = tmp_path / "child.py"
+    script.write_text(CHILD.format(bench=str(BENCH)))
+    big = common.run_child(script, {"mb": 300})
+    small = common.run_child(script, {"mb": 10})
+    assert big["checksum"] == 10.0 and big["mb"] == 300  # payload echoed with the result
+    assert big["peak_rss_mb"] - small["peak_rss_mb"] > 250
+    assert small["peak_rss_mb"] < 250  # the big run did not leak into the next child
+    # wait4's ru_maxrss sees the same peak, floored at this (torch-laden) parent's RSS.
+    for run in (big, small):
+        low = max(run["peak_rss_mb"], run["parent_rss_mb"])
+        high = max(run["peak_rss_mb"], run["parent_peak_rss_mb"])
+        assert 0.95 * low <= run["ru_maxrss_mb"] <= 1.05 * high + 5
+    failed = common.run_child(script, {"mb": 1, "fail": True})
+    assert "deliberate failure" in failed["error"]
+
+
+def test_rates_compare_medians_and_cpu_time() -> None:
+    common = load("_common")
+    run = common.Timing(wall=[2.0, 1.0, 3.0], cpu=[2.0, 2.0, 2.0])
+    gemm = common.Timing(wall=[0.5, 1.0, 1.5], cpu=[1.0, 1.0, 1.0])
+    r = common.rates(10.0, run, gemm, gemm_n=1, threads=2)
+    assert r["flops_per_s"] == 5.0 and r["gemm_flops_per_s"] == 2.0
+    assert r["gemm_best_flops_per_s"] == 4.0
+    assert r["ratio_to_gemm"] == 2.5
+    assert r["cpu_ratio_to_gemm"] == pytest.approx((10 * 2 / 2.0) / (2 * 2 / 1.0))
+
+
+# --------------------------------------------------------------------------- model fast path
+def test_inference_path_matches_autograd_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No-grad forward (in-place residuals, chunked FFN) == the autograd forward, and
+    the hidden states handed out are not overwritten by later blocks."""
+    import bulkfm.models.bulkrnabert as mod
+
+    monkeypatch.setattr(mod, "FFN_CHUNK_ROWS", 7)  # many chunks, a ragged last one
+    torch.manual_seed(0)
+    model = mod.BulkRNABert(tiny_config()).eval()
+    tokens = torch.randint(0, 65, (3, 40))
+    reference = model(tokens, output_hidden_states=True)
+    with torch.no_grad():
+        fast = model(tokens, output_hidden_states=True)
+        inputs = model.embed_inputs(tokens, None)
+    torch.testing.assert_close(fast.logits, reference.logits, atol=1e-6, rtol=1e-6)
+    for i in range(3):
+        torch.testing.assert_close(fast.hidden_states[i], reference.hidden_states[i])
+    torch.testing.assert_close(fast.hidden_states[0], inputs)
+    keep = (tokens != model.config.mask_token_id).float()
+    manual = (reference.last_hidden_state * keep[..., None]).sum(1) / keep.sum(1, keepdim=True)
+    torch.testing.assert_close(model.embed(tokens), manual, atol=1e-6, rtol=1e-5)
+
+
+def test_inference_path_keeps_residual_precision_under_autocast() -> None:
+    """Under autocast the branch outputs are bf16 while the residual stream is fp32: the
+    in-place fast path must not round the residual to bf16."""
+    import bulkfm.models.bulkrnabert as mod
+
+    torch.manual_seed(0)
+    model = mod.BulkRNABert(tiny_config()).eval()
+    tokens = torch.randint(0, 65, (2, 40))
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        reference = model(tokens).last_hidden_state
+        with torch.no_grad():
+            fast = model(tokens).last_hidden_state
+    assert fast.dtype == reference.dtype
+    torch.testing.assert_close(fast, reference, atol=1e-6, rtol=1e-6)
+
+
+# --------------------------------------------------------------------------- scripts
+@pytest.mark.slow
+def test_embed_speed_smoke_in_fresh_processes() -> None:
+    embed_speed = load("embed_speed")
+    args = "--smoke --device cpu --threads 1 --genes 32 64 --naive-max-genes 32"
+    report = embed_speed.main(args.split())
+    rows = report["rows"]
+    assert [(r["arm"], r["genes"]) for r in rows] == [("sdpa", 32), ("naive", 32), ("sdpa", 64)]
+    assert all("error" not in r for r in rows), rows
+    for r in rows:
+        assert r["peak_mb"] >= r["base_rss_mb"] > 0
+        assert r["samples_per_s"] > 0 and r["ratio_to_gemm"] > 0
+    (comparison,) = report["comparisons"]
+    assert comparison["same_weights"]
+    assert comparison["max_abs_diff"] < 1e-5  # naive attention == SDPA, same weights
+    assert math.isfinite(report["scaling"]["measured"])
+    assert 1.0 < report["scaling"]["flops"] < 2.0
+
+
+@pytest.mark.slow
+def test_train_speed_smoke(keep_torch_threads) -> None:
+    train_speed = load("train_speed")
+    args = "--smoke --inline --device cpu --threads 1 --genes 48 --ia3-genes 48 --loader-genes 48"
+    report = train_speed.main(args.split())
+    rows = {(r["kind"], r["ckpt"]): r for r in report["rows"]}
+    assert set(rows) == {("mlm", "off"), ("mlm", "on"), ("ia3", "off")}
+    assert all(r["tokens_per_s"] > 0 for r in rows.values())
+    # Same seed, same batch: checkpointing recomputes, it must not change the loss.
+    off, on = rows[("mlm", "off")]["losses"][0], rows[("mlm", "on")]["losses"][0]
+    assert math.isfinite(off) and off == pytest.approx(on, rel=1e-6)
+    # IA3: 3 vectors per block (k, v: 32 each; ffn: 64) x 2 blocks + the head.
+    from bulkfm.models.heads import classification_head
+
+    head = sum(p.numel() for p in classification_head(32, 4).parameters())
+    assert rows[("ia3", "off")]["trainable_params"] == 2 * (32 + 32 + 64) + head
+    loader = report["loader"]
+    assert "error" not in loader and 0.0 <= loader["data_fraction"] <= 1.0
+    assert len(loader["data_s"]) == 2
+
+
+def test_tokenize_speed_smoke(keep_torch_threads) -> None:
+    tokenize_speed = load("tokenize_speed")
+    result = tokenize_speed.main(["--smoke", "--threads", "1"])
+    assert result["reference_equal"]  # vectorised == official np.digitize recipe
+    assert result["adata_equal"]  # gene re-ordering + missing layer handled
+    assert result["encode_samples_per_s"] > 0 and result["mask_samples_per_s"] > 0
+    assert 0.2 < result["zero_fraction"] < 0.4
+
+
+def test_tokenize_reference_is_the_official_recipe() -> None:
+    """The benchmark's reference must itself be right, or 'identical' means nothing."""
+    tokenize_speed = load("tokenize_speed")
+    factor = 2.0
+    tpm = np.array([[0.0, 1e-9, 9.0, 99.0, 1e6]])  # 0, tiny, v=0.5, v=1 (top), above
+    got = tokenize_speed.reference_tokens(tpm, factor, 64)
+    assert got.tolist() == [[0, 1, 32, 63, 63]]
