@@ -12,7 +12,7 @@ import resource
 import time
 from pathlib import Path
 
-from bulkfm.data.build import BuildConfig, build_dataset, expand_inputs, format_summary
+from bulkfm.data.build import build_dataset, format_summary, shared_data_config
 from bulkfm.io import write_h5ad
 
 
@@ -25,19 +25,7 @@ def main() -> None:
     args = parser.parse_args()
     shared = args.shared
     t0 = time.perf_counter()
-    config = BuildConfig(
-        inputs=expand_inputs(
-            [
-                shared / "tcga" / "tcga_tumor_counts_7cohorts.tsv.gz",
-                str(shared / "rnaseqdb" / "*.txt.gz"),
-            ]
-        ),
-        survival=shared / "clinical" / "tcga_cdr_survival.tsv.gz",
-        mutations=shared / "clinical" / "tcga_driver_mutations.tsv.gz",
-        gene_lengths=shared / "genes" / "gene_lengths.csv.gz",
-        cohort_from_filename=r"^([a-z]+)-",
-        duplicate_samples="suffix",
-    )
+    config = shared_data_config(shared)
     adata = build_dataset(config, progress=False)
     t_build = time.perf_counter() - t0
     print(format_summary(adata))

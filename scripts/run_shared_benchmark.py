@@ -25,21 +25,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 def build_shared_tcga(shared: Path):  # type: ignore[no-untyped-def]
     """The shared AnnData (same BuildConfig as the data layer's tests), TCGA tumours only."""
-    from bulkfm.data.build import BuildConfig, build_dataset, expand_inputs
+    from bulkfm.data.build import build_dataset, shared_data_config
 
-    config = BuildConfig(
-        inputs=expand_inputs(
-            [
-                shared / "tcga" / "tcga_tumor_counts_7cohorts.tsv.gz",
-                str(shared / "rnaseqdb" / "*.txt.gz"),
-            ]
-        ),
-        survival=shared / "clinical" / "tcga_cdr_survival.tsv.gz",
-        mutations=shared / "clinical" / "tcga_driver_mutations.tsv.gz",
-        gene_lengths=shared / "genes" / "gene_lengths.csv.gz",
-        cohort_from_filename=r"^([a-z]+)-",
-        duplicate_samples="suffix",
-    )
+    config = shared_data_config(shared)
     adata = build_dataset(config, progress=False)
     obs = adata.obs
     keep = (obs["study"].astype(str) == "TCGA") & (obs["sample_type"].astype(str) == "tumor")

@@ -36,21 +36,9 @@ def shared_dir(given: Path | None) -> Path:
 
 def build_shared(shared: Path):  # -> anndata.AnnData
     """The shared TCGA + RNAseqDB + GTEx samples, harmonised, TPM, survival joined."""
-    from bulkfm.data.build import BuildConfig, build_dataset, expand_inputs
+    from bulkfm.data.build import build_dataset, shared_data_config
 
-    config = BuildConfig(
-        inputs=expand_inputs(
-            [
-                shared / "tcga" / "tcga_tumor_counts_7cohorts.tsv.gz",
-                str(shared / "rnaseqdb" / "*.txt.gz"),
-            ]
-        ),
-        survival=shared / "clinical" / "tcga_cdr_survival.tsv.gz",
-        mutations=shared / "clinical" / "tcga_driver_mutations.tsv.gz",
-        gene_lengths=shared / "genes" / "gene_lengths.csv.gz",
-        cohort_from_filename=r"^([a-z]+)-",
-        duplicate_samples="suffix",  # the RNAseqDB copies of TCGA aliquots; deduped later
-    )
+    config = shared_data_config(shared)  # RNAseqDB copies of TCGA aliquots: deduped later
     return build_dataset(config, progress=False)
 
 

@@ -35,22 +35,9 @@ def shared_data() -> Path:
 
 def build_shared_dataset(shared: Path):
     """The shared TCGA + RNAseqDB + GTEx data through the data layer (1,286 samples)."""
-    from bulkfm.data.build import BuildConfig, build_dataset, expand_inputs
+    from bulkfm.data.build import build_dataset, shared_data_config
 
-    config = BuildConfig(
-        inputs=expand_inputs(
-            [
-                shared / "tcga" / "tcga_tumor_counts_7cohorts.tsv.gz",
-                str(shared / "rnaseqdb" / "*.txt.gz"),
-            ]
-        ),
-        survival=shared / "clinical" / "tcga_cdr_survival.tsv.gz",
-        mutations=shared / "clinical" / "tcga_driver_mutations.tsv.gz",
-        gene_lengths=shared / "genes" / "gene_lengths.csv.gz",
-        cohort_from_filename=r"^([a-z]+)-",
-        duplicate_samples="suffix",
-    )
-    return build_dataset(config, progress=False)
+    return build_dataset(shared_data_config(shared), progress=False)
 
 
 @pytest.fixture(scope="session")

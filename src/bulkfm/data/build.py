@@ -128,6 +128,27 @@ def expand_inputs(patterns: Sequence[str | Path]) -> list[Path]:
     return paths
 
 
+def shared_data_config(root: str | Path) -> BuildConfig:
+    """The project's shared real data (``shared/data``: TCGA tumours, RNAseqDB TCGA normals
+    and tumours, GTEx) as one build, with survival and driver mutations. The same aliquot
+    quantified by both pipelines is kept twice (``obs["sample_id"]`` tells them apart).
+    Used by the real-data tests, benchmarks and documented runs."""
+    root = Path(root)
+    return BuildConfig(
+        inputs=expand_inputs(
+            [
+                root / "tcga" / "tcga_tumor_counts_7cohorts.tsv.gz",
+                str(root / "rnaseqdb" / "*.txt.gz"),
+            ]
+        ),
+        survival=root / "clinical" / "tcga_cdr_survival.tsv.gz",
+        mutations=root / "clinical" / "tcga_driver_mutations.tsv.gz",
+        gene_lengths=root / "genes" / "gene_lengths.csv.gz",
+        cohort_from_filename=r"^([a-z]+)-",
+        duplicate_samples="suffix",
+    )
+
+
 def build_dataset(config: BuildConfig, *, progress: bool | None = None) -> ad.AnnData:
     """Read, harmonise and join everything named in ``config`` into one AnnData (X = TPM)."""
     lengths = units.load_gene_lengths(config.gene_lengths)

@@ -461,23 +461,9 @@ class EvaluateConfig:
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> EvaluateConfig:
         """Read a YAML file; ``overrides`` are ``section.key=value`` strings (YAML values)."""
-        import yaml
+        from bulkfm.train.config import read_yaml_config
 
-        from bulkfm.train.config import apply_overrides
-
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist; check the path")
-        try:
-            raw = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
-        if raw is not None and not isinstance(raw, dict):
-            raise ConfigError(
-                f"config file {path} must hold a mapping (key: value lines), got "
-                f"{type(raw).__name__}"
-            )
-        return cls.from_dict(apply_overrides(raw or {}, overrides or []))
+        return cls.from_dict(read_yaml_config(path, overrides))
 
     def to_yaml(self) -> str:
         import yaml

@@ -237,27 +237,30 @@ class PretrainConfig:
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> PretrainConfig:
         """Read a YAML file; ``overrides`` are ``section.key=value`` strings (YAML values)."""
-        import yaml
-
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist; check the path")
-        try:
-            raw = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
-        if raw is not None and not isinstance(raw, dict):
-            raise ConfigError(
-                f"config file {path} must hold a mapping (key: value lines), "
-                f"got {type(raw).__name__}"
-            )
-        raw = apply_overrides(raw or {}, overrides or [])
-        return cls.from_dict(raw)
+        return cls.from_dict(read_yaml_config(path, overrides))
 
     def to_yaml(self) -> str:
         import yaml
 
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def read_yaml_config(path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
+    """A config file's mapping with ``section.key=value`` overrides applied (YAML values)."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; check the path")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(
+            f"config file {path} must hold a mapping (key: value lines), got {type(raw).__name__}"
+        )
+    return apply_overrides(raw or {}, overrides or [])
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
