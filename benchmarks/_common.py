@@ -164,6 +164,32 @@ def run_config(
     return result
 
 
+def add_run_arguments(
+    p: Any, *, budget_s: float, max_reps: int, timeout_s: float, compile_help: str
+) -> None:
+    """Options every speed script shares: repetitions, GPU extras, output, isolation."""
+    p.add_argument("--budget-s", type=float, default=budget_s, help="timing budget per config")
+    p.add_argument("--min-reps", type=int, default=1)
+    p.add_argument("--max-reps", type=int, default=max_reps)
+    p.add_argument("--compile", action="store_true", help=compile_help)
+    p.add_argument("--peak-tflops", type=float, default=None, help="GPU bf16 peak for MFU")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timeout-s", type=float, default=timeout_s, help="per child process")
+    p.add_argument("--json", type=Path, default=None, help="also write all results here")
+    p.add_argument(
+        "--malloc-mmap-threshold",
+        type=int,
+        default=None,
+        help="glibc MALLOC_MMAP_THRESHOLD_ for the children (bytes; see _common.malloc_env)",
+    )
+    p.add_argument("--smoke", action="store_true", help="tiny model and sizes (for tests)")
+    p.add_argument(
+        "--inline",
+        action="store_true",
+        help="run configurations in this process (tests; peak memory then not isolated)",
+    )
+
+
 def malloc_env(threshold: int | None) -> dict[str, str]:
     """Child environment asking glibc to mmap allocations above ``threshold`` bytes.
 

@@ -177,25 +177,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--naive-max-genes", type=int, default=8192)
     p.add_argument("--naive-all", action="store_true", help="run the naive arm at every size")
     p.add_argument("--no-naive", action="store_true", help="skip the naive arm")
-    p.add_argument("--budget-s", type=float, default=40.0, help="timing budget per config")
-    p.add_argument("--min-reps", type=int, default=1)
-    p.add_argument("--max-reps", type=int, default=5)
-    p.add_argument("--compile", action="store_true", help="torch.compile the sdpa arm")
-    p.add_argument("--peak-tflops", type=float, default=None, help="GPU bf16 peak for MFU")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--timeout-s", type=float, default=1800.0, help="per child process")
-    p.add_argument("--json", type=Path, default=None, help="also write all results here")
-    p.add_argument(
-        "--malloc-mmap-threshold",
-        type=int,
-        default=None,
-        help="glibc MALLOC_MMAP_THRESHOLD_ for the children (bytes; see _common.malloc_env)",
-    )
-    p.add_argument("--smoke", action="store_true", help="tiny model and sizes (for tests)")
-    p.add_argument(
-        "--inline",
-        action="store_true",
-        help="run configurations in this process (tests; peak memory then not isolated)",
+    common.add_run_arguments(
+        p, budget_s=40.0, max_reps=5, timeout_s=1800.0, compile_help="torch.compile the sdpa arm"
     )
     args = p.parse_args(argv)
     if args.genes is None:

@@ -31,7 +31,7 @@ DEMO_PRETRAIN_CONFIG = "pretrain_tiny.yaml"
 class DemoResult:
     out_dir: Path
     data_path: Path
-    model_dir: Path | None
+    model_dir: Path
     report_path: Path
     metrics: dict[str, Any] = field(default_factory=dict)
 
@@ -87,12 +87,12 @@ def run_demo(
 
     metrics: dict[str, Any] = {"timings_s": timings}
     t0 = time.perf_counter()
-    model_dir = _pretrain_stage(adata, out, seed=seed, max_steps=max_steps, overrides=overrides)
+    model_dir, pretrain_metrics = _pretrain_stage(
+        adata, out, seed=seed, max_steps=max_steps, overrides=overrides
+    )
     timings["pretrain"] = time.perf_counter() - t0
-    if model_dir is not None:
-        metrics.update(model_dir[1])
-        model_dir = model_dir[0]
-    if evaluate and model_dir is not None:
+    metrics.update(pretrain_metrics)
+    if evaluate:
         metrics["evaluation"] = _evaluate_stage(adata, model_dir, out / "evaluation", timings)
     timings["total"] = sum(timings.values())
 
@@ -110,7 +110,7 @@ def _pretrain_stage(
     seed: int,
     max_steps: int | None,
     overrides: list[str] | None,
-) -> tuple[Path, dict[str, Any]] | None:
+) -> tuple[Path, dict[str, Any]]:
     from bulkfm.train.config import PretrainConfig
     from bulkfm.train.pretrain import find_latest_checkpoint, pretrain
 
@@ -176,7 +176,7 @@ def _pm(stat: dict[str, Any]) -> str:
     return f"{mean:.3f} ± {std:.3f}" if std is not None else f"{mean:.3f}"
 
 
-def _report(adata: Any, metrics: dict[str, Any], data_path: Path, model_dir: Path | None) -> str:
+def _report(adata: Any, metrics: dict[str, Any], data_path: Path, model_dir: Path) -> str:
     from bulkfm.data.build import summarize
 
     lines = [
@@ -184,8 +184,7 @@ def _report(adata: Any, metrics: dict[str, Any], data_path: Path, model_dir: Pat
         "",
         f"- data: `{data_path}` ({adata.n_obs} samples x {adata.n_vars} genes, X = TPM)",
     ]
-    if model_dir is not None:
-        lines.append(f"- model: `{model_dir}`")
+    lines.append(f"- model: `{model_dir}`")
     lines += ["", "## Samples", "", _markdown(summarize(adata).reset_index()), ""]
     pre = metrics.get("pretrain")
     if pre:
