@@ -2,7 +2,7 @@
 
     python scripts/run_shared_benchmark.py --out /tmp/shared_bench \
         [--shared ../shared/data] [--config configs/bench_shared_data.yaml] \
-        [--model-dir CHECKPOINT [--gene-list FILE --normalization-factor F]]
+        [--model-dir [NAME=]PATH ...] [--gene-list FILE --normalization-factor F]
 
 Steps: build the AnnData with the data layer exactly as tests/data/test_build.py
 (TCGA 7-cohort counts + RNAseqDB/GTEx, CDR survival (OS), driver mutations, TPM),
@@ -41,14 +41,21 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True, help="output folder (outside the repo)")
     parser.add_argument("--shared", type=Path, default=REPO.parent / "shared" / "data")
     parser.add_argument("--config", type=Path, default=REPO / "configs" / "bench_shared_data.yaml")
-    parser.add_argument("--model-dir", type=Path, help="BulkRNABert checkpoint to add")
+    parser.add_argument(
+        "--model-dir",
+        action="append",
+        default=[],
+        metavar="[NAME=]PATH",
+        help="weights of a model to add (NAME=PATH, e.g. geneformer=gf-6L-30M/; a bare PATH "
+        "is a BulkRNABert checkpoint); repeatable",
+    )
     parser.add_argument("--gene-list", help="gene ids of an official-format checkpoint")
     parser.add_argument("--normalization-factor", type=float, help="of an official checkpoint")
     parser.add_argument("--no-plots", action="store_true")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-    from bulkfm.bench.cli import build_models, load_bench_yaml
+    from bulkfm.bench.cli import build_models, load_bench_yaml, parse_model_dirs
     from bulkfm.bench.config import BenchConfig
     from bulkfm.bench.report import family_table
     from bulkfm.bench.runner import run_benchmark
@@ -57,14 +64,11 @@ def main() -> int:
 
     spec = load_bench_yaml(args.config)
     config = BenchConfig.from_dict({**spec.get("bench", {}), "cache_dir": str(args.out / "cache")})
-    names = list(spec.get("models", ["pca", "nmf", "raw"]))
-    if args.model_dir is not None and "bulkrnabert" not in names:
-        names.append("bulkrnabert")
     models = build_models(
-        names,
+        list(spec.get("models", ["pca", "nmf", "raw"])),
         model_args=spec.get("model_args") or {},
         embeddings={},
-        model_dir=args.model_dir,
+        model_dirs=parse_model_dirs(args.model_dir),
         gene_list=args.gene_list,
         normalization_factor=args.normalization_factor,
     )

@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pandas as pd
 import pytest
 
-from bulkfm.bench.cli import parse_embeddings, parse_model_args
+from bulkfm.bench.cli import parse_embeddings, parse_model_args, parse_model_dirs
 from bulkfm.cli import main
 from bulkfm.errors import ConfigError
 from bulkfm.io import write_h5ad
@@ -97,5 +99,9 @@ def test_parse_helpers() -> None:
     assert set(parse_embeddings(["a=x.parquet", "y.npy"])) == {"a", "precomputed"}
     with pytest.raises(ConfigError, match="MODEL:KEY=VALUE"):
         parse_model_args(["pca=8"])
-    with pytest.raises(ConfigError, match="two embedding files"):
+    with pytest.raises(ConfigError, match="two --embeddings paths"):
         parse_embeddings(["x.npy", "y.npy"])
+    dirs = parse_model_dirs(["geneformer=gf/", "ckpt/"])
+    assert dirs == {"geneformer": Path("gf/"), "bulkrnabert": Path("ckpt/")}
+    with pytest.raises(ConfigError, match="two --model-dir paths for the model 'bulkrnabert'"):
+        parse_model_dirs(["a/", "b/"])

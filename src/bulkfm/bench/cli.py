@@ -77,7 +77,14 @@ def register(subparsers: Any) -> None:
     p.add_argument("--ci", choices=["splits", "test"], help="CI method (default splits)")
     p.add_argument("--n-boot", type=int, help="bootstrap resamples for the CI (1000)")
     p.add_argument("--seed", type=int, help="seed of the inner CV and bootstrap (0)")
-    p.add_argument("--model-dir", type=Path, help="BulkRNABert checkpoint directory")
+    p.add_argument(
+        "--model-dir",
+        action="append",
+        default=[],
+        metavar="[NAME=]PATH",
+        help="weights of a model: NAME=PATH adds the model NAME (e.g. geneformer=gf-6L-30M/, "
+        "scgpt=scGPT_human/); a bare PATH is a BulkRNABert checkpoint (repeatable)",
+    )
     p.add_argument("--gene-list", help="gene id file of an official-format checkpoint")
     p.add_argument("--normalization-factor", type=float, help="of an official checkpoint")
     p.add_argument(
@@ -152,18 +159,27 @@ def parse_model_args(items: list[str]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def parse_embeddings(items: list[str]) -> dict[str, Path]:
-    """``["scgpt=a.parquet", "b.npy"]`` -> ``{"scgpt": a.parquet, "precomputed": b.npy}``."""
+def _named_paths(items: list[str], *, default: str, flag: str) -> dict[str, Path]:
     out: dict[str, Path] = {}
     for item in items:
-        name, eq, path = item.partition("=")
+        name, eq, path = str(item).partition("=")
         if not eq:
-            name, path = "precomputed", item
+            name, path = default, str(item)
         name = name.strip()
         if name in out:
-            raise ConfigError(f"two embedding files for the model {name!r}; name them NAME=FILE")
-        out[name] = Path(path.strip())
+            raise ConfigError(f"two {flag} paths for the model {name!r}; give one per model")
+        out[name] = Path(path.strip()).expanduser()
     return out
+
+
+def parse_embeddings(items: list[str]) -> dict[str, Path]:
+    """``["scgpt=a.parquet", "b.npy"]`` -> ``{"scgpt": a.parquet, "precomputed": b.npy}``."""
+    return _named_paths(items, default="precomputed", flag="--embeddings")
+
+
+def parse_model_dirs(items: list[str]) -> dict[str, Path]:
+    """``["geneformer=gf/", "ckpt/"]`` -> ``{"geneformer": gf/, "bulkrnabert": ckpt/}``."""
+    return _named_paths(items, default="bulkrnabert", flag="--model-dir")
 
 
 def build_models(
@@ -172,15 +188,20 @@ def build_models(
     model_args: dict[str, dict[str, Any]],
     embeddings: dict[str, Path],
     embeddings_key: str | None = None,
-    model_dir: Path | None = None,
+    model_dirs: dict[str, Path] | None = None,
     gene_list: str | None = None,
     normalization_factor: float | None = None,
 ) -> list[Any]:
-    """Embedder instances for CLI names (registered models and named embedding files)."""
+    """Embedder instances for CLI names (registered models and named embedding files).
+
+    A model given weights (``model_dirs``) or an embedding file joins the list even
+    when ``names`` omits it: one flag adds a model.
+    """
     from bulkfm.bench.embedders import PrecomputedEmbedder, available_embedders, get_embedder
 
     known = set(available_embedders())
-    names = list(dict.fromkeys([*names, *(n for n in embeddings if n not in names)]))
+    model_dirs = dict(model_dirs or {})
+    names = list(dict.fromkeys([*names, *embeddings, *model_dirs]))
     models = []
     for name in names:
         kw = dict(model_args.get(name, {}))
@@ -190,8 +211,9 @@ def build_models(
                 PrecomputedEmbedder(embeddings[name], key=embeddings_key, label=label, **kw)
             )
             continue
+        if name in model_dirs:
+            kw.setdefault("model_dir", model_dirs[name])
         if name == "bulkrnabert":
-            kw.setdefault("model_dir", model_dir)
             kw.setdefault("genes", gene_list)
             kw.setdefault("normalization_factor", normalization_factor)
         models.append(get_embedder(name, **kw))
@@ -251,7 +273,7 @@ def run_cli(args: argparse.Namespace) -> int:
         model_args=model_args,
         embeddings=parse_embeddings(args.embeddings),
         embeddings_key=args.embeddings_key,
-        model_dir=args.model_dir,
+        model_dirs=parse_model_dirs(args.model_dir),
         gene_list=args.gene_list,
         normalization_factor=args.normalization_factor,
     )
