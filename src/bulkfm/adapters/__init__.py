@@ -11,3 +11,6 @@ imported only when that adapter embeds.
 from bulkfm.adapters.base import FoundationEmbedder, GeneInput, gene_input, masked_mean
 
 __all__ = ["FoundationEmbedder", "GeneInput", "gene_input", "masked_mean"]
+
+# Each import registers one model with the benchmark (cheap: no torch at import).
+from bulkfm.adapters import geneformer  # noqa: F401

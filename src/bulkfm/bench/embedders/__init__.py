@@ -30,3 +30,6 @@ __all__ = [
     "read_embedding_file",
     "register_embedder",
 ]
+
+# Published foundation models (adapters register themselves on import; torch stays lazy).
+import bulkfm.adapters  # noqa: F401
