@@ -1,0 +1,467 @@
+"""scLong adapter: a tiny random model written by the test in the released format.
+
+The release folder holds ``selected_genes_27k.txt``, the hyper-parameter pickle
+(sizes + GO graph tensors, written with plain ``pickle.dump`` as the pre-training
+script does) and a ``.pth`` dict with ``model_state_dict``. The state-dict keys are
+enumerated here from the released module tree, independently of the adapter's
+network, and the forward pass is checked against a float64 per-sample reference
+written from the released algorithm (quadratic-form attention, dense GO matrix).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pickle
+import subprocess
+import sys
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+
+torch = pytest.importorskip("torch")
+F = torch.nn.functional
+
+from bulkfm.adapters.sclong import (  # noqa: E402
+    GENE_FILE,
+    HYPER_FILE,
+    WEIGHTS_FILE,
+    SCLongEmbedder,
+    sclong_preprocess,
+)
+from bulkfm.adapters.sclong_net import gcn_propagate, select_top  # noqa: E402
+from bulkfm.bench.embedders.base import get_embedder  # noqa: E402
+from bulkfm.errors import (  # noqa: E402
+    CheckpointError,
+    ConfigError,
+    ExpressionValueError,
+    GeneMappingError,
+)
+
+GENES = [f"ENSG{i:011d}" for i in range(1, 13)]
+PARAMS = {
+    "max_seq_len": len(GENES) + 1,
+    "top_seq_len": 4,
+    "base_dim": 8,
+    "mini_enc_depth": 1,
+    "mini_enc_heads": 2,
+    "mini_enc_dim_head": 4,
+    "large_dim": 12,
+    "large_enc_depth": 2,
+    "large_enc_heads": 2,
+    "large_enc_dim_head": 4,
+    "dec_depth": 1,
+    "dec_heads": 2,
+    "dec_dim_head": 4,
+    "mask_token_thres": -1,
+    "g2v_position_emb": True,
+    "go_num_layers": 1,
+    "device": "cuda",
+    "go_use_gene2vec": True,
+    "gene2vec_file": "selected_gene2vec_27k.npy",
+}
+ENCODERS = {
+    "mini_encoder": ("base_dim", "mini_enc_depth", "mini_enc_heads", "mini_enc_dim_head"),
+    "large_encoder": ("large_dim", "large_enc_depth", "large_enc_heads", "large_enc_dim_head"),
+    "decoder": ("base_dim", "dec_depth", "dec_heads", "dec_dim_head"),
+}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: thread start-up costs more than it saves on a shared machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# --------------------------------------------------------------------------- release writer
+
+
+def released_state(p: dict, seed: int = 0) -> dict:
+    """Random tensors under the released DualEncoderSCFM key names."""
+    g = torch.Generator().manual_seed(seed)
+    s: dict = {}
+
+    def randn(*shape, scale=1.0):
+        return torch.randn(*shape, generator=g) * scale
+
+    def lin(name, i, o, bias=True):
+        s[f"{name}.weight"] = randn(o, i, scale=i**-0.5)
+        if bias:
+            s[f"{name}.bias"] = randn(o, scale=0.1)
+
+    def norm(name, dim):
+        s[f"{name}.weight"] = 1 + randn(dim, scale=0.1)
+        s[f"{name}.bias"] = randn(dim, scale=0.1)
+
+    d, n = p["base_dim"], p["max_seq_len"]
+    lin("token_emb.fc1", 1, 50)
+    lin("token_emb.fc2", 50, d)
+    norm("token_norm", d)
+    s["mask_emb.weight"] = randn(1, d)
+    s["pos_emb.emb.weight"] = randn(n, d).double()  # numpy's float64 in the release
+    s["go_conv.emb.weight"] = randn(n, d)
+    lin("go_conv.sim_layers.0.lin", d, d)
+    for prefix, (dim_key, depth_key, heads_key, head_key) in ENCODERS.items():
+        dim, heads, dh = p[dim_key], p[heads_key], p[head_key]
+        for i in range(p[depth_key]):
+            a, f = f"{prefix}.net.layers.{i}.0", f"{prefix}.net.layers.{i}.1"
+            norm(f"{a}.norm", dim)
+            for proj in ("to_q", "to_k", "to_v"):
+                lin(f"{a}.fn.{proj}", dim, heads * dh, bias=False)
+            lin(f"{a}.fn.to_out", heads * dh, dim)
+            s[f"{a}.fn.fast_attention.projection_matrix"] = randn(int(dh * math.log(dh)), dh)
+            norm(f"{f}.norm", dim)
+            lin(f"{f}.fn.fn.w1", dim, dim * 4)
+            lin(f"{f}.fn.fn.w2", dim * 4, dim)
+        s[f"{prefix}.calls_since_last_redraw"] = torch.tensor(0)
+        if prefix == "mini_encoder":
+            lin("base_to_large", d, p["large_dim"])
+            norm("large_in_norm", p["large_dim"])
+        if prefix == "large_encoder":
+            lin("large_to_base", p["large_dim"], d)
+            norm("large_to_base_out_norm", d)
+    norm("decode_norm", d)
+    lin("exp_to_out", d, 1)
+    return s
+
+
+def go_graph(n_genes: int) -> tuple:
+    """Edges as the release builds them: a self loop per GO gene plus similar pairs."""
+    rng = np.random.default_rng(1)
+    edges = [(i, i, 1.0) for i in range(n_genes - 1)]  # the last gene has no GO terms
+    for _ in range(20):
+        a, b = rng.integers(0, n_genes - 1, size=2)
+        if a != b:
+            edges.append((int(a), int(b), float(rng.uniform(0.1, 1.0))))
+    g_go = torch.tensor([(a, b) for a, b, _ in edges], dtype=torch.long).T
+    return g_go, torch.Tensor([w for _, _, w in edges])
+
+
+def write_release(folder, params=None, state=None, genes=GENES):
+    params = dict(PARAMS if params is None else params)
+    g_go, g_w = go_graph(len(GENES))
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / GENE_FILE).write_text("\n".join(genes) + "\n")
+    with (folder / HYPER_FILE).open("wb") as fh:
+        pickle.dump({**params, "G_go": g_go, "G_go_weight": g_w}, fh, pickle.HIGHEST_PROTOCOL)
+    state = released_state(params) if state is None else state
+    ckpt = {
+        "epoch": 3,
+        "model_state_dict": state,
+        "optimizer_state_dict": {"state": {}, "param_groups": [{"lr": 5e-5}]},
+        "losses": [0.9, 0.7],
+    }
+    torch.save(ckpt, folder / WEIGHTS_FILE)
+    return folder
+
+
+@pytest.fixture
+def release(tmp_path):
+    return write_release(tmp_path / "sclong")
+
+
+def make_adata(n=5, seed=0, counts=True):
+    """11 of the 12 model genes (the last one absent) plus one gene the model lacks."""
+    rng = np.random.default_rng(seed)
+    var = [*GENES[:11], "ENSG99999999999"]
+    c = rng.poisson(rng.uniform(0.5, 40, size=(n, len(var)))).astype(np.float32)
+    c[:, 0] += 1  # no sample without expression
+    tpm = (c / c.sum(1, keepdims=True) * 1e6).astype(np.float32)
+    a = ad.AnnData(X=tpm, obs=pd.DataFrame(index=[f"s{i}" for i in range(n)]))
+    a.var_names = var
+    if counts:
+        a.layers["counts"] = c
+    return a
+
+
+def embedder(path, **kw):
+    return SCLongEmbedder(path, trust_pickle=True, **kw)
+
+
+# --------------------------------------------------------------------------- reference
+
+
+def reference_cell(x, state, p, g_go, g_w):
+    """Released forward for one sample, float64, quadratic attention, dense GO graph."""
+    s = {k: v.double() for k, v in state.items()}
+    n, d = p["max_seq_len"], p["base_dim"]
+
+    def linear(name, h, bias=True):
+        return h @ s[f"{name}.weight"].T + (s[f"{name}.bias"] if bias else 0)
+
+    def lnorm(name, h):
+        return F.layer_norm(h, h.shape[-1:], s[f"{name}.weight"], s[f"{name}.bias"])
+
+    def performer(prefix, h, depth, heads, dh):
+        for i in range(depth):
+            a, f = f"{prefix}.net.layers.{i}.0", f"{prefix}.net.layers.{i}.1"
+            z = lnorm(f"{a}.norm", h)
+            q, k, v = (linear(f"{a}.fn.{t}", z, False) for t in ("to_q", "to_k", "to_v"))
+            proj = s[f"{a}.fn.fast_attention.projection_matrix"]
+            c, ratio = dh**-0.25, proj.shape[0] ** -0.5
+            kd = [(c * k[:, j * dh : (j + 1) * dh]) @ proj.T for j in range(heads)]
+            kmax = max(float(t.max()) for t in kd)  # one key shift per sample
+            outs = []
+            for j in range(heads):
+                sl = slice(j * dh, (j + 1) * dh)
+                qd = (c * q[:, sl]) @ proj.T
+                qf = ratio * (
+                    torch.exp(
+                        qd
+                        - (q[:, sl] ** 2).sum(1, keepdim=True) * c * c / 2
+                        - qd.max(1, keepdim=True).values
+                    )
+                    + 1e-4
+                )
+                kf = ratio * (
+                    torch.exp(kd[j] - (k[:, sl] ** 2).sum(1, keepdim=True) * c * c / 2 - kmax)
+                    + 1e-4
+                )
+                att = qf @ kf.T
+                outs.append((att @ v[:, sl]) / att.sum(1, keepdim=True))
+            h = h + linear(f"{a}.fn.to_out", torch.cat(outs, 1))
+            z = lnorm(f"{f}.norm", h)
+            h = h + linear(f"{f}.fn.fn.w2", F.gelu(linear(f"{f}.fn.fn.w1", z)))
+        return h
+
+    adj = torch.zeros(n, n, dtype=torch.float64)
+    for (src, dst), w in zip(g_go.T.tolist(), g_w.tolist(), strict=True):
+        adj[dst, src] += w
+    deg = adj.sum(1)
+    inv = torch.where(deg > 0, deg.clamp_min(1e-300) ** -0.5, torch.zeros_like(deg))
+    go = linear(
+        "go_conv.sim_layers.0.lin", (inv[:, None] * adj * inv[None, :]) @ s["go_conv.emb.weight"]
+    )
+    genes = s["pos_emb.emb.weight"] + go
+
+    xs = x.double()
+    emb = linear("token_emb.fc2", torch.relu(linear("token_emb.fc1", xs[:, None])))
+    emb = lnorm("token_norm", emb) + genes
+    order = sorted(range(n), key=lambda i: (-float(xs[i]), i))
+    top, rest = order[: p["top_seq_len"]], sorted(order[p["top_seq_len"] :])
+    t = lnorm("large_in_norm", linear("base_to_large", emb[top]))
+    t = performer("large_encoder", t, p["large_enc_depth"], p["large_enc_heads"], 4)
+    t = lnorm("large_to_base_out_norm", linear("large_to_base", t))
+    r = performer("mini_encoder", emb[rest], p["mini_enc_depth"], p["mini_enc_heads"], 4)
+    merged = torch.zeros(n, d, dtype=torch.float64)
+    merged[top], merged[rest] = t, r
+    out = performer("decoder", merged + genes, p["dec_depth"], p["dec_heads"], 4)
+    return lnorm("decode_norm", out)
+
+
+# --------------------------------------------------------------------------- tests
+
+
+def test_shapes_and_release_forward(release):
+    a = make_adata()
+    emb = embedder(release)
+    out = emb.transform(a)
+    assert out.shape == (5, PARAMS["base_dim"]) and np.isfinite(out).all()
+    state = torch.load(release / WEIGHTS_FILE, weights_only=True)["model_state_dict"]
+    g_go, g_w = go_graph(len(GENES))
+    c = a.layers["counts"][:, :11].astype(np.float64)
+    x = np.log1p(c / c.sum(1, keepdims=True) * 1e4)
+    x = np.concatenate([x, np.zeros((5, 2))], axis=1)  # absent gene 12, then the pad
+    for i in range(5):
+        hidden = reference_cell(torch.tensor(x[i]), state, PARAMS, g_go, g_w)
+        np.testing.assert_allclose(out[i], hidden[:11].mean(0).numpy(), rtol=1e-4, atol=1e-5)
+    assert emb.coverage_["n_found"] == 11 and emb.coverage_["n_vocabulary"] == 12
+    assert emb.coverage_["input"] == "counts"
+
+
+def test_deterministic_and_batch_size_invariant(release):
+    a = make_adata(n=5, seed=3)
+    one = embedder(release, batch_size=1).transform(a)
+    again = embedder(release, batch_size=1).transform(a)
+    five = embedder(release, batch_size=5).transform(a)
+    np.testing.assert_array_equal(one, again)
+    np.testing.assert_allclose(one, five, rtol=1e-5, atol=1e-6)
+    # the release's batch-wide key shift equals ours when a batch holds one sample
+    released = embedder(release, batch_size=1, key_max="batch").transform(a)
+    np.testing.assert_allclose(one, released, rtol=1e-6, atol=1e-7)
+
+
+def test_preprocessing_by_hand():
+    values = np.array([[1.0, 3.0, 0.0, 6.0]])
+    present = np.array([[True, True, True, False]])
+    want = [math.log(2501), math.log(7501), 0.0, 0.0, 0.0]  # 1/4 and 3/4 of 1e4, pad last
+    np.testing.assert_allclose(sclong_preprocess(values, present)[0], want, rtol=1e-6)
+    masked = sclong_preprocess(values, present, missing="mask")[0]
+    np.testing.assert_allclose(masked, [*want[:3], -10.0, 0.0], rtol=1e-6)
+    scaled = sclong_preprocess(values, present, scale_max=10.0)[0]
+    k = 10 / math.log(7501)
+    np.testing.assert_allclose(scaled, [math.log(2501) * k, 10.0, 0, 0, 0], rtol=1e-6)
+
+
+def test_pooling_matches_naive_loop(release):
+    a = make_adata(n=3, seed=5)
+    emb = embedder(release, batch_size=3)
+    out = emb.transform(a)
+    with torch.inference_mode():
+        hidden, _ = emb.per_gene(a)
+    have = set(a.var_names)
+    for i in range(3):
+        rows = [hidden[i, j].numpy() for j, g in enumerate(GENES) if g in have]
+        np.testing.assert_allclose(out[i], sum(rows) / len(rows), rtol=1e-5, atol=1e-6)
+    out_all = embedder(release, batch_size=3, pooling="all").transform(a)
+    for i in range(3):
+        naive = sum(hidden[i, j].numpy() for j in range(len(GENES))) / len(GENES)
+        np.testing.assert_allclose(out_all[i], naive, rtol=1e-5, atol=1e-6)
+
+
+def test_top_selection_by_hand():
+    top, rest = select_top(torch.tensor([[0.5, 2.0, 2.0, 0.0, 3.0, 1.0]]), 3)
+    assert top.tolist() == [[4, 1, 2]] and rest.tolist() == [[0, 3, 5]]
+    top, rest = select_top(torch.tensor([[0.5, 2.0, 2.0, 0.0, 3.0, 1.0]]), 2)
+    assert top.tolist() == [[4, 1]] and rest.tolist() == [[0, 2, 3, 5]]  # tie: lower first
+    top, _ = select_top(torch.zeros(2, 5), 2)
+    assert top.tolist() == [[0, 1], [0, 1]]
+
+
+@pytest.mark.slow
+def test_graph_propagation_matches_pyg():
+    pyg = pytest.importorskip("torch_geometric.nn")
+    g_go, g_w = go_graph(len(GENES))
+    x = torch.randn(len(GENES) + 1, 8)
+    conv = pyg.SGConv(8, 8, K=1, add_self_loops=False)
+    ours = conv.lin(gcn_propagate(x, g_go, g_w))
+    np.testing.assert_allclose(ours.detach(), conv(x, g_go, g_w).detach(), atol=1e-6)
+
+
+def test_counts_preferred_over_tpm(release):
+    a = make_adata(n=2, seed=7)
+    b = ad.AnnData(X=a.layers["counts"].copy(), obs=a.obs.copy(), var=a.var.copy())
+    emb_b = embedder(release)
+    np.testing.assert_allclose(embedder(release).transform(a), emb_b.transform(b), atol=1e-6)
+    assert emb_b.coverage_["input"] == "TPM"
+
+
+def test_pickle_free_folder_gives_same_output(release, tmp_path):
+    from safetensors.torch import save_file
+
+    safe = tmp_path / "safe"
+    safe.mkdir()
+    (safe / GENE_FILE).write_text((release / GENE_FILE).read_text())
+    cfg = {k: v for k, v in PARAMS.items() if k != "device"}
+    (safe / "sclong_config.json").write_text(json.dumps(cfg))
+    g_go, g_w = go_graph(len(GENES))
+    save_file({"G_go": g_go.contiguous(), "G_go_weight": g_w}, str(safe / "go_graph.safetensors"))
+    state = torch.load(release / WEIGHTS_FILE, weights_only=True)["model_state_dict"]
+    save_file({k: v.contiguous() for k, v in state.items()}, str(safe / "model.safetensors"))
+    a = make_adata(n=2)
+    got = SCLongEmbedder(safe).transform(a)  # no trust_pickle needed
+    np.testing.assert_allclose(got, embedder(release).transform(a), atol=1e-6)
+
+
+def test_registered_under_cli_name(release):
+    assert isinstance(get_embedder("sclong", model_dir=release), SCLongEmbedder)
+
+
+def test_module_import_does_not_import_torch():
+    code = "import sys, bulkfm.adapters.sclong; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_missing_key_is_listed(tmp_path):
+    state = released_state(PARAMS)
+    del state["decoder.net.layers.0.1.fn.fn.w2.bias"]
+    folder = write_release(tmp_path / "m", state=state)
+    with pytest.raises(CheckpointError, match=r"missing keys.*decoder\.net\.layers\.0\.1\.fn\.fn"):
+        embedder(folder).transform(make_adata())
+
+
+def test_renamed_key_is_listed(tmp_path):
+    state = released_state(PARAMS)
+    state["mini_encoder.net.layers.0.0.fn.query.weight"] = state.pop(
+        "mini_encoder.net.layers.0.0.fn.to_q.weight"
+    )
+    folder = write_release(tmp_path / "r", state=state)
+    with pytest.raises(CheckpointError, match=r"unexpected keys.*fn\.query\.weight"):
+        embedder(folder).transform(make_adata())
+
+
+def test_pickle_needs_opt_in(release):
+    with pytest.raises(CheckpointError, match="trust_pickle=True"):
+        SCLongEmbedder(release).transform(make_adata())
+
+
+def test_hostile_pickle_refused_even_with_opt_in(release):
+    class Boom:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    (release / HYPER_FILE).write_bytes(pickle.dumps({**PARAMS, "G_go": Boom()}))
+    with pytest.raises(CheckpointError, match=r"refusing to load global builtins\.print"):
+        embedder(release).transform(make_adata())
+
+
+def test_low_coverage_fails(release):
+    a = make_adata()
+    a.var_names = [f"ENSG9{i:010d}" for i in range(a.n_vars)]
+    with pytest.raises(GeneMappingError, match="only 0 of the model's 12 genes"):
+        embedder(release).transform(a)
+
+
+def test_path_missing_fails(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        SCLongEmbedder(tmp_path / "nope")
+    with pytest.raises(ConfigError, match="needs the released weights"):
+        SCLongEmbedder(None)
+
+
+def test_release_file_missing_fails(release):
+    (release / HYPER_FILE).unlink()
+    with pytest.raises(CheckpointError, match=r"lacks gocont_4096_48m_pretrain_1b_mix\.pkl"):
+        embedder(release).transform(make_adata())
+
+
+def test_gene_list_must_match_model(tmp_path):
+    folder = write_release(tmp_path / "g", genes=GENES[:11])
+    with pytest.raises(CheckpointError, match="gene list has 11 genes but the model expects 12"):
+        embedder(folder).transform(make_adata())
+
+
+def test_unsupported_hyper_parameter_fails(tmp_path):
+    folder = write_release(tmp_path / "u", params={**PARAMS, "reversible": True})
+    with pytest.raises(CheckpointError, match=r"does not implement.*reversible"):
+        embedder(folder).transform(make_adata())
+
+
+def test_unknown_hyper_parameter_fails(tmp_path):
+    folder = write_release(tmp_path / "k", params={**PARAMS, "n_experts": 4})
+    with pytest.raises(CheckpointError, match=r"does not know: \['n_experts'\]"):
+        embedder(folder).transform(make_adata())
+
+
+def test_negative_values_fail():
+    with pytest.raises(ExpressionValueError, match="negative expression"):
+        sclong_preprocess(np.array([[1.0, -2.0]]), np.ones((1, 2), dtype=bool))
+
+
+def test_sample_without_expression_fails():
+    with pytest.raises(ExpressionValueError, match="sample 1 has no expression"):
+        sclong_preprocess(np.array([[1.0, 2.0], [0.0, 0.0]]), np.ones((2, 2), dtype=bool))
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "pattern"),
+    [
+        ("pooling", "cls", "pooling must be one of present, all"),
+        ("missing", "drop", "missing must be one of zero, mask"),
+        ("key_max", "head", "key_max must be one of sample, batch"),
+        ("scale_max", 0, "scale_max must be a positive number"),
+        ("min_coverage", 2.0, r"min_coverage must be in \[0, 1\]"),
+    ],
+)
+def test_bad_option_fails(release, option, value, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        SCLongEmbedder(release, **{option: value})
