@@ -1,0 +1,461 @@
+"""CellFM adapter: a tiny random model written by the test in the released formats
+(MindSpore protobuf .ckpt, safetensors, PyTorch pickle) next to a CellFM-style gene
+file; outputs checked against a per-sample reference forward written here from the
+published equations, and preprocessing against numbers worked out by hand."""
+
+from __future__ import annotations
+
+import math
+import struct
+import subprocess
+import sys
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from bulkfm.adapters.cellfm import (  # noqa: E402
+    CellFMEmbedder,
+    cellfm_normalise,
+    select_genes,
+)
+from bulkfm.adapters.cellfm_net import read_mindspore_checkpoint  # noqa: E402
+from bulkfm.bench.embedders.base import get_embedder  # noqa: E402
+from bulkfm.errors import (  # noqa: E402
+    CheckpointError,
+    ConfigError,
+    ExpressionValueError,
+    GeneMappingError,
+)
+
+SYMBOLS = [
+    "TP53", "GAPDH", "ACTB", "EGFR", "MYC", "KRAS", "PTEN", "CDH1", "ESR1", "ERBB2", "VIM",
+    "ALB", "CD4", "PIK3CA", "BRCA1", "BRAF", "APC", "SMAD4", "CDKN2A", "NRAS", "KIT", "MET",
+]  # fmt: skip
+DIMS, HEADS, LAYERS = 16, 4, 3
+ROWS = len(SYMBOLS) + 1 + (-len(SYMBOLS) - 1) % 8  # padding row + round up to 8
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny matrices: thread hand-off costs more than the maths on a shared machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# --------------------------------------------------------------------------- writers
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = n & 0x7F
+        n >>= 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+_MS_TYPE = {np.dtype("float32"): "Float32", np.dtype("int32"): "Int32"}
+
+
+def write_ms_ckpt(path, tensors: dict[str, np.ndarray], split: tuple[str, ...] = ()) -> None:
+    """MindSpore checkpoint.proto, proto2 encoding (dims unpacked); names in ``split``
+    are stored in two Value entries sharing the tag, as MindSpore slices large tensors."""
+    blob = bytearray()
+    for name, arr in tensors.items():
+        raw = np.ascontiguousarray(arr).tobytes()
+        chunks = [raw[: len(raw) // 2], raw[len(raw) // 2 :]] if name in split else [raw]
+        for chunk in chunks:
+            dims = b"".join(_varint(1 << 3 | 0) + _varint(d) for d in arr.shape)
+            proto = dims + _field(2, _MS_TYPE[arr.dtype].encode()) + _field(3, chunk)
+            blob += _field(1, _field(1, name.encode()) + _field(2, proto))
+    path.write_bytes(bytes(blob))
+
+
+def random_weights(seed: int = 1, n_layers: int = LAYERS) -> dict[str, np.ndarray]:
+    """Encoder tensors under the release's names, plus what a release carries beside."""
+    rng = np.random.default_rng(seed)
+
+    def dense(o, i):
+        return (rng.standard_normal((o, i)) / math.sqrt(i)).astype(np.float32)
+
+    w = {
+        "gene_emb": (0.5 * rng.standard_normal((ROWS, DIMS))).astype(np.float32),
+        "cls_token": (0.5 * rng.standard_normal((1, 1, DIMS))).astype(np.float32),
+        "value_enc.value_enc.w1.weight": dense(256, 1) * 3,
+        "value_enc.value_enc.w3.weight": dense(256, 256),
+        "value_enc.value_enc.table.weight": dense(DIMS, 256) * 4,
+        "value_enc.value_enc.a": np.array([[0.3]], dtype=np.float32),
+        "value_enc.mask_emb": rng.standard_normal((1, 1, DIMS)).astype(np.float32),
+    }
+    for i in range(n_layers):
+        p = f"encoder.{i}."
+        for m in ("q", "k", "v", "u", "o"):
+            w[f"{p}attn.{m}_proj.weight"] = dense(DIMS, DIMS)
+        for m in ("u", "v", "o"):
+            w[f"{p}ffn.{m}_proj.weight"] = dense(DIMS, DIMS)
+        for k in (1, 2):
+            w[f"{p}post_norm{k}.gamma"] = (1 + 0.1 * rng.standard_normal(DIMS)).astype(np.float32)
+            w[f"{p}post_norm{k}.beta"] = (0.1 * rng.standard_normal(DIMS)).astype(np.float32)
+    extras = {
+        "zero_emb": np.zeros((1, 1, DIMS), np.float32),
+        "value_dec.w1.weight": dense(DIMS, DIMS),
+        "value_dec.w2.weight": dense(1, DIMS),
+        "cellwise_dec.map.weight": dense(DIMS, DIMS),
+        "moment1.gene_emb": np.ones((ROWS, DIMS), np.float32),
+        "moment2.cls_token": np.ones((1, 1, DIMS), np.float32),
+        "global_step": np.array([7], dtype=np.int32),
+        "learning_rate": np.array([1e-4], dtype=np.float32),
+    }
+    return {**w, **extras}
+
+
+def write_gene_file(path, symbols=SYMBOLS) -> None:
+    pd.DataFrame({"HGNC_gene": symbols, "h5_sample_frequency": 1}).to_csv(path, index=False)
+
+
+@pytest.fixture
+def weights() -> dict[str, np.ndarray]:
+    return random_weights()
+
+
+@pytest.fixture
+def model_dir(tmp_path, weights):
+    folder = tmp_path / "cellfm80m"
+    folder.mkdir()
+    write_ms_ckpt(folder / "CellFM_80M_weight.ckpt", weights, split=("gene_emb",))
+    write_gene_file(folder / "expand_gene_info.csv")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def ensembl() -> dict[str, str]:
+    from bulkfm.data.genes import map_to_ensembl
+
+    ids, _, _ = map_to_ensembl(SYMBOLS, id_type="symbol")
+    assert all(i is not None for i in ids)
+    return dict(zip(SYMBOLS, ids, strict=True))
+
+
+def make_adata(ensembl, n=5, seed=0, *, drop=("KIT",), extra=2) -> ad.AnnData:
+    """Counts-like data: vocabulary genes (minus ``drop``) and ``extra`` other genes;
+    sample 1 expresses only three genes so the batch needs padding."""
+    rng = np.random.default_rng(seed)
+    genes = [ensembl[s] for s in SYMBOLS if s not in drop]
+    genes += ["ENSG00000000003", "ENSG00000000005"][:extra]
+    X = rng.gamma(0.7, 2000.0, size=(n, len(genes))).round().astype(np.float32)
+    X[rng.random(X.shape) < 0.2] = 0.0
+    X[1, 3:] = 0.0
+    return ad.AnnData(
+        X=X,
+        obs=pd.DataFrame(index=[f"s{i}" for i in range(n)]),
+        var=pd.DataFrame(index=genes),
+    )
+
+
+# --------------------------------------------------------------------------- reference
+
+
+def naive_cls(w: dict[str, np.ndarray], gene_ids, values, heads=HEADS) -> np.ndarray:
+    """One sample, no padding, float64, written from the published equations."""
+    t = {k: torch.from_numpy(np.asarray(v, dtype=np.float64)) for k, v in w.items()}
+    n_layers = 1 + max(int(k.split(".")[1]) for k in w if k.startswith("encoder."))
+    p = "value_enc.value_enc."
+    rows = [t["cls_token"].reshape(-1)]
+    for g, v in zip(gene_ids, values, strict=True):
+        h = t[p + "w1.weight"][:, 0] * float(v)
+        h = torch.where(h >= 0, h, 0.2 * h)
+        h = t[p + "w3.weight"] @ h + h * t[p + "a"].item()
+        rows.append(t["gene_emb"][int(g)] + t[p + "table.weight"] @ torch.softmax(h, 0))
+    x = torch.stack(rows)
+    n = len(gene_ids)
+    d = x.shape[1]
+    dh = d // heads
+    alpha = (2 * n_layers) ** 0.25
+
+    def ln(z, g, b):
+        mu = z.mean(-1, keepdim=True)
+        var = ((z - mu) ** 2).mean(-1, keepdim=True)
+        return (z - mu) / torch.sqrt(var + 1e-7) * g + b
+
+    for i in range(n_layers):
+        e = f"encoder.{i}."
+        q, k, v, u = (x @ t[f"{e}attn.{m}_proj.weight"].T for m in "qkvu")
+        outs = []
+        for h in range(heads):
+            s = slice(h * dh, (h + 1) * dh)
+            Q = torch.relu(q[:, s]) / math.sqrt(dh)
+            K = torch.relu(k[:, s]) / math.sqrt(dh)
+            V = v[:, s] / math.sqrt(n)
+            ret = Q @ (K.T @ V)
+            rms = (ret.norm(dim=-1, keepdim=True) / math.sqrt(dh)).clamp_min(1e-12)
+            outs.append(ret / rms * torch.nn.functional.silu(u[:, s]))
+        att = torch.cat(outs, 1) @ t[f"{e}attn.o_proj.weight"].T
+        x = ln(x * alpha + att, t[f"{e}post_norm1.gamma"], t[f"{e}post_norm1.beta"])
+        f = (x @ t[f"{e}ffn.u_proj.weight"].T) * (x @ t[f"{e}ffn.v_proj.weight"].T)
+        f = f @ t[f"{e}ffn.o_proj.weight"].T
+        x = ln(x * alpha + f, t[f"{e}post_norm2.gamma"], t[f"{e}post_norm2.beta"])
+    return x[0].numpy()
+
+
+# --------------------------------------------------------------------------- checkpoint
+
+
+def test_reader_returns_released_tensors_by_name(model_dir, weights):
+    state = read_mindspore_checkpoint(model_dir / "CellFM_80M_weight.ckpt")
+    assert set(state) == set(weights)
+    for name, arr in weights.items():
+        np.testing.assert_array_equal(state[name].numpy(), arr)  # incl. the two-chunk gene_emb
+    kept = read_mindspore_checkpoint(
+        model_dir / "CellFM_80M_weight.ckpt", keep=lambda k: not k.startswith("moment")
+    )
+    assert "moment1.gene_emb" not in kept and "gene_emb" in kept
+
+
+def test_not_a_checkpoint_fails(tmp_path):
+    bad = tmp_path / "x.ckpt"
+    bad.write_bytes(b"\x0a\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff")
+    with pytest.raises(CheckpointError, match="not a readable MindSpore checkpoint"):
+        read_mindspore_checkpoint(bad)
+
+
+def test_missing_key_fails_listing_it(tmp_path, weights):
+    del weights["encoder.1.attn.q_proj.weight"]
+    write_ms_ckpt(tmp_path / "CellFM_80M_weight.ckpt", weights)
+    write_gene_file(tmp_path / "expand_gene_info.csv")
+    emb = CellFMEmbedder(tmp_path, num_heads=HEADS)
+    with pytest.raises(CheckpointError, match=r"missing keys \['encoder\.1\.attn\.q_proj"):
+        emb.load()
+
+
+def test_renamed_key_fails_listing_both_names(tmp_path, weights):
+    weights["encoder.0.post_norm1.weight"] = weights.pop("encoder.0.post_norm1.gamma")
+    write_ms_ckpt(tmp_path / "CellFM_80M_weight.ckpt", weights)
+    write_gene_file(tmp_path / "expand_gene_info.csv")
+    pattern = r"(?s)missing.*post_norm1\.gamma.*unexpected.*post_norm1\.weight"
+    with pytest.raises(CheckpointError, match=pattern):
+        CellFMEmbedder(tmp_path, num_heads=HEADS).load()
+
+
+def test_gene_file_not_matching_the_weights_fails(tmp_path, weights):
+    write_ms_ckpt(tmp_path / "CellFM_80M_weight.ckpt", weights)
+    write_gene_file(tmp_path / "expand_gene_info.csv", SYMBOLS + [f"G{i}" for i in range(9)])
+    with pytest.raises(CheckpointError, match="gene file lists 31 genes"):
+        CellFMEmbedder(tmp_path, num_heads=HEADS).load()
+
+
+def test_pickle_needs_opt_in_and_then_matches(tmp_path, model_dir, weights, ensembl):
+    folder = tmp_path / "port"
+    folder.mkdir()
+    # The PyTorch port's names: LayerNorm gamma/beta -> weight/bias.
+    port = {
+        k.replace(".gamma", ".weight").replace(".beta", ".bias"): torch.from_numpy(v)
+        for k, v in weights.items()
+    }
+    torch.save(port, folder / "cellfm.pt")
+    write_gene_file(folder / "expand_gene_info.csv")
+    with pytest.raises(CheckpointError, match="trust_pickle=True"):
+        CellFMEmbedder(folder, num_heads=HEADS).load()
+    adata = make_adata(ensembl)
+    got = CellFMEmbedder(folder, num_heads=HEADS, trust_pickle=True).transform(adata)
+    ref = CellFMEmbedder(model_dir, num_heads=HEADS).transform(adata)
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-6)
+
+
+def test_safetensors_with_release_names_matches(tmp_path, model_dir, weights, ensembl):
+    from safetensors.numpy import save_file
+
+    folder = tmp_path / "st"
+    folder.mkdir()
+    save_file(
+        {k: np.ascontiguousarray(v) for k, v in weights.items()}, folder / "model.safetensors"
+    )
+    write_gene_file(folder / "expand_gene_info.csv")
+    adata = make_adata(ensembl)
+    got = CellFMEmbedder(folder, num_heads=HEADS).transform(adata)
+    ref = CellFMEmbedder(model_dir, num_heads=HEADS).transform(adata)
+    np.testing.assert_array_equal(got, ref)
+
+
+def test_missing_path_fails(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        CellFMEmbedder(tmp_path / "nowhere")
+    with pytest.raises(ConfigError, match="needs the released weights"):
+        CellFMEmbedder(None)
+
+
+def test_folder_without_gene_file_fails(tmp_path, weights, ensembl):
+    write_ms_ckpt(tmp_path / "CellFM_80M_weight.ckpt", weights)
+    with pytest.raises(CheckpointError, match="no gene file"):
+        CellFMEmbedder(tmp_path, num_heads=HEADS).transform(make_adata(ensembl))
+
+
+# --------------------------------------------------------------------------- preprocessing
+
+
+def test_normalise_by_hand():
+    # Vocabulary genes 300000, 100000, 0, 50 (+ 99950 outside the vocabulary): total 5e5.
+    values = np.array([[300000.0, 100000.0, 0.0, 50.0]], dtype=np.float32)
+    present = np.array([[True, True, True, True]])
+    counts, norm = cellfm_normalise(values, present, np.array([500000.0]), depth_cap=1e5)
+    # Cap: divide by max(1, 5e5 / 1e5) = 5 and round -> 60000, 20000, 0, 10; T = 80010.
+    np.testing.assert_array_equal(counts, [[60000, 20000, 0, 10]])
+    expected = [math.log1p(60000 / 80010 * 1e4), math.log1p(20000 / 80010 * 1e4), 0.0]
+    expected.append(math.log1p(10 / 80010 * 1e4))
+    np.testing.assert_allclose(norm[0], expected, rtol=1e-6)
+    # Without the cap: T = 400050 over vocabulary genes.
+    _, raw = cellfm_normalise(values, present, np.array([500000.0]), depth_cap=None)
+    np.testing.assert_allclose(raw[0, 0], math.log1p(300000 / 400050 * 1e4), rtol=1e-6)
+    # A sample already below the cap is only rounded (max(1, .) = 1).
+    small = np.array([[2.4, 2.6]])
+    c2, _ = cellfm_normalise(small, np.ones((1, 2), bool), np.array([5.0]), depth_cap=1e5)
+    np.testing.assert_array_equal(c2, [[2, 3]])
+
+
+def test_selection_top_and_published_sample():
+    counts = np.array([0, 5, 9, 9, 1, 0, 7], dtype=np.float32)
+    raw = np.array([0, 5.1, 9.0, 9.2, 1.0, 0, 7.0], dtype=np.float32)
+    assert select_genes(counts, raw, max_genes=None, mode="top").tolist() == [1, 2, 3, 4, 6]
+    assert select_genes(counts, raw, max_genes=3, mode="top").tolist() == [2, 3, 6]
+    draws = [
+        select_genes(counts, raw, max_genes=3, mode="sample", rng=np.random.default_rng(s))
+        for s in range(200)
+    ]
+    assert all(len(d) == 3 and set(d) <= {1, 2, 3, 4, 6} for d in draws)
+    assert all((np.diff(d) > 0).all() for d in draws)
+    freq = {g: sum(g in d for d in draws) / len(draws) for g in (2, 4)}
+    assert freq[2] > freq[4]  # weight log1p(9) vs log1p(1)
+    assert len({tuple(d) for d in draws}) > 1
+
+
+def test_tokens_by_hand(model_dir, ensembl):
+    adata = make_adata(ensembl, n=2)
+    adata.X[0] = 0
+    col = {g: j for j, g in enumerate(adata.var_names)}
+    adata.X[0, col[ensembl["GAPDH"]]] = 300
+    adata.X[0, col[ensembl["TP53"]]] = 100
+    adata.X[0, col["ENSG00000000003"]] = 600  # outside the vocabulary: not in T
+    emb = CellFMEmbedder(model_dir, num_heads=HEADS)
+    ids, vals, report = emb.tokens(adata, slice(0, 1), None)
+    assert ids[0].tolist() == [1, 2]  # TP53, GAPDH: 1-based, vocabulary order
+    expected = [math.log1p(100 / 400 * 1e4), math.log1p(300 / 400 * 1e4)]
+    np.testing.assert_allclose(vals[0], expected, rtol=1e-6)
+    assert report["n_vocabulary"] == len(SYMBOLS)
+    assert report["n_found"] == len(SYMBOLS) - 1  # KIT absent from the data
+
+
+def test_counts_layer_preferred_over_tpm(model_dir, ensembl):
+    counts = make_adata(ensembl)
+    both = counts.copy()
+    both.layers["counts"] = both.X.copy()
+    both.X = both.X / both.X.sum(axis=1, keepdims=True) * 1e6 + 3.0  # differs from counts
+    emb = CellFMEmbedder(model_dir, num_heads=HEADS)
+    got = emb.transform(both)
+    assert emb.coverage_["input"] == "counts"
+    ref = CellFMEmbedder(model_dir, num_heads=HEADS).transform(counts)
+    np.testing.assert_array_equal(got, ref)
+    tpm = CellFMEmbedder(model_dir, num_heads=HEADS, layer="X").transform(both)
+    assert not np.allclose(tpm, ref)
+
+
+def test_negative_values_fail(model_dir, ensembl):
+    adata = make_adata(ensembl)
+    adata.X[0, 0] = -1.0
+    with pytest.raises(ExpressionValueError, match="negative expression"):
+        CellFMEmbedder(model_dir, num_heads=HEADS).transform(adata)
+
+
+def test_sample_without_expressed_model_genes_fails(model_dir, ensembl):
+    adata = make_adata(ensembl)
+    adata.X[2, : len(SYMBOLS) - 1] = 0.0  # only the two non-vocabulary genes left
+    with pytest.raises(ExpressionValueError, match=r"1 samples \(rows \[2\]\) have no expression"):
+        CellFMEmbedder(model_dir, num_heads=HEADS).transform(adata)
+
+
+def test_low_coverage_fails(model_dir):
+    adata = ad.AnnData(
+        X=np.ones((2, 3), np.float32),
+        var=pd.DataFrame(index=["ENSG00000000003", "ENSG00000000005", "ENSG00000000419"]),
+    )
+    with pytest.raises(GeneMappingError, match="only 0 of the model's 22 genes"):
+        CellFMEmbedder(model_dir, num_heads=HEADS).transform(adata)
+
+
+def test_bad_options_fail(model_dir):
+    with pytest.raises(ConfigError, match="gene_selection"):
+        CellFMEmbedder(model_dir, gene_selection="random")
+    with pytest.raises(ConfigError, match="depth_cap"):
+        CellFMEmbedder(model_dir, depth_cap=0)
+    with pytest.raises(ConfigError, match="max_genes"):
+        CellFMEmbedder(model_dir, max_genes=0)
+
+
+# --------------------------------------------------------------------------- embedding
+
+
+def test_cls_matches_naive_forward_per_sample(model_dir, weights, ensembl):
+    adata = make_adata(ensembl)
+    emb = CellFMEmbedder(model_dir, num_heads=HEADS, batch_size=5)
+    got = emb.transform(adata)
+    assert got.shape == (adata.n_obs, DIMS)
+    ids, vals, _ = emb.tokens(adata, slice(0, adata.n_obs), None)
+    assert len(ids[1]) == 3 and len(ids[0]) > 10  # padding really happens in the batch
+    for i in range(adata.n_obs):
+        np.testing.assert_allclose(got[i], naive_cls(weights, ids[i], vals[i]), atol=2e-5)
+
+
+def test_deterministic_and_batch_size_invariant(model_dir, ensembl):
+    adata = make_adata(ensembl, n=6)
+    a = CellFMEmbedder(model_dir, num_heads=HEADS, batch_size=6).transform(adata)
+    b = CellFMEmbedder(model_dir, num_heads=HEADS, batch_size=1).transform(adata)
+    c = CellFMEmbedder(model_dir, num_heads=HEADS, batch_size=4).transform(adata)
+    np.testing.assert_allclose(a, b, atol=1e-5)
+    np.testing.assert_allclose(a, c, atol=1e-5)
+    again = CellFMEmbedder(model_dir, num_heads=HEADS, batch_size=6).transform(adata)
+    np.testing.assert_array_equal(a, again)
+    assert np.isfinite(a).all() and np.abs(a[0] - a[2]).max() > 1e-3
+
+
+def test_max_genes_truncates_and_sample_mode_is_seeded(model_dir, ensembl):
+    adata = make_adata(ensembl)
+    top = CellFMEmbedder(model_dir, num_heads=HEADS, max_genes=4)
+    out = top.transform(adata)
+    assert top.coverage_["n_samples_truncated"] >= 3
+    full = CellFMEmbedder(model_dir, num_heads=HEADS, max_genes=None).transform(adata)
+    np.testing.assert_allclose(out[1], full[1], atol=1e-6)  # sample 1 has only 3 genes
+    assert not np.allclose(out[0], full[0])
+    s0 = CellFMEmbedder(model_dir, num_heads=HEADS, max_genes=4, gene_selection="sample")
+    again = CellFMEmbedder(model_dir, num_heads=HEADS, max_genes=4, gene_selection="sample")
+    np.testing.assert_array_equal(s0.transform(adata), again.transform(adata))
+    # Per sample id, not per row: reversing the rows reverses the output.
+    rev = again.transform(adata[::-1].copy())
+    np.testing.assert_allclose(rev[::-1], s0.transform(adata), atol=1e-5)
+    assert s0.fingerprint() != top.fingerprint()
+
+
+def test_registered_and_cheap_import(model_dir):
+    emb = get_embedder("cellfm", model_dir=str(model_dir), num_heads=HEADS)
+    assert isinstance(emb, CellFMEmbedder)
+    code = "import sys, bulkfm.adapters.cellfm; assert 'torch' not in sys.modules, 'torch'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_mindspore_dims_may_be_packed(tmp_path):
+    # proto3-style packed dims must read the same as proto2's unpacked ones.
+    arr = np.arange(6, dtype=np.float32).reshape(2, 3)
+    dims = _field(1, _varint(2) + _varint(3))
+    proto = dims + _field(2, b"Float32") + _field(3, arr.tobytes())
+    (tmp_path / "p.ckpt").write_bytes(_field(1, _field(1, b"t") + _field(2, proto)))
+    got = read_mindspore_checkpoint(tmp_path / "p.ckpt")["t"].numpy()
+    np.testing.assert_array_equal(got, arr)
+    assert struct.pack("<f", 5.0) == arr.tobytes()[-4:]
