@@ -13,4 +13,12 @@ from bulkfm.adapters.base import FoundationEmbedder, GeneInput, gene_input, mask
 __all__ = ["FoundationEmbedder", "GeneInput", "gene_input", "masked_mean"]
 
 # Each import registers one model with the benchmark (cheap: no torch at import).
-from bulkfm.adapters import cellfm, geneformer, scbert, scfoundation, scgpt, sclong  # noqa: F401
+from bulkfm.adapters import (  # noqa: F401
+    bulkformer,
+    cellfm,
+    geneformer,
+    scbert,
+    scfoundation,
+    scgpt,
+    sclong,
+)
