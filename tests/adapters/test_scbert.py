@@ -403,7 +403,8 @@ def test_grad_path_equals_in_place_inference_path():
         fast = net(tokens)
     slow = net(tokens)
     assert slow.requires_grad
-    torch.testing.assert_close(fast, slow.detach(), rtol=1e-6, atol=1e-6)
+    # the in-place path reorders float32 sums: agreement to rounding, not bit for bit
+    torch.testing.assert_close(fast, slow.detach(), rtol=1e-5, atol=1e-5)
 
 
 # --------------------------------------------------------------------------- bad input
