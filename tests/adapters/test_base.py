@@ -207,3 +207,22 @@ def test_registry_import_stays_torch_free() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "pca" in out.stdout.split(",")
+
+
+def test_shared_options_layer_and_min_coverage(tmp_path) -> None:
+    (tmp_path / "w.bin").write_bytes(b"0")
+    a = _adata()
+    assert _Sum(tmp_path).source_layer(a) is None  # auto, no counts layer: X
+    a.layers["counts"] = a.X * 2
+    assert _Sum(tmp_path).source_layer(a) == "counts"
+    assert _Sum(tmp_path, layer="X").source_layer(a) is None
+    assert _Sum(tmp_path, layer=None).source_layer(a) is None
+    assert _Sum(tmp_path, layer="counts").source_layer(a) == "counts"
+    assert _Sum(tmp_path, layer="X").fingerprint() != _Sum(tmp_path).fingerprint()
+    assert _Sum(tmp_path, min_coverage=0.5).fingerprint() != _Sum(tmp_path).fingerprint()
+    with pytest.raises(ConfigError, match="layer=''; use 'auto'"):
+        _Sum(tmp_path, layer="")
+    with pytest.raises(ConfigError, match=r"min_coverage must be in \[0, 1\]"):
+        _Sum(tmp_path, min_coverage=1.5)
+    with pytest.raises(ConfigError, match="min_coverage must be a number"):
+        _Sum(tmp_path, min_coverage=True)

@@ -218,15 +218,6 @@ def make_adata(n: int = 5, *, genes: list[str] | None = None, seed: int = 0) -> 
     return adata
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny matrices: thread start-up dominates on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def release(tmp_path_factory) -> Path:
     return write_release(tmp_path_factory.mktemp("bulkformer"))
@@ -433,7 +424,7 @@ def test_model_path_required_and_must_exist(tmp_path: Path) -> None:
     [
         ({"pooling": "cls"}, "pooling='cls'"),
         ({"gene_set": "hvg"}, "gene_set='hvg'"),
-        ({"min_coverage": 2}, "min_coverage=2"),
+        ({"min_coverage": 2}, "min_coverage must be in"),
     ],
 )
 def test_bad_options(release: Path, kw: dict, match: str) -> None:

@@ -201,15 +201,6 @@ def naive_embeddings(adata, pooling="present"):
     return torch.stack(out).numpy()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: thread start-up on a shared 2-core machine costs more than the maths."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture
 def release(tmp_path):
     return write_release(tmp_path / "scbert")
@@ -285,7 +276,7 @@ def test_counts_layer_used_when_present(release):
     out = emb.transform(with_layer)
     assert emb.coverage_["expression"].startswith("layers['counts']")
     np.testing.assert_allclose(out, emb.transform(plain), rtol=1e-5, atol=1e-6)
-    from_x = ScbertEmbedder(release, trust_pickle=True, input_layer=None).transform(with_layer)
+    from_x = ScbertEmbedder(release, trust_pickle=True, layer=None).transform(with_layer)
     assert not np.allclose(from_x, out, atol=1e-4)
 
 
@@ -481,9 +472,9 @@ def test_path_required_and_must_exist(tmp_path):
     ("kwargs", "message"),
     [
         ({"pooling": "cls"}, "pooling='cls'"),
-        ({"input_layer": ""}, "input_layer=''"),
-        ({"min_fraction": 1.5}, r"min_fraction must be in \[0, 1\]"),
-        ({"min_fraction": "half"}, "min_fraction must be a number"),
+        ({"layer": ""}, "layer=''"),
+        ({"min_coverage": 1.5}, r"min_coverage must be in \[0, 1\]"),
+        ({"min_coverage": "half"}, "min_coverage must be a number"),
     ],
 )
 def test_bad_options(release, kwargs, message):

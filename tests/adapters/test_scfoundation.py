@@ -305,7 +305,7 @@ def test_matches_naive_loop_and_is_batch_invariant(model_dir, ensembl, recipe, m
 
 def test_max_pool_matches_naive(model_dir, ensembl):
     adata = make_adata(ensembl, n=4)
-    got = embedder(model_dir, pool="max", batch_size=4).transform(adata)
+    got = embedder(model_dir, pooling="max", batch_size=4).transform(adata)
     reference = naive_embedding(
         hand_input(np.asarray(adata.X, np.float64)), released_state(), "max"
     )
@@ -424,7 +424,7 @@ def test_missing_path_fails(tmp_path):
     ("option", "pattern"),
     [
         ({"recipe": "scanpy"}, "recipe"),
-        ({"pool": "cls"}, "pool"),
+        ({"pooling": "cls"}, "pooling"),
         ({"target_sum": "lots"}, "target_sum"),
         ({"target_sum": -1}, "target_sum"),
         ({"min_coverage": 2}, "min_coverage"),

@@ -223,11 +223,13 @@ def test_select_tokens_bins_before_sampling() -> None:
     present = np.ones(8, dtype=bool)
     present[7] = False  # flagged missing: not a token despite its value
     kw = {"n_bins": 6, "rng": np.random.default_rng(0)}
-    full_pos, full_bins = select_tokens(values, present, max_length=None, gene_sampling="top", **kw)
+    full_pos, full_bins = select_tokens(
+        values, present, max_length=None, gene_selection="top", **kw
+    )
     assert full_pos.tolist() == [1, 2, 4, 5, 6]
     # edges = quantiles 0, .25, .5, .75, 1 of [10..50] = 10, 20, 30, 40, 50
     assert full_bins.tolist() == [5, 1, 4, 3, 2]
-    pos, bins = select_tokens(values, present, max_length=3, gene_sampling="top", **kw)
+    pos, bins = select_tokens(values, present, max_length=3, gene_selection="top", **kw)
     assert pos.tolist() == [1, 4] and bins.tolist() == [5, 4]  # bins of the full profile
     draws = {
         tuple(
@@ -235,7 +237,7 @@ def test_select_tokens_bins_before_sampling() -> None:
                 values,
                 present,
                 max_length=4,
-                gene_sampling="random",
+                gene_selection="random",
                 n_bins=6,
                 rng=np.random.default_rng(s),
             )[0]
@@ -299,7 +301,7 @@ def test_top_genes_option_matches_naive(release) -> None:
 def test_deterministic_and_batch_size_invariant(release) -> None:
     path, _ = release
     a = toy_adata(n=5, seed=3)
-    for kw in ({}, {"max_length": 3, "gene_sampling": "random"}):
+    for kw in ({}, {"max_length": 3, "gene_selection": "random"}):
         one = ScGPTEmbedder(path, trust_pickle=True, batch_size=1, **kw).transform(a)
         five = ScGPTEmbedder(path, trust_pickle=True, batch_size=5, **kw).transform(a)
         np.testing.assert_allclose(one, five, atol=2e-5)
@@ -309,7 +311,7 @@ def test_deterministic_and_batch_size_invariant(release) -> None:
         alone = ScGPTEmbedder(path, trust_pickle=True, **kw).transform(a[[2]].copy())
         np.testing.assert_allclose(alone[0], five[2], atol=2e-5)
     other_seed = ScGPTEmbedder(
-        path, trust_pickle=True, max_length=3, gene_sampling="random", seed=1
+        path, trust_pickle=True, max_length=3, gene_selection="random", seed=1
     ).transform(a)
     assert not np.allclose(other_seed, five, atol=1e-3)
 
@@ -346,7 +348,7 @@ def test_settings_enter_the_fingerprint(release) -> None:
     base = ScGPTEmbedder(path).fingerprint()
     assert ScGPTEmbedder(path).fingerprint() == base
     assert ScGPTEmbedder(path, max_length=1200).fingerprint() != base
-    assert ScGPTEmbedder(path, gene_sampling="random").fingerprint() != base
+    assert ScGPTEmbedder(path, gene_selection="random").fingerprint() != base
 
 
 # --------------------------------------------------------------------------- checkpoint files
@@ -447,11 +449,11 @@ def test_category_value_encoder_config_fails(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("kw", "match"),
     [
-        ({"gene_sampling": "first"}, "gene_sampling='first'"),
+        ({"gene_selection": "first"}, "gene_selection='first'"),
         ({"max_length": 1}, "max_length must be an integer >= 2"),
         ({"seed": -1}, "seed must be an integer >= 0"),
         ({"l2_normalize": "yes"}, "l2_normalize must be true or false"),
-        ({"layer": ""}, "layer must be 'auto'"),
+        ({"layer": ""}, "layer=''; use 'auto'"),
     ],
 )
 def test_bad_options_fail(release, kw: dict, match: str) -> None:

@@ -126,6 +126,31 @@ def test_counts_source_matches_naive_tpm(two_sources, tmp_path: Path) -> None:
     np.testing.assert_allclose(got[expected.columns].loc[ids_b], expected.loc[ids_b], rtol=1e-4)
 
 
+def test_keep_counts_carries_raw_counts(two_sources, tmp_path: Path) -> None:
+    a, b, _, ids_b = two_sources
+    c = tmp_path / "uvw-counts.txt.gz"
+    ids_c = [_tumour(i) for i in range(20, 22)]
+    raw_c = _write_counts_genes_x_samples(c, ids_c, [GENES[g] for g in ENSG[:4]], seed=4)
+    adata = build_dataset(
+        BuildConfig(inputs=[ExpressionInput(b), ExpressionInput(c)], keep_counts=True),
+        progress=False,
+    )
+    raw_b = pd.read_csv(b, sep="\t").set_index("Hugo_Symbol")
+    col = {GENES[g]: i for i, g in enumerate(adata.var_names)}
+    counts = adata.layers["counts"]
+    for j, symbol in enumerate(raw_b.index):
+        np.testing.assert_array_equal(counts[: len(ids_b), col[symbol]], raw_b.iloc[j].to_numpy())
+    for j, gene in enumerate(ENSG[:4]):
+        np.testing.assert_array_equal(counts[len(ids_b) :, col[GENES[gene]]], raw_c[j])
+    # a gene absent from a source is 0 in the counts and flagged missing
+    absent = col["FGR"]
+    assert (counts[len(ids_b) :, absent] == 0).all()
+    assert adata.layers["missing"][len(ids_b) :, absent].toarray().all()
+    assert "counts" not in build_dataset(BuildConfig(inputs=[ExpressionInput(b)])).layers
+    with pytest.raises(ConfigError, match=r"keep_counts: .*abc-tpm.tsv holds tpm values"):
+        build_dataset(BuildConfig(inputs=[ExpressionInput(a)], keep_counts=True))
+
+
 def test_duplicate_samples_across_inputs(tmp_path: Path) -> None:
     ids = [_tumour(i) for i in range(3)]
     a, b = tmp_path / "one.tsv", tmp_path / "two.tsv"

@@ -335,7 +335,9 @@ class FoundationEmbedder(Embedder):
     Subclasses set ``model_name`` and ``extra`` and implement :meth:`load` (build the
     network from ``self.path`` and return it) and :meth:`embed` (one vector per sample,
     setting ``self.coverage_``). :meth:`settings` returns every option that changes
-    the output; it joins the checkpoint digest in the cache key.
+    the output; it joins the checkpoint digest in the cache key. Options every adapter
+    shares: ``layer`` (the input values, see :meth:`source_layer`) and ``min_coverage``
+    (the smallest fraction of the model's genes the data must have).
     """
 
     learns = False
@@ -346,12 +348,29 @@ class FoundationEmbedder(Embedder):
         self,
         model_dir: str | os.PathLike | None = None,
         *,
+        layer: str | None = "auto",
+        min_coverage: float = 0.05,
         batch_size: int = 8,
         device: str = "cpu",
         trust_pickle: bool = False,
         label: str | None = None,
     ) -> None:
         super().__init__(label=label)
+        if layer is not None and (not isinstance(layer, str) or not layer):
+            raise ConfigError(
+                f"{self.model_name}: layer={layer!r}; use 'auto' (layers['counts'] when the "
+                "data has it, else X), 'X', or the name of a layer"
+            )
+        if isinstance(min_coverage, bool) or not isinstance(min_coverage, int | float):
+            raise ConfigError(
+                f"{self.model_name}: min_coverage must be a number in [0, 1], got {min_coverage!r}"
+            )
+        if not 0.0 <= float(min_coverage) <= 1.0:
+            raise ConfigError(
+                f"{self.model_name}: min_coverage must be in [0, 1], got {min_coverage!r}"
+            )
+        self.layer = layer
+        self.min_coverage = float(min_coverage)
         if model_dir is None:
             raise ConfigError(
                 f"the {self.model_name} adapter needs the released weights on disk: "
@@ -377,7 +396,22 @@ class FoundationEmbedder(Embedder):
     def config(self) -> dict[str, Any]:
         if self._digest is None:
             self._digest = file_digest(self.path)
-        return {"checkpoint": self._digest, **self.settings()}
+        return {
+            "checkpoint": self._digest,
+            "layer": self.layer,
+            "min_coverage": self.min_coverage,
+            **self.settings(),
+        }
+
+    def source_layer(self, adata: ad.AnnData) -> str | None:
+        """Which values feed the model: ``None`` for X, else a layer name.
+
+        ``layer="auto"`` takes ``layers["counts"]`` when the data has it, since most of
+        these models were pre-trained on counts, and TPM in X otherwise.
+        """
+        if self.layer == "auto":
+            return "counts" if "counts" in adata.layers else None
+        return None if self.layer in (None, "X") else self.layer
 
     def describe(self) -> dict[str, Any]:
         out = {**super().describe(), "model_dir": str(self.path)}

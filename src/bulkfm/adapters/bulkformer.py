@@ -119,7 +119,9 @@ class BulkFormerEmbedder(FoundationEmbedder):
     ``pooling``: mean (default), max, median, or all (max + mean + median summed, as
     published). ``gene_set``: present (default; genes the sample has), high_var (the
     release's gene list, masked genes included, as published) or all.
-    ``min_coverage``: smallest fraction of the model's genes the data must have.
+    ``layer``: the values to read, TPM in X by default (BulkFormer was trained on TPM;
+    "auto" would take counts). ``min_coverage``: smallest fraction of the model's genes
+    the data must have.
     """
 
     model_name: ClassVar[str] = MODEL
@@ -131,6 +133,7 @@ class BulkFormerEmbedder(FoundationEmbedder):
         *,
         pooling: str = "mean",
         gene_set: str = "present",
+        layer: str | None = "X",
         min_coverage: float = 0.05,
         batch_size: int = 8,
         device: str = "cpu",
@@ -138,19 +141,20 @@ class BulkFormerEmbedder(FoundationEmbedder):
         label: str | None = None,
     ) -> None:
         super().__init__(
-            model_dir, batch_size=batch_size, device=device, trust_pickle=trust_pickle, label=label
+            model_dir,
+            layer=layer,
+            min_coverage=min_coverage,
+            batch_size=batch_size,
+            device=device,
+            trust_pickle=trust_pickle,
+            label=label,
         )
         if pooling not in POOLINGS:
             raise ConfigError(f"{MODEL}: pooling={pooling!r}; choose one of {list(POOLINGS)}")
         if gene_set not in GENE_SETS:
             raise ConfigError(f"{MODEL}: gene_set={gene_set!r}; choose one of {list(GENE_SETS)}")
-        if not isinstance(min_coverage, int | float) or not 0.0 <= float(min_coverage) <= 1.0:
-            raise ConfigError(
-                f"{MODEL}: min_coverage={min_coverage!r} must be a fraction in [0, 1]"
-            )
         self.pooling = pooling
         self.gene_set = gene_set
-        self.min_coverage = float(min_coverage)
         self._genes: list[str] | None = None
         self._high_var: np.ndarray | None = None
 
@@ -321,7 +325,14 @@ class BulkFormerEmbedder(FoundationEmbedder):
 
         Returns (values [n, 20010] float32, present [n, 20010] bool, coverage report).
         """
-        gi = gene_input(adata, self.genes(), model=MODEL, min_fraction=self.min_coverage, rows=rows)
+        gi = gene_input(
+            adata,
+            self.genes(),
+            layer=self.source_layer(adata),
+            model=MODEL,
+            min_fraction=self.min_coverage,
+            rows=rows,
+        )
         if (gi.values < 0).any():
             raise ExpressionValueError(
                 f"{MODEL}: the expression matrix has negative values; BulkFormer expects TPM "

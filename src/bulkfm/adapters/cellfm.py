@@ -32,7 +32,7 @@ MindSpore; and github.com/biomed-AI/CellFM-torch, their PyTorch port):
 Bulk-specific choices (published behaviour kept as options):
 
 * ``gene_selection="top"`` (default): the ``max_genes`` (2,048) most expressed
-  genes, deterministic. ``"sample"`` is the published random draw (seeded per sample
+  genes, deterministic. ``"random"`` is the published random draw (seeded per sample
   id by ``seed``), which discards a random part of a bulk profile, where typically
   15k+ vocabulary genes are expressed. ``max_genes=None`` keeps every expressed gene
   (retention is linear in length, but 8-10x the tokens of the published recipe).
@@ -150,14 +150,14 @@ def select_genes(
     raw: np.ndarray,
     *,
     max_genes: int | None,
-    mode: Literal["top", "sample"],
+    mode: Literal["top", "random"],
     rng: np.random.Generator | None = None,
 ) -> np.ndarray:
     """Vocabulary positions fed to the model for one sample, in vocabulary order.
 
     Only expressed genes (``counts > 0``) are candidates. Beyond ``max_genes``:
     "top" keeps the most expressed (ties by the unrounded value ``raw``, then
-    vocabulary order); "sample" is the published draw without replacement with
+    vocabulary order); "random" is the published draw without replacement with
     probability proportional to ``log1p(count)``.
     """
     expressed = np.flatnonzero(counts > 0)
@@ -167,7 +167,7 @@ def select_genes(
         order = np.lexsort((expressed, -raw[expressed]))
         return np.sort(expressed[order[:max_genes]])
     if rng is None:
-        raise ConfigError(f"{MODEL}: gene_selection='sample' needs a random generator")
+        raise ConfigError(f"{MODEL}: gene_selection='random' needs a random generator")
     weights = np.log1p(counts[expressed].astype(np.float64))
     chosen = rng.choice(expressed.size, size=max_genes, replace=False, p=weights / weights.sum())
     return np.sort(expressed[chosen])
@@ -281,27 +281,33 @@ class CellFMEmbedder(FoundationEmbedder):
         model_dir: str | os.PathLike | None = None,
         *,
         max_genes: int | None = 2048,
-        gene_selection: Literal["top", "sample"] = "top",
+        gene_selection: Literal["top", "random"] = "top",
         depth_cap: float | None = 1e5,
-        layer: str = "auto",
+        layer: str | None = "auto",
         num_heads: int = 48,
         seed: int = 0,
         weights: str | None = None,
         gene_file: str | None = None,
-        min_fraction: float = 0.05,
+        min_coverage: float = 0.05,
         batch_size: int = 8,
         device: str = "cpu",
         trust_pickle: bool = False,
         label: str | None = None,
     ) -> None:
         super().__init__(
-            model_dir, batch_size=batch_size, device=device, trust_pickle=trust_pickle, label=label
+            model_dir,
+            layer=layer,
+            min_coverage=min_coverage,
+            batch_size=batch_size,
+            device=device,
+            trust_pickle=trust_pickle,
+            label=label,
         )
         self.max_genes = None if max_genes is None else check_int("max_genes", max_genes, 1)
-        if gene_selection not in ("top", "sample"):
+        if gene_selection not in ("top", "random"):
             raise ConfigError(
                 f"{MODEL}: gene_selection={gene_selection!r}; choose 'top' (deterministic, "
-                "default) or 'sample' (the published random draw)"
+                "default) or 'random' (the published random draw)"
             )
         self.gene_selection = gene_selection
         if depth_cap is not None and (
@@ -312,14 +318,8 @@ class CellFMEmbedder(FoundationEmbedder):
                 "or null to skip the cap"
             )
         self.depth_cap = None if depth_cap is None else float(depth_cap)
-        if not isinstance(layer, str) or not layer:
-            raise ConfigError(f"{MODEL}: layer={layer!r}; use 'auto', 'X' or a layer name")
-        self.layer = layer
         self.num_heads = check_int("num_heads", num_heads, 1)
         self.seed = check_int("seed", seed, 0)
-        if not isinstance(min_fraction, (int, float)) or not 0 <= min_fraction <= 1:
-            raise ConfigError(f"{MODEL}: min_fraction={min_fraction!r}; give a number in [0, 1]")
-        self.min_fraction = float(min_fraction)
         self.weights = weights
         self.gene_file = gene_file
         self._genes: list[str] | None = None
@@ -329,12 +329,11 @@ class CellFMEmbedder(FoundationEmbedder):
             "max_genes": self.max_genes,
             "gene_selection": self.gene_selection,
             "depth_cap": self.depth_cap,
-            "layer": self.layer,
             "num_heads": self.num_heads,
             "weights": self.weights,
             "gene_file": self.gene_file,
         }
-        if self.gene_selection == "sample":
+        if self.gene_selection == "random":
             out["seed"] = self.seed
         return out
 
@@ -387,11 +386,6 @@ class CellFMEmbedder(FoundationEmbedder):
 
     # ------------------------------------------------------------------ embedding
 
-    def _source_layer(self, adata: ad.AnnData) -> str | None:
-        if self.layer == "auto":
-            return "counts" if "counts" in adata.layers else None
-        return None if self.layer == "X" else self.layer
-
     def tokens(
         self, adata: ad.AnnData, rows: slice, layer: str | None
     ) -> tuple[list[np.ndarray], list[np.ndarray], dict[str, Any]]:
@@ -402,7 +396,7 @@ class CellFMEmbedder(FoundationEmbedder):
             id_type="symbol",
             layer=layer,
             model=MODEL,
-            min_fraction=self.min_fraction,
+            min_fraction=self.min_coverage,
             rows=rows,
         )
         _check_non_negative(gi.values)
@@ -416,7 +410,7 @@ class CellFMEmbedder(FoundationEmbedder):
         names = adata.obs_names[rows]
         ids, vals = [], []
         for i in range(counts.shape[0]):
-            rng = _sample_rng(self.seed, str(names[i])) if self.gene_selection == "sample" else None
+            rng = _sample_rng(self.seed, str(names[i])) if self.gene_selection == "random" else None
             keep = select_genes(
                 counts[i], gi.values[i], max_genes=self.max_genes, mode=self.gene_selection, rng=rng
             )
@@ -427,7 +421,7 @@ class CellFMEmbedder(FoundationEmbedder):
     def embed(self, adata: ad.AnnData) -> np.ndarray:
         import torch
 
-        layer = self._source_layer(adata)
+        layer = self.source_layer(adata)
         net = self.network
         chunk = max(self.batch_size, 256)
         out, lengths, report = [], [], None

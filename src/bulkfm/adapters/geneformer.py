@@ -381,7 +381,13 @@ class GeneformerEmbedder(FoundationEmbedder):
         label: str | None = None,
     ) -> None:
         super().__init__(
-            model_dir, batch_size=batch_size, device=device, trust_pickle=trust_pickle, label=label
+            model_dir,
+            layer=layer,
+            min_coverage=min_coverage,
+            batch_size=batch_size,
+            device=device,
+            trust_pickle=trust_pickle,
+            label=label,
         )
         if version not in ("auto", "V1", "V2"):
             raise ConfigError(f"version={version!r}: choose 'auto', 'V1' or 'V2'")
@@ -397,20 +403,12 @@ class GeneformerEmbedder(FoundationEmbedder):
                 f"emb_layer must be an integer <= 0 (-1: second-to-last layer, as published; "
                 f"0: last layer), got {emb_layer!r}"
             )
-        if layer is not None and (not isinstance(layer, str) or not layer):
-            raise ConfigError(f"layer must be 'auto', 'X' or a layer name, got {layer!r}")
         if model_input_size is not None:
             check_int("model_input_size", model_input_size, 3 if version == "V2" else 1)
-        if isinstance(min_coverage, bool) or not isinstance(min_coverage, int | float):
-            raise ConfigError(f"min_coverage must be a fraction in [0, 1], got {min_coverage!r}")
-        if not 0.0 <= float(min_coverage) <= 1.0:
-            raise ConfigError(f"min_coverage must be a fraction in [0, 1], got {min_coverage!r}")
         self.version = version
         self.emb_mode = emb_mode
         self.emb_layer = int(emb_layer)
-        self.layer = layer
         self.model_input_size = model_input_size
-        self.min_coverage = float(min_coverage)
         folder = self.path if self.path.is_dir() else self.path.parent
         self.folder = folder
         self.token_dictionary_path = _find_dictionary(
@@ -435,7 +433,6 @@ class GeneformerEmbedder(FoundationEmbedder):
             "version": self.version,
             "emb_mode": self.emb_mode,
             "emb_layer": self.emb_layer,
-            "layer": self.layer,
             "model_input_size": self.model_input_size,
             "files": files,
         }
@@ -552,17 +549,12 @@ class GeneformerEmbedder(FoundationEmbedder):
 
     # ------------------------------------------------------------------ tokens, embedding
 
-    def _source_layer(self, adata: ad.AnnData) -> str | None:
-        if self.layer == "auto":
-            return "counts" if "counts" in adata.layers else None
-        return None if self.layer in (None, "X") else self.layer
-
     def tokenize(self, adata: ad.AnnData) -> tuple[list[np.ndarray], dict[str, Any]]:
         """Each sample's token ids (V2: framed by <cls>/<eos>) and the coverage report."""
         vocab = self.vocabulary
         version = self.resolved_version
         size = self.input_size
-        layer = self._source_layer(adata)
+        layer = self.source_layer(adata)
         special = {"cls_id": vocab.cls_id, "eos_id": vocab.eos_id} if version == "V2" else {}
         report: dict[str, Any] = {}
         tokens: list[np.ndarray] = []

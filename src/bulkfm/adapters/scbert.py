@@ -14,7 +14,7 @@ Published recipe (TencentAILabHealthcare/scBERT: ``preprocess.py``, ``pretrain.p
   whose Gene2Vec row is zero). Counts are taken from ``layers["counts"]`` when the
   data has that layer; otherwise the TPM in X are normalised the same way (TPM are
   length-corrected, so the values differ from counts; the coverage report's
-  ``expression`` entry records which was used). ``input_layer`` overrides this.
+  ``expression`` entry records which was used). ``layer`` overrides this.
 - Network: ``PerformerLM(num_tokens=7, dim=200, depth=6, heads=10, dim_head=64,
   max_seq_len=16,907, g2v_position_emb=True, local_attn_heads=0)`` with FAVOR+
   attention (266 random features per head, loaded from the checkpoint, never
@@ -29,7 +29,7 @@ Published recipe (TencentAILabHealthcare/scBERT: ``preprocess.py``, ``pretrain.p
   includes the appended end position, i.e. ``encodings.mean(1)`` over the whole
   output. The end position is excluded by default: it is a constant token with a
   zero position vector, not a gene.
-- Coverage: fewer than ``min_fraction`` (default 0.5) of the 16,906 genes found is an
+- Coverage: fewer than ``min_coverage`` (default 0.5) of the 16,906 genes found is an
   error, because the missing genes are fed as zero expression and also shift the
   per-sample normalisation.
 
@@ -187,33 +187,26 @@ class ScbertEmbedder(FoundationEmbedder):
         model_dir: str | os.PathLike | None = None,
         *,
         pooling: str = "present",
-        input_layer: str | None = "auto",
+        layer: str | None = "auto",
         gene_list: str | os.PathLike | None = None,
-        min_fraction: float = 0.5,
+        min_coverage: float = 0.5,
         batch_size: int = 2,
         device: str = "cpu",
         trust_pickle: bool = False,
         label: str | None = None,
     ) -> None:
         super().__init__(
-            model_dir, batch_size=batch_size, device=device, trust_pickle=trust_pickle, label=label
+            model_dir,
+            layer=layer,
+            min_coverage=min_coverage,
+            batch_size=batch_size,
+            device=device,
+            trust_pickle=trust_pickle,
+            label=label,
         )
         if pooling not in POOLINGS:
             raise ConfigError(f"scBERT: pooling={pooling!r}; choose one of {', '.join(POOLINGS)}")
-        if input_layer is not None and (not isinstance(input_layer, str) or not input_layer):
-            raise ConfigError(
-                f"scBERT: input_layer={input_layer!r}; use 'auto' (counts when present, else "
-                "X), None (X) or the name of a layer"
-            )
-        if isinstance(min_fraction, bool) or not isinstance(min_fraction, int | float):
-            raise ConfigError(
-                f"scBERT: min_fraction must be a number in [0, 1], got {min_fraction!r}"
-            )
-        if not 0.0 <= float(min_fraction) <= 1.0:
-            raise ConfigError(f"scBERT: min_fraction must be in [0, 1], got {min_fraction!r}")
         self.pooling = pooling
-        self.input_layer = input_layer
-        self.min_fraction = float(min_fraction)
         folder = self.path if self.path.is_dir() else self.path.parent
         self.gene_list_path = Path(gene_list).expanduser() if gene_list is not None else folder
         self._genes: list[str] | None = None
@@ -231,8 +224,6 @@ class ScbertEmbedder(FoundationEmbedder):
     def settings(self) -> dict[str, Any]:
         return {
             "pooling": self.pooling,
-            "input_layer": self.input_layer,
-            "min_fraction": self.min_fraction,
             "gene_list": self._gene_list_digest(),
         }
 
@@ -280,16 +271,11 @@ class ScbertEmbedder(FoundationEmbedder):
         logger.info("scBERT: loaded %s (%s)", path.name, shape)
         return net
 
-    def _layer(self, adata: ad.AnnData) -> str | None:
-        if self.input_layer == "auto":
-            return "counts" if "counts" in adata.layers else None
-        return self.input_layer
-
     def embed(self, adata: ad.AnnData) -> np.ndarray:
         import torch
 
         net = self.network
-        layer = self._layer(adata)
+        layer = self.source_layer(adata)
         n_bins = net.shape.num_tokens - 2
         outputs: list[np.ndarray] = []
         for chunk in range(0, adata.n_obs, _CHUNK_ROWS):
@@ -300,7 +286,7 @@ class ScbertEmbedder(FoundationEmbedder):
                 id_type="symbol",
                 layer=layer,
                 model=self.model_name,
-                min_fraction=self.min_fraction,
+                min_fraction=self.min_coverage,
                 rows=rows,
             )
             if chunk == 0:

@@ -13,7 +13,8 @@ including an alias of every layer) where scBERT's copy has
 ``performer.calls_since_last_redraw``, and its FAVOR+ key features subtract a max
 per sample *and head*, whereas scBERT's copy subtracts one max over the whole key
 tensor. The max only shifts where the kernel's ``eps`` term
-enters, yet it changes the output, so the published math is re-implemented here.
+enters, yet it changes the output, so the published math is re-implemented (the
+Performer stack lives in :mod:`bulkfm.adapters.performer`, shared with scLong).
 scBERT's max runs over the whole *batch*, which would make a sample's embedding
 depend on the other samples in its batch; this network takes it over each sample
 (all heads, positions and features), which is exactly the published computation at
@@ -34,12 +35,18 @@ from typing import Any
 import torch
 from torch import nn
 
+from bulkfm.adapters.performer import KERNEL_EPS, Performer, linear_attention
+from bulkfm.adapters.performer import softmax_features as favor_features
 from bulkfm.errors import CheckpointError
 
-__all__ = ["KERNEL_EPS", "ScbertNet", "ScbertShape"]
+__all__ = [
+    "KERNEL_EPS",
+    "ScbertNet",
+    "ScbertShape",
+    "favor_features",
+    "linear_attention",
+]
 
-# Additive constant in scBERT's softmax-kernel features (performer default).
-KERNEL_EPS = 1e-4
 _LAYER_KEY = re.compile(r"^performer\.net\.layers\.(\d+)\.")
 
 
@@ -102,129 +109,6 @@ class ScbertShape:
         )
 
 
-def favor_features(data: torch.Tensor, projection: torch.Tensor, *, is_query: bool) -> torch.Tensor:
-    """Positive random features of the softmax kernel, stabilised as scBERT does.
-
-    ``data`` is [batch, heads, length, dim_head]. Queries subtract their own max over
-    features (it cancels in the attention normaliser up to ``eps``); keys subtract one
-    max per sample over heads, positions and features (see the module docstring).
-    """
-    scale = data.shape[-1] ** -0.25
-    ratio = projection.shape[0] ** -0.5
-    proj = torch.einsum("bhnd,md->bhnm", data, projection.to(data.dtype) * scale)
-    half_norm = (data**2).sum(dim=-1, keepdim=True) * (0.5 * scale**2)
-    top = proj.amax(dim=-1 if is_query else (1, 2, 3), keepdim=True)
-    if torch.is_grad_enabled():
-        return ratio * (torch.exp(proj - half_norm - top) + KERNEL_EPS)
-    # Inference: the same arithmetic in place (these tensors are the largest ones).
-    return proj.sub_(half_norm + top).exp_().add_(KERNEL_EPS).mul_(ratio)
-
-
-def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Non-causal linear attention: out_i = sum_j (q_i.k_j) v_j / sum_j q_i.k_j."""
-    normaliser = torch.einsum("bhnm,bhm->bhn", q, k.sum(dim=-2))
-    context = torch.einsum("bhnm,bhne->bhme", k, v)
-    return torch.einsum("bhnm,bhme->bhne", q, context) / normaliser.unsqueeze(-1)
-
-
-class _FastAttention(nn.Module):
-    def __init__(self, nb_features: int, dim_head: int) -> None:
-        super().__init__()
-        self.register_buffer("projection_matrix", torch.zeros(nb_features, dim_head))
-
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        qf = favor_features(q, self.projection_matrix, is_query=True)
-        kf = favor_features(k, self.projection_matrix, is_query=False)
-        return linear_attention(qf, kf, v)
-
-
-class _SelfAttention(nn.Module):
-    def __init__(self, shape: ScbertShape) -> None:
-        super().__init__()
-        inner = shape.heads * shape.dim_head
-        self.heads = shape.heads
-        self.fast_attention = _FastAttention(shape.nb_features, shape.dim_head)
-        # scBERT builds PerformerLM with qkv_bias=False; the output projection has a bias.
-        self.to_q = nn.Linear(shape.dim, inner, bias=False)
-        self.to_k = nn.Linear(shape.dim, inner, bias=False)
-        self.to_v = nn.Linear(shape.dim, inner, bias=False)
-        self.to_out = nn.Linear(inner, shape.dim)
-
-    def _split(self, t: torch.Tensor) -> torch.Tensor:
-        b, n, _ = t.shape
-        return t.view(b, n, self.heads, -1).transpose(1, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = (self._split(f(x)) for f in (self.to_q, self.to_k, self.to_v))
-        out = self.fast_attention(q, k, v)
-        b, _, n, _ = out.shape
-        return self.to_out(out.transpose(1, 2).reshape(b, n, -1))
-
-
-class _FeedForward(nn.Module):
-    def __init__(self, dim: int, hidden: int) -> None:
-        super().__init__()
-        self.w1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.w2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(self.act(self.w1(x)))
-
-
-class _Wrapped(nn.Module):
-    """A parameter-free wrapper kept only because the release's key names pass through it
-    (scBERT wraps its feed-forward in a one-chunk ``Chunk`` module: ``...1.fn.fn.w1``)."""
-
-    def __init__(self, fn: nn.Module) -> None:
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fn(x)
-
-
-class _PreNorm(nn.Module):
-    def __init__(self, dim: int, fn: nn.Module) -> None:
-        super().__init__()
-        self.norm = nn.LayerNorm(dim)
-        self.fn = fn
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fn(self.norm(x))
-
-
-class _Layers(nn.Module):
-    def __init__(self, shape: ScbertShape) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList(
-            nn.ModuleList(
-                [
-                    _PreNorm(shape.dim, _SelfAttention(shape)),
-                    _PreNorm(shape.dim, _Wrapped(_FeedForward(shape.dim, shape.ff_hidden))),
-                ]
-            )
-            for _ in range(shape.depth)
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for attention, feed_forward in self.layers:
-            x = x + attention(x)
-            x = x + feed_forward(x)
-        return x
-
-
-class _Trunk(nn.Module):
-    def __init__(self, shape: ScbertShape) -> None:
-        super().__init__()
-        self.net = _Layers(shape)
-        # Training-time redraw counter of the release; loaded for key parity, never used.
-        self.register_buffer("calls_since_last_redraw", torch.tensor(0))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-
 class _GenePositions(nn.Module):
     """Gene2Vec vector per position (the last, end position is a zero row), frozen."""
 
@@ -250,7 +134,15 @@ class ScbertNet(nn.Module):
         self.shape = shape
         self.token_emb = nn.Embedding(shape.num_tokens, shape.dim)
         self.pos_emb = _GenePositions(shape.n_positions, shape.dim)
-        self.performer = _Trunk(shape)
+        # scBERT builds PerformerLM with qkv_bias=False and a plain GELU feed-forward.
+        self.performer = Performer(
+            shape.dim,
+            shape.depth,
+            shape.heads,
+            shape.dim_head,
+            ff_hidden=shape.ff_hidden,
+            nb_features=shape.nb_features,
+        )
         self.norm = nn.LayerNorm(shape.dim)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:

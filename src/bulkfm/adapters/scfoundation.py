@@ -16,7 +16,7 @@ Facts taken from the public code (biomap-research/scFoundation, ``model/``):
   cell embeddings, so its keys are dropped on load.
 * Pooling (``get_embedding.py --output_type cell --pool_type all``): the concatenation
   of the S token output, the T token output, the max and the mean over gene tokens
-  (4 x hidden: 3,072 for the 768-wide release). ``pool="max"`` is the published
+  (4 x hidden: 3,072 for the 768-wide release). ``pooling="max"`` is the published
   alternative (max over all tokens, 1 x hidden). The published script embeds one
   sample at a time; here batches are padded, padding is masked in attention and left
   out of max and mean, and T/S are read at each sample's own positions, so a
@@ -316,8 +316,8 @@ class ScFoundationEmbedder(FoundationEmbedder):
         key: str = "cell",
         recipe: Recipe = "per_sample",
         target_sum: float = 1e4,
-        pool: Literal["all", "max"] = "all",
-        layer: str = "auto",
+        pooling: Literal["all", "max"] = "all",
+        layer: str | None = "auto",
         gene_index: str | os.PathLike | None = None,
         min_coverage: float = 0.05,
         batch_size: int = 8,
@@ -326,21 +326,22 @@ class ScFoundationEmbedder(FoundationEmbedder):
         label: str | None = None,
     ) -> None:
         super().__init__(
-            model_dir, batch_size=batch_size, device=device, trust_pickle=trust_pickle, label=label
+            model_dir,
+            layer=layer,
+            min_coverage=min_coverage,
+            batch_size=batch_size,
+            device=device,
+            trust_pickle=trust_pickle,
+            label=label,
         )
         if not isinstance(key, str) or not key:
             raise ConfigError(f"{MODEL}: key must name a model version such as 'cell', got {key!r}")
         if recipe not in RECIPES:
             raise ConfigError(f"{MODEL}: recipe={recipe!r}; choose one of {RECIPES}")
-        if pool not in POOLS:
-            raise ConfigError(f"{MODEL}: pool={pool!r}; choose one of {POOLS}")
+        if pooling not in POOLS:
+            raise ConfigError(f"{MODEL}: pooling={pooling!r}; choose one of {POOLS}")
         self.target_sum = _positive_float("target_sum", target_sum)
-        self.min_coverage = _positive_float("min_coverage", min_coverage)
-        if self.min_coverage > 1:
-            raise ConfigError(f"{MODEL}: min_coverage={min_coverage} must be a fraction in (0, 1]")
-        if not isinstance(layer, str) or not layer:
-            raise ConfigError(f"{MODEL}: layer must be 'auto', 'X' or a layer name, got {layer!r}")
-        self.key, self.recipe, self.pool, self.layer = key, recipe, pool, layer
+        self.key, self.recipe, self.pooling = key, recipe, pooling
         base = self.path if self.path.is_dir() else self.path.parent
         self.gene_index = Path(gene_index) if gene_index is not None else base / GENE_INDEX_FILE
         self.vocabulary: list[str] | None = None
@@ -349,8 +350,7 @@ class ScFoundationEmbedder(FoundationEmbedder):
         out: dict[str, Any] = {
             "key": self.key,
             "recipe": self.recipe,
-            "pool": self.pool,
-            "layer": self.layer,
+            "pooling": self.pooling,
         }
         if self.recipe == "per_sample":
             out["target_sum"] = self.target_sum
@@ -376,11 +376,6 @@ class ScFoundationEmbedder(FoundationEmbedder):
         load_state_dict_strict(net, state, model=MODEL, ignore=DECODER_PREFIXES)
         self.vocabulary = vocabulary
         return net
-
-    def _source_layer(self, adata: ad.AnnData) -> str | None:
-        if self.layer == "auto":
-            return "counts" if "counts" in adata.layers else None
-        return None if self.layer == "X" else self.layer
 
     def _inputs(self, adata: ad.AnnData, rows: slice, layer: str | None) -> Any:
         return gene_input(
@@ -410,7 +405,7 @@ class ScFoundationEmbedder(FoundationEmbedder):
 
         net = self.network
         cfg = net.cfg
-        layer = self._source_layer(adata)
+        layer = self.source_layer(adata)
         median = self._median_total(adata, layer) if self.recipe == "published" else None
         names = np.asarray(adata.obs_names.astype(str))
         out: list[np.ndarray] = []
@@ -431,7 +426,7 @@ class ScFoundationEmbedder(FoundationEmbedder):
                     xb, pad_value=float(cfg.pad_token_id), pad_position=cfg.seq_len
                 )
                 hidden = net(values, positions, padding)
-                out.append(pool_hidden(hidden, padding, self.pool).float().cpu().numpy())
+                out.append(pool_hidden(hidden, padding, self.pooling).float().cpu().numpy())
         self.coverage_ = {
             **(report or {}),
             "recipe": self.recipe,

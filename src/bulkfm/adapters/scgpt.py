@@ -42,8 +42,8 @@ Bulk defaults (the published recipe stays available as options):
   ~10 s per sample and layer on one CPU core at 20k genes (minutes per sample for the
   12-layer release), so use a GPU, or ``max_length`` on CPU;
   ``scaled_dot_product_attention`` keeps memory linear in length.
-  ``max_length=1200, gene_sampling="random"`` is the published recipe (seeded here);
-  ``max_length=N, gene_sampling="top"`` keeps the N-1 highest-valued genes
+  ``max_length=1200, gene_selection="random"`` is the published recipe (seeded here);
+  ``max_length=N, gene_selection="top"`` keeps the N-1 highest-valued genes
   (deterministic, cheap on CPU; bins still computed over all expressed genes, as the
   collator bins before it samples).
 - Randomness (bin ties, random sampling) comes from a generator seeded by ``seed`` and
@@ -102,7 +102,7 @@ MODEL = "scGPT"
 SPECIAL_TOKENS = ("<pad>", "<cls>", "<eoc>")
 WEIGHT_FILES = ("model.safetensors", "best_model.safetensors", "best_model.pt")
 PUBLISHED_MAX_LENGTH = 1200
-GENE_SAMPLING = ("top", "random")
+GENE_SELECTION = ("top", "random")
 ROWS_PER_CHUNK = 256  # samples laid out on the vocabulary at a time (memory bound)
 
 
@@ -238,7 +238,7 @@ def select_tokens(
     *,
     n_bins: int,
     max_length: int | None,
-    gene_sampling: str,
+    gene_selection: str,
     rng: np.random.Generator,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Positions (into the vocabulary genes) and bins of one sample's gene tokens.
@@ -253,7 +253,7 @@ def select_tokens(
     bins = bin_values(values[pos], n_bins, rng)
     if max_length is not None and pos.size > max_length - 1:
         keep = max_length - 1
-        if gene_sampling == "random":
+        if gene_selection == "random":
             pick = rng.permutation(pos.size)[:keep]
         else:
             pick = np.sort(np.argsort(-values[pos], kind="stable")[:keep])
@@ -278,7 +278,7 @@ class ScGPTEmbedder(FoundationEmbedder):
     """scGPT cell embedding (``<cls>`` output, L2-normalised) of bulk samples.
 
     Options: ``max_length`` (tokens including ``<cls>``; None = every expressed
-    vocabulary gene, the default; 1200 = published), ``gene_sampling`` ("top" or the
+    vocabulary gene, the default; 1200 = published), ``gene_selection`` ("top" or the
     published "random", used only when a sample exceeds ``max_length``), ``seed``
     (bin ties and random sampling), ``layer`` ("auto": ``layers["counts"]`` when
     present, else X; or a layer name, or "X"), ``l2_normalize`` (published: True).
@@ -292,29 +292,33 @@ class ScGPTEmbedder(FoundationEmbedder):
         model_dir: str | os.PathLike | None = None,
         *,
         max_length: int | None = None,
-        gene_sampling: str = "top",
+        gene_selection: str = "top",
         seed: int = 0,
         layer: str | None = "auto",
         l2_normalize: bool = True,
+        min_coverage: float = 0.05,
         batch_size: int = 8,
         device: str = "cpu",
         trust_pickle: bool = False,
         label: str | None = None,
     ) -> None:
         super().__init__(
-            model_dir, batch_size=batch_size, device=device, trust_pickle=trust_pickle, label=label
+            model_dir,
+            layer=layer,
+            min_coverage=min_coverage,
+            batch_size=batch_size,
+            device=device,
+            trust_pickle=trust_pickle,
+            label=label,
         )
         self.max_length = None if max_length is None else check_int("max_length", max_length, 2)
-        if gene_sampling not in GENE_SAMPLING:
+        if gene_selection not in GENE_SELECTION:
             raise ConfigError(
-                f"gene_sampling={gene_sampling!r}: choose 'top' (highest values, "
+                f"gene_selection={gene_selection!r}: choose 'top' (highest values, "
                 "deterministic) or 'random' (published scGPT sampling)"
             )
-        self.gene_sampling = gene_sampling
+        self.gene_selection = gene_selection
         self.seed = check_int("seed", seed, 0)
-        if layer is not None and (not isinstance(layer, str) or not layer):
-            raise ConfigError(f"layer must be 'auto', 'X' or a layer name, got {layer!r}")
-        self.layer = "X" if layer is None else layer
         if not isinstance(l2_normalize, bool):
             raise ConfigError(f"l2_normalize must be true or false, got {l2_normalize!r}")
         self.l2_normalize = l2_normalize
@@ -323,9 +327,8 @@ class ScGPTEmbedder(FoundationEmbedder):
     def settings(self) -> dict[str, Any]:
         return {
             "max_length": self.max_length,
-            "gene_sampling": self.gene_sampling,
+            "gene_selection": self.gene_selection,
             "seed": self.seed,
-            "layer": self.layer,
             "l2_normalize": self.l2_normalize,
         }
 
@@ -364,23 +367,26 @@ class ScGPTEmbedder(FoundationEmbedder):
 
     # ----------------------------------------------------------------- embedding
 
-    def _source(self, adata: ad.AnnData) -> str | None:
-        if self.layer == "auto":
-            return "counts" if "counts" in adata.layers else None
-        return None if self.layer == "X" else self.layer
-
     def _rng(self, sample_id: str) -> np.random.Generator:
         return np.random.default_rng([self.seed, zlib.crc32(sample_id.encode("utf-8"))])
 
     def embed(self, adata: ad.AnnData) -> np.ndarray:
         net = self.network
         rel = self.release()
-        layer = self._source(adata)
+        layer = self.source_layer(adata)
         out = np.zeros((adata.n_obs, rel.args.embsize), dtype=np.float32)
         lengths: list[int] = []
         report: dict[str, Any] | None = None
         for rows in batch_slices(adata.n_obs, ROWS_PER_CHUNK, desc=MODEL):
-            g = gene_input(adata, rel.genes, id_type="symbol", layer=layer, model=MODEL, rows=rows)
+            g = gene_input(
+                adata,
+                rel.genes,
+                id_type="symbol",
+                layer=layer,
+                model=MODEL,
+                min_fraction=self.min_coverage,
+                rows=rows,
+            )
             report = report or g.report
             if (g.values < 0).any():
                 raise ExpressionValueError(
@@ -394,7 +400,7 @@ class ScGPTEmbedder(FoundationEmbedder):
                     g.present[i],
                     n_bins=rel.args.n_bins,
                     max_length=self.max_length,
-                    gene_sampling=self.gene_sampling,
+                    gene_selection=self.gene_selection,
                     rng=self._rng(str(sample)),
                 )
                 lengths.append(int(np.count_nonzero(g.present[i] & (g.values[i] != 0))))
@@ -450,7 +456,7 @@ class ScGPTEmbedder(FoundationEmbedder):
                 "max": int(max(lengths)),
             },
             "max_length": self.max_length,
-            "gene_sampling": self.gene_sampling,
+            "gene_selection": self.gene_selection,
             "n_samples_subsampled": n_long,
             "n_bins": self.release().args.n_bins,
         }

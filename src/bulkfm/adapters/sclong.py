@@ -423,21 +423,19 @@ class SCLongEmbedder(FoundationEmbedder):
         label: str | None = None,
     ) -> None:
         super().__init__(
-            model_dir, batch_size=batch_size, device=device, trust_pickle=trust_pickle, label=label
+            model_dir,
+            layer=layer,
+            min_coverage=min_coverage,
+            batch_size=batch_size,
+            device=device,
+            trust_pickle=trust_pickle,
+            label=label,
         )
         self.pooling = _choice("pooling", pooling, POOLINGS)
         self.missing = _choice("missing", missing, MISSING)
         self.key_max = _choice("key_max", key_max, KEY_MAX)
-        if layer is not None and (not isinstance(layer, str) or not layer):
-            raise ConfigError(f"layer must be 'auto', a layer name or None (X), got {layer!r}")
-        self.layer = layer
         self.target_sum = _positive("target_sum", target_sum)
         self.scale_max = None if scale_max is None else _positive("scale_max", scale_max)
-        if isinstance(min_coverage, bool) or not isinstance(min_coverage, int | float):
-            raise ConfigError(f"min_coverage must be a number in [0, 1], got {min_coverage!r}")
-        if not 0.0 <= float(min_coverage) <= 1.0:
-            raise ConfigError(f"min_coverage must be in [0, 1], got {min_coverage!r}")
-        self.min_coverage = float(min_coverage)
         self.genes_: list[str] | None = None
         self.config_: SCLongConfig | None = None
 
@@ -446,7 +444,6 @@ class SCLongEmbedder(FoundationEmbedder):
             "pooling": self.pooling,
             "missing": self.missing,
             "key_max": self.key_max,
-            "layer": self.layer,
             "target_sum": self.target_sum,
             "scale_max": self.scale_max,
         }
@@ -513,18 +510,13 @@ class SCLongEmbedder(FoundationEmbedder):
 
     # ------------------------------------------------------------------ embedding
 
-    def _source_layer(self, adata: ad.AnnData) -> str | None:
-        if self.layer == "auto":
-            return "counts" if "counts" in adata.layers else None
-        return self.layer
-
     def per_gene(self, adata: ad.AnnData, rows: slice | None = None) -> tuple[Any, Any]:
         """Per-gene outputs ``[n, vocabulary + 1, base_dim]`` and the pooling mask."""
         import torch
 
         net = self.network
         assert self.genes_ is not None
-        layer = self._source_layer(adata)
+        layer = self.source_layer(adata)
         gi = gene_input(
             adata,
             self.genes_,

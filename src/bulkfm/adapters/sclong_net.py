@@ -9,29 +9,28 @@ pre-norm attention, ``net.layers.<i>.1`` = pre-norm feed-forward wrapped in a ch
 module, plus the ``calls_since_last_redraw`` buffer), the projections around the
 large encoder, ``decode_norm`` and the pre-training head ``exp_to_out``.
 
-Written from the public code (``performer_pytorch_cont``), not copied; two choices
-differ on purpose and are switchable (see :class:`SCLongNet`): the top-k ties are
-broken by vocabulary position (``torch.topk`` leaves them unspecified), and the key
-stabiliser of the softmax kernel is taken per sample by default (the release takes
-one maximum over the whole batch, which makes a sample's output depend slightly on
-its batch neighbours).
+Written from the public code (``performer_pytorch_cont``), not copied; the three
+Performer stacks are :mod:`bulkfm.adapters.performer`'s, shared with scBERT. Two
+choices differ on purpose and are switchable (see :class:`SCLongNet`): the top-k
+ties are broken by vocabulary position (``torch.topk`` leaves them unspecified),
+and the key stabiliser of the softmax kernel is taken per sample by default (the
+release takes one maximum over the whole batch, which makes a sample's output
+depend slightly on its batch neighbours).
 """
 
 from __future__ import annotations
 
-import math
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from bulkfm.adapters.performer import KeyMax, Performer, softmax_features
+
 if TYPE_CHECKING:
     from bulkfm.adapters.sclong import SCLongConfig
 
-__all__ = ["SCLongNet", "gcn_propagate", "select_top", "softmax_features"]
-
-_KERNEL_EPS = 1e-4  # the release's softmax_kernel eps
-KeyMax = Literal["sample", "batch"]
+__all__ = ["KeyMax", "Performer", "SCLongNet", "gcn_propagate", "select_top", "softmax_features"]
 
 
 # --------------------------------------------------------------------------- helpers
@@ -48,40 +47,6 @@ def select_top(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
     is_top = torch.zeros_like(values, dtype=torch.bool).scatter_(1, top, True)
     rest = torch.nonzero(~is_top, as_tuple=True)[1].view(values.shape[0], -1)
     return top, rest
-
-
-def softmax_features(
-    data: torch.Tensor,
-    projection: torch.Tensor,
-    *,
-    is_query: bool,
-    key_max: KeyMax = "sample",
-) -> torch.Tensor:
-    """Positive random features of FAVOR+ for queries or keys ([b, h, n, d] -> [b, h, n, m]).
-
-    The exponent is shifted by a maximum for stability: per position for queries;
-    for keys one maximum per sample (``key_max="sample"``) or over the whole batch
-    (``"batch"``, the release). The shift cancels in the attention ratio except
-    against the additive eps, hence the batch dependence of the released choice.
-    """
-    normalizer = data.shape[-1] ** -0.25
-    ratio = projection.shape[0] ** -0.5
-    dash = torch.einsum("bhnd,md->bhnm", data * normalizer, projection.to(data.dtype))
-    diag = (data**2).sum(dim=-1, keepdim=True) / 2.0 * normalizer**2
-    if is_query:
-        shift = dash.amax(dim=-1, keepdim=True)
-    elif key_max == "batch":
-        shift = dash.max()
-    else:
-        shift = dash.amax(dim=(1, 2, 3), keepdim=True)
-    return ratio * (torch.exp(dash - diag - shift) + _KERNEL_EPS)
-
-
-def _linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    k_sum = k.sum(dim=-2)
-    d_inv = 1.0 / torch.einsum("bhnm,bhm->bhn", q, k_sum.to(q.dtype))
-    context = torch.einsum("bhnm,bhne->bhme", k, v)
-    return torch.einsum("bhme,bhnm,bhn->bhne", context, q, d_inv)
 
 
 def gcn_propagate(
@@ -112,114 +77,21 @@ def _renorm_rows(weight: torch.Tensor, max_norm: float = 1.0) -> torch.Tensor:
 # --------------------------------------------------------------------------- Performer
 
 
-class _FastAttention(nn.Module):
-    def __init__(self, dim_head: int, nb_features: int | None, key_max: KeyMax) -> None:
-        super().__init__()
-        m = nb_features if nb_features is not None else int(dim_head * math.log(dim_head))
-        # Filled from the checkpoint: the release stores its random features.
-        self.register_buffer("projection_matrix", torch.zeros(m, dim_head))
-        self.key_max = key_max
-
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        q = softmax_features(q, self.projection_matrix, is_query=True)
-        k = softmax_features(k, self.projection_matrix, is_query=False, key_max=self.key_max)
-        return _linear_attention(q, k, v)
-
-
-class _SelfAttention(nn.Module):
-    def __init__(
-        self, dim: int, heads: int, dim_head: int, cfg: SCLongConfig, key_max: KeyMax
-    ) -> None:
-        super().__init__()
-        inner = heads * dim_head
-        self.heads = heads
-        self.fast_attention = _FastAttention(dim_head, cfg.nb_features, key_max)
-        self.to_q = nn.Linear(dim, inner, bias=cfg.qkv_bias)
-        self.to_k = nn.Linear(dim, inner, bias=cfg.qkv_bias)
-        self.to_v = nn.Linear(dim, inner, bias=cfg.qkv_bias)
-        self.to_out = nn.Linear(inner, dim)
-
-    def _split(self, t: torch.Tensor) -> torch.Tensor:
-        b, n, _ = t.shape
-        return t.view(b, n, self.heads, -1).transpose(1, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = (self._split(f(x)) for f in (self.to_q, self.to_k, self.to_v))
-        out = self.fast_attention(q, k, v)
-        b, h, n, d = out.shape
-        return self.to_out(out.transpose(1, 2).reshape(b, n, h * d))
-
-
-class _FeedForward(nn.Module):
-    def __init__(self, dim: int, mult: int, glu: bool) -> None:
-        super().__init__()
-        self.glu = glu
-        self.w1 = nn.Linear(dim, dim * mult * (2 if glu else 1))
-        self.act = nn.GELU()
-        self.w2 = nn.Linear(dim * mult, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.glu:
-            x, gate = self.w1(x).chunk(2, dim=-1)
-            return self.w2(self.act(x) * gate)
-        return self.w2(self.act(self.w1(x)))
-
-
-class _Chunk(nn.Module):
-    """Holds the feed-forward under ``fn`` (key ``fn.fn.w1``); chunking is a memory trick only."""
-
-    def __init__(self, fn: nn.Module) -> None:
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fn(x)
-
-
-class _PreNorm(nn.Module):
-    def __init__(self, dim: int, fn: nn.Module) -> None:
-        super().__init__()
-        self.norm = nn.LayerNorm(dim)
-        self.fn = fn
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fn(self.norm(x))
-
-
-class _Layers(nn.Module):
-    def __init__(self, layers: nn.ModuleList) -> None:
-        super().__init__()
-        self.layers = layers
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for attn, ff in self.layers:
-            x = x + attn(x)
-            x = x + ff(x)
-        return x
-
-
-class Performer(nn.Module):
-    """Pre-norm Performer stack (global FAVOR+ heads only, no final norm)."""
-
-    def __init__(
-        self, dim: int, depth: int, heads: int, dim_head: int, cfg: SCLongConfig, key_max: KeyMax
-    ) -> None:
-        super().__init__()
-        layers = nn.ModuleList(
-            nn.ModuleList(
-                [
-                    _PreNorm(dim, _SelfAttention(dim, heads, dim_head, cfg, key_max)),
-                    _PreNorm(dim, _Chunk(_FeedForward(dim, cfg.ff_mult, cfg.ff_glu))),
-                ]
-            )
-            for _ in range(depth)
-        )
-        self.net = _Layers(layers)
-        # Training-time counter for redrawing random features; kept for the key match.
-        self.register_buffer("calls_since_last_redraw", torch.tensor(0))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+def _performer(
+    dim: int, depth: int, heads: int, dim_head: int, cfg: SCLongConfig, key_max: KeyMax
+) -> Performer:
+    """One of the three stacks; they share the feed-forward and bias settings of ``cfg``."""
+    return Performer(
+        dim,
+        depth,
+        heads,
+        dim_head,
+        ff_hidden=dim * cfg.ff_mult,
+        nb_features=cfg.nb_features,
+        ff_glu=cfg.ff_glu,
+        qkv_bias=cfg.qkv_bias,
+        key_max=key_max,
+    )
 
 
 # --------------------------------------------------------------------------- embeddings
@@ -320,12 +192,12 @@ class SCLongNet(nn.Module):
         self.go_conv = _GeneOntologyEncoder(
             n, d, cfg.go_num_layers, edge_index, edge_weight, renorm=not cfg.go_use_gene2vec
         )
-        self.mini_encoder = Performer(
+        self.mini_encoder = _performer(
             d, cfg.mini_enc_depth, cfg.mini_enc_heads, cfg.mini_enc_dim_head, cfg, key_max
         )
         self.base_to_large = nn.Linear(d, cfg.large_dim)
         self.large_in_norm = nn.LayerNorm(cfg.large_dim)
-        self.large_encoder = Performer(
+        self.large_encoder = _performer(
             cfg.large_dim,
             cfg.large_enc_depth,
             cfg.large_enc_heads,
@@ -335,7 +207,7 @@ class SCLongNet(nn.Module):
         )
         self.large_to_base = nn.Linear(cfg.large_dim, d)
         self.large_to_base_out_norm = nn.LayerNorm(d)
-        self.decoder = Performer(d, cfg.dec_depth, cfg.dec_heads, cfg.dec_dim_head, cfg, key_max)
+        self.decoder = _performer(d, cfg.dec_depth, cfg.dec_heads, cfg.dec_dim_head, cfg, key_max)
         self.decode_norm = nn.LayerNorm(d)
         self.exp_to_out = nn.Linear(d, 1)  # pre-training head, unused for embeddings
 

@@ -75,6 +75,7 @@ class BuildConfig:
     sample_types: list[str] | None = None
     cohort_from_filename: str | None = None
     min_mapped_fraction: float = 0.5
+    keep_counts: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -213,7 +214,16 @@ def _prepare_source(
         duplicates=config.duplicate_genes,
         min_mapped_fraction=config.min_mapped_fraction,
     )
-    adata = units.to_tpm(adata, input_unit=spec.unit, lengths=lengths)
+    adata = units.to_tpm(
+        adata, input_unit=spec.unit, lengths=lengths, keep_counts=config.keep_counts
+    )
+    if config.keep_counts and "counts" not in adata.layers:
+        unit = adata.uns.get("bulkfm", {}).get("units", {}).get("detected", "not counts")
+        raise ConfigError(
+            f"keep_counts: {spec.path} holds {unit} values, not read counts, so there are no "
+            "counts to keep; build without --keep-counts, or pass count files (--unit counts "
+            "if detection is wrong)"
+        )
     adata.obs["source"] = name
     meta = adata.uns.get("bulkfm", {})
     report = {
@@ -268,16 +278,24 @@ def _concatenate(
     gene_index = pd.Index(pd.unique(np.concatenate([p.var_names.to_numpy() for p in parts])))
     n_obs = sum(p.n_obs for p in parts)
     X = np.zeros((n_obs, len(gene_index)), dtype=np.float32)
+    # Raw counts travel along when every source kept them (BuildConfig.keep_counts).
+    counts = np.zeros_like(X) if all("counts" in p.layers for p in parts) else None
     missing_blocks = []
     row = 0
     for part in parts:
         cols = gene_index.get_indexer(part.var_names)
         X[row : row + part.n_obs, cols] = np.asarray(part.X, dtype=np.float32)
+        if counts is not None:
+            layer = part.layers["counts"]
+            dense = layer.toarray() if sp.issparse(layer) else np.asarray(layer)
+            counts[row : row + part.n_obs, cols] = dense
         missing_blocks.append(_missing_block(part, cols, len(gene_index)))
         row += part.n_obs
     var = _merge_var([p.var for p in parts], gene_index)
     obs = pd.concat([p.obs for p in parts], axis=0, join="outer")
     out = ad.AnnData(X=X, obs=obs, var=var)
+    if counts is not None:
+        out.layers["counts"] = counts
     missing = sp.vstack(missing_blocks, format="csr")
     if missing.nnz:
         out.layers["missing"] = missing.astype(bool)

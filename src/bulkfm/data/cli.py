@@ -49,6 +49,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--duplicate-genes", default="sum", help="sum | first | max_mean | error")
     build.add_argument("--duplicate-samples", default="error", help="error | suffix | first")
     build.add_argument("--sample-types", help="comma-separated types to keep, e.g. tumor,normal")
+    build.add_argument(
+        "--keep-counts",
+        action="store_true",
+        help="keep raw read counts in layers['counts'] (count inputs only): the published "
+        "recipes of Geneformer, scGPT, scFoundation, CellFM, scBERT and scLong start from counts",
+    )
     build.set_defaults(handler=_build)
 
     sim = sub.add_parser("simulate", help="write the built-in simulated data set")
@@ -110,6 +116,7 @@ def _build(args: argparse.Namespace) -> int:
         duplicate_samples=args.duplicate_samples,
         sample_types=_split(args.sample_types),
         cohort_from_filename=args.cohort_from_filename,
+        keep_counts=args.keep_counts,
     )
     adata = build_dataset(config)
     write_h5ad(adata, args.output)
