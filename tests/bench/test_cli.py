@@ -47,9 +47,34 @@ def test_cli_runs_models_and_named_embeddings(sim, h5ad, tmp_path, capsys) -> No
 
 
 def test_cli_unknown_model_lists_known(h5ad, tmp_path, capsys) -> None:
-    rc = main(["bench", "--data", str(h5ad), "--out", str(tmp_path), "--models", "scbert"])
+    rc = main(["bench", "--data", str(h5ad), "--out", str(tmp_path), "--models", "scfoo"])
     assert rc == 1
-    assert "unknown model 'scbert'; known models: bulkrnabert, nmf, pca" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "unknown model 'scfoo'; known models: bulkformer, bulkrnabert, cellfm" in err
+
+
+def test_cli_adds_a_published_model_with_one_flag(sim, h5ad, tmp_path) -> None:
+    """--model-dir NAME=PATH alone puts the adapter in the run, with its coverage."""
+    pytest.importorskip("transformers")
+    import json
+
+    import numpy as np
+
+    from tests.adapters.test_geneformer import write_model
+
+    genes = list(sim.var_names[:60])
+    tokens = {"<pad>": 0, "<mask>": 1, **{g: i + 2 for i, g in enumerate(genes)}}
+    medians = {g: float(np.median(sim[:, g].X[sim[:, g].X > 0]) or 1.0) for g in genes}
+    model = write_model(tmp_path / "gf", tokens, medians, max_positions=32)
+    out = tmp_path / "out"
+    args = ["bench", "--data", str(h5ad), "--out", str(out), "--models", "raw"]
+    args += ["--model-dir", f"geneformer={model}", "--tasks", "cancer_type", "--no-plots"]
+    assert main([*args, *SMALL]) == 0
+    lb = pd.read_csv(out / "leaderboard.csv")
+    assert sorted(lb["model"].unique()) == ["geneformer", "raw"]
+    record = json.loads((out / "run.json").read_text())
+    (gf,) = [m for m in record["models"] if m["name"] == "geneformer"]
+    assert gf["coverage"]["n_vocabulary"] == 60 and gf["coverage"]["n_found"] == 60
 
 
 def test_cli_unknown_task_lists_grammar(h5ad, tmp_path, capsys) -> None:
@@ -61,12 +86,19 @@ def test_cli_unknown_task_lists_grammar(h5ad, tmp_path, capsys) -> None:
 def test_cli_list_models(capsys) -> None:
     assert main(["bench", "--list-models"]) == 0
     assert capsys.readouterr().out.split() == [
+        "bulkformer",
         "bulkrnabert",
+        "cellfm",
+        "geneformer",
         "nmf",
         "pca",
         "precomputed",
         "random",
         "raw",
+        "scbert",
+        "scfoundation",
+        "scgpt",
+        "sclong",
     ]
 
 
