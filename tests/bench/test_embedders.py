@@ -50,8 +50,8 @@ def test_registry_finds_a_new_model(monkeypatch) -> None:
 
 
 def test_unknown_model_lists_known_ones() -> None:
-    with pytest.raises(ConfigError, match=r"unknown model 'scgpt'; known models: .*nmf, pca"):
-        get_embedder("scgpt")
+    with pytest.raises(ConfigError, match=r"unknown model 'scfoo'; known models: .*nmf, pca"):
+        get_embedder("scfoo")
 
 
 def test_bad_model_settings_are_reported() -> None:

@@ -123,8 +123,8 @@ def test_nan_embedding_is_an_error(sim, small_config) -> None:
 
 
 def test_unknown_model_name_lists_known(sim, small_config) -> None:
-    with pytest.raises(ConfigError, match=r"unknown model 'geneformer'; known models: .*pca"):
-        run_benchmark(sim, "raw,geneformer", "cancer_type", small_config, progress=False)
+    with pytest.raises(ConfigError, match=r"unknown model 'scfoo'; known models: .*pca"):
+        run_benchmark(sim, "raw,scfoo", "cancer_type", small_config, progress=False)
 
 
 def test_duplicate_model_labels_are_an_error(sim, small_config) -> None:
