@@ -21,7 +21,7 @@ from bulkfm.adapters.base import (
     read_state_dict,
     require,
 )
-from bulkfm.errors import CheckpointError, ConfigError, GeneMappingError
+from bulkfm.errors import CheckpointError, ConfigError, GeneMappingError, InputFileError
 
 TP53, KRAS, EGFR, MYC = (
     "ENSG00000141510",
@@ -160,7 +160,7 @@ def test_find_file_and_digest(tmp_path) -> None:
     (tmp_path / "c.json").write_text("{}")
     assert file_digest(tmp_path / "b.bin") != file_digest(tmp_path)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(CheckpointError, match="empty"):
+    with pytest.raises(InputFileError, match="empty"):
         file_digest(tmp_path / "empty")
 
 

@@ -11,7 +11,6 @@ averages over padding, so a sample's embedding does not depend on its batch.
 from __future__ import annotations
 
 import abc
-import hashlib
 import importlib
 import logging
 import os
@@ -26,6 +25,7 @@ import scipy.sparse as sp
 
 from bulkfm.bench.config import check_int
 from bulkfm.bench.embedders.base import Embedder
+from bulkfm.bench.fingerprint import path_digest as file_digest
 from bulkfm.errors import CheckpointError, ConfigError, GeneMappingError
 
 if TYPE_CHECKING:
@@ -68,26 +68,6 @@ def require(module: str, *, extra: str, model: str) -> Any:
 
 
 # --------------------------------------------------------------------------- checkpoint files
-
-
-def file_digest(path: str | os.PathLike) -> str:
-    """Hash of a file, or of the names and contents of the files directly in a folder."""
-    path = Path(path)
-    h = hashlib.blake2b(digest_size=16)
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
-        if not files:
-            raise CheckpointError(f"checkpoint directory {path} is empty")
-    elif path.is_file():
-        files = [path]
-    else:
-        raise CheckpointError(f"checkpoint {path} not found")
-    for p in files:
-        h.update(p.name.encode() + b"\0")
-        with p.open("rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
 
 
 def find_file(path: str | os.PathLike, candidates: Sequence[str], *, what: str, model: str) -> Path:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Iterable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -18,7 +20,7 @@ import scipy.sparse as sp
 if TYPE_CHECKING:
     import anndata as ad
 
-__all__ = ["array_checksum", "data_fingerprint", "ids_hash", "stable_hash"]
+__all__ = ["array_checksum", "data_fingerprint", "ids_hash", "path_digest", "stable_hash"]
 
 _DIGEST = 16
 # Rows per hashing chunk: bounds the temporary contiguous copy of a large matrix.
@@ -34,6 +36,32 @@ def stable_hash(obj: Any) -> str:
     text = json.dumps(obj, sort_keys=True, default=str, separators=(",", ":"))
     h = _hasher()
     h.update(text.encode())
+    return h.hexdigest()
+
+
+def path_digest(path: str | os.PathLike) -> str:
+    """Digest of a file, or of the names and contents of the files directly in a folder.
+
+    Keys caches of models read from disk (checkpoints, embedding files), so retraining
+    into the same folder never reuses stale embeddings.
+    """
+    from bulkfm.errors import InputFileError
+
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+        if not files:
+            raise InputFileError(f"folder {path} is empty: pass the folder holding the files")
+    elif path.is_file():
+        files = [path]
+    else:
+        raise InputFileError(f"{path} not found: check the path")
+    h = _hasher()
+    for p in files:
+        h.update(p.name.encode() + b"\0")
+        with p.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
     return h.hexdigest()
 
 

@@ -9,7 +9,6 @@ directory never reuses stale cached embeddings. torch is imported only on use.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from collections.abc import Sequence
@@ -20,7 +19,7 @@ import numpy as np
 
 from bulkfm.bench.config import check_int
 from bulkfm.bench.embedders.base import Embedder, register_embedder
-from bulkfm.bench.fingerprint import stable_hash
+from bulkfm.bench.fingerprint import path_digest, stable_hash
 from bulkfm.errors import CheckpointError, ConfigError
 
 if TYPE_CHECKING:
@@ -28,21 +27,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BulkRNABertEmbedder", "checkpoint_digest"]
-
-
-def checkpoint_digest(directory: Path) -> str:
-    """Hash of the names and contents of the files directly in ``directory``."""
-    h = hashlib.blake2b(digest_size=16)
-    files = sorted(p for p in directory.iterdir() if p.is_file() and not p.name.startswith("."))
-    if not files:
-        raise CheckpointError(f"checkpoint directory {directory} is empty")
-    for p in files:
-        h.update(p.name.encode() + b"\0")
-        with p.open("rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
+__all__ = ["BulkRNABertEmbedder"]
 
 
 @register_embedder("bulkrnabert")
@@ -87,7 +72,7 @@ class BulkRNABertEmbedder(Embedder):
 
     def config(self) -> dict[str, Any]:
         if self._digest is None:
-            self._digest = checkpoint_digest(self.model_dir)
+            self._digest = path_digest(self.model_dir)
         genes = self.genes
         genes_repr = (
             None

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from bulkfm.bench.embedders.base import Embedder, register_embedder
-from bulkfm.bench.fingerprint import stable_hash
+from bulkfm.bench.fingerprint import path_digest, stable_hash
 from bulkfm.errors import ConfigError, DuplicateIdError, InputFileError
 
 if TYPE_CHECKING:
@@ -33,16 +33,6 @@ __all__ = ["PrecomputedEmbedder", "read_embedding_file"]
 
 _ID_COLUMNS = ("sample_id", "sample", "id", "obs_names", "barcode", "identifier")
 _FORMATS = ".parquet, .csv, .tsv (optionally .gz), .npy (+ ids), .h5ad"
-
-
-def _file_digest(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.blake2b(digest_size=16)
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _read_ids(ids: str | os.PathLike | Sequence[str] | None, path: Path) -> list[str]:
@@ -220,7 +210,7 @@ class PrecomputedEmbedder(Embedder):
         if self._digest is None:
             if not self.path.is_file():
                 raise InputFileError(f"embedding file {self.path} not found")
-            self._digest = _file_digest(self.path)
+            self._digest = path_digest(self.path)
         ids = self._ids_arg
         ids_repr = (
             str(ids)
