@@ -174,6 +174,20 @@ def test_embed_is_mean_over_unmasked_genes(model: BulkRNABert) -> None:
     assert model.embed(tokens).shape == (3, 32)
 
 
+def test_hidden_state_matches_forward_and_keeps_gradients(model: BulkRNABert) -> None:
+    tokens = random_tokens(seed=5)
+    out = model(tokens, output_hidden_states=True)
+    for layer, index in ((-1, 2), (1, 1), (0, 0)):
+        torch.testing.assert_close(
+            model.hidden_state(tokens, layer=layer), out.hidden_states[index]
+        )
+    h = model.hidden_state(tokens, layer=1)
+    h.sum().backward()
+    assert model.transformer_layers[0].fc1.weight.grad is not None
+    assert model.lm_head.weight.grad is None  # the LM head is not run
+    assert model.transformer_layers[1].fc1.weight.grad is None  # nor the blocks above
+
+
 def test_gradient_checkpointing_gives_same_gradients() -> None:
     torch.manual_seed(0)
     plain = BulkRNABert(BulkRNABertConfig(**TINY))

@@ -330,6 +330,18 @@ class BulkRNABert(nn.Module):
             attentions=attentions if output_attentions else None,
         )
 
+    def hidden_state(
+        self, tokens: torch.Tensor, *, gene_index: torch.Tensor | None = None, layer: int = -1
+    ) -> torch.Tensor:
+        """One layer's output [B, G, D], running only the blocks up to it (no LM head).
+
+        ``layer`` indexes [embeddings, block 1, ..., block L]. Gradients flow, so
+        fine-tuning heads can pool it.
+        """
+        depth = self._normalise_layer(layer)
+        x, _, _ = self._encode(tokens, gene_index, set(), False, depth)
+        return x
+
     @torch.no_grad()
     def embed(
         self,
@@ -345,8 +357,7 @@ class BulkRNABert(nn.Module):
         the paper). [MASK] positions are left out of the mean by default because they
         carry no measurement of the sample.
         """
-        depth = self._normalise_layer(layer)
-        x, _, _ = self._encode(tokens, gene_index, set(), False, depth)
+        x = self.hidden_state(tokens, gene_index=gene_index, layer=layer)
         if not exclude_mask:
             return x.mean(dim=1)
         keep = (tokens != self.config.mask_token_id).to(x.dtype)

@@ -233,8 +233,7 @@ class FinetuneNetwork(nn.Module):
 
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
         """Mean over genes of block ``depth``'s output, [MASK] positions left out."""
-        out = self.encoder(tokens, output_hidden_states=[self.depth])
-        x = out.hidden_states[self.depth]
+        x = self.encoder.hidden_state(tokens, layer=self.depth)
         keep = (tokens != self.encoder.config.mask_token_id).unsqueeze(-1).to(x.dtype)
         return (x * keep).sum(dim=1) / keep.sum(dim=1).clamp(min=1.0)
 
