@@ -220,6 +220,21 @@ def test_not_a_checkpoint_fails(tmp_path):
         read_mindspore_checkpoint(bad)
 
 
+def test_hostile_lengths_cannot_inflate_memory(tmp_path):
+    """An entry claiming more bytes than its message holds is refused before any copy."""
+    tensor = _varint(1 << 3 | 0) + _varint(4) + _field(2, b"Float32")
+    tensor += _varint(3 << 3 | 2) + _varint(10**9) + b"\0" * 16  # claims 1 GB, holds 16 B
+    bad = tmp_path / "lying.ckpt"
+    bad.write_bytes(_field(1, _field(1, b"w") + _field(2, tensor)) * 50)
+    with pytest.raises(CheckpointError, match="runs past the end of its message"):
+        read_mindspore_checkpoint(bad)
+    # a well-formed field whose size disagrees with its shape is refused as well
+    short = _varint(1 << 3 | 0) + _varint(4) + _field(2, b"Float32") + _field(3, b"\0" * 8)
+    bad.write_bytes(_field(1, _field(1, b"w") + _field(2, short)))
+    with pytest.raises(CheckpointError, match="8 bytes for shape"):
+        read_mindspore_checkpoint(bad)
+
+
 def test_missing_key_fails_listing_it(tmp_path, weights):
     del weights["encoder.1.attn.q_proj.weight"]
     write_ms_ckpt(tmp_path / "CellFM_80M_weight.ckpt", weights)

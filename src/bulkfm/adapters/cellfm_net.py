@@ -72,16 +72,24 @@ def _varint(buf: memoryview, pos: int, end: int) -> tuple[int, int]:
         shift += 7
 
 
+def _within(pos: int, n: int, end: int) -> int:
+    """End of an ``n``-byte field starting at ``pos``; a field may not outrun its message,
+    so a hostile length can never make the reader copy more than the file holds."""
+    if pos + n > end:
+        raise ValueError("a field runs past the end of its message")
+    return pos + n
+
+
 def _skip(buf: memoryview, pos: int, end: int, wire: int) -> int:
     if wire == 0:
         return _varint(buf, pos, end)[1]
     if wire == 1:
-        return pos + 8
+        return _within(pos, 8, end)
     if wire == 2:
         length, pos = _varint(buf, pos, end)
-        return pos + length
+        return _within(pos, length, end)
     if wire == 5:
-        return pos + 4
+        return _within(pos, 4, end)
     raise ValueError(f"unsupported protobuf wire type {wire}")
 
 
@@ -104,18 +112,18 @@ def _tensor_proto(buf: memoryview, pos: int, end: int) -> tuple[list[int], str, 
             dims.append(d)
         elif field == 1 and wire == 2:  # packed dims
             n, pos = _varint(buf, pos, end)
-            stop = pos + n
+            stop = _within(pos, n, end)
             while pos < stop:
                 d, pos = _varint(buf, pos, stop)
                 dims.append(d)
         elif field == 2 and wire == 2:
             n, pos = _varint(buf, pos, end)
-            dtype = bytes(buf[pos : pos + n]).decode("utf-8")
+            dtype = bytes(buf[pos : _within(pos, n, end)]).decode("utf-8")
             pos += n
         elif field == 3 and wire == 2:
             length, pos = _varint(buf, pos, end)
             start = pos
-            pos += length
+            pos = _within(pos, length, end)
         else:
             pos = _skip(buf, pos, end, wire)
     return dims, dtype, start, length
@@ -130,19 +138,17 @@ def _index(buf: memoryview) -> dict[str, _Entry]:
             pos = _skip(buf, pos, end, key & 7)
             continue
         n, pos = _varint(buf, pos, end)
-        stop = pos + n
-        if stop > end:
-            raise ValueError("a checkpoint entry runs past the end of the file")
+        stop = _within(pos, n, end)
         tag, tensor = None, None
         while pos < stop:
             sub, pos = _varint(buf, pos, stop)
             if sub == (1 << 3 | 2):
                 m, pos = _varint(buf, pos, stop)
-                tag = bytes(buf[pos : pos + m]).decode("utf-8")
+                tag = bytes(buf[pos : _within(pos, m, stop)]).decode("utf-8")
                 pos += m
             elif sub == (2 << 3 | 2):
                 m, pos = _varint(buf, pos, stop)
-                tensor = _tensor_proto(buf, pos, pos + m)
+                tensor = _tensor_proto(buf, pos, _within(pos, m, stop))
                 pos += m
             else:
                 pos = _skip(buf, pos, stop, sub & 7)
@@ -192,11 +198,15 @@ def _materialise(buf: memoryview, name: str, entry: _Entry) -> torch.Tensor:
     dtype = _MS_DTYPES.get(entry.dtype)
     if dtype is None:
         raise ValueError(f"tensor {name!r} has unsupported type {entry.dtype!r}")
+    # Check the size the header promises before copying anything.
+    n_bytes = sum(n for _, n in entry.chunks)
+    expected = math.prod(entry.dims) * dtype.itemsize
+    if n_bytes != expected:
+        raise ValueError(
+            f"tensor {name!r}: {n_bytes} bytes for shape {entry.dims} of {entry.dtype}"
+        )
     raw = b"".join(bytes(buf[s : s + n]) for s, n in entry.chunks)
     arr = np.frombuffer(raw, dtype=dtype)
-    expected = math.prod(entry.dims) if entry.dims else arr.size
-    if arr.size != expected:
-        raise ValueError(f"tensor {name!r}: {arr.size} values for shape {entry.dims}")
     arr = arr.reshape(entry.dims) if entry.dims else arr
     return torch.from_numpy(arr.astype(dtype.newbyteorder("="), copy=True))
 
