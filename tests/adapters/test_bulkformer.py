@@ -348,9 +348,21 @@ def test_fingerprint_follows_options_and_files(tmp_path: Path, release: Path) ->
     a = embedder(release).fingerprint()
     assert a == embedder(release).fingerprint()
     assert a != embedder(release, pooling="max").fingerprint()
+    assert a != embedder(release, layer="counts").fingerprint()
+    assert a != embedder(release, min_coverage=0.5).fingerprint()
     state = released_state()
     state["module.head.2.bias"] = state["module.head.2.bias"] + 1
     assert a != embedder(write_release(tmp_path, state=state)).fingerprint()
+
+
+def test_high_var_list_as_indices_or_as_a_01_mask(release: Path) -> None:
+    by_index = embedder(release, gene_set="high_var").high_var_mask()
+    assert np.flatnonzero(by_index).tolist() == [1, 4, 7, 20, 29]
+    mask01 = np.zeros(N_GENES, dtype=np.int64)
+    mask01[[1, 4, 7, 20, 29]] = 1
+    torch.save(mask01.tolist(), release / "high_var_gene_list.pt")
+    as_mask = embedder(release, gene_set="high_var").high_var_mask()
+    np.testing.assert_array_equal(as_mask, by_index)
 
 
 def test_module_import_does_not_import_torch() -> None:

@@ -133,9 +133,10 @@ def go_graph(n_genes: int) -> tuple:
     return g_go, torch.Tensor([w for _, _, w in edges])
 
 
-def write_release(folder, params=None, state=None, genes=GENES):
+def write_release(folder, params=None, state=None, genes=GENES, weight_scale=1.0):
     params = dict(PARAMS if params is None else params)
     g_go, g_w = go_graph(len(GENES))
+    g_w = g_w * weight_scale
     folder.mkdir(parents=True, exist_ok=True)
     (folder / GENE_FILE).write_text("\n".join(genes) + "\n")
     with (folder / HYPER_FILE).open("wb") as fh:
@@ -424,6 +425,12 @@ def test_gene_list_must_match_model(tmp_path):
 def test_unsupported_hyper_parameter_fails(tmp_path):
     folder = write_release(tmp_path / "u", params={**PARAMS, "reversible": True})
     with pytest.raises(CheckpointError, match=r"does not implement.*reversible"):
+        embedder(folder).transform(make_adata())
+
+
+def test_negative_graph_weights_fail(tmp_path):
+    folder = write_release(tmp_path / "w", weight_scale=-1.0)
+    with pytest.raises(CheckpointError, match="GO graph weights must be finite and non-negative"):
         embedder(folder).transform(make_adata())
 
 

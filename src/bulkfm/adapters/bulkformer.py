@@ -194,14 +194,10 @@ class BulkFormerEmbedder(FoundationEmbedder):
                 path = self.asset(role)
                 h.update(f"{role}\0{path.name}\0{file_digest(path)}\0".encode())
             self._digest = h.hexdigest()
-        return {"checkpoint": self._digest, **self.settings()}
+        return super().config()  # adds layer, min_coverage and settings()
 
     def settings(self) -> dict[str, Any]:
-        return {
-            "pooling": self.pooling,
-            "gene_set": self.gene_set,
-            "input": "log1p(TPM from X), absent or flagged-missing genes = -10",
-        }
+        return {"pooling": self.pooling, "gene_set": self.gene_set}
 
     def _tensor(self, role: str) -> torch.Tensor:
         """The single tensor a graph or gene-list file holds."""
@@ -267,6 +263,9 @@ class BulkFormerEmbedder(FoundationEmbedder):
         if self._high_var is None:
             n = len(self.genes())
             raw = self._tensor("high_var").cpu().numpy().ravel()
+            # A 0/1 vector over all genes is a mask too, not the indices {0, 1}.
+            if raw.dtype != bool and raw.size == n and set(np.unique(raw).tolist()) <= {0, 1}:
+                raw = raw.astype(bool)
             if raw.dtype == bool:
                 if raw.size != n:
                     raise CheckpointError(
@@ -339,7 +338,11 @@ class BulkFormerEmbedder(FoundationEmbedder):
                 "(>= 0) in X, not log-transformed or scaled values"
             )
         values = np.where(gi.present, np.log1p(gi.values), np.float32(MASK_VALUE))
-        report = {**gi.report, "input": "log1p(TPM)", "missing_value": MASK_VALUE}
+        report = {
+            **gi.report,
+            "input": f"log1p of {gi.report['source']}",
+            "missing_value": MASK_VALUE,
+        }
         return values.astype(np.float32), gi.present, report
 
     def _pool_mask(self, present: np.ndarray) -> np.ndarray:

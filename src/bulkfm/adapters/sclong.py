@@ -355,6 +355,12 @@ def _check_graph(graph: dict[str, Any], n: int) -> None:
         )
     if edges.numel() and (int(edges.min()) < 0 or int(edges.max()) >= n):
         raise CheckpointError(f"{MODEL}: GO graph node ids fall outside the {n} model positions")
+    if not torch.isfinite(weight).all() or (weight < 0).any():
+        # a negative degree has no square root: NaN would flow into every embedding
+        raise CheckpointError(
+            f"{MODEL}: the GO graph weights must be finite and non-negative; the "
+            "hyper-parameter file is damaged or not the released one"
+        )
 
 
 # --------------------------------------------------------------------------- preprocessing
