@@ -357,6 +357,22 @@ def test_negative_values_fail(v1_dir: Path) -> None:
         GeneformerEmbedder(v1_dir).transform(make_adata(counts))
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_value_outside_vocabulary_fails(v1_dir: Path, bad: float) -> None:
+    counts = COUNTS.copy()
+    counts[1, 5] = bad  # gene X: not in the vocabulary, but in the sample total
+    with pytest.raises(ExpressionValueError, match=r"NaN or inf.*outside the model's genes"):
+        GeneformerEmbedder(v1_dir).tokenize(make_adata(counts))
+
+
+def test_rank_value_encoding_rejects_non_finite_totals() -> None:
+    values = np.ones((2, 3))
+    with pytest.raises(ExpressionValueError, match="NaN or inf in the sample totals"):
+        rank_value_encoding(
+            values, np.ones(3), np.arange(3), input_size=4, totals=np.array([3.0, np.nan])
+        )
+
+
 def test_sample_without_expressed_genes_fails(v1_dir: Path) -> None:
     counts = COUNTS.copy()
     counts[2, :5] = 0.0  # only the non-vocabulary gene X left

@@ -28,7 +28,7 @@ from bulkfm.adapters.scfoundation import (  # noqa: E402
     read_gene_index,
     read_released,
 )
-from bulkfm.adapters.scfoundation_net import gather_nonzero  # noqa: E402
+from bulkfm.adapters.scfoundation_net import NetConfig, gather_nonzero  # noqa: E402
 from bulkfm.bench.embedders import get_embedder  # noqa: E402
 from bulkfm.errors import (  # noqa: E402
     CheckpointError,
@@ -360,6 +360,34 @@ def test_safetensors_release_needs_no_pickle(tmp_path, model_dir, ensembl):
     np.testing.assert_allclose(got, embedder(model_dir).transform(adata), atol=1e-6)
 
 
+def write_safetensors(folder) -> None:
+    from safetensors.torch import save_file
+
+    folder.mkdir(exist_ok=True)
+    save_file(released_state(), str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(released_config()))
+
+
+def test_folder_with_both_formats_reads_safetensors_without_pickle(model_dir, ensembl):
+    adata = make_adata(ensembl, n=2)
+    reference = embedder(model_dir).transform(adata)
+    write_safetensors(model_dir)  # beside models.ckpt
+    got = ScFoundationEmbedder(model_dir).transform(adata)
+    np.testing.assert_allclose(got, reference, atol=1e-6)
+
+
+def test_config_beside_safetensors_file_enters_the_fingerprint(tmp_path):
+    folder = tmp_path / "st"
+    write_safetensors(folder)
+    write_gene_index(folder)
+    weights = folder / "model.safetensors"
+    base = ScFoundationEmbedder(weights).fingerprint()
+    config = released_config()
+    config["model_config"]["mae_autobin"]["bin_alpha"] = 0.5
+    (folder / "config.json").write_text(json.dumps(config))
+    assert ScFoundationEmbedder(weights).fingerprint() != base
+
+
 def test_registered_and_module_import_is_cheap(model_dir):
     assert isinstance(get_embedder("scfoundation", model_dir=model_dir), ScFoundationEmbedder)
     code = "import sys, bulkfm.adapters.scfoundation; assert 'torch' not in sys.modules"
@@ -388,6 +416,21 @@ def test_shape_mismatch_fails(tmp_path, ensembl):
 def test_pickle_without_opt_in_fails(model_dir, ensembl):
     with pytest.raises(CheckpointError, match="trust_pickle"):
         ScFoundationEmbedder(model_dir).transform(make_adata(ensembl, n=2))
+
+
+def test_malformed_config_json_fails(tmp_path):
+    folder = tmp_path / "st"
+    write_safetensors(folder)
+    (folder / "config.json").write_text('{"model": "mae_autobin",')
+    with pytest.raises(CheckpointError, match=r"cannot read .*config\.json.*released config"):
+        read_released(folder)
+
+
+def test_non_numeric_config_value_fails(model_dir):
+    config, _ = read_released(model_dir, trust_pickle=True)
+    config["bin_alpha"] = "one"
+    with pytest.raises(CheckpointError, match=r"not a number.*released config"):
+        NetConfig.from_released(config)
 
 
 def test_unknown_version_key_fails(model_dir, ensembl):

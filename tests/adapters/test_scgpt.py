@@ -334,13 +334,12 @@ def test_counts_layer_preferred_and_rank_invariance(release) -> None:
     assert not np.allclose(x_only, emb, atol=1e-3)
 
 
-def test_sample_without_expressed_genes_is_cls_only(release) -> None:
-    path, state = release
+def test_sample_without_expressed_genes_fails(release) -> None:
+    path, _ = release
     a = toy_adata()
-    a.X[0] = 0.0
-    emb = ScGPTEmbedder(path, trust_pickle=True, batch_size=4).transform(a)
-    ref = naive_embedding(state, [VOCAB["<cls>"]], [PAD_VALUE])
-    np.testing.assert_allclose(emb[0], ref, atol=2e-5)
+    a.X[2, : len(GENES)] = 0.0  # only genes outside the vocabulary left
+    with pytest.raises(ExpressionValueError, match=r"1 samples express none.*'s2'"):
+        ScGPTEmbedder(path, trust_pickle=True, batch_size=4).transform(a)
 
 
 def test_settings_enter_the_fingerprint(release) -> None:
@@ -349,6 +348,29 @@ def test_settings_enter_the_fingerprint(release) -> None:
     assert ScGPTEmbedder(path).fingerprint() == base
     assert ScGPTEmbedder(path, max_length=1200).fingerprint() != base
     assert ScGPTEmbedder(path, gene_selection="random").fingerprint() != base
+
+
+def test_side_files_enter_the_fingerprint_when_weights_file_given(tmp_path: Path) -> None:
+    folder = tmp_path / "st"
+    write_release(folder, fmt="safetensors")
+    weights = folder / "model.safetensors"
+    base = ScGPTEmbedder(weights).fingerprint()
+    args = json.loads((folder / "args.json").read_text())
+    (folder / "args.json").write_text(json.dumps({**args, "pad_value": -1}))
+    changed_args = ScGPTEmbedder(weights).fingerprint()
+    assert changed_args != base
+    (folder / "vocab.json").write_text(json.dumps({**VOCAB, "NOTAGENE2": len(VOCAB)}))
+    assert ScGPTEmbedder(weights).fingerprint() != changed_args
+
+
+def test_n_bins_other_than_published_warns(tmp_path: Path, caplog) -> None:
+    folder = tmp_path / "bins"
+    write_release(folder, fmt="safetensors")
+    args = json.loads((folder / "args.json").read_text())
+    (folder / "args.json").write_text(json.dumps({**args, "n_bins": 11}))
+    with caplog.at_level("WARNING", logger="bulkfm.adapters.scgpt"):
+        ScGPTEmbedder(folder).load()
+    assert "n_bins=11" in caplog.text and "published collator" in caplog.text
 
 
 # --------------------------------------------------------------------------- checkpoint files

@@ -325,6 +325,13 @@ def rank_value_encoding(
     if keep < 1:
         raise ConfigError(f"input_size={input_size} leaves no room for genes")
     totals = values.sum(axis=1) if totals is None else np.asarray(totals, dtype=np.float64)
+    if totals.shape != (values.shape[0],):
+        raise ConfigError(f"totals must hold one value per sample, got shape {totals.shape}")
+    if not np.isfinite(totals).all():
+        raise ExpressionValueError(
+            "NaN or inf in the sample totals (the values, outside the model's genes too); "
+            "fix or drop them"
+        )
     with np.errstate(divide="ignore", invalid="ignore"):
         scaled = values / totals[:, None] * target_sum / np.asarray(medians)[None, :]
     expressed = values > 0
@@ -572,6 +579,12 @@ class GeneformerEmbedder(FoundationEmbedder):
             )
             report = gi.report
             totals = _row_sums(source[rows])
+            if not np.isfinite(totals).all():
+                raise ExpressionValueError(
+                    f"{MODEL}: NaN or inf in the {report['source']} values (outside the model's "
+                    "genes too; Geneformer scales by each sample's total over all genes); fix or "
+                    "drop them"
+                )
             if (gi.values < 0).any() or (totals < 0).any() or _has_negative(source[rows]):
                 raise ExpressionValueError(
                     f"{MODEL}: the {report['source']} values include negatives; Geneformer ranks "
@@ -656,5 +669,6 @@ class GeneformerEmbedder(FoundationEmbedder):
 
 
 def _has_negative(M: Any) -> bool:
+    """True when any value is negative or not finite (NaN must not pass as non-negative)."""
     data = M.data if sp.issparse(M) else np.asarray(M)
-    return bool(data.size) and bool(np.nanmin(data) < 0)
+    return bool(data.size) and not bool((np.isfinite(data) & (data >= 0)).all())

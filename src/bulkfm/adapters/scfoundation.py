@@ -91,7 +91,8 @@ __all__ = [
 
 MODEL = "scFoundation"
 GENE_INDEX_FILE = "OS_scRNA_gene_index.19264.tsv"
-CHECKPOINT_FILES = ("models.ckpt", "model.safetensors", "models.safetensors")
+# Safe formats first: a folder holding both reads the safetensors file without trust_pickle.
+CHECKPOINT_FILES = ("model.safetensors", "models.safetensors", "models.ckpt")
 # Parts of the released MAE that a cell embedding never uses (decoder side).
 DECODER_PREFIXES = ("decoder.", "decoder_embed.", "norm.", "to_final.")
 RECIPES = ("per_sample", "published")
@@ -168,6 +169,27 @@ def _entry_of(blob: Mapping[str, Any], key: str, path: Path) -> Mapping[str, Any
     return blob[key]
 
 
+def _config_beside(file: Path) -> Path:
+    """The config.json a ``.safetensors`` checkpoint needs (the pickle carries its own)."""
+    cfg_file = file.parent / "config.json"
+    if not cfg_file.is_file():
+        raise CheckpointError(
+            f"{MODEL}: {file.name} needs its config.json beside it (the 'config' dict of "
+            "the released checkpoint entry, saved as JSON)"
+        )
+    return cfg_file
+
+
+def _read_json_config(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(
+            f"{MODEL}: cannot read {path} ({exc}); use the released config (the 'config' "
+            "dict of the checkpoint entry, saved as JSON)"
+        ) from exc
+
+
 def read_released(
     path: str | os.PathLike, *, key: str = "cell", trust_pickle: bool = False
 ) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -179,13 +201,7 @@ def read_released(
     file = find_file(path, CHECKPOINT_FILES, what="checkpoint", model=MODEL)
     blob = read_state_dict(file, trust_pickle=trust_pickle, model=MODEL)
     if file.suffix == ".safetensors":
-        cfg_file = file.parent / "config.json"
-        if not cfg_file.is_file():
-            raise CheckpointError(
-                f"{MODEL}: {file.name} needs its config.json beside it (the 'config' dict of "
-                "the released checkpoint entry, saved as JSON)"
-            )
-        config = json.loads(cfg_file.read_text())
+        config = _read_json_config(_config_beside(file))
         state = blob
     else:
         if not isinstance(blob, Mapping):
@@ -356,6 +372,8 @@ class ScFoundationEmbedder(FoundationEmbedder):
             out["target_sum"] = self.target_sum
         if not self.gene_index.is_relative_to(self.path):
             out["gene_index"] = file_digest(self.gene_index)
+        if self.path.is_file() and self.path.suffix == ".safetensors":
+            out["config"] = file_digest(_config_beside(self.path))  # not in the file's digest
         return out
 
     def load(self) -> Any:

@@ -94,6 +94,13 @@ class NetConfig:
                 mask_token_id=int(config["mask_token_id"]),
                 norm_first=bool(enc.get("norm_first", False)),
             )
+        except CheckpointError:
+            raise
+        except (ValueError, OverflowError) as exc:  # e.g. int("abc"), int(float("inf"))
+            raise CheckpointError(
+                f"scFoundation: a model config value is not a number ({exc}); use the released "
+                "config of these weights"
+            ) from exc
         except (KeyError, TypeError, AttributeError) as exc:
             raise CheckpointError(
                 f"scFoundation: the model config lacks {exc} (needs seq_len, bin_num, "

@@ -18,8 +18,9 @@ in that code:
   alias symbols), with a coverage report.
 - per cell: the genes with a non-zero value only, preceded by ``<cls>`` whose value is
   ``pad_value`` (-2 in the release). The values are whatever ``adata.X`` holds:
-  ``embed_data`` does no normalisation. They are binned per cell (``n_bins`` = 51,
-  hard-coded in the collator; ``args.json`` says 51 too): edges =
+  ``embed_data`` does no normalisation. They are binned per cell with ``n_bins`` from
+  ``args.json`` (51 in the release, equal to the value the published collator
+  hard-codes; ``load`` warns when a config says otherwise): edges =
   ``np.quantile(nonzero, linspace(0, 1, n_bins - 1))``, bin = ``np.digitize`` against
   them, tied values spread uniformly at random over the bins their edges span, so
   bins run 1..n_bins-1. Binning is by rank within a sample, so raw counts,
@@ -73,8 +74,10 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from bulkfm.adapters.base import (
+    N_EXAMPLES,
     FoundationEmbedder,
     batch_slices,
+    file_digest,
     find_file,
     gene_input,
     load_state_dict_strict,
@@ -102,6 +105,7 @@ MODEL = "scGPT"
 SPECIAL_TOKENS = ("<pad>", "<cls>", "<eoc>")
 WEIGHT_FILES = ("model.safetensors", "best_model.safetensors", "best_model.pt")
 PUBLISHED_MAX_LENGTH = 1200
+PUBLISHED_N_BINS = 51  # hard-coded in the published DataCollator
 GENE_SELECTION = ("top", "random")
 ROWS_PER_CHUNK = 256  # samples laid out on the vocabulary at a time (memory bound)
 
@@ -325,12 +329,19 @@ class ScGPTEmbedder(FoundationEmbedder):
         self._release: _Release | None = None
 
     def settings(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "max_length": self.max_length,
             "gene_selection": self.gene_selection,
             "seed": self.seed,
             "l2_normalize": self.l2_normalize,
         }
+        if self.path.is_file():  # the side files are not in the weights file's digest
+            folder = self.path.parent
+            out["files"] = {
+                name: file_digest(find_file(folder, [name], what=what, model=MODEL))
+                for name, what in (("args.json", "config"), ("vocab.json", "vocabulary"))
+            }
+        return out
 
     # ----------------------------------------------------------------- loading
 
@@ -355,6 +366,14 @@ class ScGPTEmbedder(FoundationEmbedder):
 
         rel = self.release()
         a = rel.args
+        if a.n_bins != PUBLISHED_N_BINS:
+            logger.warning(
+                "%s: args.json has n_bins=%d, the published collator bins into %d; "
+                "embeddings follow args.json and may not match the released model's training",
+                MODEL,
+                a.n_bins,
+                PUBLISHED_N_BINS,
+            )
         state = canonical_state(
             read_state_dict(rel.weights, trust_pickle=self.trust_pickle, model=MODEL)
         )
@@ -393,6 +412,7 @@ class ScGPTEmbedder(FoundationEmbedder):
                     f"{MODEL}: the input ({g.report['source']}) has negative values; scGPT "
                     "expects non-negative expression (counts or TPM), not centred or scaled data"
                 )
+            self._check_expressed(g.values, g.present, adata.obs_names[rows])
             tokens = []
             for i, sample in enumerate(adata.obs_names[rows]):
                 pos, bins = select_tokens(
@@ -408,6 +428,17 @@ class ScGPTEmbedder(FoundationEmbedder):
             out[rows] = self._forward(net, tokens)
         self.coverage_ = self._report(report or {}, layer, lengths)
         return out
+
+    @staticmethod
+    def _check_expressed(values: np.ndarray, present: np.ndarray, names: Any) -> None:
+        """Refuse samples with no expressed vocabulary gene (the published collator fails)."""
+        empty = np.flatnonzero(~(present & (values != 0)).any(axis=1))
+        if len(empty):
+            raise ExpressionValueError(
+                f"{MODEL}: {len(empty)} samples express none of the model's genes (e.g. "
+                f"{[str(n) for n in names[empty[:N_EXAMPLES]]]}); remove them or check that "
+                "their values were read"
+            )
 
     def _forward(self, net: Any, tokens: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
         """CLS outputs of token sequences, batched by similar length (less padding)."""
@@ -440,13 +471,6 @@ class ScGPTEmbedder(FoundationEmbedder):
         n_long = (
             0 if self.max_length is None else int(sum(n > self.max_length - 1 for n in lengths))
         )
-        if not all(lengths):
-            logger.warning(
-                "%s: %d samples have no expressed vocabulary gene; they are embedded from "
-                "<cls> alone (as published)",
-                MODEL,
-                sum(n == 0 for n in lengths),
-            )
         return {
             **report,
             "input": _input_note(layer),
