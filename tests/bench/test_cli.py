@@ -133,7 +133,7 @@ def test_parse_helpers() -> None:
         parse_model_args(["pca=8"])
     with pytest.raises(ConfigError, match="two --embeddings paths"):
         parse_embeddings(["x.npy", "y.npy"])
-    dirs = parse_model_dirs(["geneformer=gf/", "ckpt/"])
-    assert dirs == {"geneformer": Path("gf/"), "bulkrnabert": Path("ckpt/")}
+    dirs = parse_model_dirs(["geneformer=gf/", "runs/lr=0.1/ckpt"])
+    assert dirs == {"geneformer": Path("gf/"), "bulkrnabert": Path("runs/lr=0.1/ckpt")}
     with pytest.raises(ConfigError, match="two --model-dir paths for the model 'bulkrnabert'"):
         parse_model_dirs(["a/", "b/"])

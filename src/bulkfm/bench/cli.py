@@ -163,7 +163,7 @@ def _named_paths(items: list[str], *, default: str, flag: str) -> dict[str, Path
     out: dict[str, Path] = {}
     for item in items:
         name, eq, path = str(item).partition("=")
-        if not eq:
+        if not eq or "/" in name or "\\" in name:  # a bare path that contains "="
             name, path = default, str(item)
         name = name.strip()
         if name in out:
