@@ -491,6 +491,23 @@ def median(values: Sequence[float]) -> float:
 
 
 # --------------------------------------------------------------------------- printing
+def cost_columns(device: str) -> list[tuple[str, str]]:
+    """Report columns every speed benchmark prints after its own: FLOP rate against the
+    measured matmul rate, and memory (GPU peak and MFU on CUDA)."""
+    columns = [
+        ("gflops_achieved", "GFLOP/s"),
+        ("gemm_gflops", "matmul GFLOP/s"),
+        ("ratio_to_gemm", "ratio"),
+        ("cpu_ratio_to_gemm", "ratio (CPU time)"),
+        ("base_rss_mb", "RSS after load MB"),
+        ("peak_mb", "peak RSS MB"),
+        ("ru_maxrss_mb", "ru_maxrss MB"),
+    ]
+    if device == "cuda":
+        columns += [("device_peak_mb", "GPU peak MB"), ("mfu", "MFU (bf16 peak)")]
+    return columns
+
+
 def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]]) -> str:
     """Plain-text table; ``columns`` are (key, header) pairs, floats in 4 significant
     digits."""

@@ -337,16 +337,8 @@ def print_report(report: dict[str, Any], device: str) -> None:
         ("samples_per_s", "samples/s"),
         ("genes_per_s", "genes/s"),
         ("gflop_per_sample", "GFLOP/sample"),
-        ("gflops_achieved", "GFLOP/s"),
-        ("gemm_gflops", "matmul GFLOP/s"),
-        ("ratio_to_gemm", "ratio"),
-        ("cpu_ratio_to_gemm", "ratio (CPU time)"),
-        ("base_rss_mb", "RSS after load MB"),
-        ("peak_mb", "peak RSS MB"),
-        ("ru_maxrss_mb", "ru_maxrss MB"),
     ]
-    if device == "cuda":
-        columns += [("device_peak_mb", "GPU peak MB"), ("mfu", "MFU (bf16 peak)")]
+    columns += common.cost_columns(device)
     print()
     print(common.format_table([r for r in rows if "error" not in r], columns))
     for arm in ("sdpa", "naive"):

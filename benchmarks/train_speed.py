@@ -467,16 +467,8 @@ def print_report(report: dict[str, Any], device: str) -> None:
         ("s_per_step", "s/step"),
         ("tokens_per_s", "tokens/s"),
         ("gflop_per_step", "GFLOP/step"),
-        ("gflops_achieved", "GFLOP/s"),
-        ("gemm_gflops", "matmul GFLOP/s"),
-        ("ratio_to_gemm", "ratio"),
-        ("cpu_ratio_to_gemm", "ratio (CPU time)"),
-        ("base_rss_mb", "RSS after load MB"),
-        ("peak_mb", "peak RSS MB"),
-        ("ru_maxrss_mb", "ru_maxrss MB"),
     ]
-    if device == "cuda":
-        columns += [("device_peak_mb", "GPU peak MB"), ("mfu", "MFU (bf16 peak)")]
+    columns += common.cost_columns(device)
     rows = report["rows"]
     print()
     print(common.format_table([r for r in rows if "error" not in r], columns))

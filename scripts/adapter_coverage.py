@@ -62,11 +62,18 @@ def builtin_vocabularies(shared: Path) -> dict[str, tuple[list[str], str]]:
 
 def extra_vocabularies(items: list[str]) -> dict[str, tuple[list[str], str]]:
     from bulkfm.data.genes import detect_id_type
+    from bulkfm.errors import ConfigError, InputFileError
 
     out: dict[str, tuple[list[str], str]] = {}
     for item in items:
-        name, _, rest = item.partition("=")
+        name, eq, rest = item.partition("=")
         path, _, kind = rest.partition(":")
+        if not (eq and name and path):
+            raise ConfigError(f"--gene-list {item!r} must look like NAME=FILE[:ensembl|symbol]")
+        if kind not in ("", "ensembl", "symbol"):
+            raise ConfigError(f"--gene-list {item!r}: the id type must be ensembl or symbol")
+        if not Path(path).is_file():
+            raise InputFileError(f"--gene-list {item!r}: {path} not found")
         lines = [
             line.split("\t")[0].split(",")[0].strip()
             for line in Path(path).read_text().splitlines()

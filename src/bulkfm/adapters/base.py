@@ -11,6 +11,7 @@ averages over padding, so a sample's embedding does not depend on its batch.
 from __future__ import annotations
 
 import abc
+import functools
 import importlib
 import logging
 import os
@@ -185,19 +186,31 @@ def _dense_rows(M: Any) -> np.ndarray:
 def _vocabulary_positions(
     adata: ad.AnnData, vocabulary: Sequence[str], id_type: Literal["ensembl", "symbol"]
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """Column of ``adata`` for each vocabulary gene (-1 when absent) and mapping counts."""
+    """Column of ``adata`` for each vocabulary gene (-1 when absent) and mapping counts.
+
+    Adapters ask once per batch for the same genes: the mapping is computed once per
+    (data genes, vocabulary) pair and reused.
+    """
+    if id_type not in ("ensembl", "symbol"):
+        raise ConfigError(f"id_type={id_type!r}: choose 'ensembl' or 'symbol'")
+    return _positions(
+        tuple(adata.var_names.astype(str)), tuple(str(v) for v in vocabulary), id_type
+    )
+
+
+@functools.lru_cache(maxsize=4)
+def _positions(
+    var_names: tuple[str, ...], vocab: tuple[str, ...], id_type: str
+) -> tuple[np.ndarray, dict[str, Any]]:
     from bulkfm.data.genes import map_to_ensembl, strip_version
 
-    vocab = [str(v) for v in vocabulary]
     if id_type == "ensembl":
         ensembl = strip_version(vocab)
         methods = np.full(len(vocab), "ensembl", dtype=object)
         mapping: dict[str, Any] = {}
-    elif id_type == "symbol":
-        ensembl, methods, mapping = map_to_ensembl(vocab, id_type="symbol")
     else:
-        raise ConfigError(f"id_type={id_type!r}: choose 'ensembl' or 'symbol'")
-    data_ids = pd.Index(strip_version(adata.var_names.astype(str)))
+        ensembl, methods, mapping = map_to_ensembl(vocab, id_type="symbol")
+    data_ids = pd.Index(strip_version(var_names))
     pos = np.full(len(vocab), -1, dtype=np.int64)
     found = np.array([e is not None for e in ensembl])
     if found.any():
@@ -217,6 +230,7 @@ def _vocabulary_positions(
     record: dict[str, Any] = {"id_mapping": counts, "n_vocabulary_sharing_a_gene": n_shared}
     if mapping:
         record["symbol_mapping_examples"] = mapping.get("examples", {})
+    pos.setflags(write=False)  # shared by every later call with the same genes
     return pos, record
 
 
