@@ -2,8 +2,12 @@
 
 Each (arm, gene count) runs in a fresh process (peak RSS of that configuration only):
 
-- ``sdpa``: the project's model (``BulkRNABert.embed``: attention through
-  ``F.scaled_dot_product_attention``, the flash kernel on CPU and GPU);
+- ``model``: the project's model as users get it (``BulkRNABert.embed``). On CPU its
+  attention runs bulkfm's own kernel (:mod:`bulkfm.models.cpu_attention`) where it
+  applies, on GPU ``F.scaled_dot_product_attention`` (flash attention);
+- ``sdpa`` (CPU only; ``--no-sdpa`` skips it): the same model with
+  ``BULKFM_CPU_ATTENTION=off``, i.e. torch's CPU flash kernel, as the reference for
+  what the project's kernel adds;
 - ``naive``: the same model and weights computed the way the official Haiku code does,
   materialising ``softmax(QK^T / sqrt(d))`` for every head ([batch, heads, genes,
   genes]) before multiplying by V. Skipped above ``--naive-max-genes`` (8,192) unless
@@ -13,10 +17,11 @@ Printed per configuration: seconds per sample (median of the timed repetitions),
 samples/s, genes/s, model FLOPs per sample, achieved FLOP/s and its ratio to the dense
 matmul FLOP/s measured in the same process just before and after the timing (by wall
 clock and by process CPU time, which other jobs on a shared machine do not inflate),
-and the peak RSS (the child's VmHWM, with ``ru_maxrss`` from ``wait4`` beside it).
-Then the naive/sdpa speed and memory ratios, and the scaling exponent of the time per
-sample between the smallest gene count >= 4,096 and the largest, next to the one the
-FLOP count predicts.
+and the peak RSS of the timed repetitions (the whole child's peak, with the warm-up and
+the instruments, beside it).
+Then the naive/model and sdpa/model speed and memory ratios, and the scaling exponent
+of the time per sample between the smallest gene count >= 4,096 and the largest, next
+to the one the FLOP count predicts.
 
 CPU (default when there is no GPU):
     python benchmarks/embed_speed.py                      # 1,024 / 4,096 / 8,192 / 19,062
@@ -116,6 +121,13 @@ def child(payload: dict[str, Any]) -> dict[str, Any]:
         def run(t: Any, g: Any) -> Any:
             return naive_embed(model, t, g)
 
+    elif payload["arm"] == "sdpa":
+        from bulkfm.models import cpu_attention
+
+        def run(t: Any, g: Any) -> Any:
+            with cpu_attention.disabled():
+                return model.embed(t, gene_index=g)
+
     else:
         forward = model.embed
         if payload.get("compile"):
@@ -135,7 +147,7 @@ def child(payload: dict[str, Any]) -> dict[str, Any]:
     # Warm-up on a short prefix: thread pool, kernels (and the compiled graph on GPU,
     # which needs the real shape) without paying a full-length run on a slow CPU.
     warm = n_genes if gpu else min(n_genes, 256)
-    kernels = common.attention_kernels(lambda: call(tokens[:, :warm], gene_index[:warm]))
+    call(tokens[:, :warm], gene_index[:warm])
     common.synchronize(device)
     common.reset_device_peak(device)
     result: dict[str, Any] = {}
@@ -150,6 +162,9 @@ def child(payload: dict[str, Any]) -> dict[str, Any]:
         )
 
     timing, gemm, gemm_n = common.measure_around(timed, device, payload["smoke"])
+    # Which attention operator ran, read with the profiler after the timing (so that its
+    # buffers stay out of the measured peak), on the warm-up's short prefix.
+    kernels = common.attention_kernels(lambda: call(tokens[:, :warm], gene_index[:warm]))
     flops = common.model_flops(model.config, n_genes, batch, lm_head=False)
     threads = torch.get_num_threads()
     return {
@@ -158,6 +173,7 @@ def child(payload: dict[str, Any]) -> dict[str, Any]:
         "cpu_s": timing.cpu,
         "gemm_times_s": gemm.wall,
         "base_rss_mb": base_rss,
+        **common.memory_fields(timing),
         "device_peak_mb": common.device_peak_memory_mb(device),
         "flops": flops.as_dict(),
         **common.rates(flops.total, timing, gemm, gemm_n, threads, device),
@@ -177,8 +193,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--naive-max-genes", type=int, default=8192)
     p.add_argument("--naive-all", action="store_true", help="run the naive arm at every size")
     p.add_argument("--no-naive", action="store_true", help="skip the naive arm")
+    p.add_argument("--no-sdpa", action="store_true", help="skip the torch-SDPA arm (CPU)")
     common.add_run_arguments(
-        p, budget_s=40.0, max_reps=5, timeout_s=1800.0, compile_help="torch.compile the sdpa arm"
+        p, budget_s=40.0, max_reps=5, timeout_s=1800.0, compile_help="torch.compile the model arm"
     )
     args = p.parse_args(argv)
     if args.genes is None:
@@ -200,7 +217,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     rows: list[dict[str, Any]] = []
     for n_genes in args.genes:
-        arms = ["sdpa"]
+        arms = ["model"]
+        if device == "cpu" and not args.no_sdpa:
+            arms.append("sdpa")
         if not args.no_naive and (args.naive_all or n_genes <= args.naive_max_genes):
             arms.append("naive")
         for arm in arms:
@@ -215,7 +234,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "budget_s": args.budget_s,
                 "min_reps": args.min_reps,
                 "max_reps": args.max_reps,
-                "compile": args.compile and arm == "sdpa",
+                "compile": args.compile and arm == "model",
             }
             res = common.run_config(
                 child,
@@ -271,18 +290,19 @@ def _short(row: dict[str, Any]) -> str:
 
 
 def compare_arms(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """naive/sdpa time and memory ratios at each gene count both arms ran, and how far
-    their embeddings differ (same weights, so only rounding)."""
+    """Time and memory of each other arm over the model arm at every gene count both
+    ran, and how far their embeddings differ (same weights, so only rounding)."""
     out = []
     by_key = {(r["arm"], r["genes"]): r for r in rows if "error" not in r}
-    for (arm, genes), fast in sorted(by_key.items(), key=lambda kv: kv[0][1]):
-        slow = by_key.get(("naive", genes))
-        if arm != "sdpa" or slow is None:
+    for (arm, genes), slow in sorted(by_key.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        fast = by_key.get(("model", genes))
+        if arm == "model" or fast is None:
             continue
         diff = max(abs(a - b) for a, b in zip(fast["embedding"], slow["embedding"], strict=True))
         out.append(
             {
                 "genes": genes,
+                "versus": arm,
                 "speedup": slow["s_per_sample"] / fast["s_per_sample"],
                 "cpu_speedup": common.median(slow["cpu_s"]) / common.median(fast["cpu_s"]),
                 "memory_ratio": slow["peak_mb"] / fast["peak_mb"],
@@ -304,7 +324,7 @@ def scaling(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     """Exponent k of time ~ genes^k between the smallest gene count >= 4,096 (or the
     smallest run) and the largest, measured and as the FLOP count predicts."""
     fast = sorted(
-        (r for r in rows if r.get("arm") == "sdpa" and "error" not in r), key=lambda r: r["genes"]
+        (r for r in rows if r.get("arm") == "model" and "error" not in r), key=lambda r: r["genes"]
     )
     if len(fast) < 2:
         return None
@@ -341,20 +361,23 @@ def print_report(report: dict[str, Any], device: str) -> None:
     columns += common.cost_columns(device)
     print()
     print(common.format_table([r for r in rows if "error" not in r], columns))
-    for arm in ("sdpa", "naive"):
+    for arm in ("model", "sdpa", "naive"):
+        if not any(r.get("arm") == arm for r in rows):
+            continue
         kernels = {k for r in rows if r.get("arm") == arm for k in r.get("attention_kernels", [])}
         print(f"attention operators ({arm}): {', '.join(sorted(kernels)) or 'plain matmuls'}")
     for r in rows:
         if "error" in r:
             print(f"FAILED {r.get('arm')} @ {r.get('genes')} genes: {r['error']}")
     if report["comparisons"]:
-        print("\nnaive attention vs sdpa (same weights):")
+        print("\nthe model arm against the others (same weights):")
         print(
             common.format_table(
                 report["comparisons"],
                 [
                     ("genes", "genes"),
-                    ("speedup", "sdpa speed-up"),
+                    ("versus", "versus"),
+                    ("speedup", "model speed-up"),
                     ("cpu_speedup", "speed-up (CPU time)"),
                     ("memory_ratio", "peak RSS ratio"),
                     ("memory_ratio_above_base", "ratio above load"),

@@ -129,6 +129,23 @@ def test_run_child_reports_that_childs_own_peak(tmp_path: Path) -> None:
     assert "deliberate failure" in failed["error"]
 
 
+def test_reset_peak_rss_starts_a_new_high_water_mark() -> None:
+    common = load("_common")
+    block = np.ones(300 * 2**20 // 8)  # touched: resident, then unmapped when freed
+    del block
+    high = common.peak_rss_mb()
+    if not common.reset_peak_rss():
+        pytest.skip("this system cannot reset the peak (no /proc/self/clear_refs)")
+    assert common.peak_rss_mb() < high - 200
+    timing = common.Timing([1.0], [1.0], peak_rss_mb=123.0)
+    fields = common.memory_fields(timing)
+    assert fields["peak_rss_mb"] == 123.0 and fields["peak_scope"] == "timed phase"
+    assert fields["process_peak_rss_mb"] >= common.current_rss_mb() - 1
+    fields = common.memory_fields(common.Timing([1.0], [1.0]))
+    assert fields["peak_scope"] == "process"
+    assert fields["peak_rss_mb"] == fields["process_peak_rss_mb"]
+
+
 def test_rates_compare_medians_and_cpu_time() -> None:
     common = load("_common")
     run = common.Timing(wall=[2.0, 1.0, 3.0], cpu=[2.0, 2.0, 2.0])
@@ -186,14 +203,22 @@ def test_embed_speed_smoke_in_fresh_processes() -> None:
     args = "--smoke --device cpu --threads 1 --genes 32 64 --naive-max-genes 32"
     report = embed_speed.main(args.split())
     rows = report["rows"]
-    assert [(r["arm"], r["genes"]) for r in rows] == [("sdpa", 32), ("naive", 32), ("sdpa", 64)]
+    assert [(r["arm"], r["genes"]) for r in rows] == [
+        ("model", 32),
+        ("sdpa", 32),
+        ("naive", 32),
+        ("model", 64),
+        ("sdpa", 64),
+    ]
     assert all("error" not in r for r in rows), rows
     for r in rows:
         assert r["peak_mb"] >= r["base_rss_mb"] > 0
         assert r["samples_per_s"] > 0 and r["ratio_to_gemm"] > 0
-    (comparison,) = report["comparisons"]
-    assert comparison["same_weights"]
-    assert comparison["max_abs_diff"] < 1e-5  # naive attention == SDPA, same weights
+    compared = [(c["genes"], c["versus"]) for c in report["comparisons"]]
+    assert compared == [(32, "naive"), (32, "sdpa"), (64, "sdpa")]
+    for comparison in report["comparisons"]:
+        assert comparison["same_weights"]
+        assert comparison["max_abs_diff"] < 1e-5  # every arm computes the same model
     assert math.isfinite(report["scaling"]["measured"])
     assert 1.0 < report["scaling"]["flops"] < 2.0
 

@@ -37,6 +37,7 @@ from torch.utils.checkpoint import checkpoint
 
 from bulkfm.errors import CheckpointError, ConfigError, GeneMappingError
 from bulkfm.io import atomic_path, write_text
+from bulkfm.models import cpu_attention
 
 if TYPE_CHECKING:
     from bulkfm.tokenize import BinTokenizer
@@ -185,7 +186,9 @@ class BulkRNABertAttention(nn.Module):
     """Multi-head self-attention with biased q/k/v/output projections.
 
     Runs through ``scaled_dot_product_attention`` (flash/memory-efficient kernels, no
-    G x G matrix held) unless attention maps are requested for interpretation.
+    G x G matrix held) unless attention maps are requested for interpretation. CPU
+    inference with head size 32 uses :mod:`bulkfm.models.cpu_attention` instead (same
+    result to float32 rounding, faster; ``BULKFM_CPU_ATTENTION=off`` turns it off).
     """
 
     def __init__(self, embed_dim: int, num_heads: int, key_size: int) -> None:
@@ -213,6 +216,10 @@ class BulkRNABertAttention(nn.Module):
             scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.key_size)
             weights = scores.softmax(dim=-1)
             context = weights @ v
+        elif cpu_attention.applies(q, k, v):
+            # CPU inference with head size 32: bulkfm's own exact kernel (faster than
+            # torch's flash kernel for this head size, same bounded memory).
+            context = cpu_attention.attention(q, k, v)
         else:
             # q/k/v stay strided views of the projections: the CPU flash kernel reads
             # them in place and writes its output in [batch, length, heads, key] order,
