@@ -115,10 +115,20 @@ def test_same_bits_whatever_the_threads_or_the_batch() -> None:
     assert torch.equal(alone, many[1:2])
 
 
-def test_wrong_shapes_are_named() -> None:
+@requires_kernel
+def test_wrong_inputs_are_named() -> None:
     q = torch.zeros(1, 2, 80, 32)
     with pytest.raises(ValueError, match=r"\[batch, heads, length, 32\]"):
         cpu_attention.attention(q, q[:, :, :40], q)
+    with pytest.raises(ValueError, match="k is torch.float64 on cpu.*float32 CPU"):
+        cpu_attention.attention(q, q.double(), q)
+
+
+@requires_kernel
+def test_empty_inputs_give_empty_outputs() -> None:
+    for shape in [(0, 2, 80, 32), (1, 2, 0, 32)]:
+        q = torch.zeros(shape)
+        assert cpu_attention.attention(q, q, q).shape == shape
 
 
 # --------------------------------------------------------------------------- dispatch

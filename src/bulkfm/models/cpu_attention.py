@@ -91,7 +91,9 @@ def enabled() -> bool:
 
 @contextlib.contextmanager
 def disabled() -> Iterator[None]:
-    """Within the block, attention runs through SDPA (for comparisons and tests)."""
+    """Within the block, attention runs through SDPA (for comparisons and tests).
+
+    Process-wide: it also holds for other threads while the block runs."""
     global _disabled_depth
     with _lock:
         _disabled_depth += 1
@@ -110,7 +112,7 @@ def status() -> KernelStatus:
             if _status is None:
                 _status = _build_and_load()
                 if _status.available:
-                    logger.debug("CPU attention kernel loaded from %s", _status.library)
+                    logger.info("CPU attention: bulkfm kernel, %s", _status.library)
                 else:
                     logger.info("CPU attention kernel unavailable (%s); using SDPA", _status.reason)
     return _status
@@ -149,6 +151,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
             f"q, k and v must share one [batch, heads, length, {HEAD_SIZE}] shape, "
             f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
         )
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.device.type != "cpu" or t.dtype != torch.float32:
+            raise ValueError(
+                f"{name} is {t.dtype} on {t.device}: the CPU kernel takes float32 CPU "
+                "tensors (use torch.nn.functional.scaled_dot_product_attention otherwise)"
+            )
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     batch, heads, length, _ = q.shape
     padded = -(-length // KEY_GROUP) * KEY_GROUP
