@@ -120,7 +120,7 @@ def test_wrong_inputs_are_named() -> None:
     q = torch.zeros(1, 2, 80, 32)
     with pytest.raises(ValueError, match=r"\[batch, heads, length, 32\]"):
         cpu_attention.attention(q, q[:, :, :40], q)
-    with pytest.raises(ValueError, match="k is torch.float64 on cpu.*float32 CPU"):
+    with pytest.raises(ValueError, match=r"k is torch.float64 on cpu.*float32 CPU"):
         cpu_attention.attention(q, q.double(), q)
 
 
