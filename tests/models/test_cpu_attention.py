@@ -266,3 +266,39 @@ def test_unwritable_cache_builds_privately(
     assert calls[0].parent == fresh_build
     assert calls[1].parent != fresh_build and calls[1].parent.name.startswith("bulkfm-kernel-")
     assert info.library == str(calls[1])
+
+
+@requires_kernel
+def test_embed_adata_with_the_kernel_matches_sdpa_and_ignores_batch_size() -> None:
+    import anndata as ad
+    import numpy as np
+    import pandas as pd
+    import scipy.sparse as sp
+
+    from bulkfm.embed import embed_adata
+    from bulkfm.tokenize import BinTokenizer, TokenizerConfig
+
+    genes = [f"ENSG{i:011d}" for i in range(300)]
+    rng = np.random.default_rng(5)
+    X = (10 ** rng.uniform(0, 3.5, size=(5, 300)) - 1).astype(np.float32)
+    missing = np.zeros(X.shape, dtype=bool)
+    missing[2, 40:90] = True  # missing genes: mask tokens, left out of the mean
+    adata = ad.AnnData(
+        X=X,
+        obs=pd.DataFrame(index=[f"S{i}" for i in range(5)]),
+        var=pd.DataFrame(index=genes),
+        layers={"missing": sp.csr_matrix(missing)},
+    )
+    tokenizer = BinTokenizer(TokenizerConfig(genes=genes, normalization_factor=4.0, n_bins=64))
+    model = small_model()
+    with torch.no_grad():  # weights large enough for attention to be far from uniform
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    with torch.profiler.profile() as prof:
+        fast = embed_adata(model, tokenizer, adata, batch_size=2, progress=False)
+    assert "bulkfm::cpu_attention" in {event.name for event in prof.events()}
+    whole = embed_adata(model, tokenizer, adata, batch_size=5, progress=False)
+    with cpu_attention.disabled():
+        slow = embed_adata(model, tokenizer, adata, batch_size=2, progress=False)
+    np.testing.assert_allclose(fast, whole, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(fast, slow, rtol=1e-4, atol=1e-5)
