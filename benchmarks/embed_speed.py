@@ -58,8 +58,8 @@ def build_model(n_genes: int, seed: int, smoke: bool, device: str) -> Any:
 
     torch.manual_seed(seed)
     kw: dict[str, Any] = {"n_genes": n_genes}
-    if smoke:
-        kw.update(embed_dim=32, num_attention_heads=4, ffn_embed_dim=64, num_layers=2)
+    if smoke:  # head size 32, as in the real model, so bulkfm's CPU kernel applies
+        kw.update(embed_dim=64, num_attention_heads=2, ffn_embed_dim=64, num_layers=2)
         kw.update(init_gene_embed_dim=24)
     return BulkRNABert(BulkRNABertConfig(**kw)).to(device).eval()
 

@@ -22,6 +22,8 @@ import numpy as np
 import pytest
 import torch
 
+from bulkfm.models import cpu_attention
+
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -214,6 +216,11 @@ def test_embed_speed_smoke_in_fresh_processes() -> None:
     for r in rows:
         assert r["peak_mb"] >= r["base_rss_mb"] > 0
         assert r["samples_per_s"] > 0 and r["ratio_to_gemm"] > 0
+    by_arm = {(r["arm"], r["genes"]): r["attention_kernels"] for r in rows}
+    assert by_arm[("sdpa", 64)] == ["aten::_scaled_dot_product_flash_attention_for_cpu"]
+    assert by_arm[("naive", 32)] == []
+    if cpu_attention.status().available:  # 64 genes: long enough for the kernel
+        assert by_arm[("model", 64)] == ["bulkfm::cpu_attention"]
     compared = [(c["genes"], c["versus"]) for c in report["comparisons"]]
     assert compared == [(32, "naive"), (32, "sdpa"), (64, "sdpa")]
     for comparison in report["comparisons"]:
