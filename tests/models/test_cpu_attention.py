@@ -246,6 +246,13 @@ def test_other_architectures_use_sdpa(fresh_build: Path, monkeypatch: pytest.Mon
     assert "x86-64" in info.reason and "arm64" in info.reason
 
 
+def test_other_systems_use_sdpa(fresh_build: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cpu_attention.sys, "platform", "win32")
+    info = cpu_attention.status()
+    assert not info.available
+    assert "Linux and macOS" in info.reason and "win32" in info.reason
+
+
 def test_unwritable_cache_builds_privately(
     fresh_build: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -10,8 +10,8 @@ every machine where the kernel cannot be built, runs ``scaled_dot_product_attent
 The library is built once per source version with the system C compiler (``$CC``,
 else ``cc``, ``gcc`` or ``clang``) into a per-user cache, written atomically, and
 loaded through :mod:`ctypes`; it needs no torch headers and compiles in about a
-second. Without a compiler, on a non-x86-64 machine or on a CPU without AVX2, bulkfm
-uses SDPA and :func:`status` says why.
+second. Without a compiler, on a non-x86-64 machine, on a CPU without AVX2 or outside
+Linux and macOS, bulkfm uses SDPA and :func:`status` says why.
 
 Environment:
 
@@ -32,6 +32,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -226,6 +227,8 @@ def _compiler() -> str | None:
 
 def _build_and_load() -> KernelStatus:
     global _lib
+    if not sys.platform.startswith(("linux", "darwin")):
+        return KernelStatus(False, f"built only on Linux and macOS, this is {sys.platform}")
     machine = platform.machine().lower()
     if machine not in {"x86_64", "amd64"}:
         return KernelStatus(False, f"needs an x86-64 CPU, this is {machine or 'unknown'}")
