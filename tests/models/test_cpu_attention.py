@@ -235,8 +235,16 @@ def test_failed_compile_is_reported(fresh_build: Path, monkeypatch: pytest.Monke
     monkeypatch.setenv("CC", "false")  # exists everywhere, always exits 1
     info = cpu_attention.status()
     assert not info.available
-    assert "compiling the kernel failed" in info.reason
+    assert "building or loading the kernel failed" in info.reason
     assert not list(fresh_build.glob("*.so"))
+
+
+def test_cc_may_carry_a_wrapper(fresh_build: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CC", "env gcc")  # a wrapper command, as ccache is used
+    if cpu_attention.shutil.which("gcc") is None:
+        pytest.skip("no gcc here")
+    assert cpu_attention._compiler() == [cpu_attention.shutil.which("env"), "gcc"]
+    assert cpu_attention.status().library is not None  # built and loaded through env
 
 
 def test_other_architectures_use_sdpa(fresh_build: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -259,7 +267,7 @@ def test_unwritable_cache_builds_privately(
     real_compile = cpu_attention._compile
     calls: list[Path] = []
 
-    def compile_once_denied(compiler: str, source: bytes, target: Path, flags) -> None:
+    def compile_once_denied(compiler: list[str], source: bytes, target: Path, flags) -> None:
         calls.append(target)
         if len(calls) == 1:
             raise PermissionError(f"cannot write {target.parent}")

@@ -30,6 +30,7 @@ import logging
 import math
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -216,12 +217,17 @@ def cache_dir() -> Path:
     return Path(base) / "bulkfm" / "kernels"
 
 
-def _compiler() -> str | None:
-    names = [os.environ["CC"]] if os.environ.get("CC") else ["cc", "gcc", "clang"]
-    for name in names:
-        found = shutil.which(name.split()[0]) if name.strip() else None
+def _compiler() -> list[str] | None:
+    """The compiler command: ``$CC`` (which may carry a wrapper, e.g. ``ccache gcc``),
+    else the first of cc, gcc and clang found."""
+    if os.environ.get("CC", "").strip():
+        words = shlex.split(os.environ["CC"])
+        found = shutil.which(words[0])
+        return [found, *words[1:]] if found else None
+    for name in ("cc", "gcc", "clang"):
+        found = shutil.which(name)
         if found:
-            return found
+            return [found]
     return None
 
 
@@ -240,26 +246,22 @@ def _build_and_load() -> KernelStatus:
     for flags in ((*COMPILE_FLAGS, OPENMP_FLAG), COMPILE_FLAGS):
         try:
             target = _built_library(compiler, source, flags)
-            break
+            lib = ctypes.CDLL(str(target))
         except (OSError, subprocess.SubprocessError) as exc:
             errors.append(str(exc))
-    else:
-        return KernelStatus(False, f"compiling the kernel failed: {errors[-1]}")
-    try:
-        lib = ctypes.CDLL(str(target))
-    except OSError as exc:
-        return KernelStatus(False, f"loading {target} failed: {exc}")
-    _declare(lib)
-    openmp = bool(lib.bulkfm_attention_uses_openmp())
-    if not lib.bulkfm_attention_supported():
-        return KernelStatus(False, "this CPU lacks AVX2 or FMA", str(target), openmp)
-    _lib = lib
-    return KernelStatus(True, "ok", str(target), openmp)
+            continue
+        _declare(lib)
+        openmp = bool(lib.bulkfm_attention_uses_openmp())
+        if not lib.bulkfm_attention_supported():
+            return KernelStatus(False, "this CPU lacks AVX2 or FMA", str(target), openmp)
+        _lib = lib
+        return KernelStatus(True, "ok", str(target), openmp)
+    return KernelStatus(False, f"building or loading the kernel failed: {errors[-1]}")
 
 
-def _built_library(compiler: str, source: bytes, flags: tuple[str, ...]) -> Path:
+def _built_library(compiler: list[str], source: bytes, flags: tuple[str, ...]) -> Path:
     """The cached library for this source, compiler and flags, compiled if missing."""
-    key = source + " ".join(flags).encode() + compiler.encode()
+    key = source + " ".join([*compiler, *flags]).encode()
     target = cache_dir() / f"cpu_attention-{hashlib.sha256(key).hexdigest()[:16]}.so"
     if target.exists():
         return target
@@ -273,14 +275,14 @@ def _built_library(compiler: str, source: bytes, flags: tuple[str, ...]) -> Path
     return target
 
 
-def _compile(compiler: str, source: bytes, target: Path, flags: tuple[str, ...]) -> None:
+def _compile(compiler: list[str], source: bytes, target: Path, flags: tuple[str, ...]) -> None:
     """Compile into a temporary file beside ``target``, then rename it into place."""
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as work:
         src = Path(work) / "cpu_attention.c"
         src.write_bytes(source)
         built = Path(work) / target.name
-        cmd = [compiler, *flags, "-o", str(built), str(src), "-lm"]
+        cmd = [*compiler, *flags, "-o", str(built), str(src), "-lm"]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
         if proc.returncode != 0:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
