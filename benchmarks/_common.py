@@ -57,16 +57,24 @@ GPU_BF16_PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
 
 
 # --------------------------------------------------------------------------- memory
-def peak_rss_mb() -> float:
-    """This process's resident-memory high-water mark in MB (VmHWM; ru_maxrss without
-    /proc)."""
+def _status_mb(field: str) -> float | None:
+    """A kB field of /proc/self/status (``VmHWM``, ``VmRSS``) in MB; None without /proc."""
     try:
         with open("/proc/self/status") as handle:
             for line in handle:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
+    return None
+
+
+def peak_rss_mb() -> float:
+    """This process's resident-memory high-water mark in MB (VmHWM; ru_maxrss without
+    /proc)."""
+    peak = _status_mb("VmHWM")
+    if peak is not None:
+        return peak
     return _maxrss_to_mb(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 
@@ -99,14 +107,8 @@ def memory_fields(timing: Timing) -> dict[str, Any]:
 
 
 def current_rss_mb() -> float:
-    try:
-        with open("/proc/self/status") as handle:
-            for line in handle:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return math.nan
+    rss = _status_mb("VmRSS")
+    return math.nan if rss is None else rss
 
 
 def _maxrss_to_mb(value: int) -> float:
@@ -517,6 +519,24 @@ def rates(
     if device == "cuda":  # host CPU time says nothing about GPU work
         for key in ("cpu_flops_per_s", "gemm_cpu_flops_per_s", "cpu_ratio_to_gemm"):
             out[key] = None
+    return out
+
+
+def cost_fields(res: dict[str, Any], peak_tflops: float | None) -> dict[str, Any]:
+    """The report columns every speed benchmark derives from a child's result: FLOP
+    rates in GFLOP/s, the peak memory, and on CUDA the MFU against the bf16 peak
+    (``peak_tflops`` overrides the table)."""
+    achieved = res["flops_per_s"]
+    out: dict[str, Any] = {
+        "gflops_achieved": achieved / 1e9,
+        "gemm_gflops": res["gemm_flops_per_s"] / 1e9,
+        "reps": len(res["times_s"]),
+        "peak_mb": res["peak_rss_mb"],
+    }
+    if res["device"] == "cuda":
+        peak = gpu_peak_tflops(res.get("device_name", ""), peak_tflops)
+        out["mfu"] = achieved / (peak * 1e12) if peak else None
+        out["peak_tflops"] = peak
     return out
 
 

@@ -260,23 +260,14 @@ def summarise(res: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     t = common.median(res["times_s"])
     batch = res["batch_size"]
     flops = res["flops"]["total"]
-    achieved = res["flops_per_s"]
-    row = {
+    return {
         **res,
         "s_per_sample": t / batch,
         "samples_per_s": batch / t,
         "genes_per_s": batch * res["genes"] / t,
         "gflop_per_sample": flops / batch / 1e9,
-        "gflops_achieved": achieved / 1e9,
-        "gemm_gflops": res["gemm_flops_per_s"] / 1e9,
-        "reps": len(res["times_s"]),
-        "peak_mb": res["peak_rss_mb"],
+        **common.cost_fields(res, args.peak_tflops),
     }
-    if res["device"] == "cuda":
-        peak = common.gpu_peak_tflops(res.get("device_name", ""), args.peak_tflops)
-        row["mfu"] = achieved / (peak * 1e12) if peak else None
-        row["peak_tflops"] = peak
-    return row
 
 
 def _short(row: dict[str, Any]) -> str:

@@ -402,22 +402,14 @@ def summarise(res: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     if "error" in res:
         return res
     t = common.median(res["times_s"])
-    achieved = res["flops_per_s"]
-    row = {
+    return {
         **res,
         "ckpt": "on" if res["checkpointing"] else "off",
-        "reps": len(res["times_s"]),
         "s_per_step": t,
         "tokens_per_s": res["batch_size"] * res["genes"] / t,
         "gflop_per_step": res["step_flops"] / 1e9,
-        "gflops_achieved": achieved / 1e9,
-        "gemm_gflops": res["gemm_flops_per_s"] / 1e9,
-        "peak_mb": res["peak_rss_mb"],
+        **common.cost_fields(res, args.peak_tflops),
     }
-    if res["device"] == "cuda":
-        peak = common.gpu_peak_tflops(res.get("device_name", ""), args.peak_tflops)
-        row["mfu"] = achieved / (peak * 1e12) if peak else None
-    return row
 
 
 def _short(row: dict[str, Any]) -> str:

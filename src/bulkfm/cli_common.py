@@ -9,6 +9,19 @@ from typing import Any
 from bulkfm.errors import InputFileError
 
 
+def add_config_arguments(parser: argparse.ArgumentParser, what: str, example: str) -> None:
+    """--config (a YAML file) and repeatable --set KEY=VALUE overrides into ``overrides``."""
+    parser.add_argument("--config", required=True, type=Path, help=what)
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"override a config entry, e.g. {example}",
+    )
+
+
 def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
     """--model and the extras an official-format checkpoint needs, plus --device."""
     parser.add_argument("--model", required=True, type=Path, help="checkpoint directory")

@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from bulkfm.cli_common import add_config_arguments
+
 __all__ = ["register"]
 
 
@@ -21,14 +23,8 @@ def register(subparsers: Any) -> None:
             "missing-gene robustness. Writes results.json, report.md, report.html, plots/."
         ),
     )
-    parser.add_argument("--config", required=True, type=Path, help="evaluation YAML config")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config entry, e.g. --set protocol.n_seeds=3 --set arms.ia3=false",
+    add_config_arguments(
+        parser, "evaluation YAML config", "--set protocol.n_seeds=3 --set arms.ia3=false"
     )
     parser.add_argument("--out", type=Path, default=None, help="output folder (output_dir)")
     parser.set_defaults(handler=_run)

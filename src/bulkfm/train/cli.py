@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
+
+from bulkfm.cli_common import add_config_arguments
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -21,15 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "config's output_dir. Multi-GPU: launch with torchrun or accelerate launch."
         ),
     )
-    parser.add_argument("--config", required=True, type=Path, help="YAML config file")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config entry, e.g. --set optim.lr=3e-4 --set data.path=x.h5ad",
-    )
+    add_config_arguments(parser, "YAML config file", "--set optim.lr=3e-4 --set data.path=x.h5ad")
     parser.add_argument(
         "--resume",
         action="store_true",
