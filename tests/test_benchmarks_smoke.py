@@ -251,6 +251,18 @@ def test_train_speed_smoke(keep_torch_threads) -> None:
     assert len(loader["data_s"]) == 2
 
 
+def test_attention_speed_smoke(keep_torch_threads) -> None:
+    attention_speed = load("attention_speed")
+    report = attention_speed.main(["--smoke", "--threads", "1", "--flex"])
+    impls = {(r["impl"], r["genes"]) for r in report["rows"]}
+    expected = {"sdpa", "flex"} | ({"bulkfm"} if cpu_attention.status().available else set())
+    assert impls == {(name, genes) for name in expected for genes in (64, 100)}
+    for row in report["rows"]:
+        assert row["gflops"] > 0 and row["ratio_to_gemm"] > 0
+        assert row["max_diff_vs_sdpa"] < 1e-5  # every implementation computes attention
+    assert set(report["skipped"]) == ({"sdpa", "flex", "bulkfm"} - expected)
+
+
 def test_tokenize_speed_smoke(keep_torch_threads) -> None:
     tokenize_speed = load("tokenize_speed")
     result = tokenize_speed.main(["--smoke", "--threads", "1"])
