@@ -251,6 +251,7 @@ def test_train_speed_smoke(keep_torch_threads) -> None:
     assert len(loader["data_s"]) == 2
 
 
+@pytest.mark.filterwarnings("ignore:.*torch.jit.script_method.*:DeprecationWarning")
 def test_attention_speed_smoke(keep_torch_threads) -> None:
     attention_speed = load("attention_speed")
     report = attention_speed.main(["--smoke", "--threads", "1", "--flex"])
