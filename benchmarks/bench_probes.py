@@ -26,10 +26,10 @@ def main() -> None:
     args = parser.parse_args()
 
     from bulkfm.bench.config import BenchConfig
-    from bulkfm.bench.embedders import Embedder, get_embedder
     from bulkfm.bench.runner import run_benchmark
     from bulkfm.bench.tasks import default_tasks
     from bulkfm.data.simulate import simulate_bulk
+    from bulkfm.embedders import Embedder, get_embedder
 
     adata = simulate_bulk(n_samples=args.samples, n_genes=args.genes, seed=0)
     model = get_embedder(args.model)

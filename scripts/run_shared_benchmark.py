@@ -55,11 +55,11 @@ def main() -> int:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-    from bulkfm.bench.cli import build_models, load_bench_yaml, parse_model_dirs
     from bulkfm.bench.config import BenchConfig
     from bulkfm.bench.report import family_table
     from bulkfm.bench.runner import run_benchmark
     from bulkfm.bench.tasks import default_tasks
+    from bulkfm.cli.bench import build_models, load_bench_yaml, parse_model_dirs
     from bulkfm.io import write_text
 
     spec = load_bench_yaml(args.config)

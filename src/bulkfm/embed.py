@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from bulkfm.cli_common import add_checkpoint_arguments, load_checkpoint_and_input
+from bulkfm.cli.common import add_checkpoint_arguments, load_checkpoint_and_input
 from bulkfm.errors import ConfigError, DuplicateIdError, ExpressionValueError, InputFileError
 from bulkfm.io import atomic_path, write_h5ad
 

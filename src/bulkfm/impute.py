@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import scipy.sparse as sp
 
-from bulkfm.cli_common import add_checkpoint_arguments, load_checkpoint_and_input
+from bulkfm.cli.common import add_checkpoint_arguments, load_checkpoint_and_input
 from bulkfm.errors import ConfigError
 
 if TYPE_CHECKING:

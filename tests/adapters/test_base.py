@@ -200,7 +200,7 @@ def test_foundation_embedder_contract(tmp_path) -> None:
 
 def test_registry_import_stays_torch_free() -> None:
     code = (
-        "import sys, bulkfm.bench.embedders as e, bulkfm.adapters; "
+        "import sys, bulkfm.embedders as e, bulkfm.adapters; "
         "assert 'torch' not in sys.modules, 'torch imported'; "
         "print(','.join(e.available_embedders()))"
     )

@@ -24,7 +24,7 @@ performer_pytorch = pytest.importorskip("performer_pytorch")
 pytest.importorskip("torch_geometric")
 
 from bulkfm.adapters.bulkformer import BulkFormerEmbedder  # noqa: E402
-from bulkfm.bench.embedders import get_embedder  # noqa: E402
+from bulkfm.embedders import get_embedder  # noqa: E402
 from bulkfm.errors import (  # noqa: E402
     CheckpointError,
     ConfigError,

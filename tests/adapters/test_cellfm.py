@@ -23,7 +23,7 @@ from bulkfm.adapters.cellfm import (  # noqa: E402
     select_genes,
 )
 from bulkfm.adapters.cellfm_net import read_mindspore_checkpoint  # noqa: E402
-from bulkfm.bench.embedders.base import get_embedder  # noqa: E402
+from bulkfm.embedders import get_embedder  # noqa: E402
 from bulkfm.errors import (  # noqa: E402
     CheckpointError,
     ConfigError,

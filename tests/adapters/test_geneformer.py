@@ -261,7 +261,7 @@ def test_fingerprint_follows_options_and_dictionaries(v1_dir: Path, tmp_path: Pa
 
 
 def test_registered_under_geneformer(v1_dir: Path) -> None:
-    from bulkfm.bench.embedders import get_embedder
+    from bulkfm.embedders import get_embedder
 
     emb = get_embedder("geneformer", model_dir=v1_dir, emb_layer=0)
     assert isinstance(emb, GeneformerEmbedder) and emb.name == "geneformer"

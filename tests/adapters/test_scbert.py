@@ -21,8 +21,8 @@ import scipy.sparse as sp
 torch = pytest.importorskip("torch")
 
 from bulkfm.adapters.scbert import ScbertEmbedder, scbert_tokens  # noqa: E402
-from bulkfm.bench.embedders.base import get_embedder  # noqa: E402
 from bulkfm.data.genes import GeneTable  # noqa: E402
+from bulkfm.embedders import get_embedder  # noqa: E402
 from bulkfm.errors import (  # noqa: E402
     CheckpointError,
     ConfigError,

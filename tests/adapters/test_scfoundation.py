@@ -29,7 +29,7 @@ from bulkfm.adapters.scfoundation import (  # noqa: E402
     read_released,
 )
 from bulkfm.adapters.scfoundation_net import NetConfig, gather_nonzero  # noqa: E402
-from bulkfm.bench.embedders import get_embedder  # noqa: E402
+from bulkfm.embedders import get_embedder  # noqa: E402
 from bulkfm.errors import (  # noqa: E402
     CheckpointError,
     ConfigError,

@@ -32,7 +32,7 @@ from bulkfm.adapters.sclong import (  # noqa: E402
     sclong_preprocess,
 )
 from bulkfm.adapters.sclong_net import gcn_propagate, select_top  # noqa: E402
-from bulkfm.bench.embedders.base import get_embedder  # noqa: E402
+from bulkfm.embedders import get_embedder  # noqa: E402
 from bulkfm.errors import (  # noqa: E402
     CheckpointError,
     ConfigError,

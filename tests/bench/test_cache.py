@@ -6,8 +6,8 @@ import numpy as np
 import scipy.sparse as sp
 
 from bulkfm.bench.cache import EmbeddingCache
-from bulkfm.bench.embedders import PCAEmbedder, RawEmbedder
-from bulkfm.bench.fingerprint import array_checksum, data_fingerprint
+from bulkfm.embedders.classical import PCAEmbedder, RawEmbedder
+from bulkfm.fingerprint import array_checksum, data_fingerprint
 
 
 def test_data_fingerprint_sees_ids_genes_values_and_missing_mask(sim) -> None:

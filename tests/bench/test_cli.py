@@ -5,8 +5,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from bulkfm.bench.cli import parse_embeddings, parse_model_args, parse_model_dirs
 from bulkfm.cli import main
+from bulkfm.cli.bench import parse_embeddings, parse_model_args, parse_model_dirs
 from bulkfm.errors import ConfigError
 from bulkfm.io import write_h5ad
 

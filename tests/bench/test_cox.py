@@ -3,8 +3,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bulkfm.bench.cox import breslow_loglik, fit_ridge_cox
 from bulkfm.errors import ConfigError, SplitError
+from bulkfm.tasks.cox import breslow_loglik, fit_ridge_cox
 
 
 def _data(n: int = 150, p: int = 6, ties: bool = False, seed: int = 0):

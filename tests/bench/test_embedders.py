@@ -9,17 +9,15 @@ import pytest
 import scipy.sparse as sp
 from sklearn.decomposition import PCA
 
-from bulkfm.bench.embedders import (
+from bulkfm.embedders import (
     Embedder,
-    NMFEmbedder,
-    PCAEmbedder,
-    PrecomputedEmbedder,
-    RawEmbedder,
     available_embedders,
     get_embedder,
     register_embedder,
+    registry,
 )
-from bulkfm.bench.embedders import base as registry
+from bulkfm.embedders.classical import NMFEmbedder, PCAEmbedder, RawEmbedder
+from bulkfm.embedders.precomputed import PrecomputedEmbedder
 from bulkfm.errors import (
     CheckpointError,
     ConfigError,

@@ -7,10 +7,10 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from bulkfm import metrics
-from bulkfm.bench.cox import fit_ridge_cox
 from bulkfm.bench.folds import inner_folds
-from bulkfm.bench.probes import ProbeConfig, run_probe
 from bulkfm.errors import ConfigError, SplitError
+from bulkfm.tasks.cox import fit_ridge_cox
+from bulkfm.tasks.probes import ProbeConfig, run_probe
 
 
 def _binary(n: int = 160, p: int = 8, seed: int = 0):

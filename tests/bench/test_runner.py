@@ -10,10 +10,11 @@ from sklearn.metrics import roc_auc_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from bulkfm.bench.embedders import Embedder, RawEmbedder
 from bulkfm.bench.folds import holdout_splits
 from bulkfm.bench.runner import run_benchmark
 from bulkfm.bench.tasks import TaskSpec, bench_obs, prepare_task
+from bulkfm.embedders import Embedder
+from bulkfm.embedders.classical import RawEmbedder
 from bulkfm.errors import ConfigError, ExpressionValueError
 from tests.bench.conftest import signal_embedding
 

@@ -14,10 +14,10 @@ from tests.evaluate import TINY_BASELINES, TINY_HEADS, TINY_PRETRAIN, tiny_data,
 
 @pytest.fixture(autouse=True)
 def _register(monkeypatch):
-    """Until bulkfm.evaluate.cli is listed in bulkfm.cli.COMMAND_MODULES."""
+    """Until bulkfm.cli.evaluate is listed in bulkfm.cli.COMMAND_MODULES."""
     modules = bulkfm.cli.COMMAND_MODULES
-    if "bulkfm.evaluate.cli" not in modules:
-        monkeypatch.setattr(bulkfm.cli, "COMMAND_MODULES", (*modules, "bulkfm.evaluate.cli"))
+    if "bulkfm.cli.evaluate" not in modules:
+        monkeypatch.setattr(bulkfm.cli, "COMMAND_MODULES", (*modules, "bulkfm.cli.evaluate"))
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -1,7 +1,7 @@
 """What every published-model adapter shares: genes onto the model's vocabulary,
 checkpoint files read safely, pooling that ignores padding, lazy optional imports.
 
-An adapter is a frozen :class:`~bulkfm.bench.embedders.Embedder`: it needs a local
+An adapter is a frozen :class:`~bulkfm.embedders.Embedder`: it needs a local
 path to the released weights (nothing is downloaded), maps the AnnData's genes onto
 the model's own vocabulary through the data layer and reports how many of the
 model's genes the data has (``coverage_``), then embeds in batches. Pooling never
@@ -24,10 +24,10 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from bulkfm.bench.config import check_int
-from bulkfm.bench.embedders.base import Embedder
-from bulkfm.bench.fingerprint import path_digest as file_digest
+from bulkfm.config import check_int
+from bulkfm.embedders.base import Embedder
 from bulkfm.errors import CheckpointError, ConfigError, GeneMappingError
+from bulkfm.fingerprint import path_digest as file_digest
 
 if TYPE_CHECKING:
     import anndata as ad

@@ -86,8 +86,8 @@ from bulkfm.adapters.base import (
     read_state_dict,
     require,
 )
-from bulkfm.bench.config import check_int
-from bulkfm.bench.embedders.base import register_embedder
+from bulkfm.config import check_int
+from bulkfm.embedders.registry import register_embedder
 from bulkfm.errors import CheckpointError, ConfigError, ExpressionValueError
 
 if TYPE_CHECKING:

@@ -63,7 +63,7 @@ from bulkfm.adapters.base import (
     masked_mean,
     read_state_dict,
 )
-from bulkfm.bench.embedders.base import register_embedder
+from bulkfm.embedders.registry import register_embedder
 from bulkfm.errors import CheckpointError, ConfigError, ExpressionValueError
 
 if TYPE_CHECKING:

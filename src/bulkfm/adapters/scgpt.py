@@ -83,8 +83,8 @@ from bulkfm.adapters.base import (
     load_state_dict_strict,
     read_state_dict,
 )
-from bulkfm.bench.config import check_int
-from bulkfm.bench.embedders.base import register_embedder
+from bulkfm.config import check_int
+from bulkfm.embedders.registry import register_embedder
 from bulkfm.errors import CheckpointError, ConfigError, ExpressionValueError
 
 if TYPE_CHECKING:

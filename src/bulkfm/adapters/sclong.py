@@ -87,7 +87,7 @@ from bulkfm.adapters.base import (
     read_state_dict,
     require,
 )
-from bulkfm.bench.embedders.base import register_embedder
+from bulkfm.embedders.registry import register_embedder
 from bulkfm.errors import CheckpointError, ConfigError, ExpressionValueError
 
 if TYPE_CHECKING:

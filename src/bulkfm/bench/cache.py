@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from bulkfm.bench.embedders.base import Embedder
-from bulkfm.bench.fingerprint import stable_hash
+from bulkfm.embedders.base import Embedder
+from bulkfm.fingerprint import stable_hash
 from bulkfm.io import atomic_path, write_text
 
 logger = logging.getLogger(__name__)

@@ -10,21 +10,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bulkfm.bench.probes import ProbeConfig
+from bulkfm.config import check_int
 from bulkfm.errors import ConfigError
+from bulkfm.tasks.probes import ProbeConfig
 
 __all__ = ["CI_METHODS", "BenchConfig", "check_int"]
 
 #: "test": bootstrap each split's test set (Owkin protocol), report the mean bounds.
 #: "splits": bootstrap the mean over the split scores (cheap; split variability only).
 CI_METHODS = ("test", "splits")
-
-
-def check_int(name: str, value: Any, low: int) -> int:
-    """An integer >= ``low`` (bools rejected: ``True`` is not a count)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
-    return int(value)
 
 
 def _check_key(name: str, value: Any) -> str:

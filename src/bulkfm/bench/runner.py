@@ -4,7 +4,7 @@ Every model sees *the same* splits of a task (made once, before any model runs),
 so differences between models are paired comparisons, not split luck. Frozen
 models are embedded once for all samples (and cached on disk); learning models
 are refitted on each split's training samples. Then a linear probe per split
-(:mod:`bulkfm.bench.probes`) gives test predictions, scored with
+(:mod:`bulkfm.tasks.probes`) gives test predictions, scored with
 :mod:`bulkfm.metrics`.
 """
 
@@ -23,9 +23,6 @@ import pandas as pd
 
 from bulkfm.bench.cache import EmbeddingCache
 from bulkfm.bench.config import BenchConfig
-from bulkfm.bench.embedders.base import Embedder, get_embedder
-from bulkfm.bench.fingerprint import data_fingerprint
-from bulkfm.bench.probes import run_probe
 from bulkfm.bench.tasks import (
     TaskData,
     TaskSelection,
@@ -36,7 +33,11 @@ from bulkfm.bench.tasks import (
     prepare_task,
     sample_mask,
 )
+from bulkfm.embedders.base import Embedder
+from bulkfm.embedders.registry import get_embedder
 from bulkfm.errors import BulkfmError, BulkfmWarning, ConfigError, ExpressionValueError
+from bulkfm.fingerprint import data_fingerprint
+from bulkfm.tasks.probes import run_probe
 
 if TYPE_CHECKING:
     from pathlib import Path

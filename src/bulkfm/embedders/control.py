@@ -15,8 +15,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from bulkfm.bench.config import check_int
-from bulkfm.bench.embedders.base import Embedder, register_embedder
+from bulkfm.config import check_int
+from bulkfm.embedders.base import Embedder
+from bulkfm.embedders.registry import register_embedder
 
 if TYPE_CHECKING:
     import anndata as ad

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from bulkfm.cli_common import add_config_arguments
+from bulkfm.cli.common import add_config_arguments
 
 __all__ = ["register"]
 

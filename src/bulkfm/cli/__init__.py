@@ -1,7 +1,8 @@
 """Command line: a thin layer over functions a notebook user calls the same way.
 
-Each stage owns a small ``cli`` module with ``register(subparsers)``; registration
-must stay cheap (no torch import), the handler imports what it needs.
+One module per command in this package, each with ``register(subparsers)``; this
+package is the only place argparse lives. Registration stays cheap (no torch import);
+a handler imports what it needs.
 """
 
 from __future__ import annotations
@@ -14,15 +15,15 @@ from collections.abc import Sequence
 
 from bulkfm.errors import BulkfmError
 
-# Stage modules that add sub-commands. A module that is missing (a stage not yet
+# Modules that add sub-commands. A module that is missing (a stage not yet
 # built) is skipped so the rest of the CLI keeps working.
 COMMAND_MODULES: tuple[str, ...] = (
-    "bulkfm.data.cli",
-    "bulkfm.train.cli",
+    "bulkfm.cli.data",
+    "bulkfm.cli.pretrain",
     "bulkfm.embed",
     "bulkfm.impute",
-    "bulkfm.bench.cli",
-    "bulkfm.evaluate.cli",
+    "bulkfm.cli.bench",
+    "bulkfm.cli.evaluate",
     "bulkfm.pipeline",
 )
 

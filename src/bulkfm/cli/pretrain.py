@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from bulkfm.cli_common import add_config_arguments
+from bulkfm.cli.common import add_config_arguments
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

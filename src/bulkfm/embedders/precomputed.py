@@ -20,9 +20,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from bulkfm.bench.embedders.base import Embedder, register_embedder
-from bulkfm.bench.fingerprint import path_digest, stable_hash
+from bulkfm.embedders.base import Embedder
+from bulkfm.embedders.registry import register_embedder
 from bulkfm.errors import ConfigError, DuplicateIdError, InputFileError
+from bulkfm.fingerprint import path_digest, stable_hash
 
 if TYPE_CHECKING:
     import anndata as ad

@@ -12,7 +12,7 @@ which is what separates representations rather than heads. Each probe:
 3. refits on all training rows with that penalty and predicts the test rows.
 
 Heads: logistic regression (multinomial for several classes, binary for
-mutations; scikit-learn ``lbfgs``) and a ridge Cox model (:mod:`bulkfm.bench.cox`).
+mutations; scikit-learn ``lbfgs``) and a ridge Cox model (:mod:`bulkfm.tasks.cox`).
 Speed: the penalty grid is walked from strong to weak with warm starts, and when
 features outnumber training rows the data are rotated into the rows' span first
 (an L2-penalised linear model's coefficients always lie there, so the fit is
@@ -30,8 +30,8 @@ from typing import Literal
 
 import numpy as np
 
-from bulkfm.bench.cox import fit_ridge_cox
 from bulkfm.errors import BulkfmError, ConfigError, SplitError
+from bulkfm.tasks.cox import fit_ridge_cox
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class ProbeConfig:
     """Penalty grids and inner-CV settings.
 
     ``c_grid`` is scikit-learn's inverse penalty ``C`` of logistic regression;
-    ``cox_alpha_grid`` is the ridge penalty of :func:`~bulkfm.bench.cox.fit_ridge_cox`
+    ``cox_alpha_grid`` is the ridge penalty of :func:`~bulkfm.tasks.cox.fit_ridge_cox`
     (per-sample scale). Five values each and three inner folds keep a benchmark of
     tens of tasks x 10 splits under a minute per model. The grids span the optima
     seen on simulated and TCGA data, from near-"infinite" penalties (which rank

@@ -197,7 +197,8 @@ def build_models(
     A model given weights (``model_dirs``) or an embedding file joins the list even
     when ``names`` omits it: one flag adds a model.
     """
-    from bulkfm.bench.embedders import PrecomputedEmbedder, available_embedders, get_embedder
+    from bulkfm.embedders import available_embedders, get_embedder
+    from bulkfm.embedders.precomputed import PrecomputedEmbedder
 
     known = set(available_embedders())
     model_dirs = dict(model_dirs or {})
@@ -254,7 +255,7 @@ def run_cli(args: argparse.Namespace) -> int:
     for module in args.imports:
         importlib.import_module(module)
     if args.list_models:
-        from bulkfm.bench.embedders import available_embedders
+        from bulkfm.embedders import available_embedders
 
         print("\n".join(available_embedders()))
         return 0

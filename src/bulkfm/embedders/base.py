@@ -1,42 +1,29 @@
-"""The interface every benchmarked model implements, and the registry that finds them.
+"""The interface every benchmarked model implements (the registry is in ``registry``).
 
 An embedder maps an AnnData (samples x genes, TPM) to one vector per sample.
 Models that *learn* from expression (PCA, NMF, gene selection) are refitted on the
 training samples of every split, so no test sample shapes its own embedding;
 frozen models (a pre-trained network, a file of embeddings) are computed once and
 cached on disk under their fingerprint and the data's.
-
-Third-party models register with the decorator and are then found by name:
-
-    @register_embedder("mymodel")
-    class MyModel(Embedder):
-        def transform(self, adata): ...
-
-    bulkfm bench --import mypackage.models --models mymodel,pca
 """
 
 from __future__ import annotations
 
 import abc
 import logging
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from bulkfm.bench.fingerprint import stable_hash
 from bulkfm.errors import ConfigError
+from bulkfm.fingerprint import stable_hash
 
 if TYPE_CHECKING:
     import anndata as ad
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Embedder", "available_embedders", "get_embedder", "register_embedder"]
-
-_REGISTRY: dict[str, type[Embedder]] = {}
-
-E = TypeVar("E", bound="type[Embedder]")
+__all__ = ["Embedder"]
 
 
 class Embedder(abc.ABC):
@@ -102,44 +89,3 @@ class Embedder(abc.ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(label={self.label!r}, config={self.config()!r})"
-
-
-def register_embedder(name: str) -> Callable[[E], E]:
-    """Class decorator: make an :class:`Embedder` subclass available under ``name``."""
-    if not isinstance(name, str) or not name or "," in name or name != name.strip():
-        raise ConfigError(f"embedder name must be a non-empty string without commas, got {name!r}")
-
-    def decorate(cls: E) -> E:
-        if not (isinstance(cls, type) and issubclass(cls, Embedder)):
-            raise ConfigError(f"{cls!r} is not an Embedder subclass; only those can be registered")
-        existing = _REGISTRY.get(name)
-        if existing is not None and existing is not cls:
-            raise ConfigError(
-                f"embedder name {name!r} is already taken by {existing.__module__}."
-                f"{existing.__qualname__}; choose another name"
-            )
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
-
-    return decorate
-
-
-def available_embedders() -> list[str]:
-    """Registered names, sorted."""
-    return sorted(_REGISTRY)
-
-
-def get_embedder(name: str, **kwargs: Any) -> Embedder:
-    """An instance of the embedder registered as ``name``; unknown names list the known."""
-    cls = _REGISTRY.get(name)
-    if cls is None:
-        raise ConfigError(
-            f"unknown model {name!r}; known models: {', '.join(available_embedders())} "
-            "(a model of your own must be registered with @register_embedder; load its module "
-            "with --import)"
-        )
-    try:
-        return cls(**kwargs)
-    except TypeError as exc:
-        raise ConfigError(f"bad settings for model {name!r}: {exc}") from exc

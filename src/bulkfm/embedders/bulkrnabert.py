@@ -17,10 +17,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from bulkfm.bench.config import check_int
-from bulkfm.bench.embedders.base import Embedder, register_embedder
-from bulkfm.bench.fingerprint import path_digest, stable_hash
+from bulkfm.config import check_int
+from bulkfm.embedders.base import Embedder
+from bulkfm.embedders.registry import register_embedder
 from bulkfm.errors import CheckpointError, ConfigError
+from bulkfm.fingerprint import path_digest, stable_hash
 
 if TYPE_CHECKING:
     import anndata as ad
