@@ -27,7 +27,7 @@ def main() -> None:
 
     from bulkfm.bench.config import BenchConfig
     from bulkfm.bench.runner import run_benchmark
-    from bulkfm.bench.tasks import default_tasks
+    from bulkfm.bench.selection import default_tasks
     from bulkfm.data.simulate import simulate_bulk
     from bulkfm.embedders import Embedder, get_embedder
 

@@ -58,7 +58,7 @@ def main() -> int:
     from bulkfm.bench.config import BenchConfig
     from bulkfm.bench.report import family_table
     from bulkfm.bench.runner import run_benchmark
-    from bulkfm.bench.tasks import default_tasks
+    from bulkfm.bench.selection import default_tasks
     from bulkfm.cli.bench import build_models, load_bench_yaml, parse_model_dirs
     from bulkfm.io import write_text
 

@@ -55,8 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(name).setLevel(logging.WARNING)
 
     from bulkfm.errors import BulkfmError
+    from bulkfm.evaluate import run_evaluation
     from bulkfm.evaluate.config import EvaluateConfig
-    from bulkfm.evaluate.protocol import run_evaluation
 
     shared = shared_dir(args.shared)
     if not (shared / "README.md").is_file():

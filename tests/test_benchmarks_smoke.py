@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from bulkfm.models import cpu_attention
+from tests.conftest import tiny_config
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -51,18 +52,15 @@ def keep_torch_threads(monkeypatch: pytest.MonkeyPatch):
     torch.set_num_threads(threads)
 
 
-def tiny_config(**kw):
-    from bulkfm.models.bulkrnabert import BulkRNABertConfig
-
-    base = dict(
-        n_genes=40,
-        embed_dim=32,
-        num_attention_heads=4,
-        ffn_embed_dim=64,
-        num_layers=2,
-        init_gene_embed_dim=24,
-    )
-    return BulkRNABertConfig(**{**base, **kw})
+# Every size differs from the others, so a FLOP formula that swapped two of them fails.
+SMOKE = dict(
+    n_genes=40,
+    embed_dim=32,
+    num_attention_heads=4,
+    ffn_embed_dim=64,
+    num_layers=2,
+    init_gene_embed_dim=24,
+)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -74,7 +72,7 @@ def test_model_flops_equal_torch_flop_counter(overrides: dict) -> None:
     from bulkfm.models.bulkrnabert import BulkRNABert
 
     common = load("_common")
-    config = tiny_config(**overrides)
+    config = tiny_config(**{**SMOKE, **overrides})
     model = BulkRNABert(config)
     tokens = torch.randint(0, 64, (3, config.n_genes))
     assert (
@@ -88,7 +86,7 @@ def test_model_flops_equal_torch_flop_counter(overrides: dict) -> None:
 
 def test_flop_split_scales_as_stated() -> None:
     common = load("_common")
-    config = tiny_config()
+    config = tiny_config(**SMOKE)
     small, large = common.model_flops(config, 100), common.model_flops(config, 400)
     assert large.attention == 16 * small.attention  # quadratic in genes
     # Linear in genes, except the LM head and gene projection also linear: all x4.
@@ -167,7 +165,7 @@ def test_inference_path_matches_autograd_path(monkeypatch: pytest.MonkeyPatch) -
 
     monkeypatch.setattr(mod, "FFN_CHUNK_ROWS", 7)  # many chunks, a ragged last one
     torch.manual_seed(0)
-    model = mod.BulkRNABert(tiny_config()).eval()
+    model = mod.BulkRNABert(tiny_config(**SMOKE)).eval()
     tokens = torch.randint(0, 65, (3, 40))
     reference = model(tokens, output_hidden_states=True)
     with torch.no_grad():
@@ -188,7 +186,7 @@ def test_inference_path_keeps_residual_precision_under_autocast() -> None:
     import bulkfm.models.bulkrnabert as mod
 
     torch.manual_seed(0)
-    model = mod.BulkRNABert(tiny_config()).eval()
+    model = mod.BulkRNABert(tiny_config(**SMOKE)).eval()
     tokens = torch.randint(0, 65, (2, 40))
     with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
         reference = model(tokens).last_hidden_state
@@ -251,6 +249,7 @@ def test_train_speed_smoke(keep_torch_threads) -> None:
     assert len(loader["data_s"]) == 2
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:.*torch.jit.script_method.*:DeprecationWarning")
 def test_attention_speed_smoke(keep_torch_threads) -> None:
     attention_speed = load("attention_speed")

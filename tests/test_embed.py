@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -13,7 +12,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from bulkfm.embed import embed_adata, read_embeddings, register, write_embeddings
+from bulkfm.embed import embed_adata, read_embeddings, write_embeddings
 from bulkfm.errors import (
     CheckpointError,
     ConfigError,
@@ -21,36 +20,22 @@ from bulkfm.errors import (
     ExpressionValueError,
     InputFileError,
 )
-from bulkfm.io import write_h5ad
-from bulkfm.models import BulkRNABert, BulkRNABertConfig
+from bulkfm.models import BulkRNABert
 from bulkfm.tokenize import BinTokenizer, TokenizerConfig
+from tests.conftest import tiny_config
 
 N_GENES = 32
 GENES = [f"ENSG{i:011d}" for i in range(N_GENES)]
-TINY = dict(
-    n_genes=N_GENES,
-    n_expressions_bins=16,
-    embed_dim=16,
-    init_gene_embed_dim=8,
-    num_attention_heads=4,
-    ffn_embed_dim=32,
-    num_layers=2,
-)
+TINY = dict(n_genes=N_GENES, n_expressions_bins=16, num_attention_heads=4, num_layers=2)
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny tensors: one thread avoids thread contention on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def model() -> BulkRNABert:
     torch.manual_seed(0)
-    m = BulkRNABert(BulkRNABertConfig(**TINY))
+    m = BulkRNABert(tiny_config(**TINY))
     with torch.no_grad():  # larger weights than the 0.02 init, so layers differ visibly
         for p in m.parameters():
             p.add_(torch.randn_like(p) * 0.2)
@@ -249,37 +234,6 @@ def test_write_h5ad_needs_the_anndata(emb, tmp_path):
 def test_read_rejects_absent_file(tmp_path):
     with pytest.raises(InputFileError, match="does not exist"):
         read_embeddings(tmp_path / "none.parquet")
-
-
-# --------------------------------------------------------------------------- CLI
-def run_cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser()
-    register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(argv)
-    return args.handler(args)
-
-
-def test_cli_embeds_to_parquet_and_h5ad(model, tokenizer, adata, tmp_path, capsys):
-    model.save_pretrained(tmp_path / "model", tokenizer=tokenizer)
-    write_h5ad(adata, tmp_path / "in.h5ad")
-    base = ["embed", "--model", str(tmp_path / "model"), "--input", str(tmp_path / "in.h5ad")]
-    assert run_cli([*base, "--output", str(tmp_path / "e.parquet"), "--batch-size", "2"]) == 0
-    expected = embed_adata(model, tokenizer, adata)
-    np.testing.assert_allclose(
-        pd.read_parquet(tmp_path / "e.parquet").to_numpy(), expected, atol=1e-5
-    )
-    assert "embedded 7 samples" in capsys.readouterr().out
-    assert run_cli([*base, "--output", str(tmp_path / "o.h5ad"), "--layer", "1", "--key", "E"]) == 0
-    back = ad.read_h5ad(tmp_path / "o.h5ad")
-    np.testing.assert_allclose(
-        back.obsm["E"], embed_adata(model, tokenizer, adata, layer=1), atol=1e-5
-    )
-    assert back.uns["bulkfm"]["embeddings"]["E"]["layer"] == 1
-
-
-def test_cli_rejects_missing_input(tmp_path):
-    with pytest.raises(InputFileError, match="does not exist"):
-        run_cli(["embed", "--model", "m", "--input", str(tmp_path / "x.h5ad"), "--output", "o.npy"])
 
 
 def test_import_does_not_load_torch():

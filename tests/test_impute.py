@@ -7,12 +7,11 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from bulkfm.cli import main as cli_main
 from bulkfm.errors import CheckpointError, ConfigError
 from bulkfm.impute import impute_missing
-from bulkfm.io import write_h5ad
-from bulkfm.models import BulkRNABert, BulkRNABertConfig
+from bulkfm.models import BulkRNABert
 from bulkfm.tokenize import BinTokenizer, TokenizerConfig
+from tests.conftest import tiny_config
 
 N_GENES = 32
 GENES = [f"ENSG{i:011d}" for i in range(N_GENES)]
@@ -54,7 +53,7 @@ def train_mlm(
 
 
 @pytest.fixture(scope="module")
-def trained() -> dict:
+def trained(one_torch_thread: None) -> dict:
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     loadings = rng.normal(0, 0.35, size=(2, N_GENES))
@@ -63,13 +62,8 @@ def trained() -> dict:
     test_log = simulate_log_tpm(40, rng, loadings, offsets)
     train_tpm = 10**train_log - 1
     tokenizer = BinTokenizer.fit(train_tpm, GENES)
-    model = BulkRNABert(BulkRNABertConfig(**TINY))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls: extra threads only contend on a shared CPU
-    try:
-        train_mlm(model, tokenizer.encode(train_tpm), 500, tokenizer.mask_token_id, seed=0)
-    finally:
-        torch.set_num_threads(threads)
+    model = BulkRNABert(tiny_config(**TINY))
+    train_mlm(model, tokenizer.encode(train_tpm), 500, tokenizer.mask_token_id, seed=0)
     return {
         "model": model,
         "tokenizer": tokenizer,
@@ -154,38 +148,7 @@ def test_no_missing_layer_imputes_nothing(trained: dict) -> None:
     assert result.uns["bulkfm"]["imputation"]["n_samples"] == 0
 
 
-def test_cli_impute_round_trip(tmp_path, trained: dict) -> None:
-    trained["model"].save_pretrained(tmp_path / "model", tokenizer=trained["tokenizer"])
-    adata = with_hidden_genes(trained["test_log"][:4], n_hidden=2, seed=6)
-    write_h5ad(adata, tmp_path / "in.h5ad")
-    rc = cli_main(
-        [
-            "impute",
-            "--model",
-            str(tmp_path / "model"),
-            "--input",
-            str(tmp_path / "in.h5ad"),
-            "--output",
-            str(tmp_path / "out.h5ad"),
-        ]
-    )
-    assert rc == 0
-    out = ad.read_h5ad(tmp_path / "out.h5ad")
-    direct = impute_missing(trained["model"], trained["tokenizer"], adata)
-    np.testing.assert_allclose(out.X, direct.X, rtol=1e-5)
-    assert out.layers["imputed"].nnz == 8
-    assert out.uns["bulkfm"]["imputation"]["n_values"] == 8
-
-
 # --------------------------------------------------------------------------- bad input
-def test_cli_missing_input_file(tmp_path, trained: dict, capsys) -> None:
-    trained["model"].save_pretrained(tmp_path / "m", tokenizer=trained["tokenizer"])
-    args = ["impute", "--model", str(tmp_path / "m"), "--input", str(tmp_path / "x.h5ad")]
-    rc = cli_main([*args, "--output", str(tmp_path / "y.h5ad")])
-    assert rc == 1
-    assert "InputFileError" in capsys.readouterr().err
-
-
 def test_bad_batch_size(trained: dict) -> None:
     adata = with_hidden_genes(trained["test_log"][:1], n_hidden=1, seed=7)
     with pytest.raises(ConfigError, match=r"batch_size must be a positive integer"):

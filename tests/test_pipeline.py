@@ -32,21 +32,3 @@ def test_main_job_end_to_end(tmp_path: Path, capsys) -> None:
     assert any(label.startswith("BulkRNABert") for label in labels)
     assert "Downstream evaluation" in report and "macro_f1" in report
     assert Path(evaluation["paths"]["report_md"]).exists()
-
-
-def test_main_job_rejects_bad_override(tmp_path: Path, capsys) -> None:
-    code = main(
-        [
-            "run",
-            "-o",
-            str(tmp_path),
-            "--n-samples",
-            "60",
-            "--n-genes",
-            "200",
-            "--set",
-            "optim.learning_rate=1",
-        ]
-    )
-    assert code == 1
-    assert "optim.learning_rate" in capsys.readouterr().err

@@ -9,12 +9,12 @@ embedding never depends on which other samples share its batch.
 Memory stays bounded: samples are tokenised one batch at a time and only the [batch,
 embed_dim] result is kept.
 
-CLI: ``bulkfm embed --model DIR --input X.h5ad --output OUT.(h5ad|parquet|npy)``.
+CLI (:mod:`bulkfm.cli.embed`): ``bulkfm embed --model DIR --input X.h5ad --output
+OUT.(h5ad|parquet|npy)``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 from collections import Counter
@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from bulkfm.cli.common import add_checkpoint_arguments, load_checkpoint_and_input
+from bulkfm import schema as keys
 from bulkfm.errors import ConfigError, DuplicateIdError, ExpressionValueError, InputFileError
 from bulkfm.io import atomic_path, write_h5ad
 
@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_KEY", "embed_adata", "read_embeddings", "register", "write_embeddings"]
+__all__ = ["DEFAULT_KEY", "embed_adata", "read_embeddings", "write_embeddings"]
 
 DEFAULT_KEY = "X_bulkrnabert"
 OUTPUT_SUFFIXES = (".h5ad", ".parquet", ".npy")
@@ -108,7 +108,7 @@ def _disable(progress: bool | None) -> bool | None:
 def _check_not_all_missing(tokens: np.ndarray, mask_id: int, ids: Sequence[str]) -> None:
     empty = (tokens == mask_id).all(axis=1)
     if empty.any():
-        bad = [str(ids[i]) for i in np.flatnonzero(empty)]
+        bad = [str(ids[int(i)]) for i in np.flatnonzero(empty)]
         raise ExpressionValueError(
             f"{len(bad)} sample(s) have every model gene missing (e.g. {bad[:5]}), so their "
             "embedding would average nothing; drop them or check their gene ids map to the "
@@ -203,7 +203,7 @@ def _into_adata(
             "store embeddings into the AnnData they were computed from"
         )
     adata.obsm[key] = arr.astype(np.float32, copy=False)
-    adata.uns.setdefault("bulkfm", {}).setdefault("embeddings", {})[key] = json.loads(
+    adata.uns.setdefault(keys.UNS, {}).setdefault("embeddings", {})[key] = json.loads(
         json.dumps(info)
     )
     return adata
@@ -265,54 +265,3 @@ def read_embeddings(path: str | Path, *, key: str = DEFAULT_KEY) -> pd.DataFrame
         raise InputFileError(f"cannot read embeddings from {path.name}: use {OUTPUT_SUFFIXES}")
     columns = [f"emb_{i}" for i in range(arr.shape[1])]
     return pd.DataFrame(arr, index=pd.Index(ids, name=PARQUET_INDEX), columns=columns)
-
-
-# --------------------------------------------------------------------------- CLI
-def register(subparsers: Any) -> None:
-    parser = subparsers.add_parser(
-        "embed",
-        help="BulkRNABert sample embeddings (mean over genes of one layer)",
-        description=(
-            "Embed every sample of an .h5ad (X = TPM) with a BulkRNABert checkpoint. Genes "
-            "recorded missing are fed as [MASK] and left out of the mean. The output is the "
-            "input .h5ad with obsm[KEY], a .parquet table (sample_id x emb_i) or a .npy "
-            "matrix with a .ids.txt file of sample ids."
-        ),
-    )
-    add_checkpoint_arguments(parser)
-    parser.add_argument("--input", required=True, type=Path, help="input .h5ad (TPM)")
-    parser.add_argument("--output", required=True, type=Path, help="output .h5ad, .parquet or .npy")
-    parser.add_argument(
-        "--layer", type=int, default=-1, help="0 = input embeddings, i = block i, -1 = last"
-    )
-    parser.add_argument("--batch-size", type=int, default=8, help="samples per forward pass")
-    parser.add_argument("--key", default=DEFAULT_KEY, help="obsm key (.h5ad output)")
-    parser.add_argument(
-        "--include-missing",
-        action="store_true",
-        help="average over missing ([MASK]) genes too (default: leave them out)",
-    )
-    parser.set_defaults(handler=_run)
-
-
-def _run(args: argparse.Namespace) -> int:
-    if args.output.suffix.lower() not in OUTPUT_SUFFIXES:
-        raise ConfigError(f"--output must end with one of {OUTPUT_SUFFIXES}, got {args.output}")
-    model, tokenizer, adata = load_checkpoint_and_input(args)
-    emb = embed_adata(
-        model,
-        tokenizer,
-        adata,
-        layer=args.layer,
-        batch_size=args.batch_size,
-        exclude_missing=not args.include_missing,
-    )
-    metadata = {
-        "model": str(args.model),
-        "layer": args.layer,
-        "exclude_missing": not args.include_missing,
-        "pooling": "mean over genes",
-    }
-    write_embeddings(emb, adata, args.output, key=args.key, metadata=metadata)
-    print(f"embedded {emb.shape[0]} samples -> {emb.shape[1]} dims -> {args.output}")
-    return 0

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import scipy.sparse as sp
 
+from bulkfm import schema as keys
+
 if TYPE_CHECKING:
     import anndata as ad
 
@@ -104,6 +106,8 @@ def data_fingerprint(adata: ad.AnnData) -> str:
         "obs": ids_hash(adata.obs_names),
         "var": ids_hash(adata.var_names),
         "X": array_checksum(adata.X),
-        "missing": array_checksum(adata.layers["missing"]) if "missing" in adata.layers else None,
+        "missing": (
+            array_checksum(adata.layers[keys.MISSING]) if keys.MISSING in adata.layers else None
+        ),
     }
     return stable_hash(parts)

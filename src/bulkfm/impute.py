@@ -5,20 +5,18 @@ bin distribution is turned into TPM by :meth:`BinTokenizer.decode_expected`. Thi
 the imputation of the paper's robustness experiment, and a better fill than 0 TPM for
 samples from pipelines that drop genes.
 
-CLI: ``bulkfm impute --model DIR --input X.h5ad --output Y.h5ad``.
+CLI (:mod:`bulkfm.cli.impute`): ``bulkfm impute --model DIR --input X.h5ad --output Y.h5ad``.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import scipy.sparse as sp
 
-from bulkfm.cli.common import add_checkpoint_arguments, load_checkpoint_and_input
+from bulkfm import schema as keys
 from bulkfm.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -29,7 +27,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-IMPUTED_LAYER = "imputed"
 UNS_KEY = "imputation"
 
 
@@ -56,10 +53,11 @@ def impute_missing(
     cols = tokenizer.align_columns(list(map(str, adata.var_names)))
     vocab_cols = np.arange(tokenizer.n_genes) if cols is None else cols
     out = adata.copy()
-    out.X = np.asarray(out.X.toarray() if sp.issparse(out.X) else out.X, dtype=np.float32)
-    missing = adata.layers.get("missing")
+    x = out.X
+    out.X = np.asarray(sp.csr_matrix(x).toarray() if sp.issparse(x) else x, dtype=np.float32)
+    missing = adata.layers.get(keys.MISSING)
     if missing is None:
-        logger.warning("no layers['missing']: nothing to impute")
+        logger.warning("no layers[%r]: nothing to impute", keys.MISSING)
         rows = np.array([], dtype=np.int64)
     else:
         missing_vocab = sp.csr_matrix(missing)[:, vocab_cols]
@@ -86,18 +84,18 @@ def impute_missing(
         model.train(was_training)
     r = np.concatenate(hit_rows) if hit_rows else np.array([], dtype=np.int64)
     c = np.concatenate(hit_cols) if hit_cols else np.array([], dtype=np.int64)
-    out.layers[IMPUTED_LAYER] = sp.csr_matrix(
+    out.layers[keys.IMPUTED] = sp.csr_matrix(
         (np.ones(len(r), dtype=bool), (r, c)), shape=adata.shape
     )
-    out.uns.setdefault("bulkfm", {})[UNS_KEY] = _report(out, rows, tokenizer)
+    out.uns.setdefault(keys.UNS, {})[UNS_KEY] = _report(out, rows, tokenizer)
     logger.info(
-        "imputed %d values in %d of %d samples", out.layers[IMPUTED_LAYER].nnz, len(rows), out.n_obs
+        "imputed %d values in %d of %d samples", out.layers[keys.IMPUTED].nnz, len(rows), out.n_obs
     )
     return out
 
 
 def _report(adata: ad.AnnData, rows: np.ndarray, tokenizer: BinTokenizer) -> dict[str, Any]:
-    layer = adata.layers[IMPUTED_LAYER]
+    layer = adata.layers[keys.IMPUTED]
     var_names = np.asarray(adata.var_names, dtype=str)
     genes_per_sample = [var_names[layer[r].indices].tolist() for r in rows]
     return {
@@ -109,33 +107,3 @@ def _report(adata: ad.AnnData, rows: np.ndarray, tokenizer: BinTokenizer) -> dic
         "n_genes_per_sample": [len(g) for g in genes_per_sample],
         "genes_per_sample": [";".join(g) for g in genes_per_sample],
     }
-
-
-# --------------------------------------------------------------------------- CLI
-def register(subparsers: Any) -> None:
-    parser = subparsers.add_parser(
-        "impute",
-        help="fill genes missing from samples with BulkRNABert predictions",
-        description=(
-            "Genes recorded missing (layers['missing']) are fed to the model as [MASK] and "
-            "replaced by the predicted TPM; the output records them in layers['imputed']."
-        ),
-    )
-    add_checkpoint_arguments(parser)
-    parser.add_argument("--input", required=True, type=Path, help="input .h5ad (TPM)")
-    parser.add_argument("--output", required=True, type=Path, help="output .h5ad")
-    parser.add_argument("--batch-size", type=int, default=8, help="samples per forward pass")
-    parser.set_defaults(handler=_run)
-
-
-def _run(args: argparse.Namespace) -> int:
-    from bulkfm.io import write_h5ad
-
-    model, tokenizer, adata = load_checkpoint_and_input(args)
-    result = impute_missing(model, tokenizer, adata, batch_size=args.batch_size)
-    write_h5ad(result, args.output)
-    print(
-        f"imputed {result.uns['bulkfm'][UNS_KEY]['n_values']} values in "
-        f"{result.uns['bulkfm'][UNS_KEY]['n_samples']} samples -> {args.output}"
-    )
-    return 0

@@ -1,15 +1,14 @@
 """The main job: the whole path on the built-in simulated data, end to end.
 
-``bulkfm run`` simulates the files a user would hold (counts matrix with versioned
-Ensembl ids, a TCGA-CDR-style survival table, a driver-mutation table), builds them
-through the normal data layer, pre-trains a small BulkRNABert and reports held-out
-reconstruction accuracy against the trivial predictor. Each stage writes its output
-into ``out_dir`` so a user can pick up any of them.
+``bulkfm run`` (:mod:`bulkfm.cli.run`) simulates the files a user would hold (counts
+matrix with versioned Ensembl ids, a TCGA-CDR-style survival table, a driver-mutation
+table), builds them through the normal data layer, pre-trains a small BulkRNABert and
+reports held-out reconstruction accuracy against the trivial predictor. Each stage
+writes its output into ``out_dir`` so a user can pick up any of them.
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib.resources
 import json
 import logging
@@ -152,11 +151,11 @@ def _pretrain_stage(
 def _evaluate_stage(
     adata: Any, model_dir: Path, out: Path, timings: dict[str, float]
 ) -> dict[str, Any]:
-    from bulkfm.evaluate.protocol import evaluate_pipeline_stage
+    from bulkfm.evaluate import evaluate_pipeline_stage
 
     print("\n[4/4] evaluating: embeddings -> cancer type and survival, BulkRNABert vs baselines")
     t0 = time.perf_counter()
-    summary = evaluate_pipeline_stage(adata, model_dir, out, quick=True)
+    summary = evaluate_pipeline_stage(adata, model_dir, out)
     timings["evaluate"] = time.perf_counter() - t0
     for task, metric in (("classification", "macro_f1"), ("survival", "c_index")):
         for arm in (summary.get(task) or {}).values():
@@ -230,40 +229,3 @@ def _markdown(frame: pd.DataFrame) -> str:
     rule = "|" + "---|" * len(frame.columns)
     rows = ["| " + " | ".join(map(str, row)) + " |" for row in frame.itertuples(index=False)]
     return "\n".join([header, rule, *rows])
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    run = subparsers.add_parser(
-        "run",
-        help="the main job on the built-in simulated data (simulate, build, pre-train, report)",
-    )
-    run.add_argument("-o", "--out", type=Path, default=Path("bulkfm_out"), help="output folder")
-    run.add_argument("--n-samples", type=int, default=600)
-    run.add_argument("--n-genes", type=int, default=2000)
-    run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--max-steps", type=int, help="pre-training steps (default from the config)")
-    run.add_argument(
-        "--no-evaluate", action="store_true", help="stop after pre-training (skip stage 4)"
-    )
-    run.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a pre-training config entry, e.g. --set model.num_layers=1",
-    )
-    run.set_defaults(handler=_run)
-
-
-def _run(args: argparse.Namespace) -> int:
-    run_demo(
-        args.out,
-        n_samples=args.n_samples,
-        n_genes=args.n_genes,
-        seed=args.seed,
-        max_steps=args.max_steps,
-        overrides=args.overrides,
-        evaluate=not args.no_evaluate,
-    )
-    return 0

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import scipy.sparse as sp
 
+from bulkfm import schema as keys
 from bulkfm.errors import ConfigError, DuplicateIdError, ExpressionValueError, GeneMappingError
 from bulkfm.io import write_text
 
@@ -264,7 +265,7 @@ class BinTokenizer:
         return cls.fit(
             adata.X,
             list(map(str, adata.var_names)),
-            missing=adata.layers.get("missing"),
+            missing=adata.layers.get(keys.MISSING),
             n_bins=n_bins,
         )
 
@@ -287,7 +288,7 @@ class BinTokenizer:
     def encode_adata(self, adata: ad.AnnData) -> np.ndarray:
         """Tokens of an AnnData, columns aligned to ``self.genes`` by gene id."""
         cols = self.align_columns(list(map(str, adata.var_names)))
-        missing = adata.layers.get("missing")
+        missing = adata.layers.get(keys.MISSING)
         if missing is not None and missing.shape != adata.shape:
             raise ExpressionValueError(
                 f"layers['missing'] has shape {missing.shape}, X has {adata.shape}; rebuild "

@@ -4,12 +4,6 @@ import pytest
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The adapters' tests use tiny models: thread start-up on a shared 2-core machine
-    costs more than the maths."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _adapters_run_on_one_thread(one_torch_thread: None) -> None:
+    """Every adapter test runs a tiny model, where thread start-up on a shared 2-core
+    machine costs more than the maths: the whole directory opts in here."""

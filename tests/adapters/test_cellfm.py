@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import math
 import struct
-import subprocess
-import sys
 
 import anndata as ad
 import numpy as np
@@ -449,11 +447,9 @@ def test_max_genes_truncates_and_sample_mode_is_seeded(model_dir, ensembl):
     assert s0.fingerprint() != top.fingerprint()
 
 
-def test_registered_and_cheap_import(model_dir):
+def test_registered(model_dir):
     emb = get_embedder("cellfm", model_dir=str(model_dir), num_heads=HEADS)
     assert isinstance(emb, CellFMEmbedder)
-    code = "import sys, bulkfm.adapters.cellfm; assert 'torch' not in sys.modules, 'torch'"
-    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_mindspore_dims_may_be_packed(tmp_path):

@@ -13,6 +13,7 @@ import json
 import os
 import pickle
 from pathlib import Path
+from typing import Any
 
 import anndata as ad
 import numpy as np
@@ -35,6 +36,7 @@ from bulkfm.errors import (  # noqa: E402
     ExpressionValueError,
     GeneMappingError,
 )
+from tests.adapters.geneformer_files import write_geneformer_release  # noqa: E402
 
 # Six vocabulary genes A..F (tokens 2..7); F is absent from the data, X is not in the vocabulary.
 A, B, C, D, E, F = (f"ENSG0000000000{i}" for i in range(1, 7))
@@ -71,32 +73,10 @@ def write_model(
     folder: Path,
     tokens: dict[str, int] = TOKENS_V1,
     medians: dict[str, float] = MEDIANS,
-    *,
-    max_positions: int = 8,
-    dict_format: str = "json",
-    seed: int = 0,
-    vocab_size: int | None = None,
+    **options: Any,
 ) -> Path:
-    """A tiny BertForMaskedLM in the released layout plus the two dictionaries."""
-    folder.mkdir(parents=True, exist_ok=True)
-    cfg = transformers.BertConfig(
-        vocab_size=vocab_size or max(tokens.values()) + 1,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=max_positions,
-        hidden_act="relu",
-        pad_token_id=0,
-    )
-    torch.manual_seed(seed)
-    transformers.BertForMaskedLM(cfg).save_pretrained(folder)
-    for stem, data in (("token_dictionary", tokens), ("gene_median_dictionary", medians)):
-        if dict_format == "json":
-            (folder / f"{stem}.json").write_text(json.dumps(data))
-        else:
-            (folder / f"{stem}.pkl").write_bytes(pickle.dumps(data))
-    return folder
+    """The tiny release with this module's dictionaries unless given others."""
+    return write_geneformer_release(folder, tokens, medians, **options)
 
 
 @pytest.fixture
@@ -258,6 +238,18 @@ def test_fingerprint_follows_options_and_dictionaries(v1_dir: Path, tmp_path: Pa
     other = tmp_path / "medians.json"
     other.write_text(json.dumps({**MEDIANS, A: 3.0}))
     assert GeneformerEmbedder(v1_dir, gene_median_dictionary=other).fingerprint() != base
+
+
+def test_model_version_option_does_not_shadow_the_cache_version(
+    v1_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``version="V1"`` is the Geneformer release; the embedder's cache-key ``version``
+    (bumped when outputs change) must still reach the fingerprint."""
+    emb = GeneformerEmbedder(v1_dir, version="V1")
+    assert emb.model_version == "V1" and emb.settings()["version"] == "V1"
+    before = emb.fingerprint()
+    monkeypatch.setattr(GeneformerEmbedder, "version", GeneformerEmbedder.version + 1)
+    assert emb.fingerprint() != before
 
 
 def test_registered_under_geneformer(v1_dir: Path) -> None:

@@ -60,7 +60,7 @@ def test_cli_adds_a_published_model_with_one_flag(sim, h5ad, tmp_path) -> None:
 
     import numpy as np
 
-    from tests.adapters.test_geneformer import write_model
+    from tests.adapters.geneformer_files import write_geneformer_release as write_model
 
     genes = list(sim.var_names[:60])
     tokens = {"<pad>": 0, "<mask>": 1, **{g: i + 2 for i, g in enumerate(genes)}}
@@ -121,7 +121,30 @@ def test_cli_bad_yaml_key(h5ad, tmp_path, capsys) -> None:
     cfg = tmp_path / "b.yaml"
     cfg.write_text("bench: {n_split: 2}\n")
     assert main(["bench", "--data", str(h5ad), "--out", str(tmp_path), "--config", str(cfg)]) == 1
-    assert "unknown benchmark setting(s) ['n_split']" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "unknown config key(s) ['bench.n_split'] in section 'bench'" in err
+    assert "did you mean 'bench.n_splits'?" in err
+
+
+def test_cli_precedence_yaml_then_flags_then_set(h5ad, tmp_path) -> None:
+    """Flags override the YAML, --set overrides both (the order the help promises)."""
+    import json
+
+    cfg = tmp_path / "b.yaml"
+    cfg.write_text("models: [raw]\ntasks: cancer_type\nbench: {n_splits: 5, seed: 1}\n")
+    out = tmp_path / "out"
+    args = ["bench", "--data", str(h5ad), "--out", str(out), "--config", str(cfg), "--no-plots"]
+    args += [*SMALL, "--seed", "2", "--set", "bench.seed=4", "--set", "bench.n_boot=50"]
+    assert main(args) == 0
+    record = json.loads((out / "run.json").read_text())["config"]
+    assert (record["n_splits"], record["seed"], record["n_boot"]) == (2, 4, 50)
+    assert record["cache_dir"] == str(out / "cache")
+
+
+def test_cli_bad_flag_value_names_the_flag(h5ad, tmp_path, capsys) -> None:
+    args = ["bench", "--data", str(h5ad), "--out", str(tmp_path), "--splits", "0"]
+    assert main(args) == 1
+    assert "n_splits must be a positive integer, got 0 (set by --splits)" in capsys.readouterr().err
 
 
 def test_parse_helpers() -> None:

@@ -7,8 +7,7 @@ import pytest
 
 from bulkfm.bench.report import family_table, leaderboard_markdown, task_table
 from bulkfm.bench.runner import run_benchmark
-from tests.bench.conftest import signal_embedding
-from tests.bench.test_runner import Fixed
+from tests.bench.fakes import Fixed, signal_embedding
 
 
 @pytest.fixture(scope="module")

@@ -10,34 +10,15 @@ from sklearn.metrics import roc_auc_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from bulkfm.bench.folds import holdout_splits
 from bulkfm.bench.runner import run_benchmark
-from bulkfm.bench.tasks import TaskSpec, bench_obs, prepare_task
-from bulkfm.embedders import Embedder
+from bulkfm.bench.selection import bench_obs
+from bulkfm.data.splits import holdout_splits
 from bulkfm.embedders.classical import RawEmbedder
 from bulkfm.errors import ConfigError, ExpressionValueError
-from tests.bench.conftest import signal_embedding
+from bulkfm.tasks import TaskSpec, prepare_task
+from tests.bench.fakes import Fixed, signal_embedding
 
 TASKS = "cancer_type,mutation:TP53,survival"
-
-
-class Fixed(Embedder):
-    """A frozen embedding looked up by sample id; counts transform calls."""
-
-    name = "fixed"
-
-    def __init__(self, adata: ad.AnnData, emb: np.ndarray, label: str = "fixed") -> None:
-        super().__init__(label=label)
-        self._ids = adata.obs_names
-        self._emb = emb
-        self.calls = 0
-
-    def config(self) -> dict:
-        return {"sum": float(np.nansum(self._emb)), "label": self.label}
-
-    def transform(self, adata: ad.AnnData) -> np.ndarray:
-        self.calls += 1
-        return self._emb[self._ids.get_indexer(adata.obs_names)]
 
 
 class SpyRaw(RawEmbedder):

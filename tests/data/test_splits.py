@@ -8,6 +8,8 @@ import pytest
 from bulkfm.data.splits import (
     Split,
     grouped_kfold,
+    holdout_splits,
+    inner_folds,
     leave_cohort_out,
     repeated_holdout,
     splits_from_adata,
@@ -340,3 +342,38 @@ def test_error_mask_length_too_small() -> None:
 def test_error_overlapping_split() -> None:
     with pytest.raises(SplitError, match="both train and test"):
         Split(train=[0, 1], test=[1, 2])
+
+
+# --------------------------------------------------------------------------- fast paths
+def test_holdout_singletons_are_stratified() -> None:
+    y = np.array([0] * 150 + [1] * 50)
+    groups = np.array([f"P{i}" for i in range(200)])
+    splits = holdout_splits(y, groups, seeds=range(4), test_size=0.2)
+    for s in splits:
+        assert s.test.size == 40 and np.intersect1d(s.train, s.test).size == 0
+        assert y[s.test].sum() == 10  # exactly the class ratio
+    assert not np.array_equal(splits[0].test, splits[1].test)
+
+
+def test_holdout_with_repeated_patients_keeps_patients_together() -> None:
+    rng = np.random.default_rng(0)
+    groups = np.array([f"P{i // 2}" for i in range(200)])  # two samples per patient
+    y = np.repeat(rng.integers(0, 2, 100), 2)
+    for s in holdout_splits(y, groups, seeds=range(3), test_size=0.2):
+        assert not set(groups[s.train]) & set(groups[s.test])
+
+
+def test_inner_folds_partition_and_group() -> None:
+    groups = np.array([f"P{i // 2}" for i in range(90)] + [f"Q{i}" for i in range(30)])
+    y = np.arange(120) % 2
+    folds = inner_folds(y, groups, k=3, seed=1)
+    np.testing.assert_array_equal(np.sort(np.concatenate([f.test for f in folds])), np.arange(120))
+    for f in folds:
+        assert not set(groups[f.train]) & set(groups[f.test])
+
+
+def test_holdout_too_small_class_is_an_error() -> None:
+    y = np.array([0] * 50 + [1] * 2)
+    groups = np.arange(52).astype(str)
+    with pytest.raises(SplitError, match="fewer patients than the 5 folds"):
+        holdout_splits(y, groups, seeds=[0], test_size=0.2)

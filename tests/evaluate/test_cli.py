@@ -4,12 +4,13 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 import bulkfm.cli
-from bulkfm.evaluate.protocol import evaluate_pipeline_stage
+from bulkfm.evaluate import evaluate_pipeline_stage
 from tests.evaluate import TINY_BASELINES, TINY_HEADS, TINY_PRETRAIN, tiny_data, tiny_model
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(autouse=True)
@@ -18,10 +19,6 @@ def _register(monkeypatch):
     modules = bulkfm.cli.COMMAND_MODULES
     if "bulkfm.cli.evaluate" not in modules:
         monkeypatch.setattr(bulkfm.cli, "COMMAND_MODULES", (*modules, "bulkfm.cli.evaluate"))
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def tiny_yaml(path: Path) -> Path:

@@ -84,3 +84,22 @@ def test_plot_inputs_are_checked():
         confusion_figure([[1, 0], [0, 1]], ["a", "b", "c"])
     with pytest.raises(ConfigError, match="no per-cohort C-index"):
         per_cohort_figure({})
+
+
+def test_report_reads_results_and_never_the_runner():
+    """The report sits below the runner: importing the runner from it would be a cycle."""
+    import ast
+    import inspect
+
+    import bulkfm.evaluate.report as report
+
+    tree = ast.parse(inspect.getsource(report))
+    imported = {
+        node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module
+    } | {a.name for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names}
+    evaluate = {m for m in imported if m.startswith("bulkfm.evaluate")}
+    assert evaluate <= {
+        "bulkfm.evaluate.results",
+        "bulkfm.evaluate.config",
+        "bulkfm.evaluate.plots",
+    }

@@ -12,14 +12,12 @@ from scipy.special import erf
 from bulkfm.errors import CheckpointError, ConfigError, GeneMappingError
 from bulkfm.models import BulkRNABert, BulkRNABertConfig, load_pretrained
 from bulkfm.tokenize import BinTokenizer, TokenizerConfig
+from tests.conftest import tiny_config
 
+# On top of the shared tiny sizes (32 genes): 4 heads and 2 layers, which the shape
+# assertions and the layer-selection tests below rely on.
 TINY = dict(
-    n_genes=32,
-    embed_dim=32,
-    init_gene_embed_dim=16,
-    num_attention_heads=4,
-    ffn_embed_dim=64,
-    num_layers=2,
+    embed_dim=32, init_gene_embed_dim=16, num_attention_heads=4, ffn_embed_dim=64, num_layers=2
 )
 
 
@@ -53,7 +51,10 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> None:
 
 
 def numpy_forward(
-    sd: dict[str, np.ndarray], tokens: np.ndarray, cfg: dict, gene_index: np.ndarray | None = None
+    sd: dict[str, np.ndarray],
+    tokens: np.ndarray,
+    cfg: BulkRNABertConfig,
+    gene_index: np.ndarray | None = None,
 ) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
     """Reference forward from the paper/doc description, on a state dict of arrays."""
 
@@ -65,13 +66,13 @@ def numpy_forward(
         var = ((x - mu) ** 2).mean(-1, keepdims=True)
         return (x - mu) / np.sqrt(var + 1e-5) * sd[f"{name}.weight"] + sd[f"{name}.bias"]
 
-    heads = cfg["num_attention_heads"]
-    key = cfg["embed_dim"] // heads
-    genes = np.arange(cfg["n_genes"]) if gene_index is None else gene_index
+    heads = cfg.num_attention_heads
+    key = cfg.embed_dim // heads
+    genes = np.arange(cfg.n_genes) if gene_index is None else gene_index
     gene_vec = linear(sd["gene_embedding_layer.weight"][genes], "fc_gene_embedding")
     x = sd["expression_embedding_layer.weight"][tokens] + gene_vec
     hidden, attentions = [x], []
-    for i in range(cfg["num_layers"]):
+    for i in range(cfg.num_layers):
         p = f"transformer_layers.{i}"
         h = layer_norm(x, f"{p}.layer_norm_self_attention")
         b, g, _ = h.shape
@@ -98,7 +99,7 @@ def as_numpy(model: torch.nn.Module) -> dict[str, np.ndarray]:
 
 @pytest.fixture
 def model() -> BulkRNABert:
-    m = BulkRNABert(BulkRNABertConfig(**TINY))
+    m = BulkRNABert(tiny_config(**TINY))
     randomize(m)
     return m.eval()
 
@@ -121,7 +122,7 @@ def test_official_size_has_official_names_and_parameter_count() -> None:
 def test_forward_matches_numpy_reference(model: BulkRNABert) -> None:
     tokens = random_tokens()
     out = model(tokens, output_hidden_states=True, output_attentions=True)
-    logits, hidden, attentions = numpy_forward(as_numpy(model), tokens.numpy(), TINY)
+    logits, hidden, attentions = numpy_forward(as_numpy(model), tokens.numpy(), model.config)
     np.testing.assert_allclose(out.logits.detach().numpy(), logits, atol=2e-5, rtol=1e-4)
     assert out.logits.shape == (3, 32, 64)
     assert sorted(out.hidden_states) == [0, 1, 2]
@@ -146,7 +147,7 @@ def test_gene_index_runs_a_gene_subset(model: BulkRNABert) -> None:
     subset = np.array([3, 30, 7, 0, 11])
     tokens = random_tokens(2, 5, seed=2)
     out = model(tokens, gene_index=torch.from_numpy(subset))
-    ref, _, _ = numpy_forward(as_numpy(model), tokens.numpy(), TINY, gene_index=subset)
+    ref, _, _ = numpy_forward(as_numpy(model), tokens.numpy(), model.config, gene_index=subset)
     np.testing.assert_allclose(out.logits.detach().numpy(), ref, atol=2e-5)
     full = random_tokens(seed=3)
     torch.testing.assert_close(model(full, gene_index=torch.arange(32)).logits, model(full).logits)
@@ -190,9 +191,9 @@ def test_hidden_state_matches_forward_and_keeps_gradients(model: BulkRNABert) ->
 
 def test_gradient_checkpointing_gives_same_gradients() -> None:
     torch.manual_seed(0)
-    plain = BulkRNABert(BulkRNABertConfig(**TINY))
+    plain = BulkRNABert(tiny_config(**TINY))
     randomize(plain)
-    ckpt = BulkRNABert(BulkRNABertConfig(**TINY, gradient_checkpointing=True))
+    ckpt = BulkRNABert(tiny_config(**TINY, gradient_checkpointing=True))
     ckpt.load_state_dict(plain.state_dict())
     tokens = random_tokens(seed=5)
     grads = []
@@ -228,7 +229,7 @@ def test_ia3_hook_points_scale_keys_values_and_ffn(model: BulkRNABert) -> None:
 
 
 def test_no_gene_embedding_config_ignores_gene_layers() -> None:
-    cfg = BulkRNABertConfig(**{**TINY, "use_gene_embedding": False})
+    cfg = tiny_config(**TINY, use_gene_embedding=False)
     m = BulkRNABert(cfg).eval()
     tokens = random_tokens(2, 7, seed=7)  # any length works without gene identity
     before = m(tokens).logits
@@ -275,14 +276,14 @@ def test_official_64_row_weights_load_and_pad_mask_row(model: BulkRNABert) -> No
     sd = {k: v.clone() for k, v in model.state_dict().items()}
     bins = sd["expression_embedding_layer.weight"][:64].clone()
     sd["expression_embedding_layer.weight"] = bins
-    fresh = BulkRNABert(BulkRNABertConfig(**TINY)).eval()
+    fresh = BulkRNABert(tiny_config(**TINY)).eval()
     fresh.load_state_dict(sd)  # plain torch API: the load hook pads
     weight = fresh.expression_embedding_layer.weight
     torch.testing.assert_close(weight[:64], bins)
     torch.testing.assert_close(weight[64], bins.mean(0))
     tokens = random_tokens(high=64, seed=9)
     ref = {k: v.double().numpy() for k, v in sd.items()}
-    logits, _, _ = numpy_forward(ref, tokens.numpy(), TINY)
+    logits, _, _ = numpy_forward(ref, tokens.numpy(), fresh.config)
     np.testing.assert_allclose(fresh(tokens).logits.detach().numpy(), logits, atol=2e-5)
 
 
@@ -449,7 +450,7 @@ def test_missing_weights_file(tmp_path, model: BulkRNABert) -> None:
 
 def test_invalid_config_values_are_checkpoint_error(tmp_path, model: BulkRNABert) -> None:
     model.save_pretrained(tmp_path)
-    (tmp_path / "config.json").write_text(json.dumps({**TINY, "num_layers": -2}))
+    (tmp_path / "config.json").write_text(json.dumps({**model.config.to_dict(), "num_layers": -2}))
     with pytest.raises(CheckpointError, match=r"not a valid BulkRNABert config: num_layers"):
         BulkRNABert.from_pretrained(tmp_path)
 

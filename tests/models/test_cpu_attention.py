@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from bulkfm.errors import ConfigError
-from bulkfm.models import BulkRNABert, BulkRNABertConfig, cpu_attention
+from bulkfm.models import BulkRNABert, cpu_attention
+from tests.conftest import tiny_config
 
 requires_kernel = pytest.mark.skipif(
     not cpu_attention.status().available,
@@ -163,8 +164,9 @@ def test_switch_reads_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def small_model(n_genes: int = 300) -> BulkRNABert:
     torch.manual_seed(0)
-    config = BulkRNABertConfig(
-        n_genes=n_genes, embed_dim=64, num_attention_heads=2, ffn_embed_dim=128, num_layers=2
+    # head size 32 (64 / 2) is the one the kernel serves; 300 genes pass its MIN_LENGTH
+    config = tiny_config(
+        n_genes=n_genes, embed_dim=64, init_gene_embed_dim=200, ffn_embed_dim=128, num_layers=2
     )
     return BulkRNABert(config).eval()
 

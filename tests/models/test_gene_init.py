@@ -5,10 +5,13 @@ import pytest
 import torch
 
 from bulkfm.errors import ConfigError, ExpressionValueError, GeneMappingError, InputFileError
-from bulkfm.models import BulkRNABert, BulkRNABertConfig, init_gene_embeddings
+from bulkfm.models import init_gene_embeddings
 from bulkfm.models.gene_init import coexpression_matrix, gene2vec_matrix, read_gene2vec
 
 DIM = 8
+# Six genes, as in the vector files below; depth and width are BulkRNABertConfig's own
+# defaults, which these tests were written with.
+SIZES = dict(n_genes=6, ffn_embed_dim=512, num_layers=4)
 SYMBOLS = ["TP53", "EGFR", "KRAS", "BRAF", "MYC", "PTEN"]
 ENSEMBL = [f"ENSG{i:011d}" for i in range(len(SYMBOLS))]
 SYMBOL_TO_ENSEMBL = dict(zip(SYMBOLS, ENSEMBL, strict=True))
@@ -83,12 +86,10 @@ def test_gene2vec_matrix_through_gene_table() -> None:
     assert report["n_found"] == 6
 
 
-def test_init_gene_embeddings_gene2vec_writes_model(tmp_path) -> None:
+def test_init_gene_embeddings_gene2vec_writes_model(tmp_path, tiny_model) -> None:
     vectors = vectors_for(SYMBOLS)
     write_text(tmp_path / "g2v.txt", SYMBOLS, vectors, header=True)
-    model = BulkRNABert(
-        BulkRNABertConfig(n_genes=6, embed_dim=16, init_gene_embed_dim=DIM, num_attention_heads=2)
-    )
+    model = tiny_model(**SIZES, init_gene_embed_dim=DIM)
     report = init_gene_embeddings(
         model,
         "gene2vec",
@@ -133,10 +134,8 @@ def test_coexpression_ignores_values_marked_missing() -> None:
     assert not np.allclose(a, c)
 
 
-def test_init_coexpression_and_random_write_model() -> None:
-    model = BulkRNABert(
-        BulkRNABertConfig(n_genes=6, embed_dim=16, init_gene_embed_dim=4, num_attention_heads=2)
-    )
+def test_init_coexpression_and_random_write_model(tiny_model) -> None:
+    model = tiny_model(**SIZES, init_gene_embed_dim=4)
     x = np.random.default_rng(2).lognormal(1, 1, size=(40, 6))
     report = init_gene_embeddings(model, "coexpression", X_tpm=x)
     expected, _ = coexpression_matrix(x, 4)
@@ -186,23 +185,23 @@ def test_no_overlap_is_gene_mapping_error() -> None:
         gene2vec_matrix(ENSEMBL, ["A", "B"], vectors_for(["A", "B"]), symbol_to_ensembl={})
 
 
-def test_dimension_mismatch_is_config_error(tmp_path) -> None:
+def test_dimension_mismatch_is_config_error(tmp_path, tiny_model) -> None:
     write_text(tmp_path / "g.txt", SYMBOLS, vectors_for(SYMBOLS), header=False)
-    model = BulkRNABert(BulkRNABertConfig(n_genes=6, embed_dim=16, num_attention_heads=2))
+    model = tiny_model(**SIZES, init_gene_embed_dim=200)
     with pytest.raises(ConfigError, match=r"8-d but the model has init_gene_embed_dim=200"):
         init_gene_embeddings(
             model, "gene2vec", genes=ENSEMBL, gene2vec_path=tmp_path / "g.txt", symbol_to_ensembl={}
         )
 
 
-def test_gene_count_mismatch_is_gene_mapping_error(tmp_path) -> None:
-    model = BulkRNABert(BulkRNABertConfig(n_genes=6, embed_dim=16, num_attention_heads=2))
+def test_gene_count_mismatch_is_gene_mapping_error(tmp_path, tiny_model) -> None:
+    model = tiny_model(**SIZES, init_gene_embed_dim=200)
     with pytest.raises(GeneMappingError, match=r"5 genes given but the model has n_genes=6"):
         init_gene_embeddings(model, "gene2vec", genes=ENSEMBL[:5], gene2vec_path=tmp_path)
 
 
-def test_coexpression_wrong_columns_is_gene_mapping_error() -> None:
-    model = BulkRNABert(BulkRNABertConfig(n_genes=6, embed_dim=16, num_attention_heads=2))
+def test_coexpression_wrong_columns_is_gene_mapping_error(tiny_model) -> None:
+    model = tiny_model(**SIZES, init_gene_embed_dim=200)
     with pytest.raises(GeneMappingError, match=r"X_tpm has 5 gene columns"):
         init_gene_embeddings(model, "coexpression", X_tpm=np.ones((4, 5)))
 
@@ -214,13 +213,13 @@ def test_coexpression_negative_values_is_expression_error() -> None:
         coexpression_matrix(x, 2)
 
 
-def test_unknown_method_is_config_error() -> None:
-    model = BulkRNABert(BulkRNABertConfig(n_genes=6, embed_dim=16, num_attention_heads=2))
+def test_unknown_method_is_config_error(tiny_model) -> None:
+    model = tiny_model(**SIZES, init_gene_embed_dim=200)
     with pytest.raises(ConfigError, match=r"unknown gene embedding init 'word2vec'"):
         init_gene_embeddings(model, "word2vec")  # type: ignore[arg-type]
 
 
-def test_gene2vec_without_path_is_config_error() -> None:
-    model = BulkRNABert(BulkRNABertConfig(n_genes=6, embed_dim=16, num_attention_heads=2))
+def test_gene2vec_without_path_is_config_error(tiny_model) -> None:
+    model = tiny_model(**SIZES, init_gene_embed_dim=200)
     with pytest.raises(ConfigError, match=r"needs genes="):
         init_gene_embeddings(model, "gene2vec")

@@ -8,14 +8,7 @@ from torch import nn
 from bulkfm.errors import ConfigError
 from bulkfm.models.heads import MLPHead, classification_head, survival_head
 
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny tensors: one thread avoids thread contention on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def layer_types(head: MLPHead) -> list[type]:

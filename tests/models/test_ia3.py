@@ -22,21 +22,18 @@ from bulkfm.models.ia3 import (
     save_ia3,
     set_trainable_params,
 )
+from tests.conftest import tiny_config
 
-TINY = dict(
-    n_genes=32,
-    embed_dim=16,
-    init_gene_embed_dim=8,
-    num_attention_heads=2,
-    ffn_embed_dim=24,
-    num_layers=2,
-)
+# Two blocks, and a feed-forward width (24) unlike the key/value width (16), so the
+# adapter counts below tell the three scaling vectors apart.
+TINY = dict(ffn_embed_dim=24, num_layers=2)
+CONFIG = tiny_config(**TINY)
 
 
 def make_model(seed: int = 0) -> BulkRNABert:
     """Tiny model with non-trivial biases and LayerNorms so every term matters."""
     torch.manual_seed(seed)
-    model = BulkRNABert(BulkRNABertConfig(**TINY))
+    model = BulkRNABert(tiny_config(**TINY))
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -83,7 +80,7 @@ def reference_forward(
         sd_ = np.sqrt(((x - mu) ** 2).mean(-1, keepdims=True) + 1e-5)
         return (x - mu) / sd_ * sd[f"{name}.weight"] + sd[f"{name}.bias"]
 
-    heads, dk = TINY["num_attention_heads"], TINY["embed_dim"] // TINY["num_attention_heads"]
+    heads, dk = CONFIG.num_attention_heads, CONFIG.embed_dim // CONFIG.num_attention_heads
     x = sd["expression_embedding_layer.weight"][tok] + lin(
         sd["gene_embedding_layer.weight"], "fc_gene_embedding"
     )
@@ -115,7 +112,7 @@ def test_apply_adds_ones_vectors_of_the_right_sizes_and_keeps_base_keys() -> Non
     apply_ia3(model)
     adapters = get_adapter_params(model)
     expected = {}
-    for i in range(TINY["num_layers"]):
+    for i in range(CONFIG.num_layers):
         expected[f"transformer_layers.{i}.mha.w_k.ia3_l"] = 16
         expected[f"transformer_layers.{i}.mha.w_v.ia3_l"] = 16
         expected[f"transformer_layers.{i}.activation.ia3_l"] = 24
@@ -157,7 +154,7 @@ def test_scaling_matches_manual_computation() -> None:
             "v": sd[f"transformer_layers.{i}.mha.w_v.ia3_l"],
             "ff": sd[f"transformer_layers.{i}.activation.ia3_l"],
         }
-        for i in range(TINY["num_layers"])
+        for i in range(CONFIG.num_layers)
     ]
     tok = tokens(seed=3)
     ref = reference_forward(sd, tok.numpy(), scales)
@@ -232,7 +229,7 @@ def test_parameter_counts_match_hand_count() -> None:
     net = WithHead(make_model())
     total_before = sum(p.numel() for p in net.parameters())
     apply_ia3(net)
-    adapter = TINY["num_layers"] * (16 + 16 + 24)
+    adapter = CONFIG.num_layers * (16 + 16 + 24)
     counts = count_parameters(net)
     assert counts["adapter"] == adapter
     assert counts["trainable"] == adapter

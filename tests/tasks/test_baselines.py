@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-import logging
-
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -14,21 +12,17 @@ from sklearn.svm import SVC
 
 from bulkfm.data.simulate import simulate_bulk
 from bulkfm.data.splits import repeated_holdout, survival_strata
+from bulkfm.embedders.classical import TopVariableGenes
 from bulkfm.errors import (
     BulkfmWarning,
     ClinicalMatchError,
     ConfigError,
-    ExpressionValueError,
     SplitError,
 )
 from bulkfm.metrics import concordance_index
 from bulkfm.tasks.baselines import (
     BaselineConfig,
-    CappedNMF,
-    CappedPCA,
-    LogTPM,
     PenalizedCox,
-    TopVariableGenes,
     baseline_label,
     run_classification_baseline,
     run_survival_baseline,
@@ -45,12 +39,7 @@ SMALL = BaselineConfig(
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -67,40 +56,6 @@ def splits(tumours):
 
 def _labels(adata: ad.AnnData) -> np.ndarray:
     return adata.obs["cohort"].astype(str).to_numpy()
-
-
-# --------------------------------------------------------------------------- transforms
-def test_log_tpm_is_log10_one_plus_and_rejects_bad_values():
-    X = np.array([[0.0, 9.0], [99.0, 0.5]])
-    np.testing.assert_allclose(LogTPM().fit_transform(X), np.log10(1 + X))
-    with pytest.raises(ExpressionValueError, match="non-negative TPM"):
-        LogTPM().fit_transform(np.array([[1.0, -0.5]]))
-
-
-def test_top_variable_genes_keeps_the_highest_variance_columns():
-    rng = np.random.default_rng(0)
-    X = rng.normal(size=(50, 8)) * np.array([1, 5, 2, 9, 0.1, 3, 7, 0.5])
-    selected = TopVariableGenes(3).fit(X)
-    assert selected.columns_.tolist() == [1, 3, 6]  # scales 5, 9, 7
-    np.testing.assert_array_equal(selected.transform(X), X[:, [1, 3, 6]])
-
-
-def test_pca_components_are_capped_with_a_logged_note(caplog):
-    X = np.random.default_rng(0).normal(size=(20, 9))
-    with caplog.at_level(logging.INFO, logger="bulkfm.tasks.baselines"):
-        pca = CappedPCA(256).fit(X)
-    assert pca.n_components_ == 9 and pca.transform(X).shape == (20, 9)
-    assert "n_components=256 capped at 9 = min(20 training samples, 9 genes)" in caplog.text
-
-
-def test_nmf_is_capped_non_negative_and_rejects_negative_input(caplog):
-    X = np.abs(np.random.default_rng(1).normal(size=(7, 30)))
-    with caplog.at_level(logging.INFO, logger="bulkfm.tasks.baselines"):
-        nmf = CappedNMF(128, max_iter=50).fit(X)
-    assert nmf.n_components_ == 7 and "capped at 7" in caplog.text
-    assert (nmf.transform(X) >= 0).all()
-    with pytest.raises(ExpressionValueError, match="non-negative"):
-        CappedNMF(3).fit(-X)
 
 
 # --------------------------------------------------------------------------- classification
@@ -145,11 +100,20 @@ def test_feature_maps_are_fitted_on_the_training_side_only(tumours, splits, name
 
 
 def test_top_genes_option_limits_the_inputs(tumours, splits):
+    X, y = np.asarray(tumours.X, dtype=np.float64), _labels(tumours)
     cfg = BaselineConfig(top_genes=5, pca_components=256)
-    res = run_classification_baseline(
-        "pca_svm", tumours.X, _labels(tumours), splits=splits, config=cfg
-    )
+    res = run_classification_baseline("pca_svm", X, y, splits=splits, config=cfg)
     assert len(res.per_split) == 2  # 5 genes -> 5 components (capped), still runs
+    for split, row in zip(splits, res.per_split, strict=True):
+        # the 5 most variable log-TPM genes of this split's training rows, and nothing else
+        variance = np.log10(1.0 + X[split.train]).var(axis=0)
+        top = np.sort(np.argsort(-variance, kind="stable")[:5])
+        alone = run_classification_baseline(
+            "pca_svm", X[:, top], y, splits=[split], config=BaselineConfig(pca_components=256)
+        )
+        assert row["macro_f1"] == alone.per_split[0]["macro_f1"]
+        got = res.predictions[res.predictions["split"] == split.name].reset_index(drop=True)
+        pd.testing.assert_frame_equal(got, alone.predictions.reset_index(drop=True))
 
 
 def test_unknown_baseline_and_bad_config_are_errors(tumours):
@@ -190,22 +154,34 @@ def _cox_data(seed: int = 0, n: int = 160):
 
 @pytest.mark.parametrize("penalizer", [0.05, 0.5])
 def test_penalized_cox_solves_the_ridge_partial_likelihood(penalizer):
-    """Independent check of the lifelines fit with the project's own Efron loss: at the
-    returned coefficients the gradient of -loglik/n + penalizer/2 |b_norm|^2 vanishes
-    (lifelines penalises coefficients of inputs it rescales by their ddof=1 std)."""
+    """Independent check with the project's own (Breslow) loss: at the returned coefficients
+    the gradient of -loglik/n + penalizer/2 |b * s|^2 vanishes, ``s`` being the ddof=1 std
+    lifelines rescales inputs by (so the penalty means what lifelines' ``penalizer`` does)."""
     X, t, e = _cox_data()
     cox = PenalizedCox(penalizer=penalizer).fit(X, t, e)
     Xs = cox.scaler_.transform(X).astype(np.float64)
     s = Xs.std(axis=0, ddof=1)
     b = torch.tensor(cox.coef_, requires_grad=True)
     risk = torch.from_numpy(Xs) @ b
-    loss = cox_ph_loss(risk, torch.from_numpy(t), torch.from_numpy(e.astype(bool)), ties="efron")
+    loss = cox_ph_loss(risk, torch.from_numpy(t), torch.from_numpy(e.astype(bool)), ties="breslow")
     objective = loss * e.sum() / len(t) + 0.5 * penalizer * torch.sum(
         (b * torch.from_numpy(s)) ** 2
     )
     objective.backward()
     np.testing.assert_allclose(b.grad.numpy(), 0.0, atol=1e-5)
     assert np.linalg.norm(cox.coef_) > 0.1  # not the trivial solution
+
+
+@pytest.mark.parametrize("penalizer", [0.01, 0.1, 1.0])
+def test_penalized_cox_equals_lifelines_with_the_same_penalizer(penalizer):
+    """Without tied times Breslow and Efron agree, so the fit is lifelines' own."""
+    X, t, e = _cox_data(seed=5)
+    t = t + np.random.default_rng(5).uniform(0, 0.5, size=t.size)  # break the ties
+    cox = PenalizedCox(penalizer=penalizer).fit(X, t, e)
+    Xs = cox.scaler_.transform(X).astype(np.float64)
+    frame = pd.DataFrame(Xs).add_prefix("x").assign(T=t, E=e)
+    ref = CoxPHFitter(penalizer=penalizer).fit(frame, "T", "E")
+    np.testing.assert_allclose(cox.coef_, ref.params_.to_numpy(), rtol=1e-4, atol=1e-6)
 
 
 def test_penalized_cox_ranks_held_out_survival_higher_risk_shorter():
@@ -222,11 +198,18 @@ def test_penalized_cox_rejects_no_events_and_unfitted_use():
         PenalizedCox().fit(X, t, np.zeros(30, dtype=int))
     with pytest.raises(ConfigError, match="not fitted yet"):
         PenalizedCox().predict_risk(X)
-    with pytest.raises(ConfigError, match="penalizer must be >= 0"):
+    with pytest.raises(ConfigError, match="penalizer must be > 0"):
         PenalizedCox(penalizer=-1.0)
+    with pytest.raises(ConfigError, match="penalizer must be > 0"):
+        PenalizedCox(penalizer=0.0)
 
 
-def test_pca_cox_matches_lifelines_on_training_side_components(tumours):
+def test_pca_cox_matches_a_reference_on_training_side_components(tumours):
+    """Reference: PCA, z-scores and scikit-survival's Breslow ridge Cox with lifelines'
+    penalty meaning (see PenalizedCox): alpha = penalizer * n / (n - 1) per sample."""
+    from sksurv.linear_model import CoxPHSurvivalAnalysis
+    from sksurv.util import Surv
+
     obs = tumours.obs
     t, e = obs["survival_time"].to_numpy(), obs["survival_event"].to_numpy()
     g = obs["patient"].to_numpy()
@@ -240,9 +223,11 @@ def test_pca_cox_matches_lifelines_on_training_side_components(tumours):
     pca = PCA(6, random_state=split.seed).fit(logx[split.train])
     comp = pca.transform(logx)
     z = (comp - comp[split.train].mean(0)) / comp[split.train].std(0)
-    frame = pd.DataFrame(z[split.train]).add_prefix("c").assign(T=t[split.train], E=e[split.train])
-    ref = CoxPHFitter(penalizer=0.1).fit(frame, "T", "E")
-    ref_risk = z[split.test] @ ref.params_.to_numpy()
+    n = split.train.size
+    ref = CoxPHSurvivalAnalysis(alpha=0.1 * n / (n - 1) * n, ties="breslow", tol=1e-12).fit(
+        z[split.train], Surv.from_arrays(e[split.train].astype(bool), t[split.train])
+    )
+    ref_risk = z[split.test] @ ref.coef_
     assert row["c_index"] == pytest.approx(
         concordance_index(t[split.test], e[split.test], ref_risk)
     )

@@ -21,13 +21,7 @@ from bulkfm.tasks.classification import MLPClassifier, make_svm, run_classificat
 FAST = dict(hidden=(32, 16), max_epochs=60, patience=10, batch_size=32)
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny tensors: one thread avoids thread contention on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -231,25 +225,14 @@ def test_predict_before_fit_is_an_error():
         MLPClassifier().predict(np.zeros((2, 3)))
 
 
-def test_end_to_end_from_bulkrnabert_embeddings(sim, tmp_path):
+def test_end_to_end_from_bulkrnabert_embeddings(sim, tmp_path, tiny_model):
     """simulate -> tiny BulkRNABert -> parquet -> read -> SVM: the pieces fit together."""
     from bulkfm.embed import embed_adata, read_embeddings, write_embeddings
-    from bulkfm.models import BulkRNABert, BulkRNABertConfig
     from bulkfm.tokenize import BinTokenizer
 
     tokenizer = BinTokenizer.fit_adata(sim, n_bins=16)
     torch.manual_seed(0)
-    model = BulkRNABert(
-        BulkRNABertConfig(
-            n_genes=sim.n_vars,
-            n_expressions_bins=16,
-            embed_dim=16,
-            init_gene_embed_dim=8,
-            num_attention_heads=2,
-            ffn_embed_dim=32,
-            num_layers=1,
-        )
-    ).eval()
+    model = tiny_model(n_genes=sim.n_vars, n_expressions_bins=16).eval()
     emb = embed_adata(model, tokenizer, sim, batch_size=64, progress=False)
     write_embeddings(emb, sim, tmp_path / "emb.parquet")
     res = run_classification(

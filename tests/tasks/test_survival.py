@@ -6,7 +6,6 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from lifelines import CoxPHFitter
 from lifelines.statistics import logrank_test
 
@@ -18,13 +17,7 @@ from bulkfm.tasks.survival import CoxMLP, risk_groups_km, run_survival, valid_su
 FAST = dict(hidden=(32, 16), max_epochs=80, patience=10, lr=3e-3)
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny tensors: one thread avoids thread contention on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -13,28 +13,27 @@ from safetensors.torch import load_file
 
 from bulkfm.train.config import PretrainConfig
 from bulkfm.train.pretrain import pretrain, read_log
-from tests.train.test_pretrain import simulated_adata, tiny_config
 
 
-def _config_for(tmp_path, name: str, micro: int) -> PretrainConfig:
+def _config_for(pretrain_config, tmp_path, name: str, micro: int) -> PretrainConfig:
     # 16 genes; 128 tokens per step -> 2 micro-steps of 4 samples (1 process)
     # or 2 micro-steps of 2 samples on each of 2 processes: same 8-sample global batch.
-    config = tiny_config(tmp_path / name, micro_batch_size=micro, max_steps=5)
+    config = pretrain_config(tmp_path / name, micro_batch_size=micro, max_steps=5)
     config.data.path = str(tmp_path / "data.h5ad")
     config.checkpoint_every = 5
     return config
 
 
 @pytest.mark.slow
-def test_two_processes_train_the_same_model_as_one(tmp_path):
+@pytest.mark.usefixtures("one_torch_thread")
+def test_two_processes_train_the_same_model_as_one(tmp_path, simulated_adata, pretrain_config):
     simulated_adata(n=40, g=20).write_h5ad(tmp_path / "data.h5ad")
 
-    torch.set_num_threads(1)
-    single = pretrain(_config_for(tmp_path, "one", micro=4))
+    single = pretrain(_config_for(pretrain_config, tmp_path, "one", micro=4))
     assert single.grad_accum_steps == 2 and single.global_batch_size == 8
 
     path = tmp_path / "two.yaml"
-    path.write_text(_config_for(tmp_path, "two", micro=2).to_yaml())
+    path.write_text(_config_for(pretrain_config, tmp_path, "two", micro=2).to_yaml())
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     cmd += ["-m", "bulkfm.cli", "pretrain", "--config", str(path)]

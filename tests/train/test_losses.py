@@ -9,14 +9,7 @@ from lifelines import CoxPHFitter
 from bulkfm.errors import ClinicalMatchError, ConfigError
 from bulkfm.train.losses import cox_ph_loss
 
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny tensors: one thread avoids thread contention on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tied_data(seed: int = 0, n: int = 200, p: int = 3):

@@ -8,9 +8,7 @@ import math
 from collections import Counter
 from pathlib import Path
 
-import anndata as ad
 import numpy as np
-import pandas as pd
 import pytest
 import scipy.sparse as sp
 import torch
@@ -41,60 +39,12 @@ from bulkfm.train.pretrain import (
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def simulated_adata(n: int = 60, g: int = 24, n_cohorts: int = 3, seed: int = 0) -> ad.AnnData:
-    """Cohort profiles + a shared latent factor + noise, as TPM; two samples per patient."""
-    rng = np.random.default_rng(seed)
-    cohort = rng.integers(0, n_cohorts, n)
-    profile = rng.normal(1.5, 0.8, (n_cohorts, g))
-    latent = rng.normal(size=(n, 2)) @ rng.normal(scale=0.4, size=(2, g))
-    log10 = profile[cohort] + latent + rng.normal(scale=0.15, size=(n, g))
-    tpm = np.clip(10**log10 - 1, 0, None).astype(np.float32)
-    tpm[rng.random((n, g)) < 0.05] = 0.0
-    obs = pd.DataFrame(
-        {"patient": [f"P{i // 2}" for i in range(n)], "cohort": cohort.astype(str)},
-        index=[f"S{i}" for i in range(n)],
-    )
-    var = pd.DataFrame(index=[f"ENSG{i:011d}" for i in range(g)])
-    return ad.AnnData(tpm, obs=obs, var=var)
-
-
-def tiny_config(out: Path, **optim) -> PretrainConfig:
-    raw = {
-        "model": {
-            "embed_dim": 16,
-            "init_gene_embed_dim": 8,
-            "num_attention_heads": 2,
-            "ffn_embed_dim": 32,
-            "num_layers": 1,
-        },
-        "data": {"holdout_fraction": 0.1, "top_k_variable_genes": 16},
-        "optim": {
-            "lr": 3e-3,
-            "warmup_steps": 2,
-            "max_steps": 6,
-            "micro_batch_size": 4,
-            "target_tokens_per_step": 128,
-            **optim,
-        },
-        "output_dir": str(out),
-        "checkpoint_every": 2,
-        "keep_checkpoints": 2,
-        "eval_every": 3,
-    }
-    return PretrainConfig.from_dict(raw)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ---------------------------------------------------------------------- config
-def test_config_yaml_round_trip_and_overrides(tmp_path):
-    config = tiny_config(tmp_path / "run")
+def test_config_yaml_round_trip_and_overrides(tmp_path, pretrain_config):
+    config = pretrain_config(tmp_path / "run")
     path = tmp_path / "c.yaml"
     path.write_text(config.to_yaml())
     assert PretrainConfig.from_yaml(path) == config
@@ -287,7 +237,7 @@ def test_eval_batches_pad_ranks_to_the_same_length():
     assert real == list(range(5))
 
 
-def test_prepare_fits_on_training_rows_only():
+def test_prepare_fits_on_training_rows_only(simulated_adata):
     adata = simulated_adata(n=40, g=10)
     config = PretrainConfig.from_dict({"data": {"holdout_fraction": 0.2}}).data
     data = prepare_pretrain_data(adata, config, seed=0)
@@ -304,7 +254,7 @@ def test_prepare_fits_on_training_rows_only():
     assert np.array_equal(data.tokens, data.tokenizer.encode(X).astype(data.tokens.dtype))
 
 
-def test_prepare_top_k_genes_and_missing_layer():
+def test_prepare_top_k_genes_and_missing_layer(simulated_adata):
     adata = simulated_adata(n=40, g=10)
     missing = np.zeros(adata.shape, dtype=bool)
     missing[3, :4] = True
@@ -319,7 +269,7 @@ def test_prepare_top_k_genes_and_missing_layer():
     assert np.array_equal(data.tokens == data.tokenizer.mask_token_id, kept_missing)
 
 
-def test_prepare_uses_the_named_layer():
+def test_prepare_uses_the_named_layer(simulated_adata):
     adata = simulated_adata(n=20, g=6)
     adata.layers["raw"] = adata.X * 10
     config = PretrainConfig.from_dict({"data": {"layer": "raw"}}).data
@@ -329,13 +279,13 @@ def test_prepare_uses_the_named_layer():
     )
 
 
-def test_unknown_layer_is_rejected():
+def test_unknown_layer_is_rejected(simulated_adata):
     config = PretrainConfig.from_dict({"data": {"layer": "counts"}}).data
     with pytest.raises(ConfigError, match=r"data\.layer 'counts'"):
         prepare_pretrain_data(simulated_adata(n=10, g=5), config, seed=0)
 
 
-def test_dataset_masks_depend_on_sample_not_position():
+def test_dataset_masks_depend_on_sample_not_position(simulated_adata):
     adata = simulated_adata(n=20, g=12)
     data = prepare_pretrain_data(adata, PretrainConfig().data, seed=0)
     ds = MaskedTokenDataset(data.tokens, data.train_idx, n_bins=64, mask_token_id=64, seed=9)
@@ -349,12 +299,12 @@ def test_dataset_masks_depend_on_sample_not_position():
 
 
 # ---------------------------------------------------------------------- training
-def test_pretrain_end_to_end(tmp_path):
+def test_pretrain_end_to_end(tmp_path, simulated_adata, pretrain_config):
     from bulkfm.models.bulkrnabert import BulkRNABert
     from bulkfm.tokenize import BinTokenizer
 
     out = tmp_path / "run"
-    config = tiny_config(out, max_steps=30, lr=1e-2, warmup_steps=3)
+    config = pretrain_config(out, max_steps=30, lr=1e-2, warmup_steps=3)
     result = pretrain(config, adata=simulated_adata(n=80, g=24))
     assert result.step == 30 and not result.stopped_early
     assert result.n_genes == 16
@@ -382,10 +332,8 @@ def test_pretrain_end_to_end(tmp_path):
     assert summary["step"] == 30 and summary["eval"]["eval_acc"] == result.eval["eval_acc"]
 
 
-def test_evaluate_matches_a_naive_reference_and_the_mode_predictor(tmp_path):
+def test_evaluate_matches_a_naive_reference_and_the_mode_predictor(simulated_adata, tiny_model):
     from accelerate import Accelerator
-
-    from bulkfm.models.bulkrnabert import BulkRNABert, BulkRNABertConfig
 
     adata = simulated_adata(n=60, g=12)
     data = prepare_pretrain_data(adata, PretrainConfig().data, seed=0)
@@ -397,16 +345,7 @@ def test_evaluate_matches_a_naive_reference_and_the_mode_predictor(tmp_path):
     plan = eval_batches(data.n_eval, 4, 1, 0)
     accelerator = Accelerator()
     torch.manual_seed(0)
-    model = BulkRNABert(
-        BulkRNABertConfig(
-            n_genes=12,
-            embed_dim=16,
-            init_gene_embed_dim=8,
-            num_attention_heads=2,
-            ffn_embed_dim=16,
-            num_layers=1,
-        )
-    )
+    model = tiny_model(n_genes=12, ffn_embed_dim=16)
     got = evaluate(model, ds, plan, data, accelerator)
     nll = correct = trivial = trivial_nll = count = 0.0
     with torch.no_grad():
@@ -436,12 +375,14 @@ def test_evaluate_matches_a_naive_reference_and_the_mode_predictor(tmp_path):
     assert mode_metrics["eval_acc"] == pytest.approx(got["trivial_acc"])
 
 
-def test_interrupted_run_resumes_to_the_same_weights_and_log(tmp_path):
+def test_interrupted_run_resumes_to_the_same_weights_and_log(
+    tmp_path, simulated_adata, pretrain_config
+):
     adata = simulated_adata(n=40, g=20)
-    straight = tiny_config(tmp_path / "straight")
+    straight = pretrain_config(tmp_path / "straight")
     pretrain(straight, adata=adata)
 
-    broken = tiny_config(tmp_path / "broken")
+    broken = pretrain_config(tmp_path / "broken")
     first = pretrain(broken, adata=adata, stop_after=5)
     assert first.stopped_early and first.final_dir is None
     assert not (tmp_path / "broken" / "final").exists()
@@ -481,23 +422,25 @@ def test_interrupted_run_resumes_to_the_same_weights_and_log(tmp_path):
     )
 
 
-def test_existing_checkpoints_without_resume_are_rejected(tmp_path):
+def test_existing_checkpoints_without_resume_are_rejected(
+    tmp_path, simulated_adata, pretrain_config
+):
     adata = simulated_adata(n=30, g=16)
-    config = tiny_config(tmp_path / "run", max_steps=2)
+    config = pretrain_config(tmp_path / "run", max_steps=2)
     pretrain(config, adata=adata)
     with pytest.raises(ConfigError, match="already holds checkpoints"):
         pretrain(config, adata=adata)
-    changed = tiny_config(tmp_path / "run", max_steps=2, lr=1e-4)
+    changed = pretrain_config(tmp_path / "run", max_steps=2, lr=1e-4)
     with pytest.raises(CheckpointError, match=r"optim\.lr"):
         pretrain(changed, adata=adata, resume=True)
 
 
-def test_cli_runs_pretraining_with_overrides(tmp_path, capsys):
+def test_cli_runs_pretraining_with_overrides(tmp_path, capsys, simulated_adata, pretrain_config):
     from bulkfm.cli import main
 
     adata = simulated_adata(n=30, g=16)
     adata.write_h5ad(tmp_path / "d.h5ad")
-    config = tiny_config(tmp_path / "unused", max_steps=2)
+    config = pretrain_config(tmp_path / "unused", max_steps=2)
     path = tmp_path / "c.yaml"
     path.write_text(config.to_yaml())
     code = main(
@@ -518,7 +461,9 @@ def test_cli_runs_pretraining_with_overrides(tmp_path, capsys):
     assert "optim.lr must be a positive" in capsys.readouterr().err
 
 
-def test_bf16_where_supported_and_precision_can_change_in_one_process(tmp_path, monkeypatch):
+def test_bf16_where_supported_and_precision_can_change_in_one_process(
+    tmp_path, monkeypatch, simulated_adata, pretrain_config
+):
     import bulkfm.train.pretrain as module
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -529,11 +474,11 @@ def test_bf16_where_supported_and_precision_can_change_in_one_process(tmp_path, 
     assert module.resolve_mixed_precision("bf16") == "bf16"
 
     adata = simulated_adata(n=30, g=16)
-    config = tiny_config(tmp_path / "bf16", max_steps=2)
+    config = pretrain_config(tmp_path / "bf16", max_steps=2)
     config.mixed_precision = "bf16"
     result = pretrain(config, adata=adata)
     assert result.mixed_precision == "bf16" and math.isfinite(result.train_loss)
-    again = pretrain(tiny_config(tmp_path / "fp32", max_steps=2), adata=adata)
+    again = pretrain(pretrain_config(tmp_path / "fp32", max_steps=2), adata=adata)
     assert again.mixed_precision == "no"
     # bf16 autocast changes the numbers, so the two runs must differ slightly.
     a = load_file(str(result.final_dir / "model.safetensors"))["lm_head.weight"]
@@ -541,10 +486,10 @@ def test_bf16_where_supported_and_precision_can_change_in_one_process(tmp_path, 
     assert not torch.equal(a, b)
 
 
-def test_missing_data_file_is_reported(tmp_path):
+def test_missing_data_file_is_reported(tmp_path, pretrain_config):
     from bulkfm.errors import InputFileError
 
-    config = tiny_config(tmp_path / "run")
+    config = pretrain_config(tmp_path / "run")
     config.data.path = str(tmp_path / "absent.h5ad")
     with pytest.raises(InputFileError, match="bulkfm data build"):
         pretrain(config)

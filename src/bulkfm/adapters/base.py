@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from bulkfm import schema as keys
 from bulkfm.config import check_int
 from bulkfm.embedders.base import Embedder
 from bulkfm.errors import CheckpointError, ConfigError, GeneMappingError
@@ -217,7 +218,9 @@ def _positions(
         pos[found] = data_ids.get_indexer(np.asarray(ensembl[found], dtype=object))
     # Two vocabulary entries mapping to one data gene: the strongest evidence keeps it,
     # the others count as absent (one measured value must not feed two model genes).
-    order = sorted(np.flatnonzero(pos >= 0), key=lambda i: (_METHOD_RANK.get(methods[i], 9), i))
+    order = sorted(
+        np.flatnonzero(pos >= 0), key=lambda i: (_METHOD_RANK.get(str(methods[i]), 9), i)
+    )
     taken: set[int] = set()
     n_shared = 0
     for i in order:
@@ -288,8 +291,8 @@ def gene_input(
     cols = pos[hit]
     values[:, hit] = _dense_rows(source[rows][:, cols])
     present[:, hit] = True
-    if "missing" in adata.layers:
-        flagged = _dense_rows(adata.layers["missing"][rows][:, cols]).astype(bool)
+    if keys.MISSING in adata.layers:
+        flagged = _dense_rows(adata.layers[keys.MISSING][rows][:, cols]).astype(bool)
         present[:, hit] &= ~flagged
     values[~present] = 0.0
     if not np.isfinite(values).all():
@@ -404,7 +407,7 @@ class FoundationEmbedder(Embedder):
         these models were pre-trained on counts, and TPM in X otherwise.
         """
         if self.layer == "auto":
-            return "counts" if "counts" in adata.layers else None
+            return keys.COUNTS if keys.COUNTS in adata.layers else None
         return None if self.layer in (None, "X") else self.layer
 
     def describe(self) -> dict[str, Any]:

@@ -370,7 +370,7 @@ class BulkFormerEmbedder(FoundationEmbedder):
             parts.append(
                 np.stack([np.median(s[m], axis=0) for s, m in zip(states, mask, strict=True)])
             )
-        return np.sum(parts, axis=0, dtype=np.float32)
+        return np.asarray(np.sum(parts, axis=0, dtype=np.float32))
 
     def embed(self, adata: ad.AnnData) -> np.ndarray:
         import torch

@@ -67,6 +67,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import scipy.sparse as sp
 
+from bulkfm import schema as keys
 from bulkfm.adapters.base import (
     FoundationEmbedder,
     batch_slices,
@@ -434,7 +435,7 @@ class CellFMEmbedder(FoundationEmbedder):
                 out.append(self._forward(net, ids[part], vals[part], torch))
         self.coverage_ = {
             **(report or {}),
-            "input": "counts" if layer == "counts" else (f"layers[{layer!r}]" if layer else "X"),
+            "input": "counts" if layer == keys.COUNTS else (f"layers[{layer!r}]" if layer else "X"),
             "max_genes": self.max_genes,
             "gene_selection": self.gene_selection,
             "tokens_per_sample_mean": float(np.mean(lengths)),

@@ -296,8 +296,11 @@ class _Retention(nn.Module):
     def __init__(self, dims: int, heads: int) -> None:
         super().__init__()
         self.heads = heads
-        for name in ("q_proj", "k_proj", "v_proj", "u_proj", "o_proj"):
-            setattr(self, name, _dense(dims, dims))
+        self.q_proj = _dense(dims, dims)
+        self.k_proj = _dense(dims, dims)
+        self.v_proj = _dense(dims, dims)
+        self.u_proj = _dense(dims, dims)
+        self.o_proj = _dense(dims, dims)
 
     def _split(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape

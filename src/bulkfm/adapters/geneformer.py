@@ -75,6 +75,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 import numpy as np
 import scipy.sparse as sp
 
+from bulkfm import schema as keys
 from bulkfm.adapters.base import (
     FoundationEmbedder,
     batch_slices,
@@ -412,7 +413,8 @@ class GeneformerEmbedder(FoundationEmbedder):
             )
         if model_input_size is not None:
             check_int("model_input_size", model_input_size, 3 if version == "V2" else 1)
-        self.version = version
+        # Not `version`: that name is the embedder class's cache-key version (base.Embedder).
+        self.model_version = version
         self.emb_mode = emb_mode
         self.emb_layer = int(emb_layer)
         self.model_input_size = model_input_size
@@ -437,7 +439,7 @@ class GeneformerEmbedder(FoundationEmbedder):
         if self.path.is_file():  # the folder's config is not in the checkpoint digest
             files["config"] = file_digest(self._config_path())
         return {
-            "version": self.version,
+            "version": self.model_version,
             "emb_mode": self.emb_mode,
             "emb_layer": self.emb_layer,
             "model_input_size": self.model_input_size,
@@ -495,13 +497,19 @@ class GeneformerEmbedder(FoundationEmbedder):
     def resolved_version(self) -> str:
         """ "V2" when the token dictionary carries <cls> and <eos> (unless overridden)."""
         vocab = self.vocabulary
-        if self.version == "V2" and not vocab.has_special:
+        if self.model_version == "V2" and not vocab.has_special:
             raise ConfigError(
                 f"{MODEL}: version='V2' but the token dictionary "
                 f"{self.token_dictionary_path.name} has no <cls>/<eos> tokens; pass the V2 "
                 "dictionary (token_dictionary_gc104M.pkl) or version='V1'"
             )
-        resolved = self.version if self.version != "auto" else "V2" if vocab.has_special else "V1"
+        resolved = (
+            self.model_version
+            if self.model_version != "auto"
+            else "V2"
+            if vocab.has_special
+            else "V1"
+        )
         if resolved == "V1" and self.emb_mode == "cls":
             raise ConfigError(
                 f"{MODEL}: emb_mode='cls' needs a V2 model, but this is V1 (no <cls> token in "
@@ -562,7 +570,7 @@ class GeneformerEmbedder(FoundationEmbedder):
         version = self.resolved_version
         size = self.input_size
         layer = self.source_layer(adata)
-        special = {"cls_id": vocab.cls_id, "eos_id": vocab.eos_id} if version == "V2" else {}
+        cls_id, eos_id = (vocab.cls_id, vocab.eos_id) if version == "V2" else (None, None)
         report: dict[str, Any] = {}
         tokens: list[np.ndarray] = []
         n_expressed: list[int] = []
@@ -593,7 +601,13 @@ class GeneformerEmbedder(FoundationEmbedder):
                 )
             n_expressed += (gi.values > 0).sum(axis=1).tolist()
             tokens += rank_value_encoding(
-                gi.values, vocab.medians, vocab.tokens, input_size=size, totals=totals, **special
+                gi.values,
+                vocab.medians,
+                vocab.tokens,
+                input_size=size,
+                totals=totals,
+                cls_id=cls_id,
+                eos_id=eos_id,
             )
         n_genes = np.asarray(n_expressed)
         empty = np.flatnonzero(n_genes == 0)
@@ -618,7 +632,7 @@ class GeneformerEmbedder(FoundationEmbedder):
             )
         else:
             source = f"layers[{layer!r}]" + (
-                " (raw counts, as published)" if layer == "counts" else ""
+                " (raw counts, as published)" if layer == keys.COUNTS else ""
             )
         return {
             "source": source,

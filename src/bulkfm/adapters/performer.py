@@ -26,7 +26,7 @@ enough to change the output, which is why it is a parameter rather than a detail
 from __future__ import annotations
 
 import math
-from typing import Literal, get_args
+from typing import Literal, cast, get_args
 
 import torch
 from torch import nn
@@ -78,6 +78,8 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
 
 
 class _FastAttention(nn.Module):
+    projection_matrix: torch.Tensor
+
     def __init__(self, nb_features: int, dim_head: int, key_max: KeyMax) -> None:
         super().__init__()
         # Filled from the checkpoint: the releases store their random features.
@@ -162,7 +164,8 @@ class _Layers(nn.Module):
         self.layers = layers
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for attention, feed_forward in self.layers:
+        for block in self.layers:
+            attention, feed_forward = cast(nn.ModuleList, block)
             x = x + attention(x)
             x = x + feed_forward(x)
         return x

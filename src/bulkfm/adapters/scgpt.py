@@ -73,6 +73,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
+from bulkfm import schema as keys
 from bulkfm.adapters.base import (
     N_EXAMPLES,
     FoundationEmbedder,
@@ -487,7 +488,7 @@ class ScGPTEmbedder(FoundationEmbedder):
 
 
 def _input_note(layer: str | None) -> str:
-    if layer == "counts":
+    if layer == keys.COUNTS:
         return "layers['counts']: raw counts (binning is by rank within a sample)"
     if layer is None:
         return "X: TPM (no counts layer; TPM ranks differ from count ranks by gene length)"

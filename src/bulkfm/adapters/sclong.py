@@ -65,7 +65,6 @@ attention) raise :class:`~bulkfm.errors.CheckpointError` rather than run uncheck
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import logging
@@ -78,6 +77,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
+from bulkfm import schema as keys
 from bulkfm.adapters.base import (
     FoundationEmbedder,
     batch_slices,
@@ -87,6 +87,7 @@ from bulkfm.adapters.base import (
     read_state_dict,
     require,
 )
+from bulkfm.adapters.sclong_config import MODEL, SCLongConfig
 from bulkfm.embedders.registry import register_embedder
 from bulkfm.errors import CheckpointError, ConfigError, ExpressionValueError
 
@@ -103,7 +104,6 @@ __all__ = [
     "sclong_preprocess",
 ]
 
-MODEL = "scLong"
 GENE_FILE = "selected_genes_27k.txt"
 HYPER_FILE = "gocont_4096_48m_pretrain_1b_mix.pkl"
 WEIGHTS_FILE = "gocont_4096_48m_pretrain_1b_mix_2024-02-05_16-23-37.pth"
@@ -114,115 +114,6 @@ MASK_VALUE = -10.0  # the pre-training mask value (any value <= mask_token_thres
 POOLINGS = ("present", "all")
 MISSING = ("zero", "mask")
 KEY_MAX = ("sample", "batch")
-
-# DualEncoderSCFM arguments that do not change inference (training-only or host details).
-_IGNORED = {
-    "device",
-    "gene2vec_file",
-    "feature_redraw_interval",
-    "auto_check_redraw",
-    "emb_dropout",
-    "ff_dropout",
-    "attn_dropout",
-    "ff_chunks",
-    "kernel_fn",
-    "local_window_size",
-}
-# Arguments whose non-default values select code paths not re-implemented here.
-_UNSUPPORTED = {
-    "local_attn_heads": 0,
-    "causal": False,
-    "reversible": False,
-    "generalized_attention": False,
-    "use_scalenorm": False,
-    "use_rezero": False,
-    "cross_attend": False,
-    "no_projection": False,
-}
-
-
-# --------------------------------------------------------------------------- config
-
-
-@dataclass(frozen=True)
-class SCLongConfig:
-    """``DualEncoderSCFM`` sizes; defaults are the class defaults of the released code."""
-
-    max_seq_len: int
-    top_seq_len: int = 2048
-    base_dim: int = 200
-    mini_enc_depth: int = 1
-    mini_enc_heads: int = 8
-    mini_enc_dim_head: int = 64
-    large_dim: int = 1280
-    large_enc_depth: int = 50
-    large_enc_heads: int = 10
-    large_enc_dim_head: int = 128
-    dec_depth: int = 1
-    dec_heads: int = 8
-    dec_dim_head: int = 64
-    mask_token_thres: float = -1.0
-    ff_mult: int = 4
-    ff_glu: bool = False
-    nb_features: int | None = None
-    qkv_bias: bool = False
-    g2v_position_emb: bool = True
-    go_num_layers: int = 1
-    go_use_gene2vec: bool = True
-
-    def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if f.type == "bool":
-                ok = isinstance(value, bool)
-                want = "true/false"
-            elif f.type == "float":
-                ok = not isinstance(value, bool) and isinstance(value, int | float)
-                want = "a number"
-            else:
-                ok = (value is None and f.type == "int | None") or (
-                    not isinstance(value, bool) and isinstance(value, int) and value >= 1
-                )
-                want = "a positive integer"
-            if not ok:
-                raise CheckpointError(f"{MODEL}: {f.name} must be {want}, got {value!r}")
-        if self.top_seq_len >= self.max_seq_len:
-            raise CheckpointError(
-                f"{MODEL}: top_seq_len {self.top_seq_len} must be below max_seq_len "
-                f"{self.max_seq_len}; the hyper-parameter file is inconsistent"
-            )
-
-    @classmethod
-    def from_release(cls, params: dict[str, Any]) -> SCLongConfig:
-        """Sizes from the released hyper-parameter dict (graph entries dropped).
-
-        Unknown keys, and non-default values for code paths not re-implemented,
-        are errors: silently ignoring them would run a different network.
-        """
-        own = {f.name for f in dataclasses.fields(cls)}
-        graph = {"G_go", "G_go_weight"}
-        unknown = sorted(set(params) - own - _IGNORED - set(_UNSUPPORTED) - graph)
-        if unknown:
-            raise CheckpointError(
-                f"{MODEL}: the hyper-parameters have keys this adapter does not know: {unknown}; "
-                "is this the released DualEncoderSCFM hyper-parameter file?"
-            )
-        odd = {
-            k: params[k]
-            for k, default in _UNSUPPORTED.items()
-            if k in params and params[k] != default and params[k] != (default,)
-        }
-        if odd:
-            raise CheckpointError(
-                f"{MODEL}: the hyper-parameters select options this adapter does not implement "
-                f"{odd}; the released 1B model uses none of them"
-            )
-        if "max_seq_len" not in params:
-            raise CheckpointError(f"{MODEL}: the hyper-parameters lack max_seq_len")
-        return cls(**{k: v for k, v in params.items() if k in own})
-
-    def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 # --------------------------------------------------------------------------- release files
@@ -543,7 +434,9 @@ class SCLongEmbedder(FoundationEmbedder):
         keep = np.concatenate([keep, np.zeros((keep.shape[0], 1), dtype=bool)], axis=1)
         self.coverage_ = {
             **gi.report,
-            "input": "counts" if layer == "counts" else (f"layers[{layer!r}]" if layer else "TPM"),
+            "input": "counts"
+            if layer == keys.COUNTS
+            else (f"layers[{layer!r}]" if layer else "TPM"),
             "normalisation": f"log1p(x / total * {self.target_sum:g})"
             + (f", max scaled to {self.scale_max:g}" if self.scale_max else ""),
         }

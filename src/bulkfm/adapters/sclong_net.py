@@ -20,7 +20,7 @@ depend slightly on its batch neighbours).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -28,7 +28,7 @@ from torch import nn
 from bulkfm.adapters.performer import KeyMax, Performer, softmax_features
 
 if TYPE_CHECKING:
-    from bulkfm.adapters.sclong import SCLongConfig
+    from bulkfm.adapters.sclong_config import SCLongConfig
 
 __all__ = ["KeyMax", "Performer", "SCLongNet", "gcn_propagate", "select_top", "softmax_features"]
 
@@ -129,6 +129,9 @@ class _SGConv(nn.Module):
 class _GeneOntologyEncoder(nn.Module):
     """Gene vectors smoothed over the Gene Ontology similarity graph (SGConv layers)."""
 
+    edge_index: torch.Tensor
+    edge_weight: torch.Tensor
+
     def __init__(
         self,
         n: int,
@@ -151,7 +154,8 @@ class _GeneOntologyEncoder(nn.Module):
         if self.renorm:  # nn.Embedding(max_norm=True) when Gene2vec is not used
             h = _renorm_rows(h)
         for i, layer in enumerate(self.sim_layers):
-            h = layer.lin(gcn_propagate(h, self.edge_index, self.edge_weight))
+            conv = cast(_SGConv, layer)
+            h = conv.lin(gcn_propagate(h, self.edge_index, self.edge_weight))
             if i < len(self.sim_layers) - 1:
                 h = h.relu()
         return h

@@ -5,16 +5,20 @@
     result = run_benchmark(adata, ["pca", "nmf", "raw"], "auto", BenchConfig(n_splits=10))
     result.write("bench_out/")          # leaderboard.csv/.md, scores.csv, run.json, plots/
 
-Pieces: :mod:`~bulkfm.embedders` (models and their registry),
-:mod:`~bulkfm.bench.tasks` (cancer type, mutations, survival),
-:mod:`~bulkfm.tasks.probes` (tuned logistic / ridge-Cox probes),
-:mod:`~bulkfm.bench.runner` and :mod:`~bulkfm.bench.report`. Metrics come from
-:mod:`bulkfm.metrics`. torch is imported only when a BulkRNABert model runs.
+An orchestrator: the task math is :mod:`bulkfm.tasks` (task specs and arrays in
+:mod:`~bulkfm.tasks.spec` / :mod:`~bulkfm.tasks.data`, tuned logistic / ridge-Cox probes
+in :mod:`~bulkfm.tasks.probes`), the models are :mod:`bulkfm.embedders`, the splits
+:mod:`bulkfm.data.splits`. Here: which samples and tasks a run uses
+(:mod:`~bulkfm.bench.selection`), the loop (:mod:`~bulkfm.bench.runner`), its typed
+outcome (:mod:`~bulkfm.bench.results`) and the files (:mod:`~bulkfm.bench.report`).
+Metrics come from :mod:`bulkfm.metrics`. torch is imported only when a BulkRNABert model
+runs.
 """
 
 from bulkfm.bench.config import BenchConfig
-from bulkfm.bench.runner import BenchResult, run_benchmark
-from bulkfm.bench.tasks import TaskSelection, TaskSpec, default_tasks, parse_tasks
+from bulkfm.bench.results import BenchResult
+from bulkfm.bench.runner import run_benchmark
+from bulkfm.bench.selection import default_tasks, parse_tasks
 from bulkfm.embedders import (
     Embedder,
     available_embedders,
@@ -22,6 +26,7 @@ from bulkfm.embedders import (
     register_embedder,
 )
 from bulkfm.tasks.probes import ProbeConfig, ProbeResult, run_probe
+from bulkfm.tasks.spec import TaskSelection, TaskSpec
 
 __all__ = [
     "BenchConfig",

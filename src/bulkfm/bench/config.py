@@ -1,34 +1,38 @@
-"""Benchmark settings in one validated dataclass (recorded verbatim with every run)."""
+"""Benchmark settings: one validated dataclass (recorded verbatim with every run) and the
+layout of a benchmark YAML file around it.
+
+Reading, ``--set`` overrides and unknown-key errors come from :mod:`bulkfm.config`.
+"""
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import os
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from bulkfm.config import check_int
+from bulkfm import schema as keys
+from bulkfm.config import (
+    ConfigMixin,
+    check_choice,
+    check_int,
+    check_nonempty_str,
+    check_number,
+    check_probability,
+)
 from bulkfm.errors import ConfigError
 from bulkfm.tasks.probes import ProbeConfig
 
-__all__ = ["CI_METHODS", "BenchConfig", "check_int"]
+__all__ = ["CI_METHODS", "BenchConfig", "BenchFile"]
 
 #: "test": bootstrap each split's test set (Owkin protocol), report the mean bounds.
 #: "splits": bootstrap the mean over the split scores (cheap; split variability only).
-CI_METHODS = ("test", "splits")
-
-
-def _check_key(name: str, value: Any) -> str:
-    if not isinstance(value, str) or not value:
-        raise ConfigError(f"{name} must be a non-empty obs column name, got {value!r}")
-    return value
+CiMethod = Literal["test", "splits"]
+CI_METHODS: tuple[str, ...] = ("test", "splits")
 
 
 @dataclass(frozen=True)
-class BenchConfig:
+class BenchConfig(ConfigMixin):
     """Everything that decides a benchmark's numbers.
 
     Splits: ``n_splits`` patient-grouped hold-outs (seeds ``0..n_splits-1`` unless
@@ -53,12 +57,12 @@ class BenchConfig:
     min_events: int = 20
     min_class_patients: int = 20
     sample_type: str | None = "tumor"
-    cohort_key: str = "cohort"
-    patient_key: str = "patient"
-    time_key: str = "survival_time"
-    event_key: str = "survival_event"
+    cohort_key: str = keys.COHORT
+    patient_key: str = keys.PATIENT
+    time_key: str = keys.SURVIVAL_TIME
+    event_key: str = keys.SURVIVAL_EVENT
     endpoint: str | None = None
-    ci_method: str = "splits"
+    ci_method: CiMethod = "splits"
     n_boot: int = 1000
     ci_level: float = 0.95
     seed: int = 0
@@ -67,8 +71,7 @@ class BenchConfig:
 
     def __post_init__(self) -> None:
         check_int("n_splits", self.n_splits, 1)
-        if not 0.0 < float(self.test_size) < 1.0:
-            raise ConfigError(f"test_size must be between 0 and 1, got {self.test_size!r}")
+        check_probability("test_size", self.test_size, hint="e.g. 0.2")
         if self.seeds is not None:
             seeds = tuple(check_int("seeds entry", s, 0) for s in self.seeds)
             if not seeds:
@@ -82,11 +85,9 @@ class BenchConfig:
         if self.blas_threads is not None:
             check_int("blas_threads", self.blas_threads, 1)
         for name in ("cohort_key", "patient_key", "time_key", "event_key"):
-            _check_key(name, getattr(self, name))
-        if self.ci_method not in CI_METHODS:
-            raise ConfigError(f"ci_method must be one of {CI_METHODS}, got {self.ci_method!r}")
-        if not 0.5 <= float(self.ci_level) < 1.0 or not math.isfinite(self.ci_level):
-            raise ConfigError(f"ci_level must be in [0.5, 1), e.g. 0.95; got {self.ci_level!r}")
+            check_nonempty_str(name, getattr(self, name), hint="name an obs column")
+        check_choice("ci_method", self.ci_method, CI_METHODS)
+        check_number("ci_level", self.ci_level, low=0.5, high=1.0, high_open=True, hint="e.g. 0.95")
         if self.cache_dir is not None:
             object.__setattr__(self, "cache_dir", str(Path(os.fspath(self.cache_dir))))
         # The probe config validates the grids, folds and iterations.
@@ -106,22 +107,19 @@ class BenchConfig:
     def split_seeds(self) -> tuple[int, ...]:
         return self.seeds if self.seeds is not None else tuple(range(self.n_splits))
 
-    def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        for key, value in out.items():
-            if isinstance(value, tuple):
-                out[key] = list(value)
-        return out
 
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> BenchConfig:
-        """Build from a plain mapping (e.g. YAML); unknown keys are an error naming the known."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown benchmark setting(s) {unknown}; known: {sorted(known)}")
-        kw = {
-            k: tuple(v) if isinstance(v, Sequence) and not isinstance(v, str) else v
-            for k, v in data.items()
-        }
-        return cls(**kw)
+@dataclass(frozen=True)
+class BenchFile(ConfigMixin):
+    """A benchmark YAML file: the settings plus which models and tasks run.
+
+    ``models``, ``tasks``, ``genes``, ``cohorts``: a list or one comma-separated string
+    (as on the command line); ``tasks: auto`` runs every feasible task.
+    ``model_args``: per model, its constructor settings (``pca: {n_components: 128}``).
+    """
+
+    bench: BenchConfig = field(default_factory=BenchConfig)
+    models: str | list[str] | None = None
+    model_args: dict[str, dict[str, Any]] = field(default_factory=dict)
+    tasks: str | list[str] | None = None
+    genes: str | list[str] | None = None
+    cohorts: str | list[str] | None = None

@@ -21,15 +21,13 @@ import math
 import platform
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
 
+from bulkfm.bench.config import BenchConfig
 from bulkfm.io import atomic_path, write_text
-
-if TYPE_CHECKING:
-    from bulkfm.bench.runner import BenchResult
 
 __all__ = [
     "family_table",
@@ -39,6 +37,33 @@ __all__ = [
     "task_table",
     "write_report",
 ]
+
+
+class BenchResult(Protocol):
+    """What the report reads of a :class:`bulkfm.bench.results.BenchResult`.
+
+    A protocol, so the report does not import the result class whose ``write`` calls it.
+    """
+
+    @property
+    def scores(self) -> pd.DataFrame: ...
+    @property
+    def summary(self) -> pd.DataFrame: ...
+    @property
+    def config(self) -> BenchConfig: ...
+    @property
+    def models(self) -> list[dict[str, Any]]: ...
+    @property
+    def skipped(self) -> dict[str, str]: ...
+    @property
+    def n_samples(self) -> int: ...
+    @property
+    def data_fingerprint(self) -> str: ...
+    @property
+    def endpoint(self) -> str | None: ...
+    def leaderboard(self) -> pd.DataFrame: ...
+    def metadata(self) -> dict[str, Any]: ...
+
 
 _METRIC_NAMES = {
     "macro_f1": "macro-F1",

@@ -15,7 +15,6 @@ import logging
 import time
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -23,25 +22,17 @@ import pandas as pd
 
 from bulkfm.bench.cache import EmbeddingCache
 from bulkfm.bench.config import BenchConfig
-from bulkfm.bench.tasks import (
-    TaskData,
-    TaskSelection,
-    TaskSpec,
-    check_endpoint,
-    default_tasks,
-    parse_tasks,
-    prepare_task,
-    sample_mask,
-)
+from bulkfm.bench.results import BenchResult
+from bulkfm.bench.selection import check_endpoint, default_tasks, parse_tasks, sample_mask
 from bulkfm.embedders.base import Embedder
 from bulkfm.embedders.registry import get_embedder
 from bulkfm.errors import BulkfmError, BulkfmWarning, ConfigError, ExpressionValueError
 from bulkfm.fingerprint import data_fingerprint
+from bulkfm.tasks.data import TaskData, prepare_task
 from bulkfm.tasks.probes import run_probe
+from bulkfm.tasks.spec import TaskSelection, TaskSpec
 
 if TYPE_CHECKING:
-    from pathlib import Path
-
     import anndata as ad
 
     from bulkfm.data.splits import Split
@@ -51,70 +42,25 @@ logger = logging.getLogger(__name__)
 __all__ = ["BenchResult", "run_benchmark", "task_metrics"]
 
 
-@dataclass
-class BenchResult:
-    """Scores of one benchmark run and everything needed to reproduce it.
-
-    ``scores``: one row per model x task x split x metric. ``summary``: one row per
-    model x task x metric with mean, std (ddof=1) over splits and the 95% CI.
-    """
-
-    scores: pd.DataFrame
-    summary: pd.DataFrame
-    tasks: list[TaskSpec]
-    task_info: dict[str, dict[str, Any]]
-    skipped: dict[str, str]
-    config: BenchConfig
-    data_fingerprint: str
-    models: list[dict[str, Any]]
-    endpoint: str | None = None
-    n_samples: int = 0
-    timings: dict[str, float] = field(default_factory=dict)
-
-    def leaderboard(self) -> pd.DataFrame:
-        """Headline metric of every task: model, task, metric, mean, std, CI, splits."""
-        cols = ["model", "task", "family", "metric", "mean", "std", "ci_low", "ci_high", "n_splits"]
-        return self.summary[self.summary["primary"]][cols].reset_index(drop=True)
-
-    def metadata(self) -> dict[str, Any]:
-        """JSON-able record of the run (config, data and model fingerprints, tasks)."""
-        return {
-            "config": self.config.to_dict(),
-            "data_fingerprint": self.data_fingerprint,
-            "n_samples": self.n_samples,
-            "endpoint": self.endpoint,
-            "models": self.models,
-            "tasks": [{**t.to_dict(), "info": self.task_info.get(t.name, {})} for t in self.tasks],
-            "skipped_tasks": self.skipped,
-            "timings_s": self.timings,
-        }
-
-    def write(self, out_dir: str | Path, *, plots: bool = True) -> dict[str, Path]:
-        """Leaderboard CSV + Markdown, per-split scores, run JSON and plots (atomic)."""
-        from bulkfm.bench.report import write_report
-
-        return write_report(self, out_dir, plots=plots)
-
-
 # --------------------------------------------------------------------------- metrics
 
 
 def task_metrics(td: TaskData, test: np.ndarray, prediction: np.ndarray) -> dict[str, float]:
-    """All metrics of one split; the task's headline metric (``td.task.metric``) included."""
+    """All metrics of one split; the task's headline metric (``td.spec.metric``) included."""
     from bulkfm import metrics
 
     y = td.y[test]
-    kind = td.task.kind
+    kind = td.spec.kind
     if kind == "multiclass":
         m = metrics.classification_metrics(y, prediction, labels=list(range(len(td.classes))))
         return {k: float(m[k]) for k in ("macro_f1", "accuracy", "weighted_f1")}
     if kind == "binary":
         return {"auroc": metrics.auroc(y, prediction)}
     out = {"c_index": metrics.concordance_index(y[:, 0], y[:, 1], prediction)}
-    if td.task.cohort is None:
+    if td.spec.cohort is None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", BulkfmWarning)  # small cohorts of one test set
-            cc = metrics.cohort_concordance(y[:, 0], y[:, 1], prediction, td.cohorts[test])
+            cc = metrics.cohort_concordance(y[:, 0], y[:, 1], prediction, td.cohort_labels[test])
         out["c_index_within_cohort"] = float(cc["weighted"])
     return out
 
@@ -123,7 +69,7 @@ def _primary_fn(td: TaskData, test: np.ndarray) -> tuple[Any, tuple[np.ndarray, 
     """(metric function, extra arrays) for bootstrapping the headline metric of a split."""
     from bulkfm import metrics
 
-    task = td.task
+    task = td.spec
     y = td.y[test]
     if task.kind == "multiclass":
         labels = list(range(len(td.classes)))
@@ -140,7 +86,7 @@ def _primary_fn(td: TaskData, test: np.ndarray) -> tuple[Any, tuple[np.ndarray, 
         return (lambda tm, ev, co, risk: within(tm, ev, risk, co)), (
             y[:, 0],
             y[:, 1],
-            td.cohorts[test],
+            td.cohort_labels[test],
         )
     return (lambda tm, ev, risk: metrics.concordance_index(tm, ev, risk)), (y[:, 0], y[:, 1])
 
@@ -163,7 +109,7 @@ def _split_ci(
             alpha=1.0 - config.ci_level,
         )
     except BulkfmError as exc:
-        logger.info("no bootstrap CI for %s: %s", td.task.name, exc)
+        logger.info("no bootstrap CI for %s: %s", td.spec.name, exc)
         return float("nan"), float("nan")
 
 
@@ -210,14 +156,14 @@ def _checked_embedding(emb: Any, model: Embedder, ids: pd.Index) -> np.ndarray:
 def _frozen_embedding(
     model: Embedder, bench: ad.AnnData, data_fp: str, cache: EmbeddingCache | None
 ) -> np.ndarray:
-    use_cache = cache is not None and model.cacheable
-    if use_cache:
-        hit = cache.load(model, data_fp, bench.n_obs)
+    store = cache if model.cacheable else None
+    if store is not None:
+        hit = store.load(model, data_fp, bench.n_obs)
         if hit is not None:
             return _checked_embedding(hit, model, bench.obs_names)
     emb = _checked_embedding(model.transform(bench), model, bench.obs_names)
-    if use_cache:
-        cache.save(model, data_fp, emb.astype(np.float32))
+    if store is not None:
+        store.save(model, data_fp, emb.astype(np.float32))
     return emb
 
 
@@ -248,15 +194,19 @@ def _select_tasks(
         return default_tasks(adata, config)
     if isinstance(tasks, TaskSelection):
         return tasks
-    if isinstance(tasks, str) or all(isinstance(t, str) for t in tasks):
+    if isinstance(tasks, str):
         return parse_tasks(adata, tasks, config)
-    if all(isinstance(t, TaskSpec) for t in tasks):
-        return TaskSelection(tasks=list(tasks))
+    names = [t for t in tasks if isinstance(t, str)]
+    specs = [t for t in tasks if isinstance(t, TaskSpec)]
+    if len(names) == len(tasks):
+        return parse_tasks(adata, names, config)
+    if len(specs) == len(tasks):
+        return TaskSelection(tasks=specs)
     raise ConfigError("tasks must be 'auto', task names, TaskSpec objects or a TaskSelection")
 
 
 def _make_splits(td: TaskData, config: BenchConfig) -> list[Split]:
-    from bulkfm.bench.folds import holdout_splits
+    from bulkfm.data.splits import holdout_splits
 
     return holdout_splits(
         td.strata, td.groups, seeds=config.split_seeds(), test_size=config.test_size
@@ -287,7 +237,7 @@ def _score_split(
     X: np.ndarray,
     config: BenchConfig,
 ) -> list[dict[str, Any]]:
-    task = td.task
+    task = td.spec
     result = run_probe(
         task.kind,
         X[split.train],

@@ -15,16 +15,15 @@ from collections.abc import Sequence
 
 from bulkfm.errors import BulkfmError
 
-# Modules that add sub-commands. A module that is missing (a stage not yet
-# built) is skipped so the rest of the CLI keeps working.
+# Modules that add sub-commands, in the order ``bulkfm --help`` lists them.
 COMMAND_MODULES: tuple[str, ...] = (
     "bulkfm.cli.data",
     "bulkfm.cli.pretrain",
-    "bulkfm.embed",
-    "bulkfm.impute",
+    "bulkfm.cli.embed",
+    "bulkfm.cli.impute",
     "bulkfm.cli.bench",
     "bulkfm.cli.evaluate",
-    "bulkfm.pipeline",
+    "bulkfm.cli.run",
 )
 
 
@@ -35,13 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log more detail")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name and name.startswith(exc.name):
-                continue
-            raise
-        module.register(sub)
+        importlib.import_module(name).register(sub)
     return parser
 
 

@@ -1,7 +1,5 @@
 """``bulkfm bench``: benchmark embedding models on an .h5ad with linear probes.
 
-Registration is cheap (argparse only); the handler imports the harness.
-
 Examples::
 
     bulkfm bench --data tcga.h5ad --models pca,nmf,raw --tasks auto --splits 10 --out bench/
@@ -17,27 +15,35 @@ import importlib
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from bulkfm.cli.common import add_config_arguments, load_config
 from bulkfm.errors import ConfigError, InputFileError
+
+if TYPE_CHECKING:
+    from bulkfm.embedders.base import Embedder
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODELS = "pca,nmf,raw"
 
-# CLI flag -> BenchConfig field (flags left unset keep the YAML / default value).
+# CLI flag (argparse dest) -> config key of BenchFile; flags left unset keep the YAML value.
 _CONFIG_FLAGS = {
-    "splits": "n_splits",
-    "test_size": "test_size",
-    "inner_folds": "inner_folds",
-    "min_positives": "min_positives",
-    "min_negatives": "min_negatives",
-    "min_events": "min_events",
-    "min_class_patients": "min_class_patients",
-    "endpoint": "endpoint",
-    "ci": "ci_method",
-    "n_boot": "n_boot",
-    "seed": "seed",
+    "splits": "bench.n_splits",
+    "test_size": "bench.test_size",
+    "inner_folds": "bench.inner_folds",
+    "min_positives": "bench.min_positives",
+    "min_negatives": "bench.min_negatives",
+    "min_events": "bench.min_events",
+    "min_class_patients": "bench.min_class_patients",
+    "endpoint": "bench.endpoint",
+    "ci": "bench.ci_method",
+    "n_boot": "bench.n_boot",
+    "seed": "bench.seed",
+    "models": "models",
+    "tasks": "tasks",
+    "genes": "genes",
+    "cohorts": "cohorts",
 }
 
 
@@ -59,7 +65,12 @@ def register(subparsers: Any) -> None:
         "mutation:TP53@BRCA, mutation@*, survival, survival@ACC, survival@*",
     )
     p.add_argument("--out", type=Path, help="output folder (leaderboard, scores, plots, run.json)")
-    p.add_argument("--config", type=Path, help="YAML with bench settings, models, tasks")
+    add_config_arguments(
+        p,
+        "YAML with bench: (settings), models, model_args, tasks, genes, cohorts",
+        "--set bench.n_splits=5 --set model_args.pca.n_components=64",
+        required=False,
+    )
     p.add_argument("--splits", type=int, help="number of random patient-grouped splits (10)")
     p.add_argument("--test-size", type=float, help="fraction of patients in test (0.2)")
     p.add_argument("--inner-folds", type=int, help="inner CV folds for the penalty (3)")
@@ -121,23 +132,6 @@ def register(subparsers: Any) -> None:
 # --------------------------------------------------------------------------- parsing
 
 
-def load_bench_yaml(path: Path | None) -> dict[str, Any]:
-    if path is None:
-        return {}
-    import yaml
-
-    if not path.is_file():
-        raise InputFileError(f"config file {path} not found")
-    data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path} must hold a mapping (bench:, models:, tasks:, ...)")
-    known = {"bench", "models", "model_args", "tasks", "genes", "cohorts"}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ConfigError(f"unknown keys {unknown} in {path}; known: {sorted(known)}")
-    return data
-
-
 def _split_list(value: Any) -> list[str]:
     if value is None:
         return []
@@ -191,7 +185,7 @@ def build_models(
     model_dirs: dict[str, Path] | None = None,
     gene_list: str | None = None,
     normalization_factor: float | None = None,
-) -> list[Any]:
+) -> list[Embedder]:
     """Embedder instances for CLI names (registered models and named embedding files).
 
     A model given weights (``model_dirs``) or an embedding file joins the list even
@@ -203,7 +197,7 @@ def build_models(
     known = set(available_embedders())
     model_dirs = dict(model_dirs or {})
     names = list(dict.fromkeys([*names, *embeddings, *model_dirs]))
-    models = []
+    models: list[Embedder] = []
     for name in names:
         kw = dict(model_args.get(name, {}))
         if name in embeddings and (name == "precomputed" or name not in known):
@@ -221,23 +215,31 @@ def build_models(
     return models
 
 
-def _config(args: argparse.Namespace, yaml_cfg: dict[str, Any], out: Path) -> Any:
-    from bulkfm.bench.config import BenchConfig
+def _config_flag_name(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
 
-    values = dict(yaml_cfg.get("bench") or {})
-    for flag, field in _CONFIG_FLAGS.items():
-        value = getattr(args, flag)
+
+def _load_spec(args: argparse.Namespace, out: Path) -> Any:
+    """The benchmark file's settings with the flags over the YAML and --set over both."""
+    from bulkfm.bench.config import BenchFile
+
+    flags: dict[str, tuple[str, Any]] = {}
+    for dest, key in _CONFIG_FLAGS.items():
+        value = getattr(args, dest)
         if value is not None:
-            values[field] = value
+            flags[key] = (_config_flag_name(dest), value)
     if args.sample_type is not None:
-        values["sample_type"] = None if args.sample_type == "all" else args.sample_type
+        value = None if args.sample_type == "all" else args.sample_type
+        flags["bench.sample_type"] = ("--sample-type", value)
     if args.no_cache:
-        values["cache_dir"] = None
+        flags["bench.cache_dir"] = ("--no-cache", None)
     elif args.cache_dir is not None:
-        values["cache_dir"] = str(args.cache_dir)
-    else:
-        values.setdefault("cache_dir", str(out / "cache"))
-    return BenchConfig.from_dict(values)
+        flags["bench.cache_dir"] = ("--cache-dir", str(args.cache_dir))
+    for model, values in parse_model_args(args.model_arg).items():
+        for key, value in values.items():
+            flags[f"model_args.{model}.{key}"] = ("--model-arg", value)
+    defaults = {"bench": {"cache_dir": str(out / "cache")}}
+    return load_config(BenchFile, args, flags=flags, defaults=defaults)
 
 
 def _read_h5ad(path: Path) -> Any:
@@ -263,15 +265,13 @@ def run_cli(args: argparse.Namespace) -> int:
         raise ConfigError("bulkfm bench needs --data X.h5ad and --out DIR")
     from bulkfm.bench.report import family_table
     from bulkfm.bench.runner import run_benchmark
-    from bulkfm.bench.tasks import default_tasks
+    from bulkfm.bench.selection import default_tasks
 
-    yaml_cfg = load_bench_yaml(args.config)
-    config = _config(args, yaml_cfg, args.out)
-    names = _split_list(args.models or yaml_cfg.get("models") or DEFAULT_MODELS)
-    model_args = {**(yaml_cfg.get("model_args") or {}), **parse_model_args(args.model_arg)}
+    spec = _load_spec(args, args.out)
+    config = spec.bench
     models = build_models(
-        names,
-        model_args=model_args,
+        _split_list(spec.models or DEFAULT_MODELS),
+        model_args=spec.model_args,
         embeddings=parse_embeddings(args.embeddings),
         embeddings_key=args.embeddings_key,
         model_dirs=parse_model_dirs(args.model_dir),
@@ -279,9 +279,9 @@ def run_cli(args: argparse.Namespace) -> int:
         normalization_factor=args.normalization_factor,
     )
     adata = _read_h5ad(args.data)
-    tasks: Any = args.tasks or yaml_cfg.get("tasks") or "auto"
-    genes = _split_list(args.genes or yaml_cfg.get("genes")) or None
-    cohorts = _split_list(args.cohorts or yaml_cfg.get("cohorts")) or None
+    tasks: Any = spec.tasks or "auto"
+    genes = _split_list(spec.genes) or None
+    cohorts = _split_list(spec.cohorts) or None
     if tasks == "auto" and (genes or cohorts):
         tasks = default_tasks(adata, config, genes=genes, cohorts=cohorts)
     result = run_benchmark(adata, models, tasks, config)

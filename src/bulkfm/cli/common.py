@@ -1,25 +1,84 @@
-"""Options several sub-commands share; importing this stays cheap (no torch)."""
+"""Options several sub-commands share; importing this stays cheap (no torch).
+
+Every command that runs from a config (pretrain, evaluate, bench, data build) takes
+``--config FILE`` and ``--set KEY=VALUE`` here and loads its dataclass through
+:func:`load_config`, so precedence and error messages are the same everywhere.
+"""
 
 from __future__ import annotations
 
 import argparse
+import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from bulkfm.errors import InputFileError
+from bulkfm.config import load
+from bulkfm.errors import ConfigError, InputFileError
+
+T = TypeVar("T")
+
+PRECEDENCE = "precedence, lowest first: built-in defaults, --config, command flags, --set"
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, what: str, example: str) -> None:
-    """--config (a YAML file) and repeatable --set KEY=VALUE overrides into ``overrides``."""
-    parser.add_argument("--config", required=True, type=Path, help=what)
+def add_config_arguments(
+    parser: argparse.ArgumentParser, what: str, example: str, *, required: bool = True
+) -> None:
+    """``--config`` (a YAML file) and repeatable ``--set KEY=VALUE`` into ``overrides``."""
+    parser.add_argument("--config", required=required, type=Path, metavar="FILE", help=what)
     parser.add_argument(
         "--set",
         dest="overrides",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help=f"override a config entry, e.g. {example}",
+        help=f"override one config entry (the value is read as YAML; repeatable), "
+        f"e.g. {example}; {PRECEDENCE}",
     )
+
+
+def load_config(
+    cls: type[T],
+    args: argparse.Namespace,
+    *,
+    flags: Mapping[str, tuple[str, Any]] | None = None,
+    defaults: Mapping[str, Any] | None = None,
+) -> T:
+    """The config dataclass ``cls`` from ``--config``, the command's flags and ``--set``.
+
+    ``flags`` maps a dotted config key to ``(flag, value)`` for the flags the user gave;
+    they override the file and ``--set`` overrides them. A value error in a key that a
+    flag set names the flag, since that is what the user typed.
+    """
+    given = dict(flags or {})
+    base: dict[str, Any] = {}
+    for key, (_, value) in given.items():
+        node = base
+        *sections, leaf = key.split(".")
+        for part in sections:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    try:
+        return load(
+            cls,
+            getattr(args, "config", None),
+            getattr(args, "overrides", None) or (),
+            defaults=defaults,
+            base=base,
+        )
+    except ConfigError as exc:
+        named = [flag for key, (flag, _) in given.items() if _mentions(str(exc), key)]
+        if named:
+            raise ConfigError(f"{exc} (set by {', '.join(named)})") from exc
+        raise
+
+
+def _mentions(message: str, key: str) -> bool:
+    """Whether an error message is about ``key``: it starts with the key (dotted, or its
+    last part after a ``section:`` prefix), as the config checks write them."""
+    leaf = key.rsplit(".", 1)[-1]
+    names = "|".join(re.escape(n) for n in (key, leaf))
+    return re.match(rf"(?:[\w.]+: )?(?:{names})(?![\w.])", message) is not None
 
 
 def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:

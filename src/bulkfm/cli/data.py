@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
+
+from bulkfm.cli.common import PRECEDENCE, add_config_arguments, load_config
+from bulkfm.errors import ConfigError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -17,19 +21,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Read expression files (GDC STAR-counts folders, wide TSV/CSV/parquet in either "
             "orientation, the official BulkRNABert CSV, .h5ad), harmonise genes to Ensembl ids, "
-            "convert to TPM, join survival and mutations, and write one AnnData."
+            "convert to TPM, join survival and mutations, and write one AnnData. Settings come "
+            f"from flags and/or a --config YAML (BuildConfig fields; {PRECEDENCE}); the "
+            "reading flags (--format ... --cohort) apply to every input."
         ),
     )
-    build.add_argument("inputs", nargs="+", help="files, folders or globs (quote globs)")
-    build.add_argument("-o", "--output", required=True, type=Path, help="output .h5ad")
-    build.add_argument("--format", default="auto", help="gdc | wide | bulkrnabert_csv | h5ad")
     build.add_argument(
-        "--orientation", default="auto", help="auto | samples_x_genes | genes_x_samples"
+        "inputs", nargs="*", help="files, folders or globs (quote globs); or inputs: in --config"
     )
-    build.add_argument("--value-column", default="tpm_unstranded", help="GDC column to read")
+    build.add_argument("-o", "--output", required=True, type=Path, help="output .h5ad")
+    add_config_arguments(
+        build,
+        "YAML of BuildConfig fields (inputs: a list of paths or {path: ..., unit: ...})",
+        "--set endpoint=DSS --set sample_types=[tumor]",
+        required=False,
+    )
+    build.add_argument("--format", help="gdc | wide | bulkrnabert_csv | h5ad (default auto)")
+    build.add_argument(
+        "--orientation", help="auto | samples_x_genes | genes_x_samples (default auto)"
+    )
+    build.add_argument("--value-column", help="GDC column to read (default tpm_unstranded)")
     build.add_argument("--sample-sheet", type=Path, help="GDC sample sheet (file -> sample id)")
-    build.add_argument("--unit", default="auto", help="auto | counts | tpm")
-    build.add_argument("--id-type", default="auto", help="auto | ensembl | symbol | entrez")
+    build.add_argument("--unit", help="auto | counts | tpm (default auto)")
+    build.add_argument("--id-type", help="auto | ensembl | symbol | entrez (default auto)")
     build.add_argument("--cohort", help="cohort label for every sample of the inputs")
     build.add_argument(
         "--cohort-from-filename",
@@ -37,21 +51,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="regex with one group taking the cohort from each file name, e.g. '^([a-z]+)-'",
     )
     build.add_argument("--survival", type=Path, help="TCGA-CDR table or any time/event table")
-    build.add_argument("--endpoint", default="OS", help="OS | DSS | DFI | PFI")
+    build.add_argument("--endpoint", help="OS | DSS | DFI | PFI (default OS)")
     build.add_argument("--mutations", type=Path, help="driver mutation table (0/1 per gene)")
     build.add_argument("--mutation-genes", help="comma-separated genes to keep (default all)")
     build.add_argument("--gene-lengths", type=Path, help="CSV/TSV gene id,length for counts->TPM")
     build.add_argument(
         "--vocabulary", type=Path, help="gene list (one Ensembl id a line) to align to"
     )
-    build.add_argument("--min-vocabulary-fraction", type=float, default=0.5)
-    build.add_argument("--fill", default="missing", help="missing (masked later) | zero")
-    build.add_argument("--duplicate-genes", default="sum", help="sum | first | max_mean | error")
-    build.add_argument("--duplicate-samples", default="error", help="error | suffix | first")
+    build.add_argument("--min-vocabulary-fraction", type=float, help="default 0.5")
+    build.add_argument("--fill", help="missing (masked later; default) | zero")
+    build.add_argument("--duplicate-genes", help="sum (default) | first | max_mean | error")
+    build.add_argument("--duplicate-samples", help="error (default) | suffix | first")
     build.add_argument("--sample-types", help="comma-separated types to keep, e.g. tumor,normal")
     build.add_argument(
         "--keep-counts",
         action="store_true",
+        default=None,
         help="keep raw read counts in layers['counts'] (count inputs only): the published "
         "recipes of Geneformer, scGPT, scFoundation, CellFM, scBERT and scLong start from counts",
     )
@@ -79,45 +94,83 @@ def _split(text: str | None) -> list[str] | None:
     return [t.strip() for t in text.split(",") if t.strip()] if text else None
 
 
+# Flags of ``data build`` (argparse dest) read per input, and BuildConfig fields.
+_INPUT_FLAGS = (
+    "format",
+    "orientation",
+    "value_column",
+    "sample_sheet",
+    "unit",
+    "id_type",
+    "cohort",
+)
+_BUILD_FLAGS = (
+    "survival",
+    "endpoint",
+    "mutations",
+    "mutation_genes",
+    "gene_lengths",
+    "vocabulary",
+    "min_vocabulary_fraction",
+    "fill",
+    "duplicate_genes",
+    "duplicate_samples",
+    "sample_types",
+    "cohort_from_filename",
+    "keep_counts",
+)
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def _input_entries(args: argparse.Namespace) -> list[dict[str, Any]] | None:
+    """The inputs as BuildConfig mappings: positional paths (globs expanded) replace the
+    YAML's; reading flags apply to every input. ``None``: neither gives inputs."""
+    from bulkfm.config import read_yaml
+    from bulkfm.data.build import expand_inputs
+
+    if args.inputs:
+        raw: list[Any] = list(args.inputs)
+    elif args.config is not None:
+        raw = list(read_yaml(args.config).get("inputs") or [])
+    else:
+        raw = []
+    entries: list[dict[str, Any]] = []
+    for item in raw:
+        spec = dict(item) if isinstance(item, dict) else {"path": item}
+        if "path" not in spec:
+            raise ConfigError(f"inputs entry {item!r} has no path; e.g. {{path: x.tsv}}")
+        for path in expand_inputs([str(spec["path"])]):
+            entries.append({**spec, "path": str(path)})
+    for entry in entries:
+        for dest in _INPUT_FLAGS:
+            value = getattr(args, dest)
+            if value is not None:
+                entry[dest] = str(value) if isinstance(value, Path) else value
+    return entries or None
+
+
 def _build(args: argparse.Namespace) -> int:
-    from bulkfm.data.build import (
-        BuildConfig,
-        ExpressionInput,
-        build_dataset,
-        expand_inputs,
-        format_summary,
-    )
+    from bulkfm.data.build import BuildConfig, build_dataset, format_summary
     from bulkfm.io import write_h5ad
 
-    inputs = [
-        ExpressionInput(
-            path,
-            format=args.format,
-            orientation=args.orientation,
-            value_column=args.value_column,
-            sample_sheet=args.sample_sheet,
-            unit=args.unit,
-            id_type=args.id_type,
-            cohort=args.cohort,
+    flags: dict[str, tuple[str, Any]] = {}
+    entries = _input_entries(args)
+    if entries is not None:
+        flags["inputs"] = ("the input paths", entries)
+    for dest in _BUILD_FLAGS:
+        value = getattr(args, dest)
+        if dest in ("mutation_genes", "sample_types"):
+            value = _split(value)
+        if value is not None:
+            flags[dest] = (_flag(dest), str(value) if isinstance(value, Path) else value)
+    if "inputs" not in flags and not any(o.startswith("inputs=") for o in args.overrides):
+        raise ConfigError(
+            "no expression input given: pass files or folders, or inputs: in --config"
         )
-        for path in expand_inputs(args.inputs)
-    ]
-    config = BuildConfig(
-        inputs=inputs,
-        survival=args.survival,
-        endpoint=args.endpoint,
-        mutations=args.mutations,
-        mutation_genes=_split(args.mutation_genes),
-        gene_lengths=args.gene_lengths,
-        vocabulary=args.vocabulary,
-        min_vocabulary_fraction=args.min_vocabulary_fraction,
-        fill=args.fill,
-        duplicate_genes=args.duplicate_genes,
-        duplicate_samples=args.duplicate_samples,
-        sample_types=_split(args.sample_types),
-        cohort_from_filename=args.cohort_from_filename,
-        keep_counts=args.keep_counts,
-    )
+    config = load_config(BuildConfig, args, flags=flags)
     adata = build_dataset(config)
     write_h5ad(adata, args.output)
     print(format_summary(adata))

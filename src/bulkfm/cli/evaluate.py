@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from bulkfm.cli.common import add_config_arguments
+from bulkfm.cli.common import add_config_arguments, load_config
 
 __all__ = ["register"]
 
@@ -26,19 +26,19 @@ def register(subparsers: Any) -> None:
     add_config_arguments(
         parser, "evaluation YAML config", "--set protocol.n_seeds=3 --set arms.ia3=false"
     )
-    parser.add_argument("--out", type=Path, default=None, help="output folder (output_dir)")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="output folder (overrides output_dir of the file)"
+    )
     parser.set_defaults(handler=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
+    from bulkfm.evaluate import run_evaluation
     from bulkfm.evaluate.config import EvaluateConfig
-    from bulkfm.evaluate.protocol import run_evaluation
     from bulkfm.evaluate.report import SURVIVAL_METRICS, fmt_mean_std
 
-    overrides = list(args.overrides)
-    if args.out is not None:
-        overrides.append(f"output_dir={args.out}")
-    config = EvaluateConfig.from_yaml(args.config, overrides)
+    flags = {"output_dir": ("--out", str(args.out))} if args.out is not None else {}
+    config = load_config(EvaluateConfig, args, flags=flags)
     result = run_evaluation(config)
     res = result.results
     for arm in (res.get("classification") or {}).values():

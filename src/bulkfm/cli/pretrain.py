@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from bulkfm.cli.common import add_config_arguments
+from bulkfm.cli.common import add_config_arguments, load_config
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -34,7 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _pretrain(args: argparse.Namespace) -> int:
     from bulkfm.train.config import PretrainConfig
 
-    config = PretrainConfig.from_yaml(args.config, overrides=args.overrides)
+    config = load_config(PretrainConfig, args)
 
     import torch.distributed as dist
 

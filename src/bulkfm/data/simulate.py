@@ -62,6 +62,7 @@ import numpy as np
 import pandas as pd
 from scipy.optimize import brentq
 
+from bulkfm import schema as keys
 from bulkfm.errors import ConfigError
 from bulkfm.io import atomic_path, write_text
 
@@ -611,7 +612,7 @@ def simulate_bulk(config: SimulationConfig | None = None, **overrides: Any) -> a
 
     var = pd.DataFrame(
         {
-            "symbol": genes["symbol"].to_numpy(),
+            keys.SYMBOL: genes["symbol"].to_numpy(),
             "length": genes["length"].to_numpy(),
             "sim_baseline_log_expression": params["baseline"],
             "sim_nb_dispersion": params["dispersion"],
@@ -622,17 +623,17 @@ def simulate_bulk(config: SimulationConfig | None = None, **overrides: Any) -> a
         X=tpm.astype(np.float32),
         obs=obs,
         var=var,
-        layers={"counts": counts.astype(np.float32)},
+        layers={keys.COUNTS: counts.astype(np.float32)},
         obsm={"programmes": activity.astype(np.float32)},
         varm={"programme_loadings": params["loadings"].astype(np.float32)},
     )
-    adata.uns["bulkfm"] = {"simulation": {"config": cfg.to_dict(), "truth": _truth(cfg, pts, surv)}}
+    adata.uns[keys.UNS] = {"simulation": {"config": cfg.to_dict(), "truth": _truth(cfg, pts, surv)}}
     logger.info(
         "simulated %d samples x %d genes in %d cohorts (%d normal, %.0f%% censored)",
         adata.n_obs,
         adata.n_vars,
         cfg.n_cohorts,
-        int((obs["sample_type"] == "normal").sum()),
+        int((obs[keys.SAMPLE_TYPE] == "normal").sum()),
         100 * (1 - surv["event"][pts["has_tumour"]].mean()),
     )
     return adata
@@ -651,21 +652,21 @@ def _sample_table(
     ids = [_sample_barcode(patient_ids[p], t) for p, t in zip(pidx, is_tumour, strict=True)]
     obs = pd.DataFrame(
         {
-            "patient": patient_ids[pidx].astype(str),
-            "cohort": pd.Categorical(names[pts["cohort"][pidx]], categories=list(names)),
-            "sample_type": pd.Categorical(
+            keys.PATIENT: patient_ids[pidx].astype(str),
+            keys.COHORT: pd.Categorical(names[pts["cohort"][pidx]], categories=list(names)),
+            keys.SAMPLE_TYPE: pd.Categorical(
                 np.where(is_tumour, "tumor", "normal"), categories=["tumor", "normal"]
             ),
-            "study": pd.Categorical(["TCGA"] * pidx.size),
-            "survival_time": surv["time"][pidx].astype(np.float64),
-            "survival_event": surv["event"][pidx].astype(np.int8),
+            keys.STUDY: pd.Categorical(["TCGA"] * pidx.size),
+            keys.SURVIVAL_TIME: surv["time"][pidx].astype(np.float64),
+            keys.SURVIVAL_EVENT: surv["event"][pidx].astype(np.int8),
         },
         index=pd.Index(ids, dtype=object),
     )
     for d, gene in enumerate(cfg.drivers):
         col = pd.array(pts["mutated"][pidx, d], dtype="Int8")
         col[~is_tumour] = pd.NA
-        obs[f"mut_{gene}"] = col
+        obs[keys.mutation_column(gene)] = col
     order = np.argsort(obs.index.to_numpy().astype(str), kind="stable")
     return obs.iloc[order].copy(), activity[order]
 
@@ -729,9 +730,9 @@ def write_simulated_files(adata: ad.AnnData, out_dir: str | os.PathLike) -> dict
         "mutations": out / "simulated_driver_mutations.tsv",
         "truth": out / "simulated_truth.json",
     }
-    counts = np.asarray(adata.layers["counts"]).astype(np.int64)
+    counts = np.asarray(adata.layers[keys.COUNTS]).astype(np.int64)
     wide = pd.DataFrame(counts.T, columns=adata.obs_names.astype(str))
-    wide.insert(0, "gene_name", adata.var["symbol"].astype(str).to_numpy())
+    wide.insert(0, "gene_name", adata.var[keys.SYMBOL].astype(str).to_numpy())
     wide.insert(0, "gene_id", [_versioned(g) for g in adata.var_names.astype(str)])
     with atomic_path(paths["counts"]) as tmp:
         wide.to_csv(tmp, sep="\t", index=False, compression={"method": "gzip", "mtime": 0})
@@ -739,20 +740,20 @@ def write_simulated_files(adata: ad.AnnData, out_dir: str | os.PathLike) -> dict
         _survival_table(adata).to_csv(tmp, sep="\t", index=False)
     with atomic_path(paths["mutations"]) as tmp:
         _mutation_table(adata).to_csv(tmp, sep="\t", index=False)
-    truth = _jsonable(adata.uns["bulkfm"]["simulation"])
+    truth = _jsonable(adata.uns[keys.UNS]["simulation"])
     write_text(json.dumps(truth, indent=2, sort_keys=True) + "\n", paths["truth"])
     logger.info("wrote simulated files to %s", out)
     return paths
 
 
 def _check_simulated(adata: ad.AnnData) -> None:
-    needed = ["patient", "cohort", "sample_type", "survival_time", "survival_event"]
+    needed = [keys.PATIENT, keys.COHORT, keys.SAMPLE_TYPE, keys.SURVIVAL_TIME, keys.SURVIVAL_EVENT]
     missing = [c for c in needed if c not in adata.obs.columns]
     if (
         missing
-        or "counts" not in adata.layers
-        or "symbol" not in adata.var
-        or "simulation" not in adata.uns.get("bulkfm", {})
+        or keys.COUNTS not in adata.layers
+        or keys.SYMBOL not in adata.var
+        or "simulation" not in adata.uns.get(keys.UNS, {})
     ):
         raise ConfigError(
             "write_simulated_files needs the AnnData returned by simulate_bulk (layers['counts'], "
@@ -762,13 +763,13 @@ def _check_simulated(adata: ad.AnnData) -> None:
 
 def _survival_table(adata: ad.AnnData) -> pd.DataFrame:
     obs = adata.obs
-    per = obs.groupby("patient", observed=True, sort=True).first()
-    time = per["survival_time"].round().astype(np.int64)
-    event = per["survival_event"].astype(np.int64)
+    per = obs.groupby(keys.PATIENT, observed=True, sort=True).first()
+    time = per[keys.SURVIVAL_TIME].round().astype(np.int64)
+    event = per[keys.SURVIVAL_EVENT].astype(np.int64)
     table = pd.DataFrame(
         {
             "bcr_patient_barcode": per.index.astype(str),
-            "type": per["cohort"].astype(str).to_numpy(),
+            "type": per[keys.COHORT].astype(str).to_numpy(),
             "OS": event.to_numpy(),
             "OS.time": time.to_numpy(),
         }
@@ -781,15 +782,15 @@ def _survival_table(adata: ad.AnnData) -> pd.DataFrame:
 
 
 def _mutation_table(adata: ad.AnnData) -> pd.DataFrame:
-    obs = adata.obs[adata.obs["sample_type"] == "tumor"]
-    drivers = [c.removeprefix("mut_") for c in obs.columns if c.startswith("mut_")]
+    obs = adata.obs[adata.obs[keys.SAMPLE_TYPE] == "tumor"]
+    drivers = keys.mutation_columns(obs.columns)
     table = pd.DataFrame(
         {
-            "Tumor_Sample_Barcode": [_dna_barcode(p) for p in obs["patient"].astype(str)],
-            "cohort": obs["cohort"].astype(str).to_numpy(),
+            "Tumor_Sample_Barcode": [_dna_barcode(p) for p in obs[keys.PATIENT].astype(str)],
+            "cohort": obs[keys.COHORT].astype(str).to_numpy(),
             "source": "SIM",
         }
     )
     for gene in drivers:
-        table[gene] = obs[f"mut_{gene}"].astype(np.int64).to_numpy()
+        table[gene] = obs[keys.mutation_column(gene)].astype(np.int64).to_numpy()
     return table

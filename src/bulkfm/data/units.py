@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from bulkfm import schema as keys
 from bulkfm.data.genes import strip_version
 from bulkfm.errors import (
     BulkfmWarning,
@@ -86,7 +87,7 @@ def _unit_stats(sub: np.ndarray | sp.csr_matrix, max_values: int = 1_000_000) ->
         sums = np.asarray(sub.sum(axis=1, dtype=np.float64)).ravel()
     else:
         flat = np.asarray(sub).ravel()
-        sums = np.nansum(sub, axis=1, dtype=np.float64)
+        sums = np.asarray(np.nansum(sub, axis=1, dtype=np.float64))
     # integrality and zeros from an evenly spaced sample of entries
     step = max(1, flat.size // max_values)
     values = flat[::step].astype(np.float64)
@@ -298,10 +299,10 @@ def load_gene_lengths(
 
 
 def _bulkfm_uns(adata: ad.AnnData) -> dict:
-    uns = adata.uns.get("bulkfm")
+    uns = adata.uns.get(keys.UNS)
     if not isinstance(uns, dict):
         uns = {}
-        adata.uns["bulkfm"] = uns
+        adata.uns[keys.UNS] = uns
     return uns
 
 
@@ -402,10 +403,10 @@ def counts_to_tpm(
         tpm = rate
 
     layers: dict[str, Any] = {}
-    if "missing" in adata.layers:
-        layers["missing"] = adata.layers["missing"][:, keep]
+    if keys.MISSING in adata.layers:
+        layers[keys.MISSING] = adata.layers[keys.MISSING][:, keep]
     if keep_counts:
-        layers["counts"] = adata.X[:, keep] if n_without else adata.X.copy()
+        layers[keys.COUNTS] = adata.X[:, keep] if n_without else adata.X.copy()
     out = ad.AnnData(
         X=tpm,
         obs=adata.obs.copy(),

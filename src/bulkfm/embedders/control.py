@@ -18,6 +18,7 @@ import numpy as np
 from bulkfm.config import check_int
 from bulkfm.embedders.base import Embedder
 from bulkfm.embedders.registry import register_embedder
+from bulkfm.schema import PATIENT
 
 if TYPE_CHECKING:
     import anndata as ad
@@ -45,11 +46,11 @@ class RandomEmbedder(Embedder):
         return rng.standard_normal(self.dim)
 
     def transform(self, adata: ad.AnnData) -> np.ndarray:
-        if "patient" in adata.obs.columns:
+        if PATIENT in adata.obs.columns:
             keys = (
-                adata.obs["patient"]
+                adata.obs[PATIENT]
                 .astype(object)
-                .where(adata.obs["patient"].notna(), adata.obs_names.to_series())
+                .where(adata.obs[PATIENT].notna(), adata.obs_names.to_series())
             )
         else:
             keys = adata.obs_names.to_series()

@@ -14,18 +14,29 @@ heavy loads. Sections mirror the YAML layout::
     report:     plots and HTML
 
 Every value is checked on construction; a bad one raises :class:`ConfigError` naming the
-key and what to write instead.
+key and what to write instead. Reading, ``--set`` overrides and unknown-key errors come
+from :mod:`bulkfm.config`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
+import os
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+from bulkfm import schema as keys
+from bulkfm.config import (
+    ConfigMixin,
+    build,
+    check_bool,
+    check_choice,
+    check_int,
+    check_nonempty_str,
+    check_number,
+    check_probability,
+)
 from bulkfm.errors import ConfigError
 
 __all__ = [
@@ -40,69 +51,35 @@ __all__ = [
     "TasksSection",
 ]
 
-SURVIVAL_STRATA = ("event", "cohort_event")
-ROBUSTNESS_HEADS = ("mlp", "svm")
+SurvivalStrata = Literal["event", "cohort_event"]
+RobustnessHead = Literal["mlp", "svm"]
+SURVIVAL_STRATA: tuple[str, ...] = ("event", "cohort_event")
+ROBUSTNESS_HEADS: tuple[str, ...] = ("mlp", "svm")
 
 
-# --------------------------------------------------------------------------- value checks
-def _int(value: Any, name: str, minimum: int | None = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        else:
-            raise ConfigError(f"{name} must be an integer, got {value!r}")
-    if minimum is not None and value < minimum:
-        raise ConfigError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
-def _float(value: Any, name: str) -> float:
-    """YAML reads ``1e-4`` (no dot) as a string: accept numeric strings too."""
-    if isinstance(value, bool):
-        raise ConfigError(f"{name} must be a number, got {value!r}")
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name} must be a number, got {value!r}") from None
-    if not math.isfinite(number):
-        raise ConfigError(f"{name} must be finite, got {value!r}")
-    return number
-
-
-def _bool(value: Any, name: str) -> bool:
-    if isinstance(value, bool):
-        return value
-    raise ConfigError(f"{name} must be true or false, got {value!r}")
-
-
-def _str_or_none(value: Any, name: str) -> str | None:
+def _optional_path(name: str, value: Any) -> str | None:
+    """``None``, or a non-empty path as a string (``Path`` objects are welcome in Python)."""
     if value is None:
         return None
-    if isinstance(value, str | Path) and str(value).strip():
-        return str(value)
-    raise ConfigError(f"{name} must be a non-empty string or null, got {value!r}")
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    return check_nonempty_str(name, value, hint="or null")
 
 
-def _mapping(value: Any, name: str) -> dict[str, Any]:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise ConfigError(f"{name} must be a mapping (key: value lines), got {value!r}")
-    return dict(value)
-
-
-def _str_list(value: Any, name: str) -> list[str]:
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return [value]
-    if not isinstance(value, list | tuple) or not all(isinstance(v, str | int) for v in value):
+def _names(name: str, value: Any) -> list[str]:
+    """A list of names; one bare name is a list of one."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list | tuple):
         raise ConfigError(f"{name} must be a list of names, got {value!r}")
-    return [str(v) for v in value]
+    return [check_nonempty_str(f"{name}[]", v) for v in items]
 
 
 def _numbers(values: dict[str, Any]) -> dict[str, Any]:
-    """Numeric strings (YAML reads ``1e-4`` as one) -> float; lists -> tuples (layer sizes)."""
+    """Numeric strings (YAML reads ``1e-4`` as one) -> float; lists -> tuples (layer sizes).
+
+    The heads' keyword arguments are free-form (each estimator checks its own), so the
+    loader cannot type them; this is the one conversion they need.
+    """
     out = {}
     for key, value in values.items():
         if isinstance(value, str):
@@ -128,26 +105,26 @@ class DataSection:
 
     path: str | None = None
     simulate: dict[str, Any] | None = None
-    label_key: str = "cohort"
-    group_key: str | None = "patient"
-    cohort_key: str = "cohort"
-    time_key: str = "survival_time"
-    event_key: str = "survival_event"
+    label_key: str = keys.COHORT
+    group_key: str | None = keys.PATIENT
+    cohort_key: str = keys.COHORT
+    time_key: str = keys.SURVIVAL_TIME
+    event_key: str = keys.SURVIVAL_EVENT
     select: dict[str, Any] = field(default_factory=dict)
-    dedupe_key: str | None = "sample_id"
+    dedupe_key: str | None = keys.SAMPLE_ID
     drop_small_classes: bool = False
 
     def __post_init__(self) -> None:
-        self.path = _str_or_none(self.path, "data.path")
-        if self.simulate is not None:
-            self.simulate = _mapping(self.simulate, "data.simulate")
+        self.path = _optional_path("data.path", self.path)
+        if self.simulate is not None and not isinstance(self.simulate, dict):
+            raise ConfigError(f"data.simulate must be a mapping or null, got {self.simulate!r}")
         for name in ("label_key", "cohort_key", "time_key", "event_key"):
-            if _str_or_none(getattr(self, name), f"data.{name}") is None:
-                raise ConfigError(f"data.{name} must name an obs column, got null")
-        self.group_key = _str_or_none(self.group_key, "data.group_key")
-        self.dedupe_key = _str_or_none(self.dedupe_key, "data.dedupe_key")
-        self.select = _mapping(self.select, "data.select")
-        self.drop_small_classes = _bool(self.drop_small_classes, "data.drop_small_classes")
+            check_nonempty_str(f"data.{name}", getattr(self, name), hint="name an obs column")
+        self.group_key = _optional_path("data.group_key", self.group_key)
+        self.dedupe_key = _optional_path("data.dedupe_key", self.dedupe_key)
+        if not isinstance(self.select, dict):
+            raise ConfigError(f"data.select must be a mapping, got {self.select!r}")
+        check_bool("data.drop_small_classes", self.drop_small_classes)
 
 
 @dataclass
@@ -164,17 +141,16 @@ class ModelSection:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
-        self.path = _str_or_none(self.path, "model.path")
-        self.embeddings = _str_or_none(self.embeddings, "model.embeddings")
-        self.genes = _str_or_none(self.genes, "model.genes")
+        self.path = _optional_path("model.path", self.path)
+        self.embeddings = _optional_path("model.embeddings", self.embeddings)
+        self.genes = _optional_path("model.genes", self.genes)
         if self.normalization_factor is not None:
-            self.normalization_factor = _float(
-                self.normalization_factor, "model.normalization_factor"
+            self.normalization_factor = check_number(
+                "model.normalization_factor", self.normalization_factor
             )
-        self.layer = _int(self.layer, "model.layer", minimum=None)
-        self.batch_size = _int(self.batch_size, "model.batch_size")
-        if not isinstance(self.device, str) or not self.device:
-            raise ConfigError(f"model.device must be e.g. 'cpu' or 'cuda', got {self.device!r}")
+        check_int("model.layer", self.layer)
+        check_int("model.batch_size", self.batch_size, 1)
+        check_nonempty_str("model.device", self.device, hint="e.g. 'cpu' or 'cuda'")
 
 
 @dataclass
@@ -184,23 +160,20 @@ class ProtocolSection:
     n_seeds: int = 5
     seed: int = 0
     test_size: float = 0.2
-    survival_strata: str = "event"
+    survival_strata: SurvivalStrata = "event"
     min_events: int = 1
 
     def __post_init__(self) -> None:
-        self.n_seeds = _int(self.n_seeds, "protocol.n_seeds")
-        self.seed = _int(self.seed, "protocol.seed", minimum=0)
-        self.test_size = _float(self.test_size, "protocol.test_size")
-        if not 0.0 < self.test_size < 1.0:
-            raise ConfigError(
-                f"protocol.test_size must lie in (0, 1), got {self.test_size}; the paper uses 0.2"
-            )
-        if self.survival_strata not in SURVIVAL_STRATA:
-            raise ConfigError(
-                f"protocol.survival_strata must be one of {SURVIVAL_STRATA} (stratify the "
-                f"splits by the event, or by cohort and event), got {self.survival_strata!r}"
-            )
-        self.min_events = _int(self.min_events, "protocol.min_events")
+        check_int("protocol.n_seeds", self.n_seeds, 1)
+        check_int("protocol.seed", self.seed, 0)
+        check_probability("protocol.test_size", self.test_size, hint="the paper uses 0.2")
+        check_choice(
+            "protocol.survival_strata",
+            self.survival_strata,
+            SURVIVAL_STRATA,
+            hint="stratify the splits by the event, or by cohort and event",
+        )
+        check_int("protocol.min_events", self.min_events, 1)
 
 
 @dataclass
@@ -213,31 +186,27 @@ class TasksSection:
     per_cohort_survival: list[str] = field(default_factory=list)
     transfer: list[str] = field(default_factory=list)
     robustness: list[float] = field(default_factory=list)
-    robustness_head: str = "mlp"
+    robustness_head: RobustnessHead = "mlp"
     similarity: bool = True
 
     def __post_init__(self) -> None:
         for name in ("classification", "survival", "similarity"):
-            setattr(self, name, _bool(getattr(self, name), f"tasks.{name}"))
-        self.per_cohort_survival = _str_list(self.per_cohort_survival, "tasks.per_cohort_survival")
-        self.transfer = _str_list(self.transfer, "tasks.transfer")
+            check_bool(f"tasks.{name}", getattr(self, name))
+        self.per_cohort_survival = _names("tasks.per_cohort_survival", self.per_cohort_survival)
+        self.transfer = _names("tasks.transfer", self.transfer)
         if not isinstance(self.robustness, list | tuple):
             raise ConfigError(
                 f"tasks.robustness must be a list of fractions, e.g. [0.1, 0.3, 0.5], got "
                 f"{self.robustness!r}"
             )
-        fractions = [_float(f, "tasks.robustness[]") for f in self.robustness]
+        fractions = [check_number("tasks.robustness[]", f) for f in self.robustness]
         if any(not 0.0 < f < 1.0 for f in fractions):
             raise ConfigError(
                 f"tasks.robustness fractions must lie in (0, 1) (share of genes removed), got "
                 f"{fractions}"
             )
         self.robustness = fractions
-        if self.robustness_head not in ROBUSTNESS_HEADS:
-            raise ConfigError(
-                f"tasks.robustness_head must be one of {ROBUSTNESS_HEADS}, got "
-                f"{self.robustness_head!r}"
-            )
+        check_choice("tasks.robustness_head", self.robustness_head, ROBUSTNESS_HEADS)
 
 
 @dataclass
@@ -256,7 +225,7 @@ class ArmsSection:
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
-            setattr(self, f.name, _bool(getattr(self, f.name), f"arms.{f.name}"))
+            check_bool(f"arms.{f.name}", getattr(self, f.name))
 
 
 @dataclass
@@ -281,20 +250,18 @@ class BaselinesSection:
 
     def __post_init__(self) -> None:
         for name in ("pca_svm", "nmf_svm", "mlp", "pca_cox"):
-            setattr(self, name, _bool(getattr(self, name), f"baselines.{name}"))
-        if not (self.genes in ("model", "all") or isinstance(self.genes, int)):
+            check_bool(f"baselines.{name}", getattr(self, name))
+        if isinstance(self.genes, int) and not isinstance(self.genes, bool):
+            check_int("baselines.genes", self.genes, 1)
+        elif self.genes not in ("model", "all"):
             raise ConfigError(
                 f"baselines.genes must be 'model', 'all' or a number of top variable genes, "
                 f"got {self.genes!r}"
             )
-        if isinstance(self.genes, int):
-            self.genes = _int(self.genes, "baselines.genes")
         for name in ("pca_components", "nmf_components", "nmf_max_iter", "cox_components"):
-            setattr(self, name, _int(getattr(self, name), f"baselines.{name}"))
-        self.cox_penalizer = _float(self.cox_penalizer, "baselines.cox_penalizer")
-        self.svm_C = _float(self.svm_C, "baselines.svm_C")
-        if self.cox_penalizer < 0 or self.svm_C <= 0:
-            raise ConfigError("baselines.cox_penalizer must be >= 0 and baselines.svm_C > 0")
+            check_int(f"baselines.{name}", getattr(self, name), 1)
+        check_number("baselines.cox_penalizer", self.cox_penalizer, low=0.0)
+        check_number("baselines.svm_C", self.svm_C, low=0.0, low_open=True)
 
 
 @dataclass
@@ -308,9 +275,13 @@ class HeadsSection:
     finetune: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.mlp = _mapping(self.mlp, "heads.mlp")
-        self.cox = _mapping(self.cox, "heads.cox")
-        self.finetune = _mapping(self.finetune, "heads.finetune")
+        for key in ("mlp", "cox", "finetune"):
+            value = getattr(self, key)
+            if not isinstance(value, dict):
+                raise ConfigError(
+                    f"heads.{key} must be a mapping (key: value lines), got {value!r}"
+                )
+            setattr(self, key, _numbers(value))
         for key in ("task", "mode", "seed", "random_init"):
             if key in self.finetune:
                 raise ConfigError(
@@ -320,11 +291,9 @@ class HeadsSection:
         if isinstance(self.svm_C, list | tuple):
             if not self.svm_C:
                 raise ConfigError("heads.svm_C is an empty list; give a number or C values")
-            self.svm_C = [_float(c, "heads.svm_C[]") for c in self.svm_C]
+            self.svm_C = [check_number("heads.svm_C[]", c) for c in self.svm_C]
         else:
-            self.svm_C = _float(self.svm_C, "heads.svm_C")
-        for key in ("mlp", "cox", "finetune"):
-            setattr(self, key, _numbers(getattr(self, key)))
+            self.svm_C = check_number("heads.svm_C", self.svm_C)
         for key, value in (("mlp", self.mlp), ("cox", self.cox)):
             if "seed" in value:
                 raise ConfigError(f"heads.{key}.seed is set per split by the protocol; remove it")
@@ -352,27 +321,19 @@ class ReportSection:
     title: str = "BulkRNABert evaluation"
 
     def __post_init__(self) -> None:
-        self.plots = _bool(self.plots, "report.plots")
-        self.html = _bool(self.html, "report.html")
+        check_bool("report.plots", self.plots)
+        check_bool("report.html", self.html)
         if not isinstance(self.title, str):
             raise ConfigError(f"report.title must be a string, got {self.title!r}")
 
 
-_SECTIONS: dict[str, type] = {
-    "data": DataSection,
-    "model": ModelSection,
-    "protocol": ProtocolSection,
-    "tasks": TasksSection,
-    "arms": ArmsSection,
-    "baselines": BaselinesSection,
-    "heads": HeadsSection,
-    "report": ReportSection,
-}
-
-
 @dataclass
-class EvaluateConfig:
-    """Everything ``bulkfm evaluate`` needs; validated on construction."""
+class EvaluateConfig(ConfigMixin):
+    """Everything ``bulkfm evaluate`` needs; validated on construction.
+
+    ``pretrain`` stays a mapping of :class:`~bulkfm.train.config.PretrainConfig` entries
+    (its ``output_dir`` is set by the run); it is checked here, built when used.
+    """
 
     data: DataSection = field(default_factory=DataSection)
     model: ModelSection = field(default_factory=ModelSection)
@@ -387,13 +348,16 @@ class EvaluateConfig:
     num_threads: int | None = None
 
     def __post_init__(self) -> None:
-        if not str(self.output_dir).strip():
-            raise ConfigError("output_dir is empty; give a folder for results and the report")
-        self.output_dir = str(self.output_dir)
+        if isinstance(self.output_dir, os.PathLike):
+            self.output_dir = os.fspath(self.output_dir)
+        check_nonempty_str(
+            "output_dir", self.output_dir, hint="give a folder for results and the report"
+        )
         if self.num_threads is not None:
-            self.num_threads = _int(self.num_threads, "num_threads")
+            check_int("num_threads", self.num_threads, 1)
         if self.pretrain is not None:
-            self.pretrain = _mapping(self.pretrain, "pretrain")
+            if not isinstance(self.pretrain, dict):
+                raise ConfigError(f"pretrain must be a mapping, got {self.pretrain!r}")
             self._check_pretrain()
         self._check_sources()
 
@@ -401,7 +365,7 @@ class EvaluateConfig:
         from bulkfm.train.config import PretrainConfig
 
         trial = {**(self.pretrain or {}), "output_dir": "unused"}
-        PretrainConfig.from_dict(trial)  # raises ConfigError naming a bad key
+        build(PretrainConfig, trial, section="pretrain")  # raises ConfigError naming a bad key
 
     def _check_sources(self) -> None:
         sources = [s for s in ("path", "embeddings") if getattr(self.model, s)]
@@ -440,52 +404,3 @@ class EvaluateConfig:
                 "baselines.genes=model needs a model to know its genes; set baselines.genes to "
                 "'all' or a number of top variable genes"
             )
-
-    # ------------------------------------------------------------ (de)serialise
-    def to_dict(self) -> dict[str, Any]:
-        return _plain(dataclasses.asdict(self))
-
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any] | None) -> EvaluateConfig:
-        raw = _mapping(raw, "config")
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(raw) - set(names))
-        if unknown:
-            raise ConfigError(f"unknown config key(s) {unknown}; valid keys: {names}")
-        kwargs: dict[str, Any] = {}
-        for name, value in raw.items():
-            section = _SECTIONS.get(name)
-            kwargs[name] = _section(section, value, name) if section else value
-        return cls(**kwargs)
-
-    @classmethod
-    def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> EvaluateConfig:
-        """Read a YAML file; ``overrides`` are ``section.key=value`` strings (YAML values)."""
-        from bulkfm.train.config import read_yaml_config
-
-        return cls.from_dict(read_yaml_config(path, overrides))
-
-    def to_yaml(self) -> str:
-        import yaml
-
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-
-def _section(cls: type, raw: Any, name: str) -> Any:
-    values = _mapping(raw, name)
-    known = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(values) - set(known))
-    if unknown:
-        raise ConfigError(
-            f"unknown key(s) {[f'{name}.{k}' for k in unknown]}; valid keys here: "
-            f"{[f'{name}.{k}' for k in known]}"
-        )
-    return cls(**values)
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    return value

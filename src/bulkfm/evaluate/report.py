@@ -12,16 +12,18 @@ import base64
 import html
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from bulkfm.errors import BulkfmError
+from bulkfm.evaluate.plots import confusion_figure, per_cohort_figure, save_png, similarity_figure
+from bulkfm.evaluate.results import ClassificationArm, EvaluationResult, KaplanMeier, SurvivalArm
 from bulkfm.io import write_text
 
 if TYPE_CHECKING:
     from bulkfm.evaluate.config import EvaluateConfig
-    from bulkfm.evaluate.protocol import EvaluationResult
 
 logger = logging.getLogger(__name__)
 
@@ -231,58 +233,46 @@ def _robustness_table(rob: dict[str, Any]) -> Table:
 
 
 # --------------------------------------------------------------------------- plots
-def _best(arms: dict[str, Any], kind: str, metric: str) -> str | None:
-    scored = [
-        (a["summary"].get(metric, {}).get("mean"), k) for k, a in arms.items() if a["kind"] == kind
-    ]
+def _best(
+    arms: Mapping[str, ClassificationArm | SurvivalArm], kind: str, metric: str
+) -> str | None:
+    scored = [(a.summary.get(metric, {}).get("mean"), k) for k, a in arms.items() if a.kind == kind]
     scored = [(m, k) for m, k in scored if not _nan(m)]
     return max(scored)[1] if scored else None
 
 
 def _plots(result: EvaluationResult, plot_dir: Path) -> list[tuple[str, Path]]:
-    from bulkfm.evaluate.plots import (
-        confusion_figure,
-        per_cohort_figure,
-        save_png,
-        similarity_figure,
-    )
-
-    res = result.results
     made: list[tuple[str, Path]] = []
-    clf = res.get("classification") or {}
+    clf = result.classification_arms or {}
     for kind in ("bulkrnabert", "baseline"):
         key = _best(clf, kind, "macro_f1")
         if key is not None:
             arm = clf[key]
-            fig = confusion_figure(
-                arm["confusion"], arm["labels"], f"{arm['label']} (all test splits)"
-            )
+            fig = confusion_figure(arm.confusion, arm.labels, f"{arm.label} (all test splits)")
             made.append(
                 (
-                    f"Confusion matrix: {arm['label']}",
+                    f"Confusion matrix: {arm.label}",
                     save_png(fig, plot_dir / f"confusion_{key}.png"),
                 )
             )
-    surv = res.get("survival") or {}
+    surv = result.survival_arms or {}
     for kind in ("bulkrnabert", "baseline"):
         key = _best(surv, kind, "c_index")
         if key is not None:
-            path = _km_plot(result, key, surv[key]["label"], plot_dir)
+            path = _km_plot(result, key, surv[key].label, plot_dir)
             if path is not None:
-                made.append((f"Kaplan–Meier by predicted risk: {surv[key]['label']}", path))
+                made.append((f"Kaplan–Meier by predicted risk: {surv[key].label}", path))
     per_cohort = {
-        a["label"]: {
-            c: (s["mean"], s["std"]) for c, s in a["per_cohort"].items() if not _nan(s["mean"])
-        }
+        a.label: {c: (s["mean"], s["std"]) for c, s in a.per_cohort.items() if not _nan(s["mean"])}
         for a in surv.values()
     }
     if any(per_cohort.values()):
         fig = per_cohort_figure(per_cohort, "Per-cohort C-index of the pan-cancer models")
         made.append(("Per-cohort C-index", save_png(fig, plot_dir / "per_cohort_cindex.png")))
-    sim = res.get("similarity")
-    if sim:
+    sim = result.similarity
+    if sim is not None:
         fig = similarity_figure(
-            sim["labels"], sim["cosine"], sim["linkage"], "Cosine similarity of mean embeddings"
+            sim.labels, sim.cosine, sim.linkage, "Cosine similarity of mean embeddings"
         )
         made.append(
             (
@@ -297,9 +287,7 @@ def _km_plot(result: EvaluationResult, key: str, label: str, plot_dir: Path) -> 
     """KM curves of the median risk groups, pooling all test splits: risks of different
     splits come from different models, so each is turned into its within-split percentile
     first and the pooled percentiles are cut at their median."""
-    from bulkfm.errors import BulkfmError
-    from bulkfm.evaluate.plots import save_png
-    from bulkfm.tasks.survival import risk_groups_km
+    from bulkfm.tasks.survival import risk_groups_km  # sklearn, lifelines
 
     pred = result.survival[key].predictions
     if pred.empty:
@@ -312,10 +300,11 @@ def _km_plot(result: EvaluationResult, key: str, label: str, plot_dir: Path) -> 
     except BulkfmError as exc:
         logger.warning("no Kaplan–Meier plot for %s: %s", label, exc)
         return None
-    result.results.setdefault("km", {})[key] = {
-        "logrank": groups.logrank,
-        "groups": groups.table.reset_index().to_dict(orient="records"),
-    }
+    result.km[key] = KaplanMeier(
+        logrank=groups.logrank,
+        groups=groups.table.reset_index().to_dict(orient="records"),
+    )
+    assert groups.figure is not None  # plot=True
     return save_png(groups.figure, plot_dir / f"km_{key}.png")
 
 
@@ -386,8 +375,8 @@ def _header(res: dict[str, Any], title: str) -> list[str]:
 def write_report(result: EvaluationResult, config: EvaluateConfig) -> dict[str, Path]:
     """report.md (+ report.html with embedded PNGs, + plots/*.png) in the output folder."""
     out = result.out_dir
-    res = result.results
     plots = _plots(result, out / "plots") if config.report.plots else []
+    res = result.results  # after the plots: the KM plots add their log-rank results
     tables = report_tables(res)
     sim = res.get("similarity")
     md = _header(res, config.report.title)

@@ -38,6 +38,11 @@ from torch.utils.checkpoint import checkpoint
 from bulkfm.errors import CheckpointError, ConfigError, GeneMappingError
 from bulkfm.io import atomic_path, write_text
 from bulkfm.models import cpu_attention
+from bulkfm.models.config import (  # noqa: F401  (re-exported: the model's config)
+    CONFIG_FORMAT,
+    OFFICIAL_CONFIG_FIELDS,
+    BulkRNABertConfig,
+)
 
 if TYPE_CHECKING:
     from bulkfm.tokenize import BinTokenizer
@@ -47,127 +52,12 @@ logger = logging.getLogger(__name__)
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 
-# Field names of the official config.json, in its order.
-OFFICIAL_CONFIG_FIELDS: tuple[str, ...] = (
-    "n_genes",
-    "n_expressions_bins",
-    "embed_dim",
-    "init_gene_embed_dim",
-    "use_gene_embedding",
-    "project_gene_embedding",
-    "num_attention_heads",
-    "key_size",
-    "ffn_embed_dim",
-    "num_layers",
-)
-# Keys the HuggingFace port writes that do not change the architecture.
-_IGNORED_CONFIG_FIELDS = frozenset(
-    {
-        "architectures",
-        "auto_map",
-        "model_type",
-        "torch_dtype",
-        "dtype",
-        "transformers_version",
-        "embeddings_layers_to_save",
-        "attention_maps_to_save",
-        "attention_layers_to_save",
-        "format",
-    }
-)
-CONFIG_FORMAT = "bulkfm.bulkrnabert/1"
 # Most rows (batch x gene positions) the feed-forward takes at once without autograd:
 # its two [rows, 512] fp32 temporaries then stay under 2 x 32 MB instead of 2 x 0.3 GB
 # for a batch of 8 full-length samples. Chunks are this tall so GEMMs keep their full
 # speed and so few parallel regions are added (each costs a thread wake-up, which on an
 # oversubscribed CPU is a scheduler time slice).
 FFN_CHUNK_ROWS = 16384
-
-
-# --------------------------------------------------------------------------- config
-@dataclass
-class BulkRNABertConfig:
-    """Architecture hyper-parameters; defaults are the official TCGA checkpoint."""
-
-    n_genes: int = 19062
-    n_expressions_bins: int = 64
-    embed_dim: int = 256
-    init_gene_embed_dim: int = 200
-    use_gene_embedding: bool = True
-    project_gene_embedding: bool = True
-    num_attention_heads: int = 8
-    key_size: int | None = None
-    ffn_embed_dim: int = 512
-    num_layers: int = 4
-    n_special_tokens: int = 1
-    layer_norm_eps: float = 1e-5
-    gradient_checkpointing: bool = False
-
-    def __post_init__(self) -> None:
-        for name in (
-            "n_genes",
-            "n_expressions_bins",
-            "embed_dim",
-            "init_gene_embed_dim",
-            "num_attention_heads",
-            "ffn_embed_dim",
-            "num_layers",
-        ):
-            _check_positive_int(name, getattr(self, name))
-        if self.n_expressions_bins < 2:
-            raise ConfigError(f"n_expressions_bins must be >= 2, got {self.n_expressions_bins}")
-        _check_positive_int("n_special_tokens", self.n_special_tokens)
-        if self.key_size is None:
-            if self.embed_dim % self.num_attention_heads:
-                raise ConfigError(
-                    f"embed_dim={self.embed_dim} is not divisible by num_attention_heads="
-                    f"{self.num_attention_heads}; change one of them or set key_size explicitly"
-                )
-            self.key_size = self.embed_dim // self.num_attention_heads
-        _check_positive_int("key_size", self.key_size)
-        if not (isinstance(self.layer_norm_eps, float | int) and self.layer_norm_eps > 0):
-            raise ConfigError(f"layer_norm_eps must be > 0, got {self.layer_norm_eps!r}")
-        if (
-            self.use_gene_embedding
-            and not self.project_gene_embedding
-            and self.init_gene_embed_dim != self.embed_dim
-        ):
-            # Same rule as the official config: the sum needs matching sizes.
-            logger.warning(
-                "init_gene_embed_dim (%d) != embed_dim (%d): setting project_gene_embedding=True",
-                self.init_gene_embed_dim,
-                self.embed_dim,
-            )
-            self.project_gene_embedding = True
-
-    @property
-    def mask_token_id(self) -> int:
-        return self.n_expressions_bins
-
-    @property
-    def vocab_size(self) -> int:
-        return self.n_expressions_bins + self.n_special_tokens
-
-    def to_dict(self) -> dict[str, Any]:
-        """Official fields first (their names), then this project's extras."""
-        data = dataclasses.asdict(self)
-        ordered = {k: data.pop(k) for k in OFFICIAL_CONFIG_FIELDS}
-        return {**ordered, **data, "format": CONFIG_FORMAT}
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> BulkRNABertConfig:
-        """Accepts official, HuggingFace-port and bulkfm config dicts; unknown keys are logged."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: v for k, v in data.items() if k in known}
-        unknown = sorted(set(data) - known - _IGNORED_CONFIG_FIELDS)
-        if unknown:
-            logger.warning("ignoring unknown BulkRNABert config fields: %s", unknown)
-        return cls(**kwargs)
-
-
-def _check_positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
 
 
 # --------------------------------------------------------------------------- outputs
@@ -197,8 +87,10 @@ class BulkRNABertAttention(nn.Module):
         self.key_size = key_size
         inner = num_heads * key_size
         self.w_q = nn.Linear(embed_dim, inner)
-        self.w_k = nn.Linear(embed_dim, inner)
-        self.w_v = nn.Linear(embed_dim, inner)
+        # Typed as any module: models.ia3 swaps keys/values (and the activation) for
+        # scaled wrappers in place.
+        self.w_k: nn.Module = nn.Linear(embed_dim, inner)
+        self.w_v: nn.Module = nn.Linear(embed_dim, inner)
         self.output = nn.Linear(inner, embed_dim)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
@@ -242,7 +134,7 @@ class BulkRNABertLayer(nn.Module):
         self.mha = BulkRNABertAttention(dim, config.num_attention_heads, config.key_size)
         self.layer_norm_mlp = nn.LayerNorm(dim, eps=config.layer_norm_eps)
         self.fc1 = nn.Linear(dim, config.ffn_embed_dim)
-        self.activation = nn.GELU(approximate="none")
+        self.activation: nn.Module = nn.GELU(approximate="none")
         self.fc2 = nn.Linear(config.ffn_embed_dim, dim)
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:

@@ -31,6 +31,7 @@ import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -142,8 +143,9 @@ def apply_ia3(model: nn.Module, *, freeze: bool = True) -> nn.Module:
             "the model already has IA3 adapters; apply_ia3 once (merge_ia3 removes them)"
         )
     for block in blocks:
-        block.mha.w_k = IA3Linear(block.mha.w_k)
-        block.mha.w_v = IA3Linear(block.mha.w_v)
+        # Plain Linears here: has_ia3 above rules out blocks that were adapted already.
+        block.mha.w_k = IA3Linear(cast(nn.Linear, block.mha.w_k))
+        block.mha.w_v = IA3Linear(cast(nn.Linear, block.mha.w_v))
         block.activation = IA3Scale(block.activation, block.fc2.in_features, like=block.fc2.weight)
     if freeze:
         set_trainable_params(model, get_adapter_params(model))

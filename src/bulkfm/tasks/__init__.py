@@ -1,7 +1,14 @@
-"""Downstream tasks on frozen embeddings: classification (``tasks.classification``) and
-survival (``tasks.survival``), plus the pieces both use, kept here so the two stay alike:
-id alignment, input standardisation, the patient-grouped inner validation split and the
-early-stopping training loop of an MLP head.
+"""Task logic, in one place for the benchmark and the paper's evaluation.
+
+What a task is (:mod:`~bulkfm.tasks.spec`: names, families, metrics) and its arrays
+(:mod:`~bulkfm.tasks.data`: :class:`TaskData`, :func:`prepare_task`); the heads:
+linear probes (:mod:`~bulkfm.tasks.probes`), the ridge Cox model
+(:mod:`~bulkfm.tasks.cox`), MLP / SVM classification (:mod:`~bulkfm.tasks.classification`),
+Cox-MLP survival (:mod:`~bulkfm.tasks.survival`) and the paper's baselines
+(:mod:`~bulkfm.tasks.baselines`). Here: the pieces the heads share, kept here so they
+stay alike: id alignment, input standardisation, the patient-grouped inner validation
+split and the early-stopping training loop of an MLP head. Splits are
+:mod:`bulkfm.data.splits`.
 
 Import-light: torch is imported inside the functions that train.
 """
@@ -27,6 +34,9 @@ from bulkfm.errors import (
     ExpressionValueError,
     SplitError,
 )
+from bulkfm.scaling import Standardizer
+from bulkfm.tasks.data import TaskData, prepare_task
+from bulkfm.tasks.spec import TASK_GRAMMAR, TaskSelection, TaskSpec
 
 if TYPE_CHECKING:
     import torch
@@ -34,14 +44,19 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "TASK_GRAMMAR",
     "AlignedInputs",
     "Standardizer",
+    "TaskData",
+    "TaskSelection",
+    "TaskSpec",
     "align_inputs",
     "check_embeddings",
     "check_group_sizes",
     "check_training_params",
     "inner_split",
     "n_holdout_folds",
+    "prepare_task",
     "seeded",
     "train_head",
 ]
@@ -77,7 +92,9 @@ def check_embeddings(X: Any, what: str = "embeddings") -> np.ndarray:
     return arr
 
 
-def align_inputs(embeddings: Any, *targets: Any, ids: Sequence[str] | None = None) -> AlignedInputs:
+def align_inputs(
+    embeddings: Any, *targets: Any, ids: Sequence[str] | np.ndarray | None = None
+) -> AlignedInputs:
     """Match targets to embedding rows by sample id.
 
     ``embeddings`` is a DataFrame indexed by sample id (as ``read_embeddings`` returns) or
@@ -127,7 +144,7 @@ def align_inputs(embeddings: Any, *targets: Any, ids: Sequence[str] | None = Non
             BulkfmWarning,
             stacklevel=3,
         )
-    aligned = []
+    aligned: list[Any] = []  # None stays None: an optional target (e.g. groups)
     for target in targets:
         if target is None:
             aligned.append(None)
@@ -140,28 +157,6 @@ def align_inputs(embeddings: Any, *targets: Any, ids: Sequence[str] | None = Non
         else:
             aligned.append(np.asarray(target)[keep])
     return AlignedInputs(X=check_embeddings(X[keep]), targets=aligned, ids=emb_ids[keep])
-
-
-class Standardizer:
-    """Per-dimension z-scores fitted on training rows; constant dimensions are left centred.
-
-    Frozen embeddings of different layers differ in scale by orders of magnitude, so the
-    heads see unit-variance inputs whatever layer was pooled.
-    """
-
-    def fit(self, X: np.ndarray) -> Standardizer:
-        self.mean_ = X.mean(axis=0, dtype=np.float64)
-        std = X.std(axis=0, dtype=np.float64)
-        self.scale_ = np.where(std > 1e-12, std, 1.0)
-        return self
-
-    def transform(self, X: np.ndarray) -> np.ndarray:
-        if X.shape[1] != self.mean_.size:
-            raise ConfigError(
-                f"inputs have {X.shape[1]} dims but the model was fitted on {self.mean_.size}; "
-                "use embeddings from the same model and layer"
-            )
-        return ((X - self.mean_) / self.scale_).astype(np.float32)
 
 
 # --------------------------------------------------------------------------- splits

@@ -4,7 +4,8 @@
 - ``nmf_svm``: log10(1 + TPM) -> NMF(128) -> SVM;
 - ``mlp``: the paper's MLP head on log10(1 + TPM) itself (classification), or the Cox
   MLP head on it (survival);
-- ``pca_cox``: log10(1 + TPM) -> PCA(64) -> ridge-penalised linear Cox model (lifelines).
+- ``pca_cox``: log10(1 + TPM) -> PCA(64) -> ridge-penalised linear Cox model
+  (:func:`~bulkfm.tasks.cox.fit_ridge_cox`, the benchmark's Cox probe).
 
 Why each split refits everything: PCA, NMF and the choice of the most variable genes
 all look at the data, so they are fitted on the *training side* of a split only and
@@ -13,24 +14,25 @@ samples shape the features. The heads and the scores are the ones of
 :mod:`bulkfm.tasks.classification` / :mod:`bulkfm.tasks.survival` (run on one split at a
 time), so a baseline and a BulkRNABert arm are trained and scored by the same code.
 
-``n_components`` larger than the data allows (at most min(training samples, genes)) is
-lowered with a logged note, as happens with PCA(256) on a cohort of 150 samples.
+The feature maps (log-TPM, top-variable genes, capped PCA / NMF) are those of
+:mod:`bulkfm.embedders.classical`, shared with the benchmark's ``pca`` / ``nmf`` / ``raw``
+models; a component count larger than the data allow is lowered there with a logged
+note, as happens with PCA(256) on a cohort of 150 samples.
 """
 
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
-from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.base import BaseEstimator
 
-from bulkfm.errors import ClinicalMatchError, ConfigError, ExpressionValueError
+from bulkfm.embedders.classical import dense_matrix, feature_map
+from bulkfm.errors import ClinicalMatchError, ConfigError
 from bulkfm.metrics import (
     classification_metrics,
     cohort_concordance,
@@ -38,8 +40,10 @@ from bulkfm.metrics import (
     mean_std,
     validate_survival,
 )
-from bulkfm.tasks import Standardizer, check_embeddings
+from bulkfm.scaling import Standardizer
+from bulkfm.tasks import check_embeddings
 from bulkfm.tasks.classification import SUMMARY_METRICS, ClassificationResult, run_classification
+from bulkfm.tasks.cox import fit_ridge_cox
 from bulkfm.tasks.survival import SurvivalResult, run_survival, valid_survival_mask
 
 logger = logging.getLogger(__name__)
@@ -48,13 +52,8 @@ __all__ = [
     "CLASSIFICATION_BASELINES",
     "SURVIVAL_BASELINES",
     "BaselineConfig",
-    "CappedNMF",
-    "CappedPCA",
-    "LogTPM",
     "PenalizedCox",
-    "TopVariableGenes",
     "baseline_label",
-    "feature_map",
     "merge_classification",
     "merge_survival",
     "run_classification_baseline",
@@ -67,220 +66,58 @@ SURVIVAL_BASELINES = ("pca_cox", "mlp")
 SURVIVAL_SUMMARY = ("c_index", "c_index_weighted", "c_index_macro")
 
 
-# --------------------------------------------------------------------------- transforms
-def _dense(X: Any) -> np.ndarray:
-    if sp.issparse(X):
-        X = X.toarray()
-    arr = X.to_numpy() if hasattr(X, "to_numpy") else np.asarray(X)
-    if arr.ndim != 2 or arr.shape[0] == 0 or arr.shape[1] == 0:
-        raise ConfigError(
-            f"expression must be a non-empty 2-D [samples, genes] matrix, got {arr.shape}"
-        )
-    return arr
-
-
-class LogTPM(TransformerMixin, BaseEstimator):
-    """log10(1 + TPM), the transform BulkRNABert itself applies before binning."""
-
-    def fit(self, X: Any, y: Any = None) -> LogTPM:
-        self.n_features_in_ = _dense(X).shape[1]
-        return self
-
-    def transform(self, X: Any) -> np.ndarray:
-        arr = _dense(X).astype(np.float64, copy=False)
-        if not np.isfinite(arr).all() or (arr < 0).any():
-            raise ExpressionValueError(
-                "baseline input must be finite, non-negative TPM; found NaN/inf or negative "
-                "values (already log-transformed data?): pass adata.X as built by bulkfm data"
-            )
-        return np.log10(1.0 + arr)
-
-
-class TopVariableGenes(TransformerMixin, BaseEstimator):
-    """Keep the ``k`` columns with the largest variance on the fitting rows (None: all)."""
-
-    def __init__(self, k: int | None = None) -> None:
-        self.k = k
-
-    def fit(self, X: Any, y: Any = None) -> TopVariableGenes:
-        arr = _dense(X)
-        if self.k is not None and (
-            isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1
-        ):
-            raise ConfigError(f"k must be a positive integer or None, got {self.k!r}")
-        n = arr.shape[1]
-        if self.k is None or self.k >= n:
-            if self.k is not None and self.k > n:
-                logger.info("top variable genes: k=%d capped at the %d genes available", self.k, n)
-            self.columns_ = np.arange(n)
-        else:
-            var = arr.var(axis=0)
-            # stable: ties keep column order, so the selection does not depend on sort noise
-            self.columns_ = np.sort(np.argsort(-var, kind="stable")[: self.k])
-        self.n_features_in_ = n
-        return self
-
-    def transform(self, X: Any) -> np.ndarray:
-        arr = _dense(X)
-        if arr.shape[1] != self.n_features_in_:
-            raise ConfigError(
-                f"{arr.shape[1]} genes given but the selection was fitted on {self.n_features_in_}"
-            )
-        return arr[:, self.columns_]
-
-
-def _capped(n_components: int, X: np.ndarray, what: str) -> int:
-    if isinstance(n_components, bool) or not isinstance(n_components, int) or n_components < 1:
-        raise ConfigError(f"{what} n_components must be a positive integer, got {n_components!r}")
-    limit = min(X.shape)
-    if n_components > limit:
-        logger.info(
-            "%s: n_components=%d capped at %d = min(%d training samples, %d genes)",
-            what,
-            n_components,
-            limit,
-            X.shape[0],
-            X.shape[1],
-        )
-    return min(n_components, limit)
-
-
-class CappedPCA(TransformerMixin, BaseEstimator):
-    """PCA whose component count is lowered (with a note) to what the training data allows."""
-
-    def __init__(self, n_components: int = 256, seed: int = 0) -> None:
-        self.n_components = n_components
-        self.seed = seed
-
-    def fit(self, X: Any, y: Any = None) -> CappedPCA:
-        from sklearn.decomposition import PCA
-
-        arr = _dense(X)
-        self.n_components_ = _capped(self.n_components, arr, "PCA")
-        self.pca_ = PCA(n_components=self.n_components_, random_state=self.seed).fit(arr)
-        return self
-
-    def transform(self, X: Any) -> np.ndarray:
-        return self.pca_.transform(_dense(X))
-
-
-class CappedNMF(TransformerMixin, BaseEstimator):
-    """NMF (non-negative input, e.g. log-TPM) with a capped component count.
-
-    Not converging within ``max_iter`` is recorded (``converged_``) and logged instead of
-    warned: a baseline stopped early is still a valid, if weaker, baseline.
-    """
-
-    def __init__(self, n_components: int = 128, max_iter: int = 300, seed: int = 0) -> None:
-        self.n_components = n_components
-        self.max_iter = max_iter
-        self.seed = seed
-
-    def fit(self, X: Any, y: Any = None) -> CappedNMF:
-        from sklearn.decomposition import NMF
-        from sklearn.exceptions import ConvergenceWarning
-
-        arr = _dense(X)
-        if (arr < 0).any():
-            raise ExpressionValueError("NMF needs non-negative input; apply it to log10(1 + TPM)")
-        self.n_components_ = _capped(self.n_components, arr, "NMF")
-        self.nmf_ = NMF(
-            n_components=self.n_components_,
-            init="nndsvda",
-            solver="mu",  # several times faster than "cd" here, at equal accuracy
-            max_iter=self.max_iter,
-            random_state=self.seed,
-        )
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            self.nmf_.fit(arr)
-        self.converged_ = bool(self.nmf_.n_iter_ < self.max_iter)
-        if not self.converged_:
-            logger.info("NMF stopped at max_iter=%d before converging", self.max_iter)
-        return self
-
-    def transform(self, X: Any) -> np.ndarray:
-        from sklearn.exceptions import ConvergenceWarning
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            return self.nmf_.transform(_dense(X))
-
-
-def feature_map(
-    reducer: str | None,
-    n_components: int = 256,
-    *,
-    top_genes: int | None = None,
-    nmf_max_iter: int = 300,
-    seed: int = 0,
-) -> Any:
-    """Unfitted pipeline TPM -> log10(1 + TPM) -> top variable genes -> PCA/NMF (or none)."""
-    from sklearn.pipeline import make_pipeline
-
-    steps: list[Any] = [LogTPM(), TopVariableGenes(top_genes)]
-    if reducer == "pca":
-        steps.append(CappedPCA(n_components, seed=seed))
-    elif reducer == "nmf":
-        steps.append(CappedNMF(n_components, max_iter=nmf_max_iter, seed=seed))
-    elif reducer is not None:
-        raise ConfigError(f"reducer must be 'pca', 'nmf' or None, got {reducer!r}")
-    return make_pipeline(*steps)
-
-
 # --------------------------------------------------------------------------- Cox
 @dataclass(eq=False, repr=False)
 class PenalizedCox(BaseEstimator):
-    """Linear Cox model with a ridge (and optional lasso) penalty, fitted by lifelines.
+    """Ridge-penalised linear Cox model on standardised inputs (:func:`fit_ridge_cox`).
 
     Inputs are standardised on the training rows, so one penalty fits components of any
-    scale. ``predict_risk`` is the linear predictor (log partial hazard up to a constant):
-    higher = shorter survival.
+    scale. The objective is lifelines' ``CoxPHFitter(penalizer=penalizer)`` on the same
+    inputs, ``-loglik / n + penalizer / 2 * ||b * s||^2`` with ``s`` the ddof=1 standard
+    deviation lifelines rescales by, so :func:`fit_ridge_cox` runs with
+    ``alpha = penalizer * n / (n - 1)``; ties follow Breslow (lifelines: Efron), which is
+    identical without tied times. ``predict_risk`` is the linear predictor (log partial
+    hazard up to a constant): higher = shorter survival.
     """
 
     penalizer: float = 0.1
-    l1_ratio: float = 0.0
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.penalizer, float | int) and self.penalizer >= 0):
-            raise ConfigError(f"penalizer must be >= 0, got {self.penalizer!r}")
-        if not (isinstance(self.l1_ratio, float | int) and 0 <= self.l1_ratio <= 1):
-            raise ConfigError(f"l1_ratio must lie in [0, 1], got {self.l1_ratio!r}")
+        if isinstance(self.penalizer, bool) or not (
+            isinstance(self.penalizer, float | int) and self.penalizer > 0
+        ):
+            raise ConfigError(
+                f"penalizer must be > 0, got {self.penalizer!r}; an unpenalised Cox model has "
+                "no unique solution when features outnumber events"
+            )
 
     def fit(self, X: Any, time: Any, event: Any) -> PenalizedCox:
-        from lifelines import CoxPHFitter
-        from lifelines.exceptions import ConvergenceError
-
         arr = check_embeddings(X, "Cox covariates")
         t, e = validate_survival(time, event)
-        if t.size != arr.shape[0]:
-            raise ConfigError(f"{t.size} survival records for {arr.shape[0]} rows of covariates")
+        n = t.size
+        if n != arr.shape[0]:
+            raise ConfigError(f"{n} survival records for {arr.shape[0]} rows of covariates")
         if not e.any():
             raise ClinicalMatchError(
-                f"no events among the {t.size} training samples: a Cox model cannot be fitted; "
+                f"no events among the {n} training samples: a Cox model cannot be fitted; "
                 "use a cohort or endpoint with events"
             )
-        self.scaler_ = Standardizer().fit(arr)
-        cols = [f"x{i}" for i in range(arr.shape[1])]
-        frame = pd.DataFrame(self.scaler_.transform(arr).astype(np.float64), columns=cols)
-        frame["_time"], frame["_event"] = t, e.astype(int)
-        fitter = CoxPHFitter(penalizer=float(self.penalizer), l1_ratio=float(self.l1_ratio))
-        try:
-            fitter.fit(frame, duration_col="_time", event_col="_event")
-        except ConvergenceError as exc:
-            raise ConfigError(
-                f"the penalised Cox model did not converge ({str(exc).splitlines()[0]}); raise "
-                "the penalizer (e.g. 1.0) or use fewer components"
-            ) from exc
-        self.coef_ = fitter.params_.to_numpy(dtype=np.float64)
+        if n < 2:
+            raise ConfigError("a Cox model needs at least 2 training samples")
+        self.scaler_ = Standardizer(np.float64).fit(arr)
+        alpha = float(self.penalizer) * n / (n - 1)
+        # one fit per split, so solve tightly (the probes' paths use the default tol)
+        fit = fit_ridge_cox(self.scaler_.transform(arr), t, e, alpha, tol=1e-12)
+        if not fit.converged:
+            logger.info("penalised Cox stopped after %d Newton steps", fit.n_iter)
+        self.coef_ = fit.coef
         self.n_features_in_ = arr.shape[1]
         return self
 
     def predict_risk(self, X: Any) -> np.ndarray:
         if not hasattr(self, "coef_"):
             raise ConfigError("this PenalizedCox is not fitted yet; call fit(X, time, event)")
-        Xs = self.scaler_.transform(check_embeddings(X, "Cox covariates")).astype(np.float64)
-        return Xs @ self.coef_
+        return self.scaler_.transform(check_embeddings(X, "Cox covariates")) @ self.coef_
 
     predict = predict_risk
 
@@ -317,8 +154,10 @@ class BaselineConfig:
             isinstance(self.svm_C, float | int) and self.svm_C > 0
         ):
             raise ConfigError(f"svm_C must be a positive number, got {self.svm_C!r}")
-        if not (isinstance(self.cox_penalizer, float | int) and self.cox_penalizer >= 0):
-            raise ConfigError(f"cox_penalizer must be >= 0, got {self.cox_penalizer!r}")
+        if isinstance(self.cox_penalizer, bool) or not (
+            isinstance(self.cox_penalizer, float | int) and self.cox_penalizer > 0
+        ):
+            raise ConfigError(f"cox_penalizer must be > 0, got {self.cox_penalizer!r}")
 
 
 def baseline_label(
@@ -421,7 +260,7 @@ def run_classification_baseline(
     labels: Any,
     *,
     groups: Any | None = None,
-    ids: Sequence[str] | None = None,
+    ids: Sequence[str] | np.ndarray | None = None,
     splits: Sequence[Any] | None = None,
     config: BaselineConfig | None = None,
     n_repeats: int = 5,
@@ -438,7 +277,7 @@ def run_classification_baseline(
             f"unknown classification baseline {name!r}; choose from {CLASSIFICATION_BASELINES}"
         )
     cfg = config or BaselineConfig()
-    X = _dense(X_tpm)
+    X = dense_matrix(X_tpm)
     y = np.asarray(labels)
     _check_rows(X, len(y), "labels")
     g = None if groups is None else np.asarray(groups).astype(str)
@@ -486,7 +325,7 @@ def run_survival_baseline(
     *,
     groups: Any | None = None,
     cohorts: Any | None = None,
-    ids: Sequence[str] | None = None,
+    ids: Sequence[str] | np.ndarray | None = None,
     splits: Sequence[Any] | None = None,
     config: BaselineConfig | None = None,
     n_repeats: int = 5,
@@ -500,7 +339,7 @@ def run_survival_baseline(
     from bulkfm.data.splits import survival_strata
 
     cfg = config or BaselineConfig()
-    X = _dense(X_tpm)
+    X = dense_matrix(X_tpm)
     t_raw, e_raw = np.asarray(time, dtype=object), np.asarray(event, dtype=object)
     _check_rows(X, len(t_raw), "survival times")
     sample_ids = (

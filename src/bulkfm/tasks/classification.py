@@ -263,7 +263,7 @@ def run_classification(
     labels: Any,
     *,
     groups: Any | None = None,
-    ids: Sequence[str] | None = None,
+    ids: Sequence[str] | np.ndarray | None = None,
     method: Literal["mlp", "svm"] = "mlp",
     splits: Sequence[Any] | None = None,
     n_repeats: int = 5,
@@ -283,7 +283,8 @@ def run_classification(
     if method not in ("mlp", "svm"):
         raise ConfigError(f"method must be 'mlp' or 'svm', got {method!r}")
     data = align_inputs(embeddings, labels, groups, ids=ids)
-    X, y, g = data.X, data.targets[0], data.targets[1]
+    X, y = data.X, data.targets[0]
+    g: np.ndarray | None = data.targets[1]
     X, y, g, sample_ids = _drop_unlabelled(X, y, g, data.ids)
     g = None if g is None else pd.Series(g).astype(str).to_numpy()
     classes = sorted(pd.unique(y).tolist(), key=str)

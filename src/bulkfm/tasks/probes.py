@@ -6,7 +6,7 @@ which is what separates representations rather than heads. Each probe:
 1. standardises the embedding with a scaler fitted on the training rows only;
 2. picks its L2 penalty by inner cross-validation on the training rows
    (patient-grouped folds, stratified by class, mutation status or event; see
-   :mod:`bulkfm.bench.folds`), scored by AUROC (mutation), the C-index (survival)
+   :func:`bulkfm.data.splits.inner_folds`), scored by AUROC (mutation), the C-index (survival)
    and, for several classes, held-out log-loss: macro-F1 on a small inner fold
    jumps with single samples, while log-loss is a smooth proper scoring rule;
 3. refits on all training rows with that penalty and predicts the test rows.
@@ -31,6 +31,7 @@ from typing import Literal
 import numpy as np
 
 from bulkfm.errors import BulkfmError, ConfigError, SplitError
+from bulkfm.scaling import Standardizer
 from bulkfm.tasks.cox import fit_ridge_cox
 
 logger = logging.getLogger(__name__)
@@ -130,10 +131,8 @@ def _cv_score(kind: str, y_true: np.ndarray, pred: np.ndarray, classes: np.ndarr
 
 
 def _standardise(X_fit: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
-    mean = X_fit.mean(axis=0)
-    std = X_fit.std(axis=0)
-    std[std < 1e-12] = 1.0  # constant features stay zero instead of dividing by zero
-    return [(X - mean) / std for X in (X_fit, *others)]
+    scaler = Standardizer(dtype=np.float64).fit(X_fit)
+    return [scaler.transform(X) for X in (X_fit, *others)]
 
 
 def _row_space(A: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
@@ -224,7 +223,7 @@ def _tune(
     grid = config.grid(kind)
     if len(grid) == 1:
         return grid[0], {}
-    from bulkfm.bench.folds import inner_folds
+    from bulkfm.data.splits import inner_folds
 
     classes = np.unique(y) if kind != "survival" else np.empty(0)
     scores = np.full((config.inner_folds, len(grid)), np.nan)

@@ -233,7 +233,7 @@ def run_survival(
     *,
     groups: Any | None = None,
     cohorts: Any | None = None,
-    ids: Sequence[str] | None = None,
+    ids: Sequence[str] | np.ndarray | None = None,
     splits: Sequence[Any] | None = None,
     n_repeats: int = 5,
     test_size: float = 0.2,

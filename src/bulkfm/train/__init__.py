@@ -7,9 +7,8 @@ this package stays import-light so ``bulkfm --help`` does not load torch.
 from bulkfm.train.config import (
     DataSection,
     MaskingConfig,
-    ModelSection,
     OptimSection,
     PretrainConfig,
 )
 
-__all__ = ["DataSection", "MaskingConfig", "ModelSection", "OptimSection", "PretrainConfig"]
+__all__ = ["DataSection", "MaskingConfig", "OptimSection", "PretrainConfig"]

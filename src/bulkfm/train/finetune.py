@@ -28,11 +28,12 @@ import dataclasses
 import json
 import logging
 import math
+import numbers
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -41,6 +42,15 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from bulkfm import schema as keys
+from bulkfm.config import (
+    ConfigMixin,
+    check_bool,
+    check_choice,
+    check_int,
+    check_number,
+    check_probability,
+)
 from bulkfm.errors import CheckpointError, ClinicalMatchError, ConfigError, SplitError
 from bulkfm.io import atomic_path, write_text
 from bulkfm.models.bulkrnabert import BulkRNABert, BulkRNABertConfig, check_tokenizer_matches
@@ -49,6 +59,7 @@ from bulkfm.models.ia3 import apply_ia3, count_parameters, get_adapter_params
 if TYPE_CHECKING:
     import anndata as ad
 
+    from bulkfm.models.heads import MLPHead
     from bulkfm.tokenize import BinTokenizer
 
 logger = logging.getLogger(__name__)
@@ -65,24 +76,12 @@ DEFAULT_HIDDEN = {"classification": (256, 128), "survival": (512, 256)}
 FORMAT = "bulkfm.finetune/1"
 META_FILE = "finetune.json"
 WEIGHTS_FILE = "finetune.safetensors"
-SURVIVAL_COLUMNS = ("survival_time", "survival_event")
+SURVIVAL_COLUMNS = (keys.SURVIVAL_TIME, keys.SURVIVAL_EVENT)
 
 
 # --------------------------------------------------------------------------- config
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int | np.integer) and not isinstance(value, bool)
-
-
-def _is_real(value: Any) -> bool:
-    return (
-        isinstance(value, int | float | np.integer | np.floating)
-        and not isinstance(value, bool)
-        and math.isfinite(float(value))
-    )
-
-
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(ConfigMixin):
     """Fine-tuning hyper-parameters; ``None`` fields take task/mode defaults.
 
     ``lr=None`` uses :data:`DEFAULT_LR` for the mode; ``hidden=None`` the paper's head
@@ -104,17 +103,49 @@ class FinetuneConfig:
     hidden: tuple[int, ...] | None = None
     seed: int = 0
     layer: int = -1
-    ties: str = "efron"
+    ties: Literal["efron", "breslow"] = "efron"
     max_grad_norm: float | None = 1.0
     device: str = "cpu"
     progress: bool | None = None
 
     def __post_init__(self) -> None:
-        self._check_choices()
-        self._check_numbers()
+        check_choice("task", self.task, TASKS)
+        check_choice("mode", self.mode, MODES, hint="IA3 adapters, all weights, head only")
+        check_choice("ties", self.ties, TIES)
+        check_bool("random_init", self.random_init)
+        check_bool("progress", self.progress, optional=True)
+        if self.lr is not None:
+            check_number("lr", self.lr, low=0.0, low_open=True, hint="or None for the default")
+        check_number("weight_decay", self.weight_decay, low=0.0)
+        check_int("epochs", self.epochs, 1)
+        check_int("batch_size", self.batch_size, 1)
+        if self.patience is not None:
+            check_int(
+                "patience",
+                self.patience,
+                1,
+                hint="epochs without improvement, or None to train every epoch",
+            )
+        check_probability(
+            "val_fraction",
+            self.val_fraction,
+            hint="e.g. 0.1 holds out a tenth of the training patients for early stopping",
+        )
+        check_number("dropout", self.dropout, low=0.0, high=1.0, high_open=True)
+        check_int("seed", self.seed, 0)
+        check_int("layer", self.layer, hint="-1 = last block")
+        if self.max_grad_norm is not None:
+            check_number(
+                "max_grad_norm",
+                self.max_grad_norm,
+                low=0.0,
+                low_open=True,
+                hint="or None for no clipping",
+            )
         if self.hidden is not None:
             if isinstance(self.hidden, int | str) or not all(
-                _is_int(h) and h > 0 for h in self.hidden
+                isinstance(h, numbers.Integral) and not isinstance(h, bool) and h > 0
+                for h in self.hidden
             ):
                 raise ConfigError(
                     f"hidden must be a sequence of positive layer sizes, e.g. (256, 128), or "
@@ -128,53 +159,6 @@ class FinetuneConfig:
                 f"device {self.device!r} is not a torch device; use 'cpu', 'cuda' or 'cuda:0'"
             ) from exc
 
-    def _check_choices(self) -> None:
-        if self.task not in TASKS:
-            raise ConfigError(f"task must be one of {TASKS}, got {self.task!r}")
-        if self.mode not in MODES:
-            raise ConfigError(
-                f"mode must be one of {MODES} (IA3 adapters, all weights, head only), got "
-                f"{self.mode!r}"
-            )
-        if self.ties not in TIES:
-            raise ConfigError(f"ties must be 'efron' or 'breslow', got {self.ties!r}")
-        if not isinstance(self.random_init, bool):
-            raise ConfigError(f"random_init must be True or False, got {self.random_init!r}")
-        if self.progress is not None and not isinstance(self.progress, bool):
-            raise ConfigError(f"progress must be True, False or None, got {self.progress!r}")
-
-    def _check_numbers(self) -> None:
-        if self.lr is not None and not (_is_real(self.lr) and self.lr > 0):
-            raise ConfigError(f"lr must be a number > 0 (or None for the default), got {self.lr!r}")
-        if not (_is_real(self.weight_decay) and self.weight_decay >= 0):
-            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
-        for name in ("epochs", "batch_size"):
-            value = getattr(self, name)
-            if not (_is_int(value) and value >= 1):
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        if self.patience is not None and not (_is_int(self.patience) and self.patience >= 1):
-            raise ConfigError(
-                f"patience must be a positive integer (epochs without improvement), or None "
-                f"to train every epoch without early stopping, got {self.patience!r}"
-            )
-        if not (_is_real(self.val_fraction) and 0 < self.val_fraction < 1):
-            raise ConfigError(
-                f"val_fraction must lie strictly between 0 and 1, got {self.val_fraction!r}; "
-                "e.g. 0.1 holds out a tenth of the training patients for early stopping"
-            )
-        if not (_is_real(self.dropout) and 0 <= self.dropout < 1):
-            raise ConfigError(f"dropout must lie in [0, 1), got {self.dropout!r}")
-        if not (_is_int(self.seed) and self.seed >= 0):
-            raise ConfigError(f"seed must be a non-negative integer, got {self.seed!r}")
-        if not _is_int(self.layer):
-            raise ConfigError(f"layer must be an integer (-1 = last block), got {self.layer!r}")
-        if self.max_grad_norm is not None and not (
-            _is_real(self.max_grad_norm) and self.max_grad_norm > 0
-        ):
-            raise ConfigError(
-                f"max_grad_norm must be > 0, or None for no clipping, got {self.max_grad_norm!r}"
-            )
-
     @property
     def learning_rate(self) -> float:
         return float(self.lr) if self.lr is not None else DEFAULT_LR[self.mode]
@@ -183,28 +167,15 @@ class FinetuneConfig:
     def head_hidden(self) -> tuple[int, ...]:
         return self.hidden if self.hidden is not None else DEFAULT_HIDDEN[self.task]
 
-    def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data["hidden"] = list(self.hidden) if self.hidden is not None else None
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> FinetuneConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown fine-tuning settings {unknown}; see FinetuneConfig")
-        kwargs = dict(data)
-        if kwargs.get("hidden") is not None:
-            kwargs["hidden"] = tuple(kwargs["hidden"])
-        return cls(**kwargs)
-
 
 # --------------------------------------------------------------------------- network
 class FinetuneNetwork(nn.Module):
     """Encoder -> masked mean pooling of one layer -> head."""
 
-    def __init__(self, encoder: BulkRNABert, head: nn.Module, layer: int = -1) -> None:
+    pool_mean: torch.Tensor
+    pool_scale: torch.Tensor
+
+    def __init__(self, encoder: BulkRNABert, head: MLPHead, layer: int = -1) -> None:
         super().__init__()
         self.encoder = encoder
         self.head = head
@@ -251,7 +222,7 @@ def _layer_depth(config: BulkRNABertConfig, layer: int) -> int:
     return layer % (n + 1)
 
 
-def _build_head(config: FinetuneConfig, in_dim: int, out_dim: int) -> nn.Module:
+def _build_head(config: FinetuneConfig, in_dim: int, out_dim: int) -> MLPHead:
     from bulkfm.models.heads import classification_head, survival_head
 
     kw: dict[str, Any] = {"hidden": config.head_hidden, "dropout": float(config.dropout)}
@@ -306,7 +277,10 @@ class _Targets:
         return _Targets(*(None if a is None else a[idx] for a in (self.y, self.time, self.event)))
 
     def strata(self) -> np.ndarray:
-        return self.y if self.y is not None else self.event.astype(int)
+        if self.y is not None:
+            return self.y
+        assert self.event is not None  # survival targets always carry events
+        return self.event.astype(int)
 
 
 def _column(adata: ad.AnnData, name: str) -> np.ndarray:
@@ -433,7 +407,7 @@ class FinetunedModel:
         tokenizer: BinTokenizer,
         config: FinetuneConfig,
         *,
-        classes: Sequence[Any] | None = None,
+        classes: Sequence[Any] | np.ndarray | None = None,
         history: list[dict[str, Any]] | None = None,
         best_epoch: int | None = None,
         param_counts: dict[str, int | float] | None = None,
@@ -691,7 +665,7 @@ def _validation_split(
     """Patient-grouped, stratified hold-out of ``val_fraction`` for early stopping."""
     from bulkfm.data.splits import repeated_holdout
 
-    groups = adata.obs["patient"].to_numpy() if "patient" in adata.obs else None
+    groups = adata.obs[keys.PATIENT].to_numpy() if keys.PATIENT in adata.obs else None
     try:
         split = repeated_holdout(
             targets.strata(), groups, seeds=[config.seed], test_size=float(config.val_fraction)
@@ -772,7 +746,8 @@ class _Trainer:
         inputs = self._features(tokens)
         val_inputs = self._features(val_tokens) if val_tokens is not None else None
         history: list[dict[str, Any]] = []
-        best = (math.inf, None, None)  # loss, epoch, trainable state
+        # loss, epoch, trainable state
+        best: tuple[float, int | None, dict[str, torch.Tensor] | None] = (math.inf, None, None)
         stale = 0
         bar = tqdm(
             range(1, self.config.epochs + 1),

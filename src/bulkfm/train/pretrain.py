@@ -61,6 +61,8 @@ if TYPE_CHECKING:
     import anndata as ad
     from accelerate import Accelerator
 
+    from bulkfm.models.bulkrnabert import BulkRNABert
+
 logger = logging.getLogger(__name__)
 
 STATE_FORMAT = "bulkfm.pretrain_state/1"
@@ -144,7 +146,8 @@ def warmup_cosine(step: int, *, warmup_steps: int, max_steps: int, min_ratio: fl
 
 def build_optimizer(model: torch.nn.Module, config: PretrainConfig) -> torch.optim.AdamW:
     """AdamW; biases and LayerNorm parameters (1-D) are not decayed, as in BERT."""
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for param in model.parameters():
         if param.requires_grad:
             (decay if param.ndim >= 2 else no_decay).append(param)
@@ -233,13 +236,11 @@ def _make_accelerator(precision: str, accum: int, world: int, *, cpu: bool) -> A
 
 
 # ---------------------------------------------------------------------- model
-def build_model(config: PretrainConfig, n_genes: int) -> torch.nn.Module:
-    from bulkfm.models.bulkrnabert import BulkRNABert, BulkRNABertConfig
+def build_model(config: PretrainConfig, n_genes: int) -> BulkRNABert:
+    from bulkfm.models.bulkrnabert import BulkRNABert
 
-    model_config = BulkRNABertConfig(
-        n_genes=n_genes,
-        gradient_checkpointing=config.gradient_checkpointing,
-        **dataclasses.asdict(config.model),
+    model_config = dataclasses.replace(
+        config.model, n_genes=n_genes, gradient_checkpointing=config.gradient_checkpointing
     )
     return BulkRNABert(model_config)
 
@@ -357,6 +358,7 @@ def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         for i, state in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"cuda_{i}"] = state
     np_state = np.random.get_state()  # noqa: NPY002 (global state is what we restore)
+    assert isinstance(np_state, tuple)  # the legacy form, which set_state takes back
     py_state = random.getstate()
     plain = {
         "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],

@@ -8,14 +8,9 @@ import pandas as pd
 import pytest
 
 from bulkfm.bench.config import BenchConfig
-from bulkfm.bench.tasks import (
-    TaskSpec,
-    bench_obs,
-    default_tasks,
-    parse_tasks,
-    prepare_task,
-)
+from bulkfm.bench.selection import bench_obs, default_tasks, parse_tasks
 from bulkfm.errors import ConfigError, SplitError
+from bulkfm.tasks import TaskSpec, prepare_task
 
 
 def _adata(obs: pd.DataFrame) -> ad.AnnData:
@@ -146,13 +141,6 @@ def test_missing_sample_type_column_is_an_error(sim, small_config) -> None:
     del sim.obs["sample_type"]
     with pytest.raises(ConfigError, match="no 'sample_type' column"):
         default_tasks(sim, small_config)
-
-
-def test_task_spec_validation() -> None:
-    with pytest.raises(ConfigError, match="needs a gene"):
-        TaskSpec("mutation")
-    with pytest.raises(ConfigError, match="unknown task family"):
-        TaskSpec("expression")
 
 
 def test_missing_patient_column_is_an_error(sim, small_config) -> None:

@@ -7,13 +7,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
-from scipy.cluster.hierarchy import dendrogram, linkage
-from sklearn.metrics.pairwise import cosine_similarity
 
+from bulkfm import schema as keys
 from bulkfm.errors import BulkfmWarning, ClinicalMatchError, ConfigError, SplitError
 from bulkfm.evaluate.config import EvaluateConfig
-from bulkfm.evaluate.protocol import cohort_similarity, run_evaluation
+from bulkfm.evaluate.run import run_evaluation
 from bulkfm.metrics import concordance_index
 from bulkfm.tasks.classification import run_classification
 from tests.evaluate import TINY_BASELINES, TINY_HEADS, tiny_data, tiny_model
@@ -31,12 +29,7 @@ CLASSIFICATION_ARMS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def config(out: Path, **sections) -> EvaluateConfig:
@@ -57,10 +50,10 @@ def config(out: Path, **sections) -> EvaluateConfig:
 @pytest.fixture(scope="module")
 def data():
     adata = tiny_data()
-    tum = np.flatnonzero(adata.obs["sample_type"].to_numpy() == "tumor")
-    times = adata.obs["survival_time"].to_numpy().copy()
+    tum = np.flatnonzero(adata.obs[keys.SAMPLE_TYPE].to_numpy() == "tumor")
+    times = adata.obs[keys.SURVIVAL_TIME].to_numpy().copy()
     times[tum[0]], times[tum[1]] = 0.0, np.nan  # two unusable survival records
-    adata.obs["survival_time"] = times
+    adata.obs[keys.SURVIVAL_TIME] = times
     return adata
 
 
@@ -90,7 +83,7 @@ def run(data, model, tmp_path_factory):
 def test_every_arm_and_baseline_sees_the_same_splits(run, data):
     res = run.results
     assert set(res["classification"]) == CLASSIFICATION_ARMS
-    tumours = data.obs[data.obs["sample_type"] == "tumor"]
+    tumours = data.obs[data.obs[keys.SAMPLE_TYPE] == "tumor"]
     expected = {str(i) for i in tumours.index}
     reference = None
     for key, arm in run.classification.items():
@@ -125,10 +118,10 @@ def test_frozen_mlp_arm_equals_run_classification_on_the_same_splits(run, data, 
     from bulkfm.data.splits import repeated_holdout
     from bulkfm.embed import embed_adata
 
-    tumours = data[data.obs["sample_type"] == "tumor"]
+    tumours = data[data.obs[keys.SAMPLE_TYPE] == "tumor"]
     emb = embed_adata(*model, tumours, batch_size=32)
-    y = tumours.obs["cohort"].astype(str).to_numpy()
-    g = tumours.obs["patient"].astype(str).to_numpy()
+    y = tumours.obs[keys.COHORT].astype(str).to_numpy()
+    g = tumours.obs[keys.PATIENT].astype(str).to_numpy()
     splits = repeated_holdout(y, g, seeds=[0, 1])
     ref = run_classification(emb, y, groups=g, method="mlp", splits=splits, mlp=TINY_HEADS["mlp"])
     got = run.results["classification"]["mlp"]["summary"]["macro_f1"]["values"]
@@ -148,7 +141,7 @@ def test_fine_tuned_arms_record_their_trainable_parameters(run):
 
 def test_unusable_survival_records_are_excluded_and_reported(run, data):
     excl = run.results["data"]["exclusions"]["survival"]
-    tum = data.obs_names[data.obs["sample_type"] == "tumor"]
+    tum = data.obs_names[data.obs[keys.SAMPLE_TYPE] == "tumor"]
     assert excl["n_excluded"] == 2 and excl["ids"] == [str(tum[0]), str(tum[1])]
     assert any("1 missing/infinite time, 1 time <= 0" in m for m in run.caught)
     surv = run.results["survival"]
@@ -160,7 +153,7 @@ def test_unusable_survival_records_are_excluded_and_reported(run, data):
 def test_transfer_compares_three_models_on_the_same_cohort_test_samples(run, data):
     transfer = run.results["transfer"]["COHB"]["mlp"]
     pred = run.survival["mlp"].predictions
-    cohort = data.obs["cohort"].astype(str)
+    cohort = data.obs[keys.COHORT].astype(str)
     in_b = pred[cohort.reindex(pred["sample_id"]).to_numpy() == "COHB"]
     expected = [
         concordance_index(p["time"], p["event"], p["risk"]) for _, p in in_b.groupby("split")
@@ -193,21 +186,6 @@ def test_robustness_ratios_divide_by_the_clean_score(run):
     )
 
 
-def test_similarity_matches_centred_cosine_and_scipy_dendrogram():
-    rng = np.random.default_rng(0)
-    labels = np.repeat(["a", "b", "c", "d"], 10)
-    emb = rng.normal(size=(40, 6)) + 50.0  # large shared component
-    emb[labels == "b"] += 2.0
-    res = cohort_similarity(emb, labels)
-    centred = emb - emb.mean(axis=0)
-    means = np.vstack([centred[labels == c].mean(axis=0) for c in "abcd"])
-    np.testing.assert_allclose(res["cosine"], cosine_similarity(means), atol=1e-12)
-    ref = dendrogram(linkage(means, "average", metric="cosine"), no_plot=True, labels=list("abcd"))
-    assert res["order"] == ref["ivl"]
-    raw = cohort_similarity(emb, labels, center=False)
-    assert np.min(raw["cosine"]) > 0.99  # why centring is the default
-
-
 def test_outputs_are_written(run):
     out = run.out_dir
     results = json.loads((out / "results.json").read_text(), parse_constant=_no_nan)
@@ -227,6 +205,48 @@ def test_outputs_are_written(run):
     assert set(pred["arm"]) >= CLASSIFICATION_ARMS - {"svm"}
 
 
+def test_results_json_sections_and_arm_entries_keep_their_keys(run):
+    results = json.loads((run.out_dir / "results.json").read_text())
+    assert list(results) == [
+        "config",
+        "model",
+        "data",
+        "splits",
+        "notes",
+        "timings_s",
+        "classification",
+        "robustness",
+        "survival",
+        "per_cohort_survival",
+        "transfer",
+        "similarity",
+        "warnings",
+        "km",
+    ]
+    assert list(results["data"]) == ["n_loaded", "n_selected", "exclusions", "classes", "survival"]
+    clf = results["classification"]["mlp"]
+    assert list(clf) == ["label", "kind", "summary", "labels", "confusion", "per_split"]
+    surv = results["survival"]["baseline_pca_cox"]
+    assert list(surv) == ["label", "kind", "summary", "per_cohort", "per_split"]
+    assert list(results["transfer"]["COHB"]["mlp"]) == [
+        "pan_cancer",
+        "without_cohort",
+        "without_cohort_errors",
+        "cohort_only",
+        "cohort_only_errors",
+    ]
+    assert list(results["robustness"]["fractions"]["0.3"]) == [
+        "clean_macro_f1",
+        "imputed",
+        "masked",
+        "zero",
+    ]
+    assert list(results["splits"]["survival"][0]) == ["name", "seed", "n_train", "n_test"]
+    assert results["classification"]["random_init"]["kind"] == "ablation"
+    assert results["survival"]["baseline_mlp"]["kind"] == "baseline"
+    assert run.to_json() == (run.out_dir / "results.json").read_text()
+
+
 def _no_nan(token: str) -> None:
     raise AssertionError(f"results.json holds {token}; NaN must be written as null")
 
@@ -234,10 +254,10 @@ def _no_nan(token: str) -> None:
 # --------------------------------------------------------------------------- bad input
 def test_class_with_too_few_patients_is_named_or_dropped(data, model, tmp_path):
     small = data.copy()
-    tum = np.flatnonzero(small.obs["sample_type"].to_numpy() == "tumor")
-    cohort = small.obs["cohort"].astype(str).to_numpy()
+    tum = np.flatnonzero(small.obs[keys.SAMPLE_TYPE].to_numpy() == "tumor")
+    cohort = small.obs[keys.COHORT].astype(str).to_numpy()
     cohort[tum[:3]] = "RARE"
-    small.obs["cohort"] = cohort
+    small.obs[keys.COHORT] = cohort
     cfg = config(
         tmp_path,
         arms={"svm": False, "ia3": False},
@@ -255,9 +275,9 @@ def test_class_with_too_few_patients_is_named_or_dropped(data, model, tmp_path):
 
 def test_cohort_without_events_is_skipped_with_a_warning(data, model, tmp_path):
     no_events = data.copy()
-    event = no_events.obs["survival_event"].to_numpy().copy()
-    event[no_events.obs["cohort"].astype(str).to_numpy() == "COHA"] = 0
-    no_events.obs["survival_event"] = event
+    event = no_events.obs[keys.SURVIVAL_EVENT].to_numpy().copy()
+    event[no_events.obs[keys.COHORT].astype(str).to_numpy() == "COHA"] = 0
+    no_events.obs[keys.SURVIVAL_EVENT] = event
     cfg = config(
         tmp_path,
         arms={"svm": False, "ia3": False},
@@ -293,7 +313,7 @@ def test_embeddings_sharing_no_sample_with_the_labels(data, tmp_path):
 def test_partial_embedding_overlap_is_an_explicit_exclusion(data, model, tmp_path):
     from bulkfm.embed import embed_adata, write_embeddings
 
-    tum = data[data.obs["sample_type"] == "tumor"]
+    tum = data[data.obs[keys.SAMPLE_TYPE] == "tumor"]
     emb = embed_adata(*model, tum, batch_size=64)
     path = tmp_path / "emb.parquet"
     write_embeddings(emb[10:], list(tum.obs_names[10:]), path)
@@ -317,9 +337,9 @@ def test_partial_embedding_overlap_is_an_explicit_exclusion(data, model, tmp_pat
 
 def test_event_codes_other_than_0_1_are_an_error(data, model, tmp_path):
     bad = data.copy()
-    event = bad.obs["survival_event"].to_numpy().astype(int).copy()
-    event[np.flatnonzero(bad.obs["sample_type"].to_numpy() == "tumor")[5]] = 2
-    bad.obs["survival_event"] = event
+    event = bad.obs[keys.SURVIVAL_EVENT].to_numpy().astype(int).copy()
+    event[np.flatnonzero(bad.obs[keys.SAMPLE_TYPE].to_numpy() == "tumor")[5]] = 2
+    bad.obs[keys.SURVIVAL_EVENT] = event
     cfg = config(tmp_path, tasks={"classification": False, "similarity": False})
     with pytest.raises(ClinicalMatchError, match="not 0/1"):
         run_evaluation(cfg, adata=bad, model=model)
@@ -337,11 +357,11 @@ def test_missing_columns_and_empty_selection_are_config_errors(data, model, tmp_
 def test_duplicates_are_kept_once(data, model, tmp_path):
     import anndata as ad
 
-    tum = data[data.obs["sample_type"] == "tumor"].copy()
+    tum = data[data.obs[keys.SAMPLE_TYPE] == "tumor"].copy()
     twin = tum[:4].copy()
     twin.obs_names = [f"{n}|copy" for n in twin.obs_names]
     both = ad.concat([tum, twin])
-    both.obs["sample_id"] = [n.split("|")[0] for n in both.obs_names]
+    both.obs[keys.SAMPLE_ID] = [n.split("|")[0] for n in both.obs_names]
     cfg = config(
         tmp_path,
         arms={"svm": False, "ia3": False, "mlp": False},
@@ -352,3 +372,19 @@ def test_duplicates_are_kept_once(data, model, tmp_path):
     res = run_evaluation(cfg, adata=both, model=model)
     assert res.results["data"]["exclusions"]["dedupe"]["n_dropped"] == 4
     assert res.results["data"]["n_selected"] == tum.n_obs
+
+
+# --------------------------------------------------------------------------- main job
+def test_quick_config_is_the_packaged_yaml_with_overrides(tmp_path):
+    from bulkfm.evaluate.run import quick_config
+
+    cfg = quick_config(tmp_path / "1e3", tmp_path / "out")
+    assert cfg.model.path == str(tmp_path / "1e3") and cfg.output_dir == str(tmp_path / "out")
+    assert cfg.num_threads == 1 and cfg.protocol.n_seeds == 2
+    assert cfg.heads.finetune == {"epochs": 2, "batch_size": 16, "patience": None}
+    assert cfg.data.select == {"sample_type": "tumor"} and cfg.data.drop_small_classes
+    assert cfg.tasks.robustness == [0.3] and cfg.baselines.nmf_max_iter == 100
+    fuller = quick_config("m", "o", ["protocol.n_seeds=5", "heads.finetune.epochs=10"])
+    assert fuller.protocol.n_seeds == 5 and fuller.heads.finetune["epochs"] == 10
+    with pytest.raises(ConfigError, match="protocl"):
+        quick_config("m", "o", ["protocl.n_seeds=5"])

@@ -7,7 +7,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from bulkfm import metrics
-from bulkfm.bench.folds import inner_folds
+from bulkfm.data.splits import inner_folds
 from bulkfm.errors import ConfigError, SplitError
 from bulkfm.tasks.cox import fit_ridge_cox
 from bulkfm.tasks.probes import ProbeConfig, run_probe

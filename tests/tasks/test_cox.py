@@ -82,6 +82,24 @@ def test_unpenalised_limit_matches_lifelines() -> None:
     np.testing.assert_allclose(ours, ref, atol=1e-4)
 
 
+@pytest.mark.parametrize("penalizer", [0.01, 0.3])
+def test_penalised_matches_lifelines_with_the_same_penalty(penalizer: float) -> None:
+    """lifelines maximises loglik - n * penalizer / 2 * |b * s|^2 on inputs it rescales by
+    their ddof=1 std ``s``; on z-scored (ddof=0) inputs s^2 = n / (n - 1), so its
+    ``penalizer`` is ``alpha = penalizer * n / (n - 1)`` here (Efron == Breslow without
+    tied times)."""
+    import pandas as pd
+    from lifelines import CoxPHFitter
+
+    X, time, event = _data(n=300, p=4, seed=8)
+    Z = (X - X.mean(0)) / X.std(0)
+    n = Z.shape[0]
+    df = pd.DataFrame(Z, columns=[f"x{i}" for i in range(4)]).assign(T=time, E=event)
+    ref = CoxPHFitter(penalizer=penalizer).fit(df, "T", "E").params_.to_numpy()
+    ours = fit_ridge_cox(Z, time, event, penalizer * n / (n - 1), tol=1e-12).coef
+    np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-6)
+
+
 def test_huge_scores_do_not_overflow() -> None:
     X, time, event = _data(seed=5)
     with np.errstate(over="raise", invalid="raise"):

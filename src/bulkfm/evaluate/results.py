@@ -1,0 +1,293 @@
+"""What an evaluation produced, as typed records, and how it becomes ``results.json``.
+
+The runner fills an :class:`EvaluationResult`; the report and the CLI read it. Both the
+JSON file and :attr:`EvaluationResult.results` come from the same ``to_dict`` methods, so
+the file's keys and their order are defined here once. Import-light (numpy only): the
+report imports this module and must not pull in the runner.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from bulkfm.tasks.classification import ClassificationResult
+    from bulkfm.tasks.survival import SurvivalResult
+
+__all__ = [
+    "RESULTS_FILE",
+    "ClassificationArm",
+    "CohortSimilarity",
+    "CohortSurvival",
+    "DataSummary",
+    "EvaluationResult",
+    "KaplanMeier",
+    "PerCohortSurvival",
+    "RobustnessFraction",
+    "RobustnessStudy",
+    "SplitInfo",
+    "SurvivalArm",
+    "SurvivalCounts",
+    "TransferScores",
+    "VariantScores",
+    "jsonable",
+]
+
+RESULTS_FILE = "results.json"
+
+#: ``bulkfm.metrics.mean_std`` output: mean, std, n, n_nan, values.
+Stats = dict[str, Any]
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, _Record):
+        return value.to_dict()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+class _Record:
+    """A dataclass whose JSON form is its fields, in order (nested records included)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            f.name: _plain(getattr(self, f.name))
+            for f in dataclasses.fields(self)  # type: ignore[arg-type]
+        }
+
+
+@dataclass
+class SplitInfo(_Record):
+    name: str
+    seed: int
+    n_train: int
+    n_test: int
+
+
+@dataclass
+class ClassificationArm(_Record):
+    """One arm of the classification table: summary over splits, pooled confusion."""
+
+    label: str
+    kind: str
+    summary: dict[str, Stats]
+    labels: list[str]
+    confusion: list[list[int]]
+    per_split: list[dict[str, Any]]
+
+
+@dataclass
+class SurvivalArm(_Record):
+    """One arm of the survival table, with its per-cohort C-index over splits."""
+
+    label: str
+    kind: str
+    summary: dict[str, Stats]
+    per_cohort: dict[str, Stats]
+    per_split: list[dict[str, Any]]
+
+
+@dataclass
+class CohortSurvival(_Record):
+    n: int
+    n_events: int
+    arms: dict[str, SurvivalArm]
+
+
+@dataclass
+class PerCohortSurvival(_Record):
+    """Models trained within one cohort; ``skipped`` gives each left-out cohort's reason."""
+
+    cohorts: dict[str, CohortSurvival] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class TransferScores(_Record):
+    """C-index on one cohort's pan-cancer test samples for three training sets."""
+
+    pan_cancer: Stats
+    without_cohort: Stats | None
+    without_cohort_errors: list[str]
+    cohort_only: Stats | None
+    cohort_only_errors: list[str]
+
+
+@dataclass
+class VariantScores(_Record):
+    macro_f1: Stats
+    ratio: Stats
+
+
+@dataclass
+class RobustnessFraction(_Record):
+    """Scores at one fraction of removed genes; the variants sit beside the clean score
+    in the JSON (``{"clean_macro_f1": ..., "imputed": ..., ...}``)."""
+
+    clean_macro_f1: Stats
+    variants: dict[str, VariantScores]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "clean_macro_f1": self.clean_macro_f1,
+            **{k: v.to_dict() for k, v in self.variants.items()},
+        }
+
+
+@dataclass
+class RobustnessStudy(_Record):
+    head: str
+    fractions: dict[str, RobustnessFraction]
+    per_split: list[dict[str, Any]]
+
+
+@dataclass
+class CohortSimilarity(_Record):
+    """Cosine similarity of per-label mean embeddings; ``order`` is the dendrogram's."""
+
+    labels: list[str]
+    centered: bool
+    cosine: list[list[float]]
+    linkage: list[list[float]]
+    order: list[str]
+
+
+@dataclass
+class KaplanMeier(_Record):
+    logrank: dict[str, float]
+    groups: list[dict[str, Any]]
+
+
+@dataclass
+class SurvivalCounts(_Record):
+    n: int
+    n_events: int
+    per_cohort: dict[str, dict[str, int]]
+
+
+@dataclass
+class DataSummary(_Record):
+    """How the analysed samples came about; ``exclusions`` records each dropping step."""
+
+    n_loaded: int
+    n_selected: int
+    exclusions: dict[str, Any]
+    classes: dict[str, int] | None = None
+    survival: SurvivalCounts | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        return {k: v for k, v in out.items() if v is not None or k not in ("classes", "survival")}
+
+
+# Top-level sections written only when their study ran.
+_OPTIONAL = (
+    "classification",
+    "robustness",
+    "survival",
+    "per_cohort_survival",
+    "transfer",
+    "similarity",
+)
+
+
+@dataclass
+class EvaluationResult:
+    """What :func:`bulkfm.evaluate.run_evaluation` produced.
+
+    The typed sections mirror ``results.json``; ``classification`` / ``survival`` hold the
+    fitted arms' full outputs (test predictions included), ``classification_arms`` /
+    ``survival_arms`` their table entries.
+    """
+
+    out_dir: Path
+    config: dict[str, Any]
+    model: dict[str, Any]
+    data: DataSummary
+    notes: list[str]
+    timings_s: dict[str, float]
+    splits: dict[str, list[SplitInfo]] = field(default_factory=dict)
+    classification_arms: dict[str, ClassificationArm] | None = None
+    robustness: RobustnessStudy | None = None
+    survival_arms: dict[str, SurvivalArm] | None = None
+    per_cohort_survival: PerCohortSurvival | None = None
+    transfer: dict[str, dict[str, TransferScores]] | None = None
+    similarity: CohortSimilarity | None = None
+    warnings: list[str] = field(default_factory=list)
+    km: dict[str, KaplanMeier] = field(default_factory=dict)
+    paths: dict[str, Path] = field(default_factory=dict)
+    classification: dict[str, ClassificationResult] = field(default_factory=dict, repr=False)
+    survival: dict[str, SurvivalResult] = field(default_factory=dict, repr=False)
+
+    @property
+    def results(self) -> dict[str, Any]:
+        """The results as in results.json (before NaN becomes null)."""
+        sections = {
+            "classification": self.classification_arms,
+            "robustness": self.robustness,
+            "survival": self.survival_arms,
+            "per_cohort_survival": self.per_cohort_survival,
+            "transfer": self.transfer,
+            "similarity": self.similarity,
+        }
+        out: dict[str, Any] = {
+            "config": self.config,
+            "model": self.model,
+            "data": self.data.to_dict(),
+            "splits": _plain(self.splits),
+            "notes": self.notes,
+            "timings_s": self.timings_s,
+        }
+        out.update({k: _plain(sections[k]) for k in _OPTIONAL if sections[k] is not None})
+        out["warnings"] = self.warnings
+        if self.km:
+            out["km"] = _plain(self.km)
+        return out
+
+    def to_json(self) -> str:
+        """results.json's text: NaN and infinities written as null."""
+        return json.dumps(jsonable(self.results), indent=1) + "\n"
+
+    def summary(self) -> dict[str, Any]:
+        """Mean ± std per arm and task, and the report paths (compact, JSON-able)."""
+        out: dict[str, Any] = {"out_dir": str(self.out_dir)}
+        for task, arms in (
+            ("classification", self.classification_arms),
+            ("survival", self.survival_arms),
+        ):
+            out[task] = {
+                k: {
+                    "label": v.label,
+                    **{m: {"mean": s["mean"], "std": s["std"]} for m, s in v.summary.items()},
+                }
+                for k, v in (arms or {}).items()
+            }
+        out["paths"] = {k: str(v) for k, v in self.paths.items()}
+        return jsonable(out)
+
+
+def jsonable(value: Any) -> Any:
+    """Plain JSON types: numpy scalars and arrays unwrapped, NaN/inf -> None, paths -> str."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Path):
+        return str(value)
+    return value

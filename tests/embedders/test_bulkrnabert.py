@@ -1,0 +1,47 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pytest
+
+from bulkfm.embedders import get_embedder
+from bulkfm.errors import CheckpointError, ConfigError
+from tests.conftest import tiny_config
+
+
+def _tiny_checkpoint(adata: ad.AnnData, directory: Path) -> Path:
+    import torch
+
+    from bulkfm.models.bulkrnabert import BulkRNABert
+    from bulkfm.tokenize import BinTokenizer
+
+    torch.manual_seed(0)
+    genes = list(map(str, adata.var_names[:32]))
+    config = tiny_config(n_genes=32, embed_dim=16, n_expressions_bins=16)
+    tokenizer = BinTokenizer.fit(np.asarray(adata[:, genes].X), genes, n_bins=16)
+    return BulkRNABert(config).save_pretrained(directory, tokenizer)
+
+
+def test_bulkrnabert_embedder_equals_embed_adata(sim, tmp_path) -> None:
+    from bulkfm.embed import embed_adata
+    from bulkfm.models.bulkrnabert import load_pretrained
+
+    ckpt = _tiny_checkpoint(sim, tmp_path / "ckpt")
+    small = sim[:12].copy()
+    model = get_embedder("bulkrnabert", model_dir=ckpt, batch_size=5)
+    out = model.transform(small)
+    net, tok = load_pretrained(ckpt)
+    np.testing.assert_allclose(out, embed_adata(net, tok, small, batch_size=5), rtol=1e-6)
+    assert out.shape == (12, 16) and not model.learns
+    before = model.fingerprint()
+    (ckpt / "extra.txt").write_text("changed checkpoint")
+    assert get_embedder("bulkrnabert", model_dir=ckpt).fingerprint() != before
+
+
+def test_bulkrnabert_needs_a_checkpoint(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="--model-dir"):
+        get_embedder("bulkrnabert")
+    with pytest.raises(CheckpointError, match="not found"):
+        get_embedder("bulkrnabert", model_dir=tmp_path / "nope")
