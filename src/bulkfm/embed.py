@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from bulkfm import schema as keys
+from bulkfm.config import check_int
 from bulkfm.errors import ConfigError, DuplicateIdError, ExpressionValueError, InputFileError
 from bulkfm.io import atomic_path, write_h5ad
 
@@ -70,8 +71,7 @@ def embed_adata(
 
     from bulkfm.models.bulkrnabert import check_tokenizer_matches
 
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+    check_int("batch_size", batch_size, 1)
     check_tokenizer_matches(model.config, tokenizer)
     model._normalise_layer(layer)  # fail before any work on a layer that does not exist
     if adata.n_obs == 0:

@@ -17,7 +17,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from bulkfm import schema as keys
-from bulkfm.errors import ConfigError
+from bulkfm.config import check_int
 
 if TYPE_CHECKING:
     import anndata as ad
@@ -45,8 +45,7 @@ def impute_missing(
     """
     import torch
 
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+    check_int("batch_size", batch_size, 1)
     from bulkfm.models.bulkrnabert import check_tokenizer_matches
 
     check_tokenizer_matches(model.config, tokenizer)

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from bulkfm.config import check_int, check_probability
 from bulkfm.errors import BulkfmError, BulkfmWarning, ClinicalMatchError, ConfigError, SplitError
 
 logger = logging.getLogger(__name__)
@@ -255,9 +256,8 @@ def cohort_concordance(
     with fewer than ``min_events`` events or ``min_pairs`` comparable pairs are skipped
     (warning + reason in ``skipped``): their index is undefined or meaningless.
     """
-    for name, value in (("min_events", min_events), ("min_pairs", min_pairs)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    check_int("min_events", min_events, 1)
+    check_int("min_pairs", min_pairs, 1)
     t, e = validate_survival(time, event)
     r = _finite_float(risk, "risk")
     c = _as_1d(cohorts, "cohorts")
@@ -318,10 +318,8 @@ def bootstrap_ci(
     e.g. a resample without events) are dropped; more than half dropped is an error,
     because the interval would then describe a biased subset of resamples.
     """
-    if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 10:
-        raise ConfigError(f"n_boot must be an integer >= 10, got {n_boot!r}")
-    if not 0.0 < float(alpha) < 1.0:
-        raise ConfigError(f"alpha must lie in (0, 1), e.g. 0.05 for a 95% interval; got {alpha}")
+    check_int("n_boot", n_boot, 10)
+    check_probability("alpha", alpha, hint="e.g. 0.05 for a 95% interval")
     if not arrays:
         raise ConfigError("bootstrap_ci needs the metric's arrays, e.g. (y_true, y_pred)")
     data = [a.to_numpy() if hasattr(a, "to_numpy") else np.asarray(a) for a in arrays]

@@ -30,6 +30,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from bulkfm import schema as keys
+from bulkfm.config import check_int
 from bulkfm.errors import ConfigError, DuplicateIdError, ExpressionValueError, GeneMappingError
 from bulkfm.io import write_text
 
@@ -84,8 +85,7 @@ class TokenizerConfig:
                 "the list"
             )
         self.normalization_factor = _check_factor(self.normalization_factor)
-        if isinstance(self.n_bins, bool) or not isinstance(self.n_bins, int) or self.n_bins < 2:
-            raise ConfigError(f"n_bins must be an integer >= 2, got {self.n_bins!r}")
+        check_int("n_bins", self.n_bins, 2)
 
     def to_dict(self) -> dict[str, Any]:
         return {

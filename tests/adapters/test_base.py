@@ -208,7 +208,7 @@ def test_shared_options_layer_and_min_coverage(tmp_path) -> None:
     assert _Sum(tmp_path, min_coverage=0.5).fingerprint() != _Sum(tmp_path).fingerprint()
     with pytest.raises(ConfigError, match="layer=''; use 'auto'"):
         _Sum(tmp_path, layer="")
-    with pytest.raises(ConfigError, match=r"min_coverage must be in \[0, 1\]"):
+    with pytest.raises(ConfigError, match=r"min_coverage must lie in \[0, 1\]"):
         _Sum(tmp_path, min_coverage=1.5)
-    with pytest.raises(ConfigError, match="min_coverage must be a number"):
+    with pytest.raises(ConfigError, match=r"min_coverage must lie in \[0, 1\], got True"):
         _Sum(tmp_path, min_coverage=True)

@@ -428,7 +428,7 @@ def test_model_path_required_and_must_exist(tmp_path: Path) -> None:
     [
         ({"pooling": "cls"}, "pooling='cls'"),
         ({"gene_set": "hvg"}, "gene_set='hvg'"),
-        ({"min_coverage": 2}, "min_coverage must be in"),
+        ({"min_coverage": 2}, "min_coverage must lie in"),
     ],
 )
 def test_bad_options(release: Path, kw: dict, match: str) -> None:

@@ -464,8 +464,8 @@ def test_path_required_and_must_exist(tmp_path):
     [
         ({"pooling": "cls"}, "pooling='cls'"),
         ({"layer": ""}, "layer=''"),
-        ({"min_coverage": 1.5}, r"min_coverage must be in \[0, 1\]"),
-        ({"min_coverage": "half"}, "min_coverage must be a number"),
+        ({"min_coverage": 1.5}, r"min_coverage must lie in \[0, 1\]"),
+        ({"min_coverage": "half"}, r"min_coverage must lie in \[0, 1\], got 'half'"),
     ],
 )
 def test_bad_options(release, kwargs, message):

@@ -445,11 +445,11 @@ def test_sample_without_expression_fails():
 @pytest.mark.parametrize(
     ("option", "value", "pattern"),
     [
-        ("pooling", "cls", "pooling must be one of present, all"),
-        ("missing", "drop", "missing must be one of zero, mask"),
-        ("key_max", "head", "key_max must be one of sample, batch"),
+        ("pooling", "cls", r"pooling must be one of \['present', 'all'\]"),
+        ("missing", "drop", r"missing must be one of \['zero', 'mask'\]"),
+        ("key_max", "head", r"key_max must be one of \['sample', 'batch'\]"),
         ("scale_max", 0, "scale_max must be a positive number"),
-        ("min_coverage", 2.0, r"min_coverage must be in \[0, 1\]"),
+        ("min_coverage", 2.0, r"min_coverage must lie in \[0, 1\]"),
     ],
 )
 def test_bad_option_fails(release, option, value, pattern):

@@ -8,7 +8,6 @@ import yaml
 
 import bulkfm.cli
 from bulkfm.evaluate import evaluate_pipeline_stage
-from tests.evaluate import TINY_BASELINES, TINY_HEADS, TINY_PRETRAIN, tiny_data, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -21,26 +20,29 @@ def _register(monkeypatch):
         monkeypatch.setattr(bulkfm.cli, "COMMAND_MODULES", (*modules, "bulkfm.cli.evaluate"))
 
 
-def tiny_yaml(path: Path) -> Path:
+@pytest.fixture
+def tiny_yaml(tmp_path, tiny_heads, tiny_baselines, tiny_pretrain) -> Path:
+    """A tiny evaluation YAML that pre-trains its model here: tmp_path/eval.yaml."""
     config = {
         "num_threads": 1,
         "data": {
             "simulate": {"n_samples": 120, "n_genes": 100, "n_cohorts": 3, "seed": 5},
             "select": {"sample_type": "tumor"},
         },
-        "pretrain": TINY_PRETRAIN,
+        "pretrain": tiny_pretrain,
         "protocol": {"n_seeds": 3},
-        "heads": TINY_HEADS,
-        "baselines": TINY_BASELINES,
+        "heads": tiny_heads,
+        "baselines": tiny_baselines,
         "tasks": {"robustness": [0.3]},
     }
+    path = tmp_path / "eval.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
 
 
 @pytest.mark.slow
-def test_bulkfm_evaluate_end_to_end(tmp_path, capsys):
-    cfg = tiny_yaml(tmp_path / "eval.yaml")
+def test_bulkfm_evaluate_end_to_end(tiny_yaml, tmp_path, capsys):
+    cfg = tiny_yaml
     out = tmp_path / "out"
     code = bulkfm.cli.main(
         ["evaluate", "--config", str(cfg), "--set", "protocol.n_seeds=2", "--out", str(out)]
@@ -60,17 +62,19 @@ def test_bulkfm_evaluate_end_to_end(tmp_path, capsys):
         assert (out / name).is_file(), name
 
 
-def test_bad_config_exits_with_a_message(tmp_path, capsys):
-    cfg = tiny_yaml(tmp_path / "eval.yaml")
+def test_bad_config_exits_with_a_message(tiny_yaml, capsys):
+    cfg = tiny_yaml
     code = bulkfm.cli.main(["evaluate", "--config", str(cfg), "--set", "protocol.test_size=2"])
     assert code == 1
     assert "protocol.test_size must lie in (0, 1)" in capsys.readouterr().err
 
 
 @pytest.mark.slow
-def test_pipeline_stage_returns_a_summary_and_writes_the_report(tmp_path):
+def test_pipeline_stage_returns_a_summary_and_writes_the_report(
+    tiny_data, tiny_model_for, tmp_path
+):
     adata = tiny_data(seed=7, n_samples=130, n_genes=80)
-    model, tokenizer = tiny_model(adata, n_genes=32)
+    model, tokenizer = tiny_model_for(adata, n_genes=32)
     model_dir = model.save_pretrained(tmp_path / "model", tokenizer=tokenizer)
     summary = evaluate_pipeline_stage(adata, model_dir, tmp_path / "evaluate")
     assert set(summary["classification"]) == {

@@ -10,10 +10,16 @@ from bulkfm.evaluate.results import (
     ClassificationArm,
     DataSummary,
     EvaluationResult,
+    Exclusions,
+    ModelInfo,
+    ModelSize,
+    PretrainingInfo,
     RobustnessFraction,
     RobustnessStudy,
+    SelectionStep,
     SplitInfo,
     SurvivalArm,
+    SurvivalExclusion,
     VariantScores,
 )
 
@@ -26,8 +32,8 @@ def result(**sections) -> EvaluationResult:
     return EvaluationResult(
         out_dir=Path("out"),
         config={"output_dir": "out"},
-        model={"source": "given"},
-        data=DataSummary(n_loaded=10, n_selected=8, exclusions={}),
+        model=ModelInfo("given"),
+        data=DataSummary(n_loaded=10, n_selected=8, exclusions=Exclusions()),
         notes=["a note"],
         timings_s={"data": 0.5},
         **sections,
@@ -38,6 +44,48 @@ def test_sections_that_did_not_run_are_left_out():
     res = result().results
     assert list(res) == ["config", "model", "data", "splits", "notes", "timings_s", "warnings"]
     assert list(res["data"]) == ["n_loaded", "n_selected", "exclusions"]
+    assert res["model"] == {"source": "given"} and res["data"]["exclusions"] == {}
+
+
+def test_model_info_is_one_flat_object_in_a_fixed_key_order():
+    info = ModelInfo(
+        "pretrained here",
+        "out/pretrain/final",
+        pretraining=PretrainingInfo(
+            steps=6, n_train=90, n_eval=10, eval={"eval_acc": 0.4}, initial_eval={}, elapsed_s=2.0
+        ),
+        size=ModelSize(n_genes=32, embed_dim=16, num_layers=1, n_parameters=4752),
+    )
+    assert list(info.to_dict()) == [
+        "source",
+        "path",
+        "steps",
+        "n_train",
+        "n_eval",
+        "eval",
+        "initial_eval",
+        "elapsed_s",
+        "n_genes",
+        "embed_dim",
+        "num_layers",
+        "n_parameters",
+    ]
+    assert info.to_dict()["eval"] == {"eval_acc": 0.4}
+    assert ModelInfo("checkpoint", "ckpt").to_dict() == {"source": "checkpoint", "path": "ckpt"}
+
+
+def test_exclusions_hold_only_the_steps_that_dropped_samples_in_run_order():
+    excl = Exclusions(
+        survival=SurvivalExclusion(n_excluded=2, reason="no time", ids=["a", "b"]),
+        unlabelled=1,
+        select=SelectionStep(rules={"sample_type": "tumor"}, n_before=10, n_after=8),
+    )
+    assert excl.to_dict() == {
+        "select": {"rules": {"sample_type": "tumor"}, "n_before": 10, "n_after": 8},
+        "unlabelled": 1,
+        "survival": {"n_excluded": 2, "reason": "no time", "ids": ["a", "b"]},
+    }
+    assert list(excl.to_dict()) == ["select", "unlabelled", "survival"]
 
 
 def test_json_has_nan_as_null_and_plain_numbers():

@@ -2,7 +2,9 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -14,7 +16,6 @@ from bulkfm.evaluate.config import EvaluateConfig
 from bulkfm.evaluate.run import run_evaluation
 from bulkfm.metrics import concordance_index
 from bulkfm.tasks.classification import run_classification
-from tests.evaluate import TINY_BASELINES, TINY_HEADS, tiny_data, tiny_model
 
 CLASSIFICATION_ARMS = {
     "mlp",
@@ -32,23 +33,29 @@ CLASSIFICATION_ARMS = {
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def config(out: Path, **sections) -> EvaluateConfig:
-    raw = {
-        "output_dir": str(out),
-        "num_threads": 1,  # module-scoped runs start before the function-scoped thread fixture
-        "model": {"path": "given", "batch_size": 32},
-        "data": {"select": {"sample_type": "tumor"}},
-        "protocol": {"n_seeds": 2},
-        "heads": TINY_HEADS,
-        "baselines": TINY_BASELINES,
-    }
-    for key, value in sections.items():
-        raw[key] = {**raw.get(key, {}), **value} if isinstance(value, dict) else value
-    return EvaluateConfig.from_dict(raw)
+@pytest.fixture(scope="session")
+def config(tiny_heads, tiny_baselines) -> Callable[..., EvaluateConfig]:
+    """Factory: ``config(out, **sections)``, the tiny protocol with ``sections`` merged in."""
+
+    def build(out: Path, **sections: Any) -> EvaluateConfig:
+        raw = {
+            "output_dir": str(out),
+            "num_threads": 1,  # module-scoped runs start before the function-scoped fixture
+            "model": {"path": "given", "batch_size": 32},
+            "data": {"select": {"sample_type": "tumor"}},
+            "protocol": {"n_seeds": 2},
+            "heads": tiny_heads,
+            "baselines": tiny_baselines,
+        }
+        for key, value in sections.items():
+            raw[key] = {**raw.get(key, {}), **value} if isinstance(value, dict) else value
+        return EvaluateConfig.from_dict(raw)
+
+    return build
 
 
 @pytest.fixture(scope="module")
-def data():
+def data(tiny_data):
     adata = tiny_data()
     tum = np.flatnonzero(adata.obs[keys.SAMPLE_TYPE].to_numpy() == "tumor")
     times = adata.obs[keys.SURVIVAL_TIME].to_numpy().copy()
@@ -58,12 +65,12 @@ def data():
 
 
 @pytest.fixture(scope="module")
-def model(data):
-    return tiny_model(data)
+def model(data, tiny_model_for):
+    return tiny_model_for(data)
 
 
 @pytest.fixture(scope="module")
-def run(data, model, tmp_path_factory):
+def run(data, model, config, tmp_path_factory):
     out = tmp_path_factory.mktemp("evaluation")
     cfg = config(
         out,
@@ -114,7 +121,7 @@ def test_summaries_are_mean_and_sample_std_of_the_splits(run):
                     assert arm["summary"][metric]["std"] == pytest.approx(np.nanstd(values, ddof=1))
 
 
-def test_frozen_mlp_arm_equals_run_classification_on_the_same_splits(run, data, model):
+def test_frozen_mlp_arm_equals_run_classification_on_the_same_splits(run, data, model, tiny_heads):
     from bulkfm.data.splits import repeated_holdout
     from bulkfm.embed import embed_adata
 
@@ -123,7 +130,7 @@ def test_frozen_mlp_arm_equals_run_classification_on_the_same_splits(run, data, 
     y = tumours.obs[keys.COHORT].astype(str).to_numpy()
     g = tumours.obs[keys.PATIENT].astype(str).to_numpy()
     splits = repeated_holdout(y, g, seeds=[0, 1])
-    ref = run_classification(emb, y, groups=g, method="mlp", splits=splits, mlp=TINY_HEADS["mlp"])
+    ref = run_classification(emb, y, groups=g, method="mlp", splits=splits, mlp=tiny_heads["mlp"])
     got = run.results["classification"]["mlp"]["summary"]["macro_f1"]["values"]
     assert got == pytest.approx(ref.summary["macro_f1"]["values"])
 
@@ -252,7 +259,7 @@ def _no_nan(token: str) -> None:
 
 
 # --------------------------------------------------------------------------- bad input
-def test_class_with_too_few_patients_is_named_or_dropped(data, model, tmp_path):
+def test_class_with_too_few_patients_is_named_or_dropped(data, model, config, tmp_path):
     small = data.copy()
     tum = np.flatnonzero(small.obs[keys.SAMPLE_TYPE].to_numpy() == "tumor")
     cohort = small.obs[keys.COHORT].astype(str).to_numpy()
@@ -273,7 +280,7 @@ def test_class_with_too_few_patients_is_named_or_dropped(data, model, tmp_path):
     assert "RARE" not in res.results["data"]["classes"]
 
 
-def test_cohort_without_events_is_skipped_with_a_warning(data, model, tmp_path):
+def test_cohort_without_events_is_skipped_with_a_warning(data, model, config, tmp_path):
     no_events = data.copy()
     event = no_events.obs[keys.SURVIVAL_EVENT].to_numpy().copy()
     event[no_events.obs[keys.COHORT].astype(str).to_numpy() == "COHA"] = 0
@@ -310,7 +317,7 @@ def test_embeddings_sharing_no_sample_with_the_labels(data, tmp_path):
         run_evaluation(cfg, adata=data)
 
 
-def test_partial_embedding_overlap_is_an_explicit_exclusion(data, model, tmp_path):
+def test_partial_embedding_overlap_is_an_explicit_exclusion(data, model, tiny_heads, tmp_path):
     from bulkfm.embed import embed_adata, write_embeddings
 
     tum = data[data.obs[keys.SAMPLE_TYPE] == "tumor"]
@@ -322,7 +329,7 @@ def test_partial_embedding_overlap_is_an_explicit_exclusion(data, model, tmp_pat
             "output_dir": str(tmp_path / "out"),
             "model": {"embeddings": str(path)},
             "protocol": {"n_seeds": 1},
-            "heads": TINY_HEADS,
+            "heads": tiny_heads,
             "arms": {"ia3": False, "svm": False},
             "baselines": {"genes": "all", "pca_svm": False, "nmf_svm": False, "mlp": False},
             "data": {"select": {"sample_type": "tumor"}},
@@ -335,7 +342,7 @@ def test_partial_embedding_overlap_is_an_explicit_exclusion(data, model, tmp_pat
     assert res.results["data"]["n_selected"] == tum.n_obs - 10
 
 
-def test_event_codes_other_than_0_1_are_an_error(data, model, tmp_path):
+def test_event_codes_other_than_0_1_are_an_error(data, model, config, tmp_path):
     bad = data.copy()
     event = bad.obs[keys.SURVIVAL_EVENT].to_numpy().astype(int).copy()
     event[np.flatnonzero(bad.obs[keys.SAMPLE_TYPE].to_numpy() == "tumor")[5]] = 2
@@ -345,7 +352,7 @@ def test_event_codes_other_than_0_1_are_an_error(data, model, tmp_path):
         run_evaluation(cfg, adata=bad, model=model)
 
 
-def test_missing_columns_and_empty_selection_are_config_errors(data, model, tmp_path):
+def test_missing_columns_and_empty_selection_are_config_errors(data, model, config, tmp_path):
     cfg = config(tmp_path, data={"label_key": "tumour_type"})
     with pytest.raises(ConfigError, match=r"no column 'tumour_type'.*data\.label_key"):
         run_evaluation(cfg, adata=data, model=model)
@@ -354,7 +361,7 @@ def test_missing_columns_and_empty_selection_are_config_errors(data, model, tmp_
         run_evaluation(cfg, adata=data, model=model)
 
 
-def test_duplicates_are_kept_once(data, model, tmp_path):
+def test_duplicates_are_kept_once(data, model, config, tmp_path):
     import anndata as ad
 
     tum = data[data.obs[keys.SAMPLE_TYPE] == "tumor"].copy()

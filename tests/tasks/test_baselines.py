@@ -198,9 +198,9 @@ def test_penalized_cox_rejects_no_events_and_unfitted_use():
         PenalizedCox().fit(X, t, np.zeros(30, dtype=int))
     with pytest.raises(ConfigError, match="not fitted yet"):
         PenalizedCox().predict_risk(X)
-    with pytest.raises(ConfigError, match="penalizer must be > 0"):
+    with pytest.raises(ConfigError, match="penalizer must be a positive number"):
         PenalizedCox(penalizer=-1.0)
-    with pytest.raises(ConfigError, match="penalizer must be > 0"):
+    with pytest.raises(ConfigError, match="penalizer must be a positive number"):
         PenalizedCox(penalizer=0.0)
 
 

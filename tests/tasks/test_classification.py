@@ -209,7 +209,7 @@ def test_rejects_single_class(sim, emb):
 
 
 def test_rejects_unknown_method(sim, emb):
-    with pytest.raises(ConfigError, match="method must be 'mlp' or 'svm'"):
+    with pytest.raises(ConfigError, match=r"method must be one of \['mlp', 'svm'\]"):
         run_classification(emb, sim.obs["cohort"], method="xgboost")
 
 

@@ -25,7 +25,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from bulkfm import schema as keys
-from bulkfm.config import check_int
+from bulkfm.config import check_int, check_number
 from bulkfm.embedders.base import Embedder
 from bulkfm.errors import CheckpointError, ConfigError, GeneMappingError
 from bulkfm.fingerprint import path_digest as file_digest
@@ -358,14 +358,7 @@ class FoundationEmbedder(Embedder):
                 f"{self.model_name}: layer={layer!r}; use 'auto' (layers['counts'] when the "
                 "data has it, else X), 'X', or the name of a layer"
             )
-        if isinstance(min_coverage, bool) or not isinstance(min_coverage, int | float):
-            raise ConfigError(
-                f"{self.model_name}: min_coverage must be a number in [0, 1], got {min_coverage!r}"
-            )
-        if not 0.0 <= float(min_coverage) <= 1.0:
-            raise ConfigError(
-                f"{self.model_name}: min_coverage must be in [0, 1], got {min_coverage!r}"
-            )
+        check_number(f"{self.model_name}: min_coverage", min_coverage, low=0.0, high=1.0)
         self.layer = layer
         self.min_coverage = float(min_coverage)
         if model_dir is None:

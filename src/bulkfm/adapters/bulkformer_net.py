@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from bulkfm.adapters.base import require
+from bulkfm.config import check_int
 from bulkfm.errors import CheckpointError, ConfigError
 
 __all__ = ["MASK_VALUE", "BulkFormerConfig", "BulkFormerNet", "ExpressionEmbedding"]
@@ -62,12 +63,8 @@ class BulkFormerConfig:
 
     def __post_init__(self) -> None:
         for name in ("dim", "gene_length", "gene_feature_dim", "gb_repeat", "p_repeat"):
-            if int(getattr(self, name)) < 1:
-                raise ConfigError(
-                    f"BulkFormer config: {name} must be >= 1, got {getattr(self, name)}"
-                )
-        if self.bins < 0:
-            raise ConfigError(f"BulkFormer config: bins must be >= 0, got {self.bins}")
+            check_int(f"BulkFormer config: {name}", getattr(self, name), 1)
+        check_int("BulkFormer config: bins", self.bins, 0)
         if self.dim % 2:
             raise ConfigError(
                 f"BulkFormer config: dim must be even (sin/cos halves), got {self.dim}"

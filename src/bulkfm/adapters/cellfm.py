@@ -76,7 +76,7 @@ from bulkfm.adapters.base import (
     load_state_dict_strict,
     read_state_dict,
 )
-from bulkfm.config import check_int
+from bulkfm.config import check_int, check_number
 from bulkfm.embedders.registry import register_embedder
 from bulkfm.errors import CheckpointError, ConfigError, ExpressionValueError
 
@@ -311,14 +311,12 @@ class CellFMEmbedder(FoundationEmbedder):
                 "default) or 'random' (the published random draw)"
             )
         self.gene_selection = gene_selection
-        if depth_cap is not None and (
-            isinstance(depth_cap, bool) or not isinstance(depth_cap, (int, float)) or depth_cap <= 0
-        ):
-            raise ConfigError(
-                f"{MODEL}: depth_cap={depth_cap!r}; give a positive number (published: 1e5) "
-                "or null to skip the cap"
+        if depth_cap is not None:
+            hint = "published: 1e5; null skips the cap"
+            depth_cap = check_number(
+                f"{MODEL}: depth_cap", depth_cap, low=0.0, low_open=True, hint=hint
             )
-        self.depth_cap = None if depth_cap is None else float(depth_cap)
+        self.depth_cap = depth_cap
         self.num_heads = check_int("num_heads", num_heads, 1)
         self.seed = check_int("seed", seed, 0)
         self.weights = weights

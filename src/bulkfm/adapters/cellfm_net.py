@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from bulkfm.config import check_int
 from bulkfm.errors import CheckpointError, ConfigError
 
 __all__ = ["CellFMConfig", "CellFMNet", "read_mindspore_checkpoint"]
@@ -225,9 +226,7 @@ class CellFMConfig:
 
     def __post_init__(self) -> None:
         for name in ("n_genes", "dims", "n_layers", "n_heads"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"CellFM: {name} must be a positive integer, got {value!r}")
+            check_int(f"CellFM: {name}", getattr(self, name), 1)
         if self.dims % self.n_heads:
             raise ConfigError(
                 f"CellFM: width {self.dims} is not divisible by num_heads={self.n_heads}; the "

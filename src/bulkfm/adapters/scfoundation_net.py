@@ -24,7 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from bulkfm.errors import CheckpointError
+from bulkfm.config import check_int
+from bulkfm.errors import CheckpointError, ConfigError
 
 __all__ = [
     "AutoBinEmbedding",
@@ -55,12 +56,12 @@ class NetConfig:
 
     def __post_init__(self) -> None:
         for name in ("seq_len", "hidden_dim", "depth", "heads", "bin_num", "ff_mult"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            try:
+                check_int(f"scFoundation config: {name}", getattr(self, name), 1)
+            except ConfigError as exc:
                 raise CheckpointError(
-                    f"scFoundation config: {name} must be a positive integer, got {value!r}; "
-                    "check that the config is the one released with the weights"
-                )
+                    f"{exc}; check that the config is the one released with the weights"
+                ) from exc
         if self.seq_len < 3:
             raise CheckpointError(
                 f"scFoundation config: seq_len={self.seq_len} leaves no room for genes plus the "

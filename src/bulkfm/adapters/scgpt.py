@@ -84,7 +84,7 @@ from bulkfm.adapters.base import (
     load_state_dict_strict,
     read_state_dict,
 )
-from bulkfm.config import check_int
+from bulkfm.config import check_bool, check_int
 from bulkfm.embedders.registry import register_embedder
 from bulkfm.errors import CheckpointError, ConfigError, ExpressionValueError
 
@@ -324,8 +324,7 @@ class ScGPTEmbedder(FoundationEmbedder):
             )
         self.gene_selection = gene_selection
         self.seed = check_int("seed", seed, 0)
-        if not isinstance(l2_normalize, bool):
-            raise ConfigError(f"l2_normalize must be true or false, got {l2_normalize!r}")
+        check_bool("l2_normalize", l2_normalize)
         self.l2_normalize = l2_normalize
         self._release: _Release | None = None
 

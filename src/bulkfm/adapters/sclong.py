@@ -88,8 +88,9 @@ from bulkfm.adapters.base import (
     require,
 )
 from bulkfm.adapters.sclong_config import MODEL, SCLongConfig
+from bulkfm.config import check_choice, check_number
 from bulkfm.embedders.registry import register_embedder
-from bulkfm.errors import CheckpointError, ConfigError, ExpressionValueError
+from bulkfm.errors import CheckpointError, ExpressionValueError
 
 if TYPE_CHECKING:
     import anndata as ad
@@ -328,11 +329,15 @@ class SCLongEmbedder(FoundationEmbedder):
             trust_pickle=trust_pickle,
             label=label,
         )
-        self.pooling = _choice("pooling", pooling, POOLINGS)
-        self.missing = _choice("missing", missing, MISSING)
-        self.key_max = _choice("key_max", key_max, KEY_MAX)
-        self.target_sum = _positive("target_sum", target_sum)
-        self.scale_max = None if scale_max is None else _positive("scale_max", scale_max)
+        self.pooling = check_choice("pooling", pooling, POOLINGS)
+        self.missing = check_choice("missing", missing, MISSING)
+        self.key_max = check_choice("key_max", key_max, KEY_MAX)
+        self.target_sum = check_number("target_sum", target_sum, low=0.0, low_open=True)
+        self.scale_max = (
+            None
+            if scale_max is None
+            else check_number("scale_max", scale_max, low=0.0, low_open=True)
+        )
         self.genes_: list[str] | None = None
         self.config_: SCLongConfig | None = None
 
@@ -449,15 +454,3 @@ class SCLongEmbedder(FoundationEmbedder):
             hidden, keep = self.per_gene(adata, rows)
             out.append(masked_mean(hidden.float(), keep).cpu().numpy())
         return np.concatenate(out, axis=0)
-
-
-def _choice(name: str, value: Any, options: tuple[str, ...]) -> str:
-    if value not in options:
-        raise ConfigError(f"{name} must be one of {', '.join(options)}; got {value!r}")
-    return str(value)
-
-
-def _positive(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-        raise ConfigError(f"{name} must be a positive number, got {value!r}")
-    return float(value)

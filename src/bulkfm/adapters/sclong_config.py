@@ -11,7 +11,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from bulkfm.errors import CheckpointError
+from bulkfm.config import check_bool, check_int, check_number
+from bulkfm.errors import CheckpointError, ConfigError
 
 __all__ = ["MODEL", "SCLongConfig"]
 
@@ -71,20 +72,16 @@ class SCLongConfig:
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if f.type == "bool":
-                ok = isinstance(value, bool)
-                want = "true/false"
-            elif f.type == "float":
-                ok = not isinstance(value, bool) and isinstance(value, int | float)
-                want = "a number"
-            else:
-                ok = (value is None and f.type == "int | None") or (
-                    not isinstance(value, bool) and isinstance(value, int) and value >= 1
-                )
-                want = "a positive integer"
-            if not ok:
-                raise CheckpointError(f"{MODEL}: {f.name} must be {want}, got {value!r}")
+            value, name = getattr(self, f.name), f"{MODEL}: {f.name}"
+            try:
+                if f.type == "bool":
+                    check_bool(name, value)
+                elif f.type == "float":
+                    check_number(name, value)
+                elif value is not None or f.type != "int | None":
+                    check_int(name, value, 1)
+            except ConfigError as exc:
+                raise CheckpointError(str(exc)) from exc
         if self.top_seq_len >= self.max_seq_len:
             raise CheckpointError(
                 f"{MODEL}: top_seq_len {self.top_seq_len} must be below max_seq_len "

@@ -40,14 +40,13 @@ def _run(args: argparse.Namespace) -> int:
     flags = {"output_dir": ("--out", str(args.out))} if args.out is not None else {}
     config = load_config(EvaluateConfig, args, flags=flags)
     result = run_evaluation(config)
-    res = result.results
-    for arm in (res.get("classification") or {}).values():
-        f1 = fmt_mean_std(arm["summary"]["macro_f1"])
-        print(f"classification  {arm['label']:<42} macro-F1 {f1}")
-    for arm in (res.get("survival") or {}).values():
+    for arm in (result.classification_arms or {}).values():
+        f1 = fmt_mean_std(arm.summary["macro_f1"])
+        print(f"classification  {arm.label:<42} macro-F1 {f1}")
+    for s_arm in (result.survival_arms or {}).values():
         scores = ", ".join(
-            f"{name} {fmt_mean_std(arm['summary'].get(key))}" for key, name in SURVIVAL_METRICS
+            f"{name} {fmt_mean_std(s_arm.summary.get(key))}" for key, name in SURVIVAL_METRICS
         )
-        print(f"survival        {arm['label']:<42} {scores}")
+        print(f"survival        {s_arm.label:<42} {scores}")
     print(f"results: {result.paths['results']}\nreport:  {result.paths['report_md']}")
     return 0

@@ -63,6 +63,7 @@ import pandas as pd
 from scipy.optimize import brentq
 
 from bulkfm import schema as keys
+from bulkfm.config import check_int, check_number
 from bulkfm.errors import ConfigError
 from bulkfm.io import atomic_path, write_text
 
@@ -166,9 +167,7 @@ class SimulationConfig:
             ("n_cohorts", 1),
             ("n_programmes", 1),
         ):
-            value = getattr(self, name)
-            if not _is_int(value) or value < low:
-                raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
+            check_int(name, getattr(self, name), low)
         if self.n_cohorts > _MAX_COHORTS:
             raise ConfigError(
                 f"n_cohorts must be <= {_MAX_COHORTS} (one fake TSS code each), got "
@@ -179,8 +178,7 @@ class SimulationConfig:
                 f"n_genes={self.n_genes} is smaller than the {len(self.drivers)} driver genes, "
                 "which are always included; raise n_genes"
             )
-        if not _is_int(self.seed) or self.seed < 0:
-            raise ConfigError(f"seed must be a non-negative integer, got {self.seed!r}")
+        check_int("seed", self.seed, 0)
         if self.cohort_names is not None:
             names = self.cohort_names
             if len(names) != self.n_cohorts:
@@ -233,19 +231,15 @@ class SimulationConfig:
             )
 
     def _check_rates_and_scales(self) -> None:
-        if not (_is_num(self.fraction_normal) and 0.0 <= self.fraction_normal < 1.0):
-            raise ConfigError(f"fraction_normal must be in [0, 1), got {self.fraction_normal!r}")
+        check_number("fraction_normal", self.fraction_normal, low=0.0, high=1.0, high_open=True)
         if self.n_samples - round(self.fraction_normal * self.n_samples) < 2:
             raise ConfigError(
                 f"fraction_normal={self.fraction_normal} leaves fewer than 2 tumours in "
                 f"{self.n_samples} samples; lower fraction_normal"
             )
         for name in ("paired_fraction", "fraction_off"):
-            value = getattr(self, name)
-            if not (_is_num(value) and 0.0 <= value <= 1.0):
-                raise ConfigError(f"{name} must be in [0, 1], got {value!r}")
-        if not (_is_num(self.loading_density) and 0.0 < self.loading_density <= 1.0):
-            raise ConfigError(f"loading_density must be in (0, 1], got {self.loading_density!r}")
+            check_number(name, getattr(self, name), low=0.0, high=1.0)
+        check_number("loading_density", self.loading_density, low=0.0, high=1.0, low_open=True)
         for name in (
             "normal_shift",
             "cohort_sd",
@@ -254,9 +248,7 @@ class SimulationConfig:
             "gene_noise_sd",
             "library_size_sdlog",
         ):
-            value = getattr(self, name)
-            if not (_is_num(value) and math.isfinite(value) and value >= 0):
-                raise ConfigError(f"{name} must be a finite number >= 0, got {value!r}")
+            check_number(name, getattr(self, name), low=0.0)
         if self.driver_effects is not None and not all(
             _is_num(e) and math.isfinite(e) for e in self.driver_effects
         ):
@@ -267,21 +259,19 @@ class SimulationConfig:
                 f"nb_dispersion must be a (low, high) range with 0 < low <= high, got {disp}; "
                 "typical bulk values are 0.01-0.5"
             )
-        if not (_is_num(self.library_size) and 1e3 <= self.library_size <= 1e10):
-            raise ConfigError(
-                f"library_size must be a read count between 1e3 and 1e10, got {self.library_size!r}"
-            )
+        check_number("library_size", self.library_size, low=1e3, high=1e10, hint="reads per sample")
 
     def _check_survival(self) -> None:
-        if not (_is_num(self.censoring_rate) and 0.0 <= self.censoring_rate < 1.0):
-            raise ConfigError(
-                f"censoring_rate must be in [0, 1) (fraction of censored patients), got "
-                f"{self.censoring_rate!r}"
-            )
+        check_number(
+            "censoring_rate",
+            self.censoring_rate,
+            low=0.0,
+            high=1.0,
+            high_open=True,
+            hint="the fraction of censored patients",
+        )
         for name in ("median_survival_days", "weibull_shape"):
-            value = getattr(self, name)
-            if not (_is_num(value) and math.isfinite(value) and value > 0):
-                raise ConfigError(f"{name} must be a positive number, got {value!r}")
+            check_number(name, getattr(self, name), low=0.0, low_open=True)
         if self.cox_coefficients is not None:
             beta = self.cox_coefficients
             if len(beta) != self.n_programmes:
@@ -291,13 +281,7 @@ class SimulationConfig:
                 )
             if not all(_is_num(b) and math.isfinite(b) for b in beta):
                 raise ConfigError(f"cox_coefficients must be finite numbers, got {beta}")
-        if not (
-            _is_num(self.cox_driver_coefficient) and math.isfinite(self.cox_driver_coefficient)
-        ):
-            raise ConfigError(
-                "cox_driver_coefficient must be a finite number, got "
-                f"{self.cox_driver_coefficient!r}"
-            )
+        check_number("cox_driver_coefficient", self.cox_driver_coefficient)
 
     # -- derived values -------------------------------------------------------------------
 

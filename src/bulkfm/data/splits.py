@@ -40,6 +40,7 @@ from sklearn.model_selection import (
 )
 
 from bulkfm import schema as keys
+from bulkfm.config import check_choice, check_int, check_probability
 from bulkfm.errors import ConfigError, SplitError
 
 if TYPE_CHECKING:
@@ -206,12 +207,6 @@ def _check_enough(
         )
 
 
-def _check_seed(seed: Any) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
-        raise ConfigError(f"seed must be a non-negative integer, got {seed!r}")
-    return int(seed)
-
-
 # --------------------------------------------------------------------------- splitters
 
 
@@ -240,16 +235,10 @@ def repeated_holdout(
     seed, so repeats differ in more than the shuffle. ``seeds`` overrides
     ``n_repeats``; ``groups=None`` makes every sample its own patient.
     """
-    if not 0.0 < float(test_size) < 1.0:
-        raise ConfigError(
-            f"test_size must be strictly between 0 and 1, got {test_size!r}; e.g. 0.2 for a "
-            "20% test set"
-        )
+    check_probability("test_size", test_size, hint="e.g. 0.2 for a 20% test set")
     if seeds is None:
-        if isinstance(n_repeats, bool) or not isinstance(n_repeats, int) or n_repeats < 1:
-            raise ConfigError(f"n_repeats must be a positive integer, got {n_repeats!r}")
-        seeds = range(n_repeats)
-    seeds = [_check_seed(s) for s in seeds]
+        seeds = range(check_int("n_repeats", n_repeats, 1))
+    seeds = [check_int("seed", s, 0) for s in seeds]
     if not seeds:
         raise ConfigError("seeds is empty; pass at least one seed or leave it None")
     y, names, g = _prepare(labels, groups, stratify=stratify)
@@ -291,9 +280,8 @@ def grouped_kfold(
     Stratified by ``labels`` via ``StratifiedGroupKFold``; with
     ``stratify=False`` shuffled ``GroupKFold``.
     """
-    if isinstance(k, bool) or not isinstance(k, int) or k < 2:
-        raise ConfigError(f"k must be an integer >= 2, got {k!r}")
-    seed = _check_seed(seed)
+    check_int("k", k, 2)
+    seed = check_int("seed", seed, 0)
     y, names, g = _prepare(labels, groups, stratify=stratify)
     _check_enough(y, names, g, k, "lower k")
     x = np.zeros((g.size, 1))
@@ -319,8 +307,7 @@ def leave_cohort_out(
     that is an error; ``on_shared_patient="drop"`` instead removes such a
     patient's samples from the *train* side whenever one of them is tested.
     """
-    if on_shared_patient not in ("raise", "drop"):
-        raise ConfigError(f"on_shared_patient must be 'raise' or 'drop', got {on_shared_patient!r}")
+    check_choice("on_shared_patient", on_shared_patient, ("raise", "drop"))
     coh = pd.Series(_as_1d(cohorts, "cohorts"))
     _check_no_missing(
         coh, "cohorts", "assign every sample a cohort or drop the samples without one"
@@ -388,8 +375,7 @@ def survival_strata(event: Any, time: Any | None = None, n_time_bins: int = 0) -
         )
     ev_int = ev_num.astype(int).to_numpy()
     labels = np.array([f"event={e}" for e in ev_int], dtype=object)
-    if isinstance(n_time_bins, bool) or not isinstance(n_time_bins, int) or n_time_bins < 0:
-        raise ConfigError(f"n_time_bins must be a non-negative integer, got {n_time_bins!r}")
+    check_int("n_time_bins", n_time_bins, 0)
     if n_time_bins <= 1:
         return labels.astype(str)
     if time is None:
@@ -495,8 +481,7 @@ def splits_from_adata(
     :func:`repeated_holdout`, :func:`grouped_kfold` or :func:`leave_cohort_out`;
     other keywords go to that function.
     """
-    if kind not in ("holdout", "kfold", "cohort"):
-        raise ConfigError(f"kind must be 'holdout', 'kfold' or 'cohort', got {kind!r}")
+    check_choice("kind", kind, ("holdout", "kfold", "cohort"))
     groups = None if by is None else _obs_column(adata, by, "patient").astype(str).to_numpy()
     if kind == "cohort":
         cohorts = _obs_column(adata, cohort_key, "cohort").to_numpy()

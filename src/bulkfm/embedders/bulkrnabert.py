@@ -61,8 +61,7 @@ class BulkRNABertEmbedder(Embedder):
                 f"checkpoint directory {self.model_dir} not found; pass the folder holding "
                 "config.json and model.safetensors"
             )
-        if isinstance(layer, bool) or not isinstance(layer, int):
-            raise ConfigError(f"layer must be an integer (-1 = last block), got {layer!r}")
+        check_int("layer", layer, hint="-1 = last block")
         self.genes = genes
         self.normalization_factor = normalization_factor
         self.layer = layer

@@ -23,8 +23,9 @@ from bulkfm.data.splits import Split
 from bulkfm.errors import ClinicalMatchError, SplitError
 from bulkfm.evaluate.model import LoadedModel, embed, random_encoder
 from bulkfm.evaluate.results import ClassificationArm, SurvivalArm
-from bulkfm.evaluate.selection import SurvivalData, TaskData, split_seed
+from bulkfm.evaluate.selection import split_seed
 from bulkfm.metrics import classification_metrics, mean_std
+from bulkfm.tasks import TaskData
 from bulkfm.tasks.baselines import (
     BaselineConfig,
     baseline_label,
@@ -159,7 +160,7 @@ def classification_arms(
     if arms.random_frozen and mdl.model is not None:
         with timed(timings, "classification/random_frozen"):
             rand = embed(
-                mdl, config.model, task.adata, random_encoder(mdl.model, config.protocol.seed)
+                mdl, config.model, task.rows(), random_encoder(mdl.model, config.protocol.seed)
             )
             out["random_frozen"] = run_classification(
                 rand, task.labels, method="mlp", mlp=config.heads.mlp, **common
@@ -177,19 +178,20 @@ def _finetune_classification(
     from bulkfm.train.finetune import finetune
 
     assert mdl.model is not None and mdl.tokenizer is not None
-    classes = sorted(pd.unique(task.labels).tolist(), key=str)
+    labels, adata = task.labels, task.rows()
+    classes = sorted(pd.unique(labels).tolist(), key=str)
     parts = []
     for i, split in enumerate(splits):
         tr, te = split.train, split.test
         ft = finetune(
             mdl.model,
             mdl.tokenizer,
-            task.adata[tr],
-            task.labels[tr],
+            adata[tr],
+            labels[tr],
             finetune_config(config, "classification", arm, split_seed(split)),
         )
-        pred = ft.predict(task.adata[te])
-        scores = classification_metrics(task.labels[te], pred, labels=classes)
+        pred = ft.predict(adata[te])
+        scores = classification_metrics(labels[te], pred, labels=classes)
         name = _split_name(split, i)
         row = {
             "split": name,
@@ -200,7 +202,7 @@ def _finetune_classification(
             "best_epoch": ft.best_epoch,
         }
         frame = pd.DataFrame(
-            {"sample_id": task.ids[te], "split": name, "y_true": task.labels[te], "y_pred": pred}
+            {"sample_id": task.ids[te], "split": name, "y_true": labels[te], "y_pred": pred}
         )
         parts.append(ClassificationResult(arm, classes, [row], {}, frame))
         logger.info("%s %s: macro F1 %.3f", arm, name, scores["macro_f1"])
@@ -219,7 +221,7 @@ def classification_baselines(
     wanted = [n for n, on in (("pca_svm", b.pca_svm), ("nmf_svm", b.nmf_svm), ("mlp", b.mlp)) if on]
     if not wanted:
         return {}
-    X = baseline_matrix(config, mdl, task.adata)
+    X = baseline_matrix(config, mdl, task.rows())
     bcfg = baseline_config(config)
     out = {}
     for name in wanted:
@@ -234,7 +236,7 @@ def classification_baselines(
 def survival_arms(
     config: EvaluateConfig,
     mdl: LoadedModel,
-    sd: SurvivalData,
+    sd: TaskData,
     emb: np.ndarray,
     splits: Sequence[Split],
     timings: dict[str, float],
@@ -247,9 +249,9 @@ def survival_arms(
     arms = config.arms
     out: dict[str, SurvivalResult] = {}
     kw: dict[str, Any] = {
-        "groups": sd.task.groups,
-        "cohorts": sd.cohorts,
-        "ids": sd.task.ids,
+        "groups": sd.groups,
+        "cohorts": sd.cohort_labels,
+        "ids": sd.ids,
         "model": config.heads.cox,
         "min_events": config.protocol.min_events,
     }
@@ -273,7 +275,7 @@ def survival_arms(
     b = config.baselines
     wanted = [n for n, on in (("pca_cox", b.pca_cox), ("mlp", b.mlp)) if on]
     if wanted:
-        X = baseline_matrix(config, mdl, sd.task.adata)
+        X = baseline_matrix(config, mdl, sd.rows())
         bcfg = baseline_config(config)
         for name in wanted:
 
@@ -283,9 +285,9 @@ def survival_arms(
                     X,
                     sd.time,
                     sd.event,
-                    groups=sd.task.groups,
-                    cohorts=sd.cohorts,
-                    ids=sd.task.ids,
+                    groups=sd.groups,
+                    cohorts=sd.cohort_labels,
+                    ids=sd.ids,
                     splits=[s],
                     config=bcfg,
                     min_events=config.protocol.min_events,
@@ -321,20 +323,21 @@ def per_split(run: Callable[[Split], SurvivalResult], splits: Sequence[Split]) -
 
 
 def _finetune_survival(
-    config: EvaluateConfig, mdl: LoadedModel, sd: SurvivalData, split: Split, arm: str
+    config: EvaluateConfig, mdl: LoadedModel, sd: TaskData, split: Split, arm: str
 ) -> SurvivalResult:
     from bulkfm.train.finetune import finetune
 
     assert mdl.model is not None and mdl.tokenizer is not None
     tr, te = split.train, split.test
+    adata = sd.rows()
     ft = finetune(
         mdl.model,
         mdl.tokenizer,
-        sd.task.adata[tr],
+        adata[tr],
         (sd.time[tr], sd.event[tr]),
         finetune_config(config, "survival", arm, split_seed(split)),
     )
-    risk = ft.predict_risk(sd.task.adata[te]).astype(np.float64)
+    risk = ft.predict_risk(adata[te]).astype(np.float64)
     name = _split_name(split, 0)
     row = score_survival_split(
         name,
@@ -342,13 +345,13 @@ def _finetune_survival(
         sd.time[te],
         sd.event[te],
         risk,
-        cohorts=sd.cohorts[te],
+        cohorts=sd.cohort_labels[te],
         min_events=config.protocol.min_events,
     )
     row["trainable_params"] = int(ft.param_counts["trainable"])
     frame = pd.DataFrame(
         {
-            "sample_id": sd.task.ids[te],
+            "sample_id": sd.ids[te],
             "split": name,
             "time": sd.time[te],
             "event": sd.event[te],

@@ -9,17 +9,17 @@ import dataclasses
 import logging
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from bulkfm.embed import embed_adata, read_embeddings
 from bulkfm.errors import BulkfmWarning, ConfigError
-from bulkfm.evaluate.selection import TaskData
-from bulkfm.tasks import align_inputs
+from bulkfm.evaluate.results import ModelInfo, ModelSize, PretrainingInfo
+from bulkfm.tasks import TaskData, align_inputs
 from bulkfm.train.config import PretrainConfig
 
 if TYPE_CHECKING:
@@ -45,11 +45,11 @@ __all__ = [
 @dataclass
 class LoadedModel:
     """The encoder and tokenizer (both None for precomputed embeddings), and where they
-    came from (``info`` is written to results.json as ``model``)."""
+    came from (:func:`model_info` adds the size for results.json's ``model``)."""
 
     model: BulkRNABert | None
     tokenizer: BinTokenizer | None
-    info: dict[str, Any] = field(default_factory=dict)
+    info: ModelInfo
 
 
 def load_model(
@@ -61,7 +61,7 @@ def load_model(
     """The model ``config`` names; ``given`` (model, tokenizer) takes precedence."""
     if given is not None:
         model, tokenizer = given
-        return LoadedModel(model, tokenizer, {"source": "given"})
+        return LoadedModel(model, tokenizer, ModelInfo("given"))
     section = config.model
     if section.path is not None:
         from bulkfm.models.bulkrnabert import load_pretrained
@@ -72,10 +72,10 @@ def load_model(
             normalization_factor=section.normalization_factor,
             device=section.device,
         )
-        return LoadedModel(model, tokenizer, {"source": "checkpoint", "path": section.path})
+        return LoadedModel(model, tokenizer, ModelInfo("checkpoint", section.path))
     if config.pretrain is not None:
         return pretrain_here(config, adata, out)
-    return LoadedModel(None, None, {"source": "embeddings", "path": section.embeddings})
+    return LoadedModel(None, None, ModelInfo("embeddings", section.embeddings))
 
 
 def pretrain_here(config: EvaluateConfig, adata: ad.AnnData, out: Path) -> LoadedModel:
@@ -101,16 +101,18 @@ def pretrain_here(config: EvaluateConfig, adata: ad.AnnData, out: Path) -> Loade
     if result.final_dir is None:
         raise ConfigError(f"pre-training in {pre.output_dir} stopped before its final save")
     model, tokenizer = load_pretrained(result.final_dir, device=config.model.device)
-    info = {
-        "source": "pretrained here",
-        "path": str(result.final_dir),
-        "steps": result.step,
-        "n_train": result.n_train,
-        "n_eval": result.n_eval,
-        "eval": result.eval,
-        "initial_eval": result.initial_eval,
-        "elapsed_s": time.perf_counter() - t0,
-    }
+    info = ModelInfo(
+        "pretrained here",
+        str(result.final_dir),
+        pretraining=PretrainingInfo(
+            steps=result.step,
+            n_train=result.n_train,
+            n_eval=result.n_eval,
+            eval=result.eval,
+            initial_eval=result.initial_eval,
+            elapsed_s=time.perf_counter() - t0,
+        ),
+    )
     return LoadedModel(model, tokenizer, info)
 
 
@@ -164,15 +166,15 @@ def embeddings_for(config: EvaluateConfig, task: TaskData) -> tuple[np.ndarray, 
     return aligned.X, task.subset(position), dropped
 
 
-def model_info(mdl: LoadedModel) -> dict[str, Any]:
+def model_info(mdl: LoadedModel) -> ModelInfo:
     """Where the model came from and its size, for results.json."""
-    info = dict(mdl.info)
-    if mdl.model is not None:
-        cfg = mdl.model.config
-        info.update(
-            n_genes=cfg.n_genes,
-            embed_dim=cfg.embed_dim,
-            num_layers=cfg.num_layers,
-            n_parameters=int(mdl.model.num_parameters()),
-        )
-    return info
+    if mdl.model is None:
+        return mdl.info
+    cfg = mdl.model.config
+    size = ModelSize(
+        n_genes=cfg.n_genes,
+        embed_dim=cfg.embed_dim,
+        num_layers=cfg.num_layers,
+        n_parameters=int(mdl.model.num_parameters()),
+    )
+    return dataclasses.replace(mdl.info, size=size)

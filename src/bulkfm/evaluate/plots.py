@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from scipy.cluster.hierarchy import dendrogram
 
 from bulkfm.errors import ConfigError
 from bulkfm.io import atomic_path
@@ -117,8 +118,6 @@ def per_cohort_figure(
 
 def similarity_figure(labels: Sequence[str], cosine: Any, linkage: Any, title: str = "") -> Figure:
     """Cosine-similarity heatmap of mean embeddings, ordered by the dendrogram drawn above."""
-    from scipy.cluster.hierarchy import dendrogram
-
     sim = np.asarray(cosine, dtype=np.float64)
     link = np.asarray(linkage, dtype=np.float64)
     n = len(labels)

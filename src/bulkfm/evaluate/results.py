@@ -27,14 +27,21 @@ __all__ = [
     "CohortSimilarity",
     "CohortSurvival",
     "DataSummary",
+    "DedupeStep",
     "EvaluationResult",
+    "Exclusions",
     "KaplanMeier",
+    "ModelInfo",
+    "ModelSize",
     "PerCohortSurvival",
+    "PretrainingInfo",
     "RobustnessFraction",
     "RobustnessStudy",
+    "SelectionStep",
     "SplitInfo",
     "SurvivalArm",
     "SurvivalCounts",
+    "SurvivalExclusion",
     "TransferScores",
     "VariantScores",
     "jsonable",
@@ -175,19 +182,98 @@ class SurvivalCounts(_Record):
     per_cohort: dict[str, dict[str, int]]
 
 
+class _Sparse(_Record):
+    """A record whose unset (None) fields are left out of the JSON."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in super().to_dict().items() if v is not None}
+
+
 @dataclass
-class DataSummary(_Record):
-    """How the analysed samples came about; ``exclusions`` records each dropping step."""
+class PretrainingInfo(_Record):
+    """The pre-training run of a model trained inside the evaluation."""
+
+    steps: int
+    n_train: int
+    n_eval: int
+    eval: dict[str, float]
+    initial_eval: dict[str, float]
+    elapsed_s: float
+
+
+@dataclass
+class ModelSize(_Record):
+    n_genes: int
+    embed_dim: int
+    num_layers: int
+    n_parameters: int
+
+
+@dataclass
+class ModelInfo(_Record):
+    """Where the model came from and its size; one flat JSON object (``model``), so a
+    report reads ``model["n_genes"]`` whatever the source was."""
+
+    source: str
+    path: str | None = None
+    pretraining: PretrainingInfo | None = None
+    size: ModelSize | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"source": self.source}
+        if self.path is not None:
+            out["path"] = self.path
+        for part in (self.pretraining, self.size):
+            if part is not None:
+                out.update(part.to_dict())
+        return out
+
+
+@dataclass
+class SelectionStep(_Record):
+    rules: dict[str, Any]
+    n_before: int
+    n_after: int
+
+
+@dataclass
+class DedupeStep(_Record):
+    key: str
+    n_dropped: int
+    examples: list[str]
+
+
+@dataclass
+class SurvivalExclusion(_Record):
+    n_excluded: int
+    reason: str
+    ids: list[str]
+
+
+@dataclass
+class Exclusions(_Sparse):
+    """Each step that dropped samples, in the order a run takes them; steps that dropped
+    nothing stay None and out of the JSON. ``unlabelled`` / ``no_embedding``: sample
+    counts; ``small_classes``: the reason per left-out class."""
+
+    select: SelectionStep | None = None
+    dedupe: DedupeStep | None = None
+    unlabelled: int | None = None
+    no_embedding: int | None = None
+    small_classes: dict[str, str] | None = None
+    survival: SurvivalExclusion | None = None
+
+
+@dataclass
+class DataSummary(_Sparse):
+    """How the analysed samples came about; ``exclusions`` records each dropping step,
+    ``classes`` / ``survival`` the samples of the studies that ran."""
 
     n_loaded: int
     n_selected: int
-    exclusions: dict[str, Any]
+    exclusions: Exclusions = field(default_factory=Exclusions)
     classes: dict[str, int] | None = None
     survival: SurvivalCounts | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        out = super().to_dict()
-        return {k: v for k, v in out.items() if v is not None or k not in ("classes", "survival")}
 
 
 # Top-level sections written only when their study ran.
@@ -212,7 +298,7 @@ class EvaluationResult:
 
     out_dir: Path
     config: dict[str, Any]
-    model: dict[str, Any]
+    model: ModelInfo
     data: DataSummary
     notes: list[str]
     timings_s: dict[str, float]
@@ -242,7 +328,7 @@ class EvaluationResult:
         }
         out: dict[str, Any] = {
             "config": self.config,
-            "model": self.model,
+            "model": self.model.to_dict(),
             "data": self.data.to_dict(),
             "splits": _plain(self.splits),
             "notes": self.notes,

@@ -67,10 +67,10 @@ from bulkfm.evaluate.results import (
     RESULTS_FILE,
     DataSummary,
     EvaluationResult,
+    Exclusions,
     SurvivalCounts,
 )
 from bulkfm.evaluate.selection import (
-    TaskData,
     classification_splits,
     drop_small_classes,
     select_samples,
@@ -81,7 +81,7 @@ from bulkfm.evaluate.selection import (
 )
 from bulkfm.evaluate.studies import cohort_similarity, per_cohort_survival, robustness, transfer
 from bulkfm.io import atomic_path, write_text
-from bulkfm.tasks import n_holdout_folds
+from bulkfm.tasks import TaskData, n_holdout_folds
 
 if TYPE_CHECKING:
     import anndata as ad
@@ -158,7 +158,7 @@ def _collect_warnings() -> Iterator[set[str]]:
 
 def _load_adata(config: EvaluateConfig) -> ad.AnnData:
     if config.data.path is not None:
-        from bulkfm.train.data import load_adata
+        from bulkfm.train.data import load_adata  # imports torch
 
         return load_adata(config.data.path)
     logger.info("no data.path: simulating %s", config.data.simulate or "the default data set")
@@ -172,7 +172,7 @@ def _run(
     out: Path,
 ) -> EvaluationResult:
     timings: dict[str, float] = {}
-    exclusions: dict[str, Any] = {}
+    exclusions = Exclusions()
     if any(getattr(config.arms, arm) for arm in FINETUNE_ARMS):
         finetune_config(config, "classification", "ia3", 0)  # bad settings fail before work
     with timed(timings, "data"):
@@ -183,11 +183,11 @@ def _run(
         mdl = load_model(config, full, out, given)
     with timed(timings, "embed"):
         if mdl.model is not None:
-            emb = embed(mdl, config.model, task.adata)
+            emb = embed(mdl, config.model, task.rows())
         else:
             emb, task, dropped = embeddings_for(config, task)
             if dropped:
-                exclusions["no_embedding"] = dropped
+                exclusions.no_embedding = dropped
     result = EvaluationResult(
         out_dir=out,
         config=config.to_dict(),
@@ -237,22 +237,21 @@ def _survival_studies(
 ) -> None:
     timings = result.timings_s
     sd = survival_data(config, task, result.data.exclusions)
-    s_emb = emb[np.isin(task.ids, sd.task.ids)]
+    s_emb = emb[np.isin(task.ids, sd.ids)]
+    cohorts = sd.cohort_labels
     result.data.survival = SurvivalCounts(
-        n=len(sd.time),
+        n=sd.n,
         n_events=int(sd.event.sum()),
         per_cohort={
-            c: {"n": int((sd.cohorts == c).sum()), "n_events": int(sd.event[sd.cohorts == c].sum())}
-            for c in sorted(pd.unique(sd.cohorts))
+            c: {"n": int((cohorts == c).sum()), "n_events": int(sd.event[cohorts == c].sum())}
+            for c in sorted(pd.unique(cohorts))
         },
     )
     splits = survival_splits(config, sd)
     result.splits["survival"] = split_info(splits)
     rand = None
     if config.arms.random_frozen and mdl.model is not None:
-        rand = embed(
-            mdl, config.model, sd.task.adata, random_encoder(mdl.model, config.protocol.seed)
-        )
+        rand = embed(mdl, config.model, sd.rows(), random_encoder(mdl.model, config.protocol.seed))
     arms = survival_arms(config, mdl, sd, s_emb, splits, timings, rand_emb=rand)
     result.survival = arms
     result.survival_arms = {k: survival_entry(k, v, config) for k, v in arms.items()}
@@ -267,7 +266,7 @@ def _notes(config: EvaluateConfig, mdl: LoadedModel, task: TaskData) -> list[str
     n_model = mdl.model.config.n_genes if mdl.model is not None else "?"
     genes = {
         "model": f"the {n_model} genes the model reads",
-        "all": f"all {task.adata.n_vars} genes",
+        "all": f"all {task.rows().n_vars} genes",
     }.get(str(b.genes), f"the {b.genes} most variable genes of each training side")
     return [
         f"Baselines read log10(1 + TPM) of {genes}; PCA/NMF and gene selection are fitted on "

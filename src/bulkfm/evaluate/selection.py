@@ -1,9 +1,11 @@
 """Which samples a task uses, with which labels, groups and splits.
 
-Every step that drops samples records why in ``exclusions`` (and warns or logs), so the
-report says how the analysed set came about. One split list per task is built here
-and handed to every arm: differences between arms then come from the models, not from
-which patients happened to be tested.
+The tasks are :class:`bulkfm.tasks.TaskData`, the benchmark's task object: this module
+only decides which samples they hold (the paper's selection rules). Every step that drops
+samples records why in :class:`~bulkfm.evaluate.results.Exclusions` (and warns or logs),
+so the report says how the analysed set came about. One split list per task is built
+here and handed to every arm: differences between arms then come from the models, not
+from which patients happened to be tested.
 """
 
 from __future__ import annotations
@@ -11,17 +13,22 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from bulkfm.data.splits import Split, repeated_holdout, survival_strata
 from bulkfm.errors import BulkfmWarning, ClinicalMatchError, ConfigError, SplitError
-from bulkfm.evaluate.results import SplitInfo
+from bulkfm.evaluate.results import (
+    DedupeStep,
+    Exclusions,
+    SelectionStep,
+    SplitInfo,
+    SurvivalExclusion,
+)
 from bulkfm.metrics import validate_survival
-from bulkfm.tasks import check_group_sizes
+from bulkfm.tasks import TaskData, check_group_sizes
 from bulkfm.tasks.survival import valid_survival_mask
 
 if TYPE_CHECKING:
@@ -32,8 +39,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "SurvivalData",
-    "TaskData",
     "classification_splits",
     "cohort_names",
     "drop_small_classes",
@@ -47,39 +52,6 @@ __all__ = [
 ]
 
 
-@dataclass
-class TaskData:
-    """The samples a task uses, in one fixed order that every split indexes."""
-
-    adata: ad.AnnData
-    labels: np.ndarray
-    groups: np.ndarray | None
-    ids: np.ndarray
-
-    def subset(self, keep: np.ndarray) -> TaskData:
-        return TaskData(
-            self.adata[keep],
-            self.labels[keep],
-            None if self.groups is None else self.groups[keep],
-            self.ids[keep],
-        )
-
-
-@dataclass
-class SurvivalData:
-    """The task's samples with a usable survival record, and their cohorts."""
-
-    task: TaskData
-    time: np.ndarray
-    event: np.ndarray
-    cohorts: np.ndarray
-
-    def subset(self, keep: np.ndarray) -> SurvivalData:
-        return SurvivalData(
-            self.task.subset(keep), self.time[keep], self.event[keep], self.cohorts[keep]
-        )
-
-
 def obs_column(adata: ad.AnnData, key: str, what: str) -> pd.Series:
     """``adata.obs[key]``, or an error naming the config entry ``data.<what>`` to fix."""
     if key not in adata.obs:
@@ -91,24 +63,22 @@ def obs_column(adata: ad.AnnData, key: str, what: str) -> pd.Series:
 
 
 def select_samples(
-    adata: ad.AnnData, data: DataSection, exclusions: dict[str, Any] | None = None
+    adata: ad.AnnData, data: DataSection, exclusions: Exclusions | None = None
 ) -> ad.AnnData:
     """Samples matching ``data.select``, one per ``data.dedupe_key`` value, with a label.
 
     Every step that drops samples is recorded in ``exclusions`` (and logged), so a report
     says how the analysed set came about.
     """
-    record = exclusions if exclusions is not None else {}
+    record = exclusions if exclusions is not None else Exclusions()
     keep = np.ones(adata.n_obs, dtype=bool)
     for key, wanted in data.select.items():
         values = obs_column(adata, key, f"select.{key}").astype(str).to_numpy()
         allowed = [str(w) for w in (wanted if isinstance(wanted, list | tuple) else [wanted])]
         keep &= np.isin(values, allowed)
-    record["select"] = {
-        "rules": dict(data.select),
-        "n_before": adata.n_obs,
-        "n_after": int(keep.sum()),
-    }
+    record.select = SelectionStep(
+        rules=dict(data.select), n_before=adata.n_obs, n_after=int(keep.sum())
+    )
     if not keep.any():
         raise ConfigError(
             f"no sample matches data.select={data.select}; check the values (obs columns hold "
@@ -120,11 +90,11 @@ def select_samples(
         dup = pd.Series(np.where(keep, key_values, None)).duplicated().to_numpy() & keep
         if dup.any():
             names = adata.obs_names[dup]
-            record["dedupe"] = {
-                "key": data.dedupe_key,
-                "n_dropped": int(dup.sum()),
-                "examples": [str(n) for n in names[:5]],
-            }
+            record.dedupe = DedupeStep(
+                key=data.dedupe_key,
+                n_dropped=int(dup.sum()),
+                examples=[str(n) for n in names[:5]],
+            )
             logger.info(
                 "kept the first of each %s: dropped %d duplicate(s), e.g. %s",
                 data.dedupe_key,
@@ -140,36 +110,33 @@ def select_samples(
             BulkfmWarning,
             stacklevel=2,
         )
-        record["unlabelled"] = int(unlabelled.sum())
+        record.unlabelled = int(unlabelled.sum())
         keep &= ~unlabelled
     return adata[keep]
 
 
 def task_data(adata: ad.AnnData, data: DataSection) -> TaskData:
-    """Labels, patient groups (a sample without one is its own group) and ids."""
+    """The classification task of ``data.label_key`` over ``adata``'s samples, with their
+    patient groups (a sample without one, or every sample when ``data.group_key`` is
+    None, is its own patient)."""
     labels = obs_column(adata, data.label_key, "label_key").astype(str).to_numpy()
-    ids = adata.obs_names.astype(str).to_numpy()
     groups = None
     if data.group_key is not None:
-        raw = obs_column(adata, data.group_key, "group_key")
-        groups = np.where(raw.isna().to_numpy(), ids, raw.astype(str).to_numpy()).astype(str)
-    return TaskData(adata, labels, groups, ids)
+        groups = obs_column(adata, data.group_key, "group_key").to_numpy(dtype=object)
+    return TaskData.from_labels(labels, ids=adata.obs_names, groups=groups, adata=adata)
 
 
-def drop_small_classes(
-    task: TaskData, n_needed: int, drop: bool, record: dict[str, Any]
-) -> TaskData:
+def drop_small_classes(task: TaskData, n_needed: int, drop: bool, record: Exclusions) -> TaskData:
     """Classes with fewer patients than the splits need: an error naming them, or dropped."""
-    frame = pd.DataFrame(
-        {"y": task.labels, "g": task.groups if task.groups is not None else task.ids}
-    )
+    labels = task.labels
+    frame = pd.DataFrame({"y": labels, "g": task.groups})
     patients = frame.groupby("y")["g"].nunique()
     small = patients[patients < n_needed]
     if small.empty:
         return task
     if not drop:
         check_group_sizes(
-            task.labels,
+            labels,
             task.groups,
             n_needed,
             context="the 80/20 stratified, patient-grouped splits",
@@ -183,9 +150,9 @@ def drop_small_classes(
         BulkfmWarning,
         stacklevel=3,
     )
-    record["small_classes"] = reasons
-    keep = ~np.isin(task.labels, list(reasons))
-    if np.unique(task.labels[keep]).size < 2:
+    record.small_classes = reasons
+    keep = ~np.isin(labels, list(reasons))
+    if np.unique(labels[keep]).size < 2:
         raise SplitError(
             f"fewer than two classes left after dropping small ones ({sorted(reasons)}); "
             "add samples or classify a different label"
@@ -193,26 +160,35 @@ def drop_small_classes(
     return task.subset(keep)
 
 
-def survival_data(config: EvaluateConfig, task: TaskData, record: dict[str, Any]) -> SurvivalData:
-    """The task's samples with a positive time and a 0/1 event; the rest are recorded."""
+def survival_data(config: EvaluateConfig, task: TaskData, record: Exclusions) -> TaskData:
+    """The survival task of ``task``'s samples with a positive time and a 0/1 event (times,
+    events, patient groups and cohorts); the rest are recorded."""
     data = config.data
-    time_raw = obs_column(task.adata, data.time_key, "time_key").to_numpy(dtype=object)
-    event_raw = obs_column(task.adata, data.event_key, "event_key").to_numpy(dtype=object)
+    adata = task.rows()
+    time_raw = obs_column(adata, data.time_key, "time_key").to_numpy(dtype=object)
+    event_raw = obs_column(adata, data.event_key, "event_key").to_numpy(dtype=object)
     valid = valid_survival_mask(time_raw, event_raw)
     if not valid.all():
-        record["survival"] = {
-            "n_excluded": int((~valid).sum()),
-            "reason": "missing/non-positive survival time or missing event",
-            "ids": task.ids[~valid].tolist(),
-        }
+        record.survival = SurvivalExclusion(
+            n_excluded=int((~valid).sum()),
+            reason="missing/non-positive survival time or missing event",
+            ids=task.ids[~valid].tolist(),
+        )
     if not valid.any():
         raise ClinicalMatchError(
             f"no selected sample has a usable survival record ({data.time_key} > 0 and "
             f"{data.event_key} 0/1); join survival data (bulkfm data build --survival) first"
         )
     t, e = validate_survival(time_raw[valid], event_raw[valid])
-    cohorts = obs_column(task.adata, data.cohort_key, "cohort_key").astype(str).to_numpy()
-    return SurvivalData(task.subset(valid), t, e.astype(np.int8), cohorts[valid])
+    cohorts = obs_column(adata, data.cohort_key, "cohort_key").astype(str).to_numpy()
+    return TaskData.from_survival(
+        t,
+        e,
+        ids=task.ids[valid],
+        groups=task.groups[valid],
+        cohorts=cohorts[valid],
+        adata=adata[valid],
+    )
 
 
 def classification_splits(config: EvaluateConfig, task: TaskData) -> list[Split]:
@@ -224,16 +200,16 @@ def classification_splits(config: EvaluateConfig, task: TaskData) -> list[Split]
 
 
 def survival_splits(
-    config: EvaluateConfig, sd: SurvivalData, stratify: str | None = None
+    config: EvaluateConfig, sd: TaskData, stratify: str | None = None
 ) -> list[Split]:
     """Patient-grouped hold-outs stratified by the event (or by cohort and event)."""
     p = config.protocol
     strata = survival_strata(sd.event)
     if (stratify or p.survival_strata) == "cohort_event":
-        strata = np.char.add(np.char.add(sd.cohorts.astype(str), "|"), strata.astype(str))
+        strata = np.char.add(np.char.add(sd.cohort_labels, "|"), strata.astype(str))
     return repeated_holdout(
         strata,
-        sd.task.groups,
+        sd.groups,
         seeds=range(p.seed, p.seed + p.n_seeds),
         test_size=p.test_size,
     )

@@ -34,15 +34,10 @@ from bulkfm.evaluate.results import (
     TransferScores,
     VariantScores,
 )
-from bulkfm.evaluate.selection import (
-    SurvivalData,
-    TaskData,
-    cohort_names,
-    split_seed,
-    survival_splits,
-)
+from bulkfm.evaluate.selection import cohort_names, split_seed, survival_splits
 from bulkfm.impute import impute_missing
 from bulkfm.metrics import classification_metrics, concordance_index, mean_std
+from bulkfm.tasks import TaskData
 from bulkfm.tasks.baselines import run_survival_baseline
 from bulkfm.tasks.classification import MLPClassifier, make_svm
 from bulkfm.tasks.survival import SurvivalResult, run_survival
@@ -67,15 +62,15 @@ ROBUSTNESS_VARIANTS = ("imputed", "masked", "zero")
 def per_cohort_survival(
     config: EvaluateConfig,
     mdl: LoadedModel,
-    sd: SurvivalData,
+    sd: TaskData,
     emb: np.ndarray,
     timings: dict[str, float],
 ) -> PerCohortSurvival:
     """One model per cohort (frozen arms and baselines; fine-tuning is left out to bound
     the cost). Cohorts without enough events or patients for the splits are skipped."""
     out = PerCohortSurvival()
-    for cohort in cohort_names(config.tasks.per_cohort_survival, sd.cohorts):
-        keep = sd.cohorts == cohort
+    for cohort in cohort_names(config.tasks.per_cohort_survival, sd.cohort_labels):
+        keep = sd.cohort_labels == cohort
         sub = sd.subset(keep)
         n_events = int(sub.event.sum())
         if n_events < config.protocol.min_events:
@@ -117,7 +112,7 @@ def per_cohort_survival(
 def transfer(
     config: EvaluateConfig,
     mdl: LoadedModel,
-    sd: SurvivalData,
+    sd: TaskData,
     emb: np.ndarray,
     splits: Sequence[Split],
     pan: dict[str, SurvivalResult],
@@ -127,8 +122,8 @@ def transfer(
     same recipe trained without the cohort, and one trained on the cohort alone."""
     arms = [a for a in ("mlp", "baseline_pca_cox") if a in pan]
     out: dict[str, dict[str, TransferScores]] = {}
-    for cohort in cohort_names(config.tasks.transfer, sd.cohorts):
-        in_c = sd.cohorts == cohort
+    for cohort in cohort_names(config.tasks.transfer, sd.cohort_labels):
+        in_c = sd.cohort_labels == cohort
         variants = {
             "without_cohort": [
                 Split(s.train[~in_c[s.train]], s.test[in_c[s.test]], seed=s.seed, name=s.name)
@@ -142,7 +137,7 @@ def transfer(
         entry: dict[str, TransferScores] = {}
         for arm in arms:
             pred = pan[arm].predictions
-            ids_c = set(sd.task.ids[in_c])
+            ids_c = set(sd.ids[in_c])
             pan_scores = []
             for s in splits:
                 p = pred[(pred["split"] == s.name) & pred["sample_id"].isin(ids_c)]
@@ -172,7 +167,7 @@ def transfer(
 def _transfer_arm(
     config: EvaluateConfig,
     mdl: LoadedModel,
-    sd: SurvivalData,
+    sd: TaskData,
     emb: np.ndarray,
     splits: Sequence[Split],
     arm: str,
@@ -187,18 +182,18 @@ def _transfer_arm(
                 emb,
                 sd.time,
                 sd.event,
-                groups=sd.task.groups,
-                ids=sd.task.ids,
+                groups=sd.groups,
+                ids=sd.ids,
                 splits=[split],
                 model=config.heads.cox,
             )
         return run_survival_baseline(
             "pca_cox",
-            baseline_matrix(config, mdl, sd.task.adata),
+            baseline_matrix(config, mdl, sd.rows()),
             sd.time,
             sd.event,
-            groups=sd.task.groups,
-            ids=sd.task.ids,
+            groups=sd.groups,
+            ids=sd.ids,
             splits=[split],
             config=baseline_config(config),
         )
@@ -220,14 +215,15 @@ def robustness(
     left out of the embedding mean as [MASK] ("masked"), or set to 0 TPM ("zero"). The
     head is trained once per split on clean training embeddings."""
     rows: list[dict[str, Any]] = []
+    labels, adata = task.labels, task.rows()
     for split in splits:
         clf = _robustness_head(config, emb, task, split)
-        clean = _macro_f1(task.labels[split.test], clf.predict(emb[split.test]))
-        test = task.adata[split.test].copy()
+        clean = _macro_f1(labels[split.test], clf.predict(emb[split.test]))
+        test = adata[split.test].copy()
         for fraction in config.tasks.robustness:
             scores = _robustness_variants(config, mdl, test, fraction, split_seed(split))
             for variant, variant_emb in scores.items():
-                f1 = _macro_f1(task.labels[split.test], clf.predict(variant_emb))
+                f1 = _macro_f1(labels[split.test], clf.predict(variant_emb))
                 rows.append(
                     {
                         "split": split.name,
@@ -264,9 +260,8 @@ def _robustness_head(config: EvaluateConfig, emb: np.ndarray, task: TaskData, sp
         return make_svm(C if isinstance(C, float) else C[0], seed=split_seed(split)).fit(
             emb[tr], task.labels[tr]
         )
-    groups = None if task.groups is None else task.groups[tr]
     return MLPClassifier(**{"seed": split_seed(split), **config.heads.mlp}).fit(
-        emb[tr], task.labels[tr], groups=groups
+        emb[tr], task.labels[tr], groups=task.groups[tr]
     )
 
 

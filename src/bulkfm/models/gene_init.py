@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import scipy.sparse as sp
 
+from bulkfm.config import check_int
 from bulkfm.errors import ConfigError, ExpressionValueError, GeneMappingError, InputFileError
 
 if TYPE_CHECKING:
@@ -246,7 +247,7 @@ def coexpression_matrix(
     entries count as the gene's mean; zero-variance genes (no correlation defined) get
     random rows of the typical spread so they stay distinct.
     """
-    _check_positive(dim, "dim")
+    check_int("dim", dim, 1)
     X = X_tpm.toarray() if sp.issparse(X_tpm) else np.asarray(X_tpm)
     if X.ndim != 2 or X.shape[0] < 2:
         raise ConfigError(
@@ -384,8 +385,3 @@ def _check_gene_count(genes: Sequence[str], n_genes: int) -> None:
             f"{len(genes)} genes given but the model has n_genes={n_genes}; pass the "
             "tokenizer's gene list (model order)"
         )
-
-
-def _check_positive(value: Any, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{name} must be a positive integer, got {value!r}")

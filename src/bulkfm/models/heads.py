@@ -13,18 +13,13 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from bulkfm.config import check_int, check_number
 from bulkfm.errors import ConfigError
 
 __all__ = ["MLPHead", "classification_head", "survival_head"]
 
 CLASSIFICATION_HIDDEN = (256, 128)
 SURVIVAL_HIDDEN = (512, 256)
-
-
-def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-    return value
 
 
 class MLPHead(nn.Module):
@@ -39,15 +34,14 @@ class MLPHead(nn.Module):
         layer_norm: bool = True,
     ) -> None:
         super().__init__()
-        _positive_int("in_dim", in_dim)
-        _positive_int("out_dim", out_dim)
+        check_int("in_dim", in_dim, 1)
+        check_int("out_dim", out_dim, 1)
         if isinstance(hidden, int):
             raise ConfigError(
                 f"hidden must be a sequence of layer sizes, e.g. (256, 128), got {hidden}"
             )
-        hidden = tuple(_positive_int("hidden size", h) for h in hidden)
-        if not (isinstance(dropout, float | int) and 0.0 <= float(dropout) < 1.0):
-            raise ConfigError(f"dropout must lie in [0, 1), got {dropout!r}")
+        hidden = tuple(check_int("hidden size", h, 1) for h in hidden)
+        check_number("dropout", dropout, low=0.0, high=1.0, high_open=True)
         self.in_dim, self.out_dim, self.hidden = in_dim, out_dim, hidden
         layers: list[nn.Module] = []
         width = in_dim

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from bulkfm.config import check_int, check_number
 from bulkfm.errors import (
     BulkfmWarning,
     ClinicalMatchError,
@@ -234,23 +235,21 @@ def check_training_params(
     seed: int,
 ) -> None:
     """Shared validation of the early-stopping hyper-parameters of the MLP estimators."""
-    if not (isinstance(lr, float | int) and lr > 0 and math.isfinite(lr)):
-        raise ConfigError(f"lr must be a positive number, got {lr!r}")
-    if not (isinstance(weight_decay, float | int) and weight_decay >= 0):
-        raise ConfigError(f"weight_decay must be >= 0, got {weight_decay!r}")
-    for name, value in (("max_epochs", max_epochs), ("patience", patience)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-    if batch_size is not None and (
-        isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
-    ):
-        raise ConfigError(f"batch_size must be a positive integer or None, got {batch_size!r}")
-    if not (isinstance(val_fraction, float | int) and 0.0 <= val_fraction < 1.0):
-        raise ConfigError(
-            f"val_fraction must lie in [0, 1), got {val_fraction!r}; 0 = no early stopping"
-        )
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ConfigError(f"seed must be a non-negative integer, got {seed!r}")
+    check_number("lr", lr, low=0.0, low_open=True)
+    check_number("weight_decay", weight_decay, low=0.0)
+    check_int("max_epochs", max_epochs, 1)
+    check_int("patience", patience, 1)
+    if batch_size is not None:
+        check_int("batch_size", batch_size, 1, hint="or None for full batch")
+    check_number(
+        "val_fraction",
+        val_fraction,
+        low=0.0,
+        high=1.0,
+        high_open=True,
+        hint="0 = no early stopping",
+    )
+    check_int("seed", seed, 0)
 
 
 def train_head(

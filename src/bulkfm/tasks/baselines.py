@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 from sklearn.base import BaseEstimator
 
+from bulkfm.config import check_int, check_number
 from bulkfm.embedders.classical import dense_matrix, feature_map
 from bulkfm.errors import ClinicalMatchError, ConfigError
 from bulkfm.metrics import (
@@ -64,6 +65,7 @@ __all__ = [
 CLASSIFICATION_BASELINES = ("pca_svm", "nmf_svm", "mlp")
 SURVIVAL_BASELINES = ("pca_cox", "mlp")
 SURVIVAL_SUMMARY = ("c_index", "c_index_weighted", "c_index_macro")
+_COX_PENALTY = "an unpenalised Cox model has no unique solution when features outnumber events"
 
 
 # --------------------------------------------------------------------------- Cox
@@ -83,13 +85,7 @@ class PenalizedCox(BaseEstimator):
     penalizer: float = 0.1
 
     def __post_init__(self) -> None:
-        if isinstance(self.penalizer, bool) or not (
-            isinstance(self.penalizer, float | int) and self.penalizer > 0
-        ):
-            raise ConfigError(
-                f"penalizer must be > 0, got {self.penalizer!r}; an unpenalised Cox model has "
-                "no unique solution when features outnumber events"
-            )
+        check_number("penalizer", self.penalizer, low=0.0, low_open=True, hint=_COX_PENALTY)
 
     def fit(self, X: Any, time: Any, event: Any) -> PenalizedCox:
         arr = check_embeddings(X, "Cox covariates")
@@ -139,25 +135,11 @@ class BaselineConfig:
 
     def __post_init__(self) -> None:
         for name in ("pca_components", "nmf_components", "nmf_max_iter", "cox_components"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        if self.top_genes is not None and (
-            isinstance(self.top_genes, bool)
-            or not isinstance(self.top_genes, int)
-            or self.top_genes < 1
-        ):
-            raise ConfigError(
-                f"top_genes must be a positive integer or None (all), got {self.top_genes!r}"
-            )
-        if isinstance(self.svm_C, bool) or not (
-            isinstance(self.svm_C, float | int) and self.svm_C > 0
-        ):
-            raise ConfigError(f"svm_C must be a positive number, got {self.svm_C!r}")
-        if isinstance(self.cox_penalizer, bool) or not (
-            isinstance(self.cox_penalizer, float | int) and self.cox_penalizer > 0
-        ):
-            raise ConfigError(f"cox_penalizer must be > 0, got {self.cox_penalizer!r}")
+            check_int(name, getattr(self, name), 1)
+        if self.top_genes is not None:
+            check_int("top_genes", self.top_genes, 1, hint="or None (all genes)")
+        check_number("svm_C", self.svm_C, low=0.0, low_open=True)
+        check_number("cox_penalizer", self.cox_penalizer, low=0.0, low_open=True, hint=_COX_PENALTY)
 
 
 def baseline_label(

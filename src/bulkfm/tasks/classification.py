@@ -9,7 +9,6 @@ test set never chooses the epoch.
 from __future__ import annotations
 
 import logging
-import math
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ import numpy as np
 import pandas as pd
 from sklearn.base import BaseEstimator, ClassifierMixin
 
+from bulkfm.config import check_choice, check_int, check_number, check_probability
 from bulkfm.errors import BulkfmWarning, ConfigError, SplitError
 from bulkfm.metrics import classification_metrics, mean_std
 from bulkfm.tasks import (
@@ -82,8 +82,7 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
             val_fraction=self.val_fraction,
             seed=self.seed,
         )
-        if self.class_weight not in (None, "balanced"):
-            raise ConfigError(f"class_weight must be None or 'balanced', got {self.class_weight!r}")
+        check_choice("class_weight", self.class_weight, (None, "balanced"))
 
     def fit(self, X: Any, y: Any, groups: Any | None = None) -> MLPClassifier:
         """``groups`` (patient ids) keep one patient's samples on one side of the inner split."""
@@ -187,8 +186,7 @@ def make_svm(
     from sklearn.preprocessing import StandardScaler
     from sklearn.svm import SVC
 
-    if not (isinstance(C, float | int) and not isinstance(C, bool) and C > 0):
-        raise ConfigError(f"C must be a positive number, got {C!r}")
+    check_number("C", C, low=0.0, low_open=True)
     return make_pipeline(
         StandardScaler(),
         SVC(C=float(C), kernel=kernel, class_weight=class_weight, random_state=seed),
@@ -280,8 +278,7 @@ def run_classification(
     positions into the aligned samples) default to ``n_repeats`` patient-grouped
     stratified hold-outs. ``svm_C`` as a sequence tunes C on each training part.
     """
-    if method not in ("mlp", "svm"):
-        raise ConfigError(f"method must be 'mlp' or 'svm', got {method!r}")
+    check_choice("method", method, ("mlp", "svm"))
     data = align_inputs(embeddings, labels, groups, ids=ids)
     X, y = data.X, data.targets[0]
     g: np.ndarray | None = data.targets[1]
@@ -357,8 +354,8 @@ def _default_splits(
 ) -> list[Any]:
     from bulkfm.data.splits import repeated_holdout
 
-    if not 0.0 < float(test_size) < 1.0:
-        raise ConfigError(f"test_size must lie in (0, 1), got {test_size!r}")
+    check_probability("test_size", test_size)
+    check_int("n_repeats", n_repeats, 1)
     check_group_sizes(
         y,
         g,
@@ -366,8 +363,6 @@ def _default_splits(
         context=f"a stratified {1 - test_size:.0%}/{test_size:.0%} patient-grouped split",
         fix="drop or merge these classes (e.g. keep classes with enough patients)",
     )
-    if isinstance(n_repeats, bool) or not isinstance(n_repeats, int) or n_repeats < 1:
-        raise ConfigError(f"n_repeats must be a positive integer, got {n_repeats!r}")
     return repeated_holdout(y, g, seeds=range(seed, seed + n_repeats), test_size=test_size)
 
 
@@ -387,6 +382,5 @@ def _fit(
         if len(svm_C) > 1:
             return tune_svm(X, y, g, Cs=svm_C, seed=seed)[0]
         svm_C = svm_C[0]
-    if not isinstance(svm_C, float | int) or math.isnan(svm_C):
-        raise ConfigError(f"svm_C must be a positive number or a list of them, got {svm_C!r}")
+    check_number("svm_C", svm_C, low=0.0, low_open=True, hint="or a list of them to tune")
     return make_svm(svm_C, seed=seed).fit(X, y)

@@ -30,6 +30,7 @@ from typing import Literal
 
 import numpy as np
 
+from bulkfm.config import check_int
 from bulkfm.errors import BulkfmError, ConfigError, SplitError
 from bulkfm.scaling import Standardizer
 from bulkfm.tasks.cox import fit_ridge_cox
@@ -68,17 +69,13 @@ class ProbeConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        k = self.inner_folds
-        if isinstance(k, bool) or not isinstance(k, int) or k < 2:
-            raise ConfigError(f"inner_folds must be an integer >= 2, got {k!r}")
+        check_int("inner_folds", self.inner_folds, 2)
+        check_int("max_iter", self.max_iter, 1)
+        check_int("seed", self.seed, 0)
         object.__setattr__(self, "c_grid", _check_grid("c_grid", self.c_grid))
         object.__setattr__(
             self, "cox_alpha_grid", _check_grid("cox_alpha_grid", self.cox_alpha_grid)
         )
-        for name, low in (("max_iter", 1), ("seed", 0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
 
     def grid(self, kind: str) -> tuple[float, ...]:
         """Grid ordered from the strongest penalty to the weakest (warm-start order)."""

@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 from sklearn.base import BaseEstimator
 
+from bulkfm.config import check_choice, check_int, check_probability
 from bulkfm.errors import BulkfmWarning, ClinicalMatchError, ConfigError, SplitError
 from bulkfm.metrics import cohort_concordance, concordance_index, mean_std, validate_survival
 from bulkfm.tasks import (
@@ -140,8 +141,7 @@ class CoxMLP(BaseEstimator):
             val_fraction=self.val_fraction,
             seed=self.seed,
         )
-        if self.ties not in ("efron", "breslow"):
-            raise ConfigError(f"ties must be 'efron' or 'breslow', got {self.ties!r}")
+        check_choice("ties", self.ties, ("efron", "breslow"))
 
     def fit(self, X: Any, time: Any, event: Any, groups: Any | None = None) -> CoxMLP:
         import torch
@@ -301,10 +301,8 @@ def _default_splits(
 ) -> list[Any]:
     from bulkfm.data.splits import repeated_holdout, survival_strata
 
-    if not 0.0 < float(test_size) < 1.0:
-        raise ConfigError(f"test_size must lie in (0, 1), got {test_size!r}")
-    if isinstance(n_repeats, bool) or not isinstance(n_repeats, int) or n_repeats < 1:
-        raise ConfigError(f"n_repeats must be a positive integer, got {n_repeats!r}")
+    check_probability("test_size", test_size)
+    check_int("n_repeats", n_repeats, 1)
     strata = survival_strata(e)
     check_group_sizes(
         strata,
@@ -359,8 +357,7 @@ def risk_groups_km(
     from lifelines import KaplanMeierFitter
     from lifelines.statistics import multivariate_logrank_test
 
-    if grouping not in GROUPINGS:
-        raise ConfigError(f"grouping must be one of {list(GROUPINGS)}, got {grouping!r}")
+    check_choice("grouping", grouping, GROUPINGS)
     t, e = validate_survival(time, event)
     r = np.asarray(risk, dtype=np.float64)
     if r.shape != t.shape or not np.isfinite(r).all():
