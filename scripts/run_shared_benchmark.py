@@ -25,12 +25,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 def build_shared_tcga(shared: Path):  # type: ignore[no-untyped-def]
     """The shared AnnData (same BuildConfig as the data layer's tests), TCGA tumours only."""
+    from bulkfm import schema as keys
     from bulkfm.data.build import build_dataset, shared_data_config
 
     config = shared_data_config(shared)
     adata = build_dataset(config, progress=False)
     obs = adata.obs
-    keep = (obs["study"].astype(str) == "TCGA") & (obs["sample_type"].astype(str) == "tumor")
+    keep = (obs[keys.STUDY].astype(str) == "TCGA") & (obs[keys.SAMPLE_TYPE].astype(str) == "tumor")
     return adata[keep.to_numpy()].copy()
 
 
@@ -55,19 +56,18 @@ def main() -> int:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-    from bulkfm.bench.config import BenchConfig
+    from bulkfm.bench.config import BenchFile
+    from bulkfm.bench.models import DEFAULT_MODELS, build_models, parse_model_dirs
     from bulkfm.bench.report import family_table
     from bulkfm.bench.runner import run_benchmark
-    from bulkfm.bench.selection import default_tasks
-    from bulkfm.cli.bench import build_models, load_bench_yaml, parse_model_dirs
+    from bulkfm.bench.selection import file_tasks
+    from bulkfm.config import load
     from bulkfm.io import write_text
 
-    spec = load_bench_yaml(args.config)
-    config = BenchConfig.from_dict({**spec.get("bench", {}), "cache_dir": str(args.out / "cache")})
+    spec = load(BenchFile, args.config, base={"bench": {"cache_dir": str(args.out / "cache")}})
     models = build_models(
-        list(spec.get("models", ["pca", "nmf", "raw"])),
-        model_args=spec.get("model_args") or {},
-        embeddings={},
+        spec.model_names(DEFAULT_MODELS),
+        model_args=spec.model_args,
         model_dirs=parse_model_dirs(args.model_dir),
         gene_list=args.gene_list,
         normalization_factor=args.normalization_factor,
@@ -76,8 +76,7 @@ def main() -> int:
     adata = build_shared_tcga(args.shared)
     t_build = time.perf_counter() - t0
     print(f"built {adata.n_obs} TCGA tumour samples x {adata.n_vars} genes in {t_build:.0f} s")
-    tasks = default_tasks(adata, config, genes=spec.get("genes"), cohorts=spec.get("cohorts"))
-    result = run_benchmark(adata, models, tasks, config)
+    result = run_benchmark(adata, models, file_tasks(adata, spec), spec.bench)
     files = result.write(args.out, plots=not args.no_plots)
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     write_text(command + "\n", args.out / "command.txt")

@@ -1,12 +1,10 @@
 from __future__ import annotations
 
-from pathlib import Path
-
 import pandas as pd
 import pytest
 
 from bulkfm.cli import main
-from bulkfm.cli.bench import parse_embeddings, parse_model_args, parse_model_dirs
+from bulkfm.cli.bench import parse_model_args
 from bulkfm.errors import ConfigError
 from bulkfm.io import write_h5ad
 
@@ -151,12 +149,5 @@ def test_parse_helpers() -> None:
     assert parse_model_args(["pca:n_components=8", "pca:seed=2"]) == {
         "pca": {"n_components": 8, "seed": 2}
     }
-    assert set(parse_embeddings(["a=x.parquet", "y.npy"])) == {"a", "precomputed"}
     with pytest.raises(ConfigError, match="MODEL:KEY=VALUE"):
         parse_model_args(["pca=8"])
-    with pytest.raises(ConfigError, match="two --embeddings paths"):
-        parse_embeddings(["x.npy", "y.npy"])
-    dirs = parse_model_dirs(["geneformer=gf/", "runs/lr=0.1/ckpt"])
-    assert dirs == {"geneformer": Path("gf/"), "bulkrnabert": Path("runs/lr=0.1/ckpt")}
-    with pytest.raises(ConfigError, match="two --model-dir paths for the model 'bulkrnabert'"):
-        parse_model_dirs(["a/", "b/"])

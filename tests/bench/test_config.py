@@ -54,3 +54,10 @@ def test_bench_file_layout_and_overrides(tmp_path) -> None:
         load(BenchFile, path, ["bench.n_split=3"])
     with pytest.raises(ConfigError, match=r"unknown config key\(s\) \['model'\]"):
         BenchFile.from_dict({"model": ["raw"]})
+
+
+def test_bench_file_name_lists_read_a_list_or_a_comma_string() -> None:
+    spec = BenchFile.from_dict({"models": "raw, pca", "genes": ["TP53", " KRAS "], "cohorts": ""})
+    assert spec.model_names(("nmf",)) == ["raw", "pca"]
+    assert spec.gene_names() == ["TP53", "KRAS"] and spec.cohort_names() is None
+    assert BenchFile().model_names(("pca", "nmf")) == ["pca", "nmf"]

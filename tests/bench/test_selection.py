@@ -7,8 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bulkfm.bench.config import BenchConfig
-from bulkfm.bench.selection import bench_obs, default_tasks, parse_tasks
+from bulkfm.bench.config import BenchConfig, BenchFile
+from bulkfm.bench.selection import bench_obs, default_tasks, file_tasks, parse_tasks
 from bulkfm.errors import ConfigError, SplitError
 from bulkfm.tasks import TaskSpec, prepare_task
 
@@ -147,3 +147,13 @@ def test_missing_patient_column_is_an_error(sim, small_config) -> None:
     del sim.obs["patient"]
     with pytest.raises(ConfigError, match="splits must group samples by patient"):
         parse_tasks(sim, "cancer_type", small_config)
+
+
+def test_file_tasks_narrows_auto_to_the_files_genes(sim, small_config) -> None:
+    spec = BenchFile(bench=small_config, genes=["TP53"], cohorts="")
+    narrowed = file_tasks(sim, spec)
+    names = [t.name for t in narrowed.tasks]
+    assert any(n.startswith("mutation:TP53") for n in names)
+    assert not any(n.startswith("mutation:") and "TP53" not in n for n in names)
+    assert file_tasks(sim, BenchFile(bench=small_config)) == "auto"
+    assert file_tasks(sim, BenchFile(tasks="cancer_type,survival")) == "cancer_type,survival"

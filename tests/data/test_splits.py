@@ -257,14 +257,16 @@ def test_error_nan_groups() -> None:
 
 def test_error_small_class_names_class_counts_and_fix() -> None:
     labels = np.array(["big"] * 50 + ["rare"] * 3)
-    with pytest.raises(SplitError, match=r"'rare': 3 samples / 3 patients.*merge or drop.*lower k"):
+    with pytest.raises(
+        SplitError, match=r"'rare' \(3 samples, 3 patients\).*merge or drop.*lower k"
+    ):
         grouped_kfold(labels, None, k=5)
 
 
 def test_error_class_with_enough_samples_but_too_few_patients() -> None:
     labels = np.array(["big"] * 50 + ["rare"] * 10)
     groups = np.array([f"p{i}" for i in range(50)] + ["q1"] * 5 + ["q2"] * 5)
-    with pytest.raises(SplitError, match=r"'rare': 10 samples / 2 patients.*raise test_size"):
+    with pytest.raises(SplitError, match=r"'rare' \(10 samples, 2 patients\).*raise test_size"):
         repeated_holdout(labels, groups)
 
 
@@ -375,5 +377,5 @@ def test_inner_folds_partition_and_group() -> None:
 def test_holdout_too_small_class_is_an_error() -> None:
     y = np.array([0] * 50 + [1] * 2)
     groups = np.arange(52).astype(str)
-    with pytest.raises(SplitError, match="fewer patients than the 5 folds"):
+    with pytest.raises(SplitError, match="5 stratified folds needs at least 5 patients per class"):
         holdout_splits(y, groups, seeds=[0], test_size=0.2)

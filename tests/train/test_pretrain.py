@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import math
@@ -28,6 +29,8 @@ from bulkfm.train.data import (
 )
 from bulkfm.train.masking import IGNORE_INDEX
 from bulkfm.train.pretrain import (
+    _check_resumable,
+    _genes_digest,
     evaluate,
     find_latest_checkpoint,
     list_checkpoints,
@@ -433,6 +436,24 @@ def test_existing_checkpoints_without_resume_are_rejected(
     changed = pretrain_config(tmp_path / "run", max_steps=2, lr=1e-4)
     with pytest.raises(CheckpointError, match=r"optim\.lr"):
         pretrain(changed, adata=adata, resume=True)
+
+
+def test_resume_accepts_a_config_saved_before_defaults_were_resolved(tmp_path, pretrain_config):
+    # Older checkpoints saved model.key_size as null; this version writes it resolved (16).
+    config = pretrain_config(tmp_path / "run")
+    genes = [f"G{i}" for i in range(16)]
+    old = copy.deepcopy(config.to_dict())
+    assert old["model"]["key_size"] is not None
+    old["model"]["key_size"] = None
+    saved = {"config": old, "genes_sha256": _genes_digest(genes)}
+    _check_resumable(saved, config, genes)  # no error: the same run
+    changed = pretrain_config(tmp_path / "run", lr=1e-4)
+    with pytest.raises(CheckpointError, match=r"optim\.lr: 0\.003 -> 0\.0001"):
+        _check_resumable(saved, changed, genes)
+    # A saved config this version cannot parse is compared as it was written.
+    old["removed_setting"] = 1
+    with pytest.raises(CheckpointError, match="removed_setting"):
+        _check_resumable(saved, config, genes)
 
 
 def test_cli_runs_pretraining_with_overrides(tmp_path, capsys, simulated_adata, pretrain_config):

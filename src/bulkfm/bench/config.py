@@ -7,6 +7,7 @@ Reading, ``--set`` overrides and unknown-key errors come from :mod:`bulkfm.confi
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -23,7 +24,7 @@ from bulkfm.config import (
 from bulkfm.errors import ConfigError
 from bulkfm.tasks.probes import ProbeConfig
 
-__all__ = ["CI_METHODS", "BenchConfig", "BenchFile"]
+__all__ = ["CI_METHODS", "BenchConfig", "BenchFile", "name_list"]
 
 #: "test": bootstrap each split's test set (Owkin protocol), report the mean bounds.
 #: "splits": bootstrap the mean over the split scores (cheap; split variability only).
@@ -123,3 +124,23 @@ class BenchFile(ConfigMixin):
     tasks: str | list[str] | None = None
     genes: str | list[str] | None = None
     cohorts: str | list[str] | None = None
+
+    def model_names(self, default: Sequence[str] = ()) -> list[str]:
+        """``models`` as a list of names; ``default`` when the file names none."""
+        return name_list(self.models) or list(default)
+
+    def gene_names(self) -> list[str] | None:
+        """``genes`` as a list; ``None`` (every mutation column) when unset."""
+        return name_list(self.genes) or None
+
+    def cohort_names(self) -> list[str] | None:
+        """``cohorts`` as a list; ``None`` (every cohort) when unset."""
+        return name_list(self.cohorts) or None
+
+
+def name_list(value: str | Sequence[str] | None) -> list[str]:
+    """``"a, b"`` or ``["a", "b"]`` -> ``["a", "b"]``: a list as the YAML or a flag spells it."""
+    if value is None:
+        return []
+    items = value.split(",") if isinstance(value, str) else list(value)
+    return [str(v).strip() for v in items if str(v).strip()]

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from bulkfm import schema as keys
-from bulkfm.bench.config import BenchConfig
+from bulkfm.bench.config import BenchConfig, BenchFile
 from bulkfm.errors import ConfigError
 from bulkfm.tasks.data import select_tasks
 from bulkfm.tasks.spec import TaskSelection, cohort_names, has_survival, mutation_genes, task_tokens
@@ -22,7 +22,14 @@ from bulkfm.tasks.spec import TaskSelection, cohort_names, has_survival, mutatio
 if TYPE_CHECKING:
     import anndata as ad
 
-__all__ = ["bench_obs", "check_endpoint", "default_tasks", "parse_tasks", "sample_mask"]
+__all__ = [
+    "bench_obs",
+    "check_endpoint",
+    "default_tasks",
+    "file_tasks",
+    "parse_tasks",
+    "sample_mask",
+]
 
 
 def sample_mask(obs: pd.DataFrame, config: BenchConfig) -> np.ndarray:
@@ -114,3 +121,13 @@ def default_tasks(
             "when building the AnnData)"
         )
     return selection
+
+
+def file_tasks(adata: ad.AnnData, spec: BenchFile) -> TaskSelection | str | list[str]:
+    """The tasks a benchmark file asks for: its task names, or ``"auto"`` (every feasible
+    task), narrowed to the file's ``genes`` / ``cohorts`` when it names them."""
+    tasks = spec.tasks or "auto"
+    genes, cohorts = spec.gene_names(), spec.cohort_names()
+    if tasks == "auto" and (genes or cohorts):
+        return default_tasks(adata, spec.bench, genes=genes, cohorts=cohorts)
+    return tasks

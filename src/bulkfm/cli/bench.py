@@ -15,17 +15,13 @@ import importlib
 import logging
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from bulkfm.cli.common import add_config_arguments, load_config
+from bulkfm.bench.models import DEFAULT_MODELS, build_models, parse_embeddings, parse_model_dirs
+from bulkfm.cli.common import add_config_arguments, given_flags, load_config
 from bulkfm.errors import ConfigError, InputFileError
 
-if TYPE_CHECKING:
-    from bulkfm.embedders.base import Embedder
-
 logger = logging.getLogger(__name__)
-
-DEFAULT_MODELS = "pca,nmf,raw"
 
 # CLI flag (argparse dest) -> config key of BenchFile; flags left unset keep the YAML value.
 _CONFIG_FLAGS = {
@@ -57,7 +53,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--data", type=Path, help="input .h5ad (X = TPM; obs cohort, patient, ...)")
     p.add_argument(
         "--models",
-        help=f"comma-separated model names (default {DEFAULT_MODELS}); see --list-models",
+        help=f"comma-separated model names (default {','.join(DEFAULT_MODELS)}); see --list-models",
     )
     p.add_argument(
         "--tasks",
@@ -132,13 +128,6 @@ def register(subparsers: Any) -> None:
 # --------------------------------------------------------------------------- parsing
 
 
-def _split_list(value: Any) -> list[str]:
-    if value is None:
-        return []
-    items = value.split(",") if isinstance(value, str) else list(value)
-    return [str(v).strip() for v in items if str(v).strip()]
-
-
 def parse_model_args(items: list[str]) -> dict[str, dict[str, Any]]:
     """``["pca:n_components=128"]`` -> ``{"pca": {"n_components": 128}}`` (values via YAML)."""
     import yaml
@@ -153,81 +142,11 @@ def parse_model_args(items: list[str]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _named_paths(items: list[str], *, default: str, flag: str) -> dict[str, Path]:
-    out: dict[str, Path] = {}
-    for item in items:
-        name, eq, path = str(item).partition("=")
-        if not eq or "/" in name or "\\" in name:  # a bare path that contains "="
-            name, path = default, str(item)
-        name = name.strip()
-        if name in out:
-            raise ConfigError(f"two {flag} paths for the model {name!r}; give one per model")
-        out[name] = Path(path.strip()).expanduser()
-    return out
-
-
-def parse_embeddings(items: list[str]) -> dict[str, Path]:
-    """``["scgpt=a.parquet", "b.npy"]`` -> ``{"scgpt": a.parquet, "precomputed": b.npy}``."""
-    return _named_paths(items, default="precomputed", flag="--embeddings")
-
-
-def parse_model_dirs(items: list[str]) -> dict[str, Path]:
-    """``["geneformer=gf/", "ckpt/"]`` -> ``{"geneformer": gf/, "bulkrnabert": ckpt/}``."""
-    return _named_paths(items, default="bulkrnabert", flag="--model-dir")
-
-
-def build_models(
-    names: list[str],
-    *,
-    model_args: dict[str, dict[str, Any]],
-    embeddings: dict[str, Path],
-    embeddings_key: str | None = None,
-    model_dirs: dict[str, Path] | None = None,
-    gene_list: str | None = None,
-    normalization_factor: float | None = None,
-) -> list[Embedder]:
-    """Embedder instances for CLI names (registered models and named embedding files).
-
-    A model given weights (``model_dirs``) or an embedding file joins the list even
-    when ``names`` omits it: one flag adds a model.
-    """
-    from bulkfm.embedders import available_embedders, get_embedder
-    from bulkfm.embedders.precomputed import PrecomputedEmbedder
-
-    known = set(available_embedders())
-    model_dirs = dict(model_dirs or {})
-    names = list(dict.fromkeys([*names, *embeddings, *model_dirs]))
-    models: list[Embedder] = []
-    for name in names:
-        kw = dict(model_args.get(name, {}))
-        if name in embeddings and (name == "precomputed" or name not in known):
-            label = None if name == "precomputed" else name
-            models.append(
-                PrecomputedEmbedder(embeddings[name], key=embeddings_key, label=label, **kw)
-            )
-            continue
-        if name in model_dirs:
-            kw.setdefault("model_dir", model_dirs[name])
-        if name == "bulkrnabert":
-            kw.setdefault("genes", gene_list)
-            kw.setdefault("normalization_factor", normalization_factor)
-        models.append(get_embedder(name, **kw))
-    return models
-
-
-def _config_flag_name(dest: str) -> str:
-    return "--" + dest.replace("_", "-")
-
-
 def _load_spec(args: argparse.Namespace, out: Path) -> Any:
     """The benchmark file's settings with the flags over the YAML and --set over both."""
     from bulkfm.bench.config import BenchFile
 
-    flags: dict[str, tuple[str, Any]] = {}
-    for dest, key in _CONFIG_FLAGS.items():
-        value = getattr(args, dest)
-        if value is not None:
-            flags[key] = (_config_flag_name(dest), value)
+    flags = given_flags(args, _CONFIG_FLAGS)
     if args.sample_type is not None:
         value = None if args.sample_type == "all" else args.sample_type
         flags["bench.sample_type"] = ("--sample-type", value)
@@ -265,12 +184,11 @@ def run_cli(args: argparse.Namespace) -> int:
         raise ConfigError("bulkfm bench needs --data X.h5ad and --out DIR")
     from bulkfm.bench.report import family_table
     from bulkfm.bench.runner import run_benchmark
-    from bulkfm.bench.selection import default_tasks
+    from bulkfm.bench.selection import file_tasks
 
     spec = _load_spec(args, args.out)
-    config = spec.bench
     models = build_models(
-        _split_list(spec.models or DEFAULT_MODELS),
+        spec.model_names(DEFAULT_MODELS),
         model_args=spec.model_args,
         embeddings=parse_embeddings(args.embeddings),
         embeddings_key=args.embeddings_key,
@@ -279,12 +197,7 @@ def run_cli(args: argparse.Namespace) -> int:
         normalization_factor=args.normalization_factor,
     )
     adata = _read_h5ad(args.data)
-    tasks: Any = spec.tasks or "auto"
-    genes = _split_list(spec.genes) or None
-    cohorts = _split_list(spec.cohorts) or None
-    if tasks == "auto" and (genes or cohorts):
-        tasks = default_tasks(adata, config, genes=genes, cohorts=cohorts)
-    result = run_benchmark(adata, models, tasks, config)
+    result = run_benchmark(adata, models, file_tasks(adata, spec), spec.bench)
     files = result.write(args.out, plots=not args.no_plots)
     print(family_table(result).to_string(float_format=lambda v: f"{v:.3f}"))
     if result.skipped:

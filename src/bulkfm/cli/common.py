@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -35,6 +35,32 @@ def add_config_arguments(
         help=f"override one config entry (the value is read as YAML; repeatable), "
         f"e.g. {example}; {PRECEDENCE}",
     )
+
+
+def given_flags(
+    args: argparse.Namespace,
+    keys: Mapping[str, str],
+    convert: Mapping[str, Callable[[Any], Any]] | None = None,
+) -> dict[str, tuple[str, Any]]:
+    """The flags the user gave, as :func:`load_config` takes them.
+
+    ``keys`` maps an argparse dest to its dotted config key; ``convert`` turns a dest's
+    raw value first (e.g. a comma-separated string into a list). Unset flags (``None``
+    after conversion) are left out, so the file's value stands; paths become strings.
+    """
+    out: dict[str, tuple[str, Any]] = {}
+    for dest, key in keys.items():
+        value = getattr(args, dest)
+        if convert and dest in convert and value is not None:
+            value = convert[dest](value)
+        if value is not None:
+            out[key] = (flag_name(dest), str(value) if isinstance(value, Path) else value)
+    return out
+
+
+def flag_name(dest: str) -> str:
+    """``"test_size"`` -> ``"--test-size"``: the flag argparse stores under ``dest``."""
+    return "--" + dest.replace("_", "-")
 
 
 def load_config(

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from bulkfm.cli.common import PRECEDENCE, add_config_arguments, load_config
+from bulkfm.cli.common import PRECEDENCE, add_config_arguments, given_flags, load_config
 from bulkfm.errors import ConfigError
 
 
@@ -121,10 +121,6 @@ _BUILD_FLAGS = (
 )
 
 
-def _flag(dest: str) -> str:
-    return "--" + dest.replace("_", "-")
-
-
 def _input_entries(args: argparse.Namespace) -> list[dict[str, Any]] | None:
     """The inputs as BuildConfig mappings: positional paths (globs expanded) replace the
     YAML's; reading flags apply to every input. ``None``: neither gives inputs."""
@@ -156,16 +152,11 @@ def _build(args: argparse.Namespace) -> int:
     from bulkfm.data.build import BuildConfig, build_dataset, format_summary
     from bulkfm.io import write_h5ad
 
-    flags: dict[str, tuple[str, Any]] = {}
+    lists = {"mutation_genes": _split, "sample_types": _split}
+    flags = given_flags(args, {dest: dest for dest in _BUILD_FLAGS}, convert=lists)
     entries = _input_entries(args)
     if entries is not None:
         flags["inputs"] = ("the input paths", entries)
-    for dest in _BUILD_FLAGS:
-        value = getattr(args, dest)
-        if dest in ("mutation_genes", "sample_types"):
-            value = _split(value)
-        if value is not None:
-            flags[dest] = (_flag(dest), str(value) if isinstance(value, Path) else value)
     if "inputs" not in flags and not any(o.startswith("inputs=") for o in args.overrides):
         raise ConfigError(
             "no expression input given: pass files or folders, or inputs: in --config"

@@ -32,12 +32,6 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import (
-    GroupKFold,
-    GroupShuffleSplit,
-    LeaveOneGroupOut,
-    StratifiedGroupKFold,
-)
 
 from bulkfm import schema as keys
 from bulkfm.config import check_choice, check_int, check_probability
@@ -50,10 +44,12 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "Split",
+    "check_group_sizes",
     "grouped_kfold",
     "holdout_splits",
     "inner_folds",
     "leave_cohort_out",
+    "n_holdout_folds",
     "repeated_holdout",
     "splits_from_adata",
     "survival_strata",
@@ -192,22 +188,47 @@ def _check_enough(
         )
     if y is None or names is None:
         return
-    frame = pd.DataFrame({"y": y, "g": g})
-    n_samples = frame.groupby("y").size()
-    n_patients = frame.groupby("y")["g"].nunique()
-    small = n_patients[n_patients < n_splits]
+    check_group_sizes(
+        names[y],
+        g,
+        n_splits,
+        context=f"a split into {n_splits} stratified folds",
+        fix=f"merge or drop these classes, or {fix}",
+    )
+
+
+def check_group_sizes(
+    labels: Any, groups: Any | None, n_needed: int, *, context: str, fix: str
+) -> None:
+    """SplitError naming every class with fewer than ``n_needed`` patients.
+
+    A stratified split needs a patient of each class in each fold, else some test sides
+    miss the class; ``context`` names the split in the message, ``fix`` the way out.
+    """
+    frame = pd.DataFrame(
+        {
+            "y": pd.Series(np.asarray(labels)).astype(str),
+            "g": np.arange(len(labels)) if groups is None else np.asarray(groups),
+        }
+    )
+    patients = frame.groupby("y")["g"].nunique()
+    samples = frame.groupby("y").size()
+    small = patients[patients < n_needed]
     if len(small):
         detail = ", ".join(
-            f"{names[c]!r}: {int(n_samples[c])} samples / {int(n_patients[c])} patients"
-            for c in small.index
+            f"{c!r} ({int(samples[c])} samples, {int(patients[c])} patients)" for c in small.index
         )
         raise SplitError(
-            f"class(es) with fewer patients than the {n_splits} folds needed: {detail}; "
-            f"merge or drop these classes, or {fix}"
+            f"{context} needs at least {n_needed} patients per class; too few in {detail}; {fix}"
         )
 
 
 # --------------------------------------------------------------------------- splitters
+
+
+def n_holdout_folds(fraction: float) -> int:
+    """Patients per class a stratified grouped hold-out of ``fraction`` needs."""
+    return _holdout_folds(fraction)[0]
 
 
 def _holdout_folds(test_size: float) -> tuple[int, bool]:
@@ -235,6 +256,8 @@ def repeated_holdout(
     seed, so repeats differ in more than the shuffle. ``seeds`` overrides
     ``n_repeats``; ``groups=None`` makes every sample its own patient.
     """
+    from sklearn.model_selection import GroupShuffleSplit, StratifiedGroupKFold
+
     check_probability("test_size", test_size, hint="e.g. 0.2 for a 20% test set")
     if seeds is None:
         seeds = range(check_int("n_repeats", n_repeats, 1))
@@ -280,6 +303,8 @@ def grouped_kfold(
     Stratified by ``labels`` via ``StratifiedGroupKFold``; with
     ``stratify=False`` shuffled ``GroupKFold``.
     """
+    from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
+
     check_int("k", k, 2)
     seed = check_int("seed", seed, 0)
     y, names, g = _prepare(labels, groups, stratify=stratify)
@@ -307,6 +332,8 @@ def leave_cohort_out(
     that is an error; ``on_shared_patient="drop"`` instead removes such a
     patient's samples from the *train* side whenever one of them is tested.
     """
+    from sklearn.model_selection import LeaveOneGroupOut
+
     check_choice("on_shared_patient", on_shared_patient, ("raise", "drop"))
     coh = pd.Series(_as_1d(cohorts, "cohorts"))
     _check_no_missing(

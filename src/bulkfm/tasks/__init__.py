@@ -7,8 +7,9 @@ linear probes (:mod:`~bulkfm.tasks.probes`), the ridge Cox model
 Cox-MLP survival (:mod:`~bulkfm.tasks.survival`) and the paper's baselines
 (:mod:`~bulkfm.tasks.baselines`). Here: the pieces the heads share, kept here so they
 stay alike: id alignment, input standardisation, the patient-grouped inner validation
-split and the early-stopping training loop of an MLP head. Splits are
-:mod:`bulkfm.data.splits`.
+split, the default hold-outs (with the class-size check that names the classes too small),
+split names and seeds, and the early-stopping training loop of an MLP head. Splits
+themselves are :mod:`bulkfm.data.splits`.
 
 Import-light: torch is imported inside the functions that train.
 """
@@ -27,13 +28,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from bulkfm.config import check_int, check_number
+from bulkfm.config import check_int, check_number, check_probability
+from bulkfm.data.splits import Split, check_group_sizes, n_holdout_folds, repeated_holdout
 from bulkfm.errors import (
     BulkfmWarning,
     ClinicalMatchError,
     ConfigError,
     ExpressionValueError,
-    SplitError,
 )
 from bulkfm.scaling import Standardizer
 from bulkfm.tasks.data import TaskData, prepare_task
@@ -47,6 +48,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "TASK_GRAMMAR",
     "AlignedInputs",
+    "MLPHeadMixin",
     "Standardizer",
     "TaskData",
     "TaskSelection",
@@ -55,10 +57,13 @@ __all__ = [
     "check_embeddings",
     "check_group_sizes",
     "check_training_params",
+    "default_holdouts",
     "inner_split",
     "n_holdout_folds",
     "prepare_task",
     "seeded",
+    "split_name",
+    "split_seed",
     "train_head",
 ]
 
@@ -161,41 +166,50 @@ def align_inputs(
 
 
 # --------------------------------------------------------------------------- splits
-def n_holdout_folds(fraction: float) -> int:
-    """Patients per class a stratified grouped hold-out of ``fraction`` needs (see splits)."""
-    from bulkfm.data.splits import _holdout_folds
+def default_holdouts(
+    strata: np.ndarray,
+    groups: np.ndarray | None,
+    *,
+    n_repeats: int,
+    test_size: float,
+    seed: int,
+    by: str,
+    fix: str,
+) -> list[Split]:
+    """``n_repeats`` patient-grouped hold-outs stratified by ``strata`` (seeds ``seed, seed+1,
+    ...``), after checking that every stratum has the patients a split needs.
 
-    return _holdout_folds(fraction)[0]
-
-
-def check_group_sizes(
-    labels: np.ndarray, groups: np.ndarray | None, n_needed: int, *, context: str, fix: str
-) -> None:
-    """SplitError naming every class with fewer than ``n_needed`` patients."""
-    frame = pd.DataFrame(
-        {
-            "y": pd.Series(labels).astype(str),
-            "g": np.arange(len(labels)) if groups is None else groups,
-        }
+    ``by`` says what the strata are (for the message), ``fix`` what the user can do.
+    """
+    check_probability("test_size", test_size)
+    check_int("n_repeats", n_repeats, 1)
+    check_group_sizes(
+        strata,
+        groups,
+        n_holdout_folds(float(test_size)),
+        context=f"a patient-grouped {1 - test_size:.0%}/{test_size:.0%} split stratified by {by}",
+        fix=fix,
     )
-    patients = frame.groupby("y")["g"].nunique()
-    samples = frame.groupby("y").size()
-    small = patients[patients < n_needed]
-    if len(small):
-        detail = ", ".join(
-            f"{c!r} ({int(samples[c])} samples, {int(patients[c])} patients)" for c in small.index
-        )
-        raise SplitError(
-            f"{context} needs at least {n_needed} patients per class; too few in {detail}; {fix}"
-        )
+    return repeated_holdout(
+        strata, groups, seeds=range(seed, seed + n_repeats), test_size=test_size
+    )
+
+
+def split_name(split: Any, i: int) -> str:
+    """A split's own name, or ``split{i}`` for an unnamed one (e.g. a bare train/test pair)."""
+    return getattr(split, "name", "") or f"split{i}"
+
+
+def split_seed(split: Any, i: int, seed: int) -> int:
+    """The seed a split was drawn with, else ``seed + i``: the seed of the model fitted on it."""
+    own = getattr(split, "seed", None)
+    return own if own is not None else seed + i
 
 
 def inner_split(
     strata: np.ndarray, groups: np.ndarray | None, val_fraction: float, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Patient-grouped, stratified (train, validation) positions for early stopping."""
-    from bulkfm.data.splits import repeated_holdout
-
     n_needed = n_holdout_folds(val_fraction)
     check_group_sizes(
         strata,
@@ -250,6 +264,97 @@ def check_training_params(
         hint="0 = no early stopping",
     )
     check_int("seed", seed, 0)
+
+
+class MLPHeadMixin:
+    """What the MLP heads on embeddings share (:class:`~bulkfm.tasks.classification.
+    MLPClassifier`, :class:`~bulkfm.tasks.survival.CoxMLP`): checking the training
+    settings, the inner validation split, training on standardised inputs with early
+    stopping under the head's own seed, and the forward pass of a fitted head.
+
+    Each estimator keeps its settings as its own dataclass fields (their defaults differ);
+    this class only reads them.
+    """
+
+    lr: float
+    weight_decay: float
+    max_epochs: int
+    patience: int
+    batch_size: int | None
+    val_fraction: float
+    seed: int
+    device: str
+    #: How to fit this estimator, for the "not fitted yet" message.
+    _fit_call = "fit(...)"
+
+    def __post_init__(self) -> None:
+        self._check_params()
+
+    def _check_params(self) -> None:
+        check_training_params(
+            lr=self.lr,
+            weight_decay=self.weight_decay,
+            max_epochs=self.max_epochs,
+            patience=self.patience,
+            batch_size=self.batch_size,
+            val_fraction=self.val_fraction,
+            seed=self.seed,
+        )
+
+    def _split_for_early_stopping(
+        self, strata: np.ndarray, groups: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """(train, validation) positions; no validation rows when ``val_fraction`` is 0."""
+        if self.val_fraction > 0:
+            return inner_split(strata, groups, self.val_fraction, self.seed)
+        return np.arange(len(strata)), None
+
+    def _train(
+        self,
+        X: np.ndarray,
+        targets: Sequence[np.ndarray],
+        train_idx: np.ndarray,
+        val_idx: np.ndarray | None,
+        make_head: Callable[[], torch.nn.Module],
+        loss_fn: Callable[..., torch.Tensor],
+    ) -> None:
+        """Standardise on the training rows, build the head and train it (sets ``head_``,
+        ``scaler_``, ``history_``, ``n_features_in_``)."""
+        import torch
+
+        self.scaler_ = Standardizer().fit(X[train_idx])
+        device = torch.device(self.device)
+        Xt = torch.from_numpy(self.scaler_.transform(X)).to(device)
+        tensors = [torch.from_numpy(t).to(device) for t in targets]
+        with seeded(self.seed, device):
+            self.head_ = make_head().to(device)
+            self.history_ = train_head(
+                self.head_,
+                loss_fn,
+                Xt,
+                tensors,
+                train_idx,
+                val_idx,
+                lr=self.lr,
+                weight_decay=self.weight_decay,
+                max_epochs=self.max_epochs,
+                patience=self.patience,
+                batch_size=self.batch_size,
+                seed=self.seed,
+            )
+        self.n_features_in_ = X.shape[1]
+
+    def _forward(self, X: Any) -> torch.Tensor:
+        """The fitted head's output on standardised ``X`` (on the CPU, no gradient)."""
+        import torch
+
+        if not hasattr(self, "head_"):
+            raise ConfigError(
+                f"this {type(self).__name__} is not fitted yet; call {self._fit_call} first"
+            )
+        Xs = self.scaler_.transform(check_embeddings(X))
+        with torch.no_grad():
+            return self.head_(torch.from_numpy(Xs).to(torch.device(self.device))).cpu()
 
 
 def train_head(

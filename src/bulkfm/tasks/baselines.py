@@ -32,20 +32,27 @@ import pandas as pd
 from sklearn.base import BaseEstimator
 
 from bulkfm.config import check_int, check_number
+from bulkfm.data.splits import survival_strata
 from bulkfm.embedders.classical import dense_matrix, feature_map
 from bulkfm.errors import ClinicalMatchError, ConfigError
-from bulkfm.metrics import (
-    classification_metrics,
-    cohort_concordance,
-    concordance_index,
-    mean_std,
-    validate_survival,
-)
+from bulkfm.metrics import validate_survival
 from bulkfm.scaling import Standardizer
-from bulkfm.tasks import check_embeddings
-from bulkfm.tasks.classification import SUMMARY_METRICS, ClassificationResult, run_classification
+from bulkfm.tasks import check_embeddings, default_holdouts, split_name, split_seed
+from bulkfm.tasks.classification import (
+    ClassificationResult,
+    classification_split_result,
+    merge_classification,
+    run_classification,
+)
 from bulkfm.tasks.cox import fit_ridge_cox
-from bulkfm.tasks.survival import SurvivalResult, run_survival, valid_survival_mask
+from bulkfm.tasks.survival import (
+    SurvivalResult,
+    merge_survival,
+    run_survival,
+    score_survival_split,
+    survival_split_result,
+    valid_survival_mask,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +71,6 @@ __all__ = [
 
 CLASSIFICATION_BASELINES = ("pca_svm", "nmf_svm", "mlp")
 SURVIVAL_BASELINES = ("pca_cox", "mlp")
-SURVIVAL_SUMMARY = ("c_index", "c_index_weighted", "c_index_macro")
 _COX_PENALTY = "an unpenalised Cox model has no unique solution when features outnumber events"
 
 
@@ -158,77 +164,24 @@ def baseline_label(
     return labels[name]
 
 
-# --------------------------------------------------------------------------- merging
-def merge_classification(
-    method: str, parts: Sequence[ClassificationResult]
-) -> ClassificationResult:
-    """One result from single-split results: rows and predictions stacked, mean ± std redone."""
-    if not parts:
-        raise ConfigError("no split results to merge")
-    per_split = [row for part in parts for row in part.per_split]
-    return ClassificationResult(
-        method=method,
-        labels=parts[0].labels,
-        per_split=per_split,
-        summary={m: mean_std([r[m] for r in per_split]) for m in SUMMARY_METRICS},
-        predictions=pd.concat([p.predictions for p in parts], ignore_index=True),
-    )
-
-
-def merge_survival(parts: Sequence[SurvivalResult], excluded: Sequence[str] = ()) -> SurvivalResult:
-    """Like :func:`merge_classification` for survival; the summary keeps the keys all rows have."""
-    if not parts:
-        raise ConfigError("no split results to merge")
-    per_split = [row for part in parts for row in part.per_split]
-    keys = [k for k in SURVIVAL_SUMMARY if all(k in r for r in per_split)]
-    return SurvivalResult(
-        per_split=per_split,
-        summary={k: mean_std([r[k] for r in per_split]) for k in keys},
-        predictions=pd.concat([p.predictions for p in parts], ignore_index=True),
-        excluded=list(excluded),
-    )
-
-
-def score_survival_split(
-    name: str,
-    n_train: int,
-    time: np.ndarray,
-    event: np.ndarray,
-    risk: np.ndarray,
-    *,
-    cohorts: np.ndarray | None = None,
-    min_events: int = 1,
-) -> dict[str, Any]:
-    """A per-split row shaped like :func:`bulkfm.tasks.survival.run_survival`'s rows."""
-    row: dict[str, Any] = {
-        "split": name,
-        "n_train": int(n_train),
-        "n_test": len(time),
-        "n_test_events": int(np.asarray(event).sum()),
-        "c_index": concordance_index(time, event, risk),
-    }
-    if cohorts is not None:
-        cc = cohort_concordance(time, event, risk, cohorts, min_events=min_events)
-        row.update(
-            c_index_weighted=cc["weighted"],
-            c_index_macro=cc["macro"],
-            per_cohort=cc["per_cohort"],
-            skipped_cohorts=cc["skipped"],
-        )
-    return row
-
-
 # --------------------------------------------------------------------------- runners
-def _split_seed(split: Any, i: int, seed: int) -> int:
-    return split.seed if getattr(split, "seed", None) is not None else seed + i
-
-
-def _default_splits(
-    strata: np.ndarray, groups: np.ndarray | None, n_repeats: int, seed: int
+def _holdouts(
+    strata: np.ndarray, groups: np.ndarray | None, n_repeats: int, seed: int, by: str
 ) -> list[Any]:
-    from bulkfm.data.splits import repeated_holdout
+    """The protocol's splits: ``n_repeats`` patient-grouped 80/20 hold-outs."""
+    return default_holdouts(
+        strata,
+        groups,
+        n_repeats=n_repeats,
+        test_size=0.2,
+        seed=seed,
+        by=by,
+        fix="drop or merge these classes, or use more samples",
+    )
 
-    return repeated_holdout(strata, groups, seeds=range(seed, seed + n_repeats), test_size=0.2)
+
+def _sample_ids(ids: Sequence[str] | np.ndarray | None, n: int) -> np.ndarray:
+    return np.asarray([str(i) for i in ids]) if ids is not None else np.arange(n).astype(str)
 
 
 def _check_rows(X: np.ndarray, n: int, what: str) -> None:
@@ -263,21 +216,19 @@ def run_classification_baseline(
     y = np.asarray(labels)
     _check_rows(X, len(y), "labels")
     g = None if groups is None else np.asarray(groups).astype(str)
-    sample_ids = (
-        np.asarray([str(i) for i in ids]) if ids is not None else np.arange(len(y)).astype(str)
-    )
+    sample_ids = _sample_ids(ids, len(y))
     if splits is None:
-        splits = _default_splits(y, g, n_repeats, seed)
+        splits = _holdouts(y, g, n_repeats, seed, "class")
     classes = sorted(pd.unique(y).tolist(), key=str)
     parts = []
     for i, split in enumerate(splits):
-        split_seed = _split_seed(split, i, seed)
+        seed_i = split_seed(split, i, seed)
         reducer, k = {
             "pca_svm": ("pca", cfg.pca_components),
             "nmf_svm": ("nmf", cfg.nmf_components),
         }.get(name, (None, 0))
         fmap = feature_map(
-            reducer, k, top_genes=cfg.top_genes, nmf_max_iter=cfg.nmf_max_iter, seed=split_seed
+            reducer, k, top_genes=cfg.top_genes, nmf_max_iter=cfg.nmf_max_iter, seed=seed_i
         ).fit(X[split.train])
         features = fmap.transform(X)
         if name == "pca_svm":
@@ -293,7 +244,7 @@ def run_classification_baseline(
                 splits=[split],
                 mlp=cfg.mlp,
                 svm_C=cfg.svm_C,
-                seed=split_seed,
+                seed=seed_i,
             )
         )
     return merge_classification(name, parts)
@@ -318,15 +269,11 @@ def run_survival_baseline(
     and ``splits`` index the samples left, as in :func:`run_survival`."""
     if name not in SURVIVAL_BASELINES:
         raise ConfigError(f"unknown survival baseline {name!r}; choose from {SURVIVAL_BASELINES}")
-    from bulkfm.data.splits import survival_strata
-
     cfg = config or BaselineConfig()
     X = dense_matrix(X_tpm)
     t_raw, e_raw = np.asarray(time, dtype=object), np.asarray(event, dtype=object)
     _check_rows(X, len(t_raw), "survival times")
-    sample_ids = (
-        np.asarray([str(i) for i in ids]) if ids is not None else np.arange(len(t_raw)).astype(str)
-    )
+    sample_ids = _sample_ids(ids, len(t_raw))
     valid = valid_survival_mask(t_raw, e_raw)
     excluded = sample_ids[~valid].tolist()
     X, sample_ids = X[valid], sample_ids[valid]
@@ -334,12 +281,12 @@ def run_survival_baseline(
     g = None if groups is None else np.asarray(groups)[valid].astype(str)
     c = None if cohorts is None else np.asarray(cohorts)[valid]
     if splits is None:
-        splits = _default_splits(survival_strata(e.astype(int)), g, n_repeats, seed)
+        splits = _holdouts(survival_strata(e.astype(int)), g, n_repeats, seed, "the event")
     parts = []
     for i, split in enumerate(splits):
-        split_seed = _split_seed(split, i, seed)
+        seed_i = split_seed(split, i, seed)
         reducer = "pca" if name == "pca_cox" else None
-        fmap = feature_map(reducer, cfg.cox_components, top_genes=cfg.top_genes, seed=split_seed)
+        fmap = feature_map(reducer, cfg.cox_components, top_genes=cfg.top_genes, seed=seed_i)
         features = fmap.fit(X[split.train]).transform(X)
         if name == "mlp":
             parts.append(
@@ -353,7 +300,7 @@ def run_survival_baseline(
                     splits=[split],
                     model=cfg.cox_mlp,
                     min_events=min_events,
-                    seed=split_seed,
+                    seed=seed_i,
                 )
             )
             continue
@@ -386,13 +333,9 @@ def _svm_split(
     tr, te = split.train, split.test
     svm = SVC(C=float(C), kernel="rbf", gamma="scale").fit(features[tr], y[tr])
     pred = svm.predict(features[te])
-    scores = classification_metrics(y[te], pred, labels=classes)
-    name = getattr(split, "name", "") or f"split{i}"
-    logger.info("%s %s: macro F1 %.3f", method, name, scores["macro_f1"])
-    row = {"split": name, "n_train": len(tr), "n_test": len(te), **scores}
-    frame = pd.DataFrame({"sample_id": ids[te], "split": name, "y_true": y[te], "y_pred": pred})
-    summary = {m: mean_std([row[m]]) for m in SUMMARY_METRICS}
-    return ClassificationResult(method, classes, [row], summary, frame)
+    return classification_split_result(
+        method, split_name(split, i), len(tr), ids[te], y[te], pred, classes
+    )
 
 
 def _pca_cox_split(
@@ -408,19 +351,14 @@ def _pca_cox_split(
 ) -> SurvivalResult:
     tr, te = split.train, split.test
     model = PenalizedCox(penalizer=float(penalizer)).fit(features[tr], t[tr], e[tr])
-    risk = model.predict_risk(features[te])
-    name = getattr(split, "name", "") or f"split{i}"
-    row = score_survival_split(
-        name,
+    return survival_split_result(
+        "penalised Cox",
+        split_name(split, i),
         len(tr),
+        ids[te],
         t[te],
         e[te],
-        risk,
+        model.predict_risk(features[te]),
         cohorts=None if c is None else c[te],
         min_events=min_events,
     )
-    frame = pd.DataFrame(
-        {"sample_id": ids[te], "split": name, "time": t[te], "event": e[te], "risk": risk}
-    )
-    logger.info("penalised Cox %s: C-index %.3f", name, row["c_index"])
-    return SurvivalResult(per_split=[row], summary={}, predictions=frame)

@@ -18,27 +18,29 @@ import numpy as np
 import pandas as pd
 from sklearn.base import BaseEstimator, ClassifierMixin
 
-from bulkfm.config import check_choice, check_int, check_number, check_probability
+from bulkfm.config import check_choice, check_number
+from bulkfm.data.splits import grouped_kfold
 from bulkfm.errors import BulkfmWarning, ConfigError, SplitError
 from bulkfm.metrics import classification_metrics, mean_std
 from bulkfm.tasks import (
-    Standardizer,
+    MLPHeadMixin,
     align_inputs,
     check_embeddings,
     check_group_sizes,
-    check_training_params,
-    inner_split,
-    n_holdout_folds,
-    seeded,
-    train_head,
+    default_holdouts,
+    split_name,
+    split_seed,
 )
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "SUMMARY_METRICS",
     "ClassificationResult",
     "MLPClassifier",
+    "classification_split_result",
     "make_svm",
+    "merge_classification",
     "run_classification",
     "tune_svm",
 ]
@@ -48,7 +50,7 @@ SUMMARY_METRICS = ("accuracy", "macro_f1", "weighted_f1")
 
 # --------------------------------------------------------------------------- MLP
 @dataclass(eq=False, repr=False)
-class MLPClassifier(ClassifierMixin, BaseEstimator):
+class MLPClassifier(MLPHeadMixin, ClassifierMixin, BaseEstimator):
     """Paper MLP head (Linear -> SELU -> Dropout -> LayerNorm per hidden layer) as an estimator.
 
     Inputs are standardised with training statistics; ``fit`` is deterministic for a
@@ -69,19 +71,10 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
     seed: int = 0
     device: str = "cpu"
 
-    def __post_init__(self) -> None:
-        self._check_params()
+    _fit_call = "fit(X, y)"
 
     def _check_params(self) -> None:
-        check_training_params(
-            lr=self.lr,
-            weight_decay=self.weight_decay,
-            max_epochs=self.max_epochs,
-            patience=self.patience,
-            batch_size=self.batch_size,
-            val_fraction=self.val_fraction,
-            seed=self.seed,
-        )
+        super()._check_params()
         check_choice("class_weight", self.class_weight, (None, "balanced"))
 
     def fit(self, X: Any, y: Any, groups: Any | None = None) -> MLPClassifier:
@@ -101,41 +94,22 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
                 f"only one class ({self.classes_.tolist()}) in the training labels; a "
                 "classifier needs at least two"
             )
-        train_idx, val_idx = np.arange(len(y)), None
-        if self.val_fraction > 0:
-            train_idx, val_idx = inner_split(y, g, self.val_fraction, self.seed)
-        self.scaler_ = Standardizer().fit(X[train_idx])
-        device = torch.device(self.device)
-        Xt = torch.from_numpy(self.scaler_.transform(X)).to(device)
-        yt = torch.from_numpy(codes.astype(np.int64)).to(device)
-        weight = self._class_weights(codes[train_idx], device)
+        train_idx, val_idx = self._split_for_early_stopping(y, g)
+        weight = self._class_weights(codes[train_idx], torch.device(self.device))
 
         def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
             return F.cross_entropy(logits, target, weight=weight)
 
-        with seeded(self.seed, device):
-            self.head_ = classification_head(
+        def make_head() -> torch.nn.Module:
+            return classification_head(
                 X.shape[1],
                 self.classes_.size,
                 hidden=tuple(self.hidden),
                 dropout=self.dropout,
                 layer_norm=self.layer_norm,
-            ).to(device)
-            self.history_ = train_head(
-                self.head_,
-                loss_fn,
-                Xt,
-                [yt],
-                train_idx,
-                val_idx,
-                lr=self.lr,
-                weight_decay=self.weight_decay,
-                max_epochs=self.max_epochs,
-                patience=self.patience,
-                batch_size=self.batch_size,
-                seed=self.seed,
             )
-        self.n_features_in_ = X.shape[1]
+
+        self._train(X, [codes.astype(np.int64)], train_idx, val_idx, make_head, loss_fn)
         return self
 
     def _class_weights(self, codes: np.ndarray, device: Any) -> Any:
@@ -148,14 +122,7 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
         return torch.tensor(weights, dtype=torch.float32, device=device)
 
     def predict_proba(self, X: Any) -> np.ndarray:
-        import torch
-
-        if not hasattr(self, "head_"):
-            raise ConfigError("this MLPClassifier is not fitted yet; call fit(X, y) first")
-        Xs = self.scaler_.transform(check_embeddings(X))
-        with torch.no_grad():
-            logits = self.head_(torch.from_numpy(Xs).to(torch.device(self.device)))
-        return logits.softmax(dim=-1).cpu().numpy().astype(np.float64)
+        return self._forward(X).softmax(dim=-1).numpy().astype(np.float64)
 
     def predict(self, X: Any) -> np.ndarray:
         proba = self.predict_proba(X)  # raises first when not fitted
@@ -206,8 +173,6 @@ def tune_svm(
 ) -> tuple[Any, float]:
     """Fitted SVM with C chosen by macro F1 over patient-grouped stratified inner folds."""
     from sklearn.model_selection import GridSearchCV
-
-    from bulkfm.data.splits import grouped_kfold
 
     X = check_embeddings(X)
     y = _labels(y, X.shape[0])
@@ -288,42 +253,71 @@ def run_classification(
     if len(classes) < 2:
         raise SplitError(f"only one class ({classes}) among the labelled samples; need two or more")
     if splits is None:
-        splits = _default_splits(y, g, n_repeats, test_size, seed)
-    per_split, frames = [], []
+        splits = default_holdouts(
+            y,
+            g,
+            n_repeats=n_repeats,
+            test_size=test_size,
+            seed=seed,
+            by="class",
+            fix="drop or merge these classes (e.g. keep classes with enough patients)",
+        )
+    parts = []
     for i, split in enumerate(splits):
-        split_seed = split.seed if getattr(split, "seed", None) is not None else seed + i
+        tr, te = split.train, split.test
         model = _fit(
-            method, X[split.train], y[split.train], _sub(g, split.train), mlp, svm_C, split_seed
+            method,
+            X[tr],
+            y[tr],
+            None if g is None else g[tr],
+            mlp,
+            svm_C,
+            split_seed(split, i, seed),
         )
-        pred = model.predict(X[split.test])
-        scores = classification_metrics(y[split.test], pred, labels=classes)
-        name = getattr(split, "name", "") or f"split{i}"
-        per_split.append(
-            {"split": name, "n_train": len(split.train), "n_test": len(split.test), **scores}
-        )
-        frames.append(
-            pd.DataFrame(
-                {
-                    "sample_id": sample_ids[split.test],
-                    "split": name,
-                    "y_true": y[split.test],
-                    "y_pred": pred,
-                }
+        name = split_name(split, i)
+        parts.append(
+            classification_split_result(
+                method, name, len(tr), sample_ids[te], y[te], model.predict(X[te]), classes
             )
         )
-        logger.info("%s %s: macro F1 %.3f", method, name, scores["macro_f1"])
-    summary = {m: mean_std([s[m] for s in per_split]) for m in SUMMARY_METRICS}
+    return merge_classification(method, parts)
+
+
+def classification_split_result(
+    method: str,
+    name: str,
+    n_train: int,
+    ids: np.ndarray,
+    y_true: np.ndarray,
+    y_pred: np.ndarray,
+    classes: list[Any],
+) -> ClassificationResult:
+    """The result of one split: its metrics row and its test predictions."""
+    scores = classification_metrics(y_true, y_pred, labels=classes)
+    logger.info("%s %s: macro F1 %.3f", method, name, scores["macro_f1"])
+    row = {"split": name, "n_train": int(n_train), "n_test": len(y_true), **scores}
+    frame = pd.DataFrame({"sample_id": ids, "split": name, "y_true": y_true, "y_pred": y_pred})
+    return ClassificationResult(method, classes, [row], _summary([row]), frame)
+
+
+def merge_classification(
+    method: str, parts: Sequence[ClassificationResult]
+) -> ClassificationResult:
+    """One result from single-split results: rows and predictions stacked, mean ± std redone."""
+    if not parts:
+        raise ConfigError("no split results to merge")
+    per_split = [row for part in parts for row in part.per_split]
     return ClassificationResult(
         method=method,
-        labels=classes,
+        labels=parts[0].labels,
         per_split=per_split,
-        summary=summary,
-        predictions=pd.concat(frames, ignore_index=True),
+        summary=_summary(per_split),
+        predictions=pd.concat([p.predictions for p in parts], ignore_index=True),
     )
 
 
-def _sub(values: np.ndarray | None, idx: np.ndarray) -> np.ndarray | None:
-    return None if values is None else values[idx]
+def _summary(per_split: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {m: mean_std([r[m] for r in per_split]) for m in SUMMARY_METRICS}
 
 
 def _drop_unlabelled(
@@ -347,23 +341,6 @@ def _drop_unlabelled(
             "sample is its own patient"
         )
     return X, y, g, ids
-
-
-def _default_splits(
-    y: np.ndarray, g: np.ndarray | None, n_repeats: int, test_size: float, seed: int
-) -> list[Any]:
-    from bulkfm.data.splits import repeated_holdout
-
-    check_probability("test_size", test_size)
-    check_int("n_repeats", n_repeats, 1)
-    check_group_sizes(
-        y,
-        g,
-        n_holdout_folds(float(test_size)),
-        context=f"a stratified {1 - test_size:.0%}/{test_size:.0%} patient-grouped split",
-        fix="drop or merge these classes (e.g. keep classes with enough patients)",
-    )
-    return repeated_holdout(y, g, seeds=range(seed, seed + n_repeats), test_size=test_size)
 
 
 def _fit(

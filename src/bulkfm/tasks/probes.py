@@ -192,6 +192,11 @@ def _cox_path(
     return out
 
 
+def _classes(kind: str, y: np.ndarray) -> np.ndarray:
+    """The class codes a classifier's probabilities are columns of (none for survival)."""
+    return np.unique(y) if kind != "survival" else np.empty(0)
+
+
 def _path(
     kind: str,
     A: np.ndarray,
@@ -222,7 +227,7 @@ def _tune(
         return grid[0], {}
     from bulkfm.data.splits import inner_folds
 
-    classes = np.unique(y) if kind != "survival" else np.empty(0)
+    classes = _classes(kind, y)
     scores = np.full((config.inner_folds, len(grid)), np.nan)
     folds = inner_folds(strata, groups, k=config.inner_folds, seed=config.seed)
     for f, fold in enumerate(folds):
@@ -296,7 +301,7 @@ def run_probe(
         strata_train = y_train[:, 1] if kind == "survival" else y_train
     param, table = _tune(kind, X_train, y_train, np.asarray(groups_train), strata_train, config)
     A, B = _prepare(X_train, X_test)
-    classes = np.unique(y_train) if kind != "survival" else np.empty(0)
+    classes = _classes(kind, y_train)
     output = _path(kind, A, y_train, B, [param], config, classes)[0]
     if kind == "binary":
         prediction = output[:, list(classes).index(1)]

@@ -30,19 +30,17 @@ import numpy as np
 import pandas as pd
 from sklearn.base import BaseEstimator
 
-from bulkfm.config import check_choice, check_int, check_probability
+from bulkfm.config import check_choice
+from bulkfm.data.splits import survival_strata
 from bulkfm.errors import BulkfmWarning, ClinicalMatchError, ConfigError, SplitError
 from bulkfm.metrics import cohort_concordance, concordance_index, mean_std, validate_survival
 from bulkfm.tasks import (
-    Standardizer,
+    MLPHeadMixin,
     align_inputs,
     check_embeddings,
-    check_group_sizes,
-    check_training_params,
-    inner_split,
-    n_holdout_folds,
-    seeded,
-    train_head,
+    default_holdouts,
+    split_name,
+    split_seed,
 )
 
 if TYPE_CHECKING:
@@ -51,15 +49,21 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "SURVIVAL_SUMMARY",
     "CoxMLP",
     "RiskGroups",
     "SurvivalResult",
+    "merge_survival",
     "risk_groups_km",
     "run_survival",
+    "score_survival_split",
+    "survival_split_result",
     "valid_survival_mask",
 ]
 
 GROUPINGS = {"median": ("low", "high"), "tertiles": ("low", "mid", "high")}
+#: Per-split scores averaged over the splits (the last two only with cohorts).
+SURVIVAL_SUMMARY = ("c_index", "c_index_weighted", "c_index_macro")
 
 
 # --------------------------------------------------------------------------- input checks
@@ -107,7 +111,7 @@ def _require_events(event: np.ndarray, where: str) -> None:
 
 # --------------------------------------------------------------------------- Cox MLP
 @dataclass(eq=False, repr=False)
-class CoxMLP(BaseEstimator):
+class CoxMLP(MLPHeadMixin, BaseEstimator):
     """Paper survival head on embeddings, fitted with the Cox partial likelihood.
 
     ``predict_risk`` gives the log-risk (higher = shorter survival). ``batch_size=None``
@@ -128,25 +132,15 @@ class CoxMLP(BaseEstimator):
     seed: int = 0
     device: str = "cpu"
 
-    def __post_init__(self) -> None:
-        self._check_params()
+    _fit_call = "fit(X, time, event)"
 
     def _check_params(self) -> None:
-        check_training_params(
-            lr=self.lr,
-            weight_decay=self.weight_decay,
-            max_epochs=self.max_epochs,
-            patience=self.patience,
-            batch_size=self.batch_size,
-            val_fraction=self.val_fraction,
-            seed=self.seed,
-        )
+        super()._check_params()
         check_choice("ties", self.ties, ("efron", "breslow"))
 
     def fit(self, X: Any, time: Any, event: Any, groups: Any | None = None) -> CoxMLP:
         import torch
 
-        from bulkfm.data.splits import survival_strata
         from bulkfm.models.heads import survival_head
         from bulkfm.train.losses import cox_ph_loss
 
@@ -157,53 +151,26 @@ class CoxMLP(BaseEstimator):
             raise ConfigError(f"{t.size} survival records for {X.shape[0]} embedding rows")
         _require_events(e, "the training data")
         g = None if groups is None else np.asarray(groups).astype(str)
-        train_idx, val_idx = np.arange(t.size), None
-        if self.val_fraction > 0:
-            train_idx, val_idx = inner_split(survival_strata(e), g, self.val_fraction, self.seed)
-        self.scaler_ = Standardizer().fit(X[train_idx])
-        device = torch.device(self.device)
-        Xt = torch.from_numpy(self.scaler_.transform(X)).to(device)
-        tt = torch.from_numpy(t).to(device)
-        et = torch.from_numpy(e).to(device)
+        train_idx, val_idx = self._split_for_early_stopping(survival_strata(e), g)
         ties = self.ties
 
         def loss_fn(out: torch.Tensor, time_b: torch.Tensor, event_b: torch.Tensor) -> torch.Tensor:
             return cox_ph_loss(out, time_b, event_b, ties=ties)
 
-        with seeded(self.seed, device):
-            self.head_ = survival_head(
+        def make_head() -> torch.nn.Module:
+            return survival_head(
                 X.shape[1],
                 hidden=tuple(self.hidden),
                 dropout=self.dropout,
                 layer_norm=self.layer_norm,
-            ).to(device)
-            self.history_ = train_head(
-                self.head_,
-                loss_fn,
-                Xt,
-                [tt, et],
-                train_idx,
-                val_idx,
-                lr=self.lr,
-                weight_decay=self.weight_decay,
-                max_epochs=self.max_epochs,
-                patience=self.patience,
-                batch_size=self.batch_size,
-                seed=self.seed,
             )
-        self.n_features_in_ = X.shape[1]
+
+        self._train(X, [t, e], train_idx, val_idx, make_head, loss_fn)
         return self
 
     def predict_risk(self, X: Any) -> np.ndarray:
         """Log-risk per sample (float64); only its order matters for the C-index."""
-        import torch
-
-        if not hasattr(self, "head_"):
-            raise ConfigError("this CoxMLP is not fitted yet; call fit(X, time, event) first")
-        Xs = self.scaler_.transform(check_embeddings(X))
-        with torch.no_grad():
-            out = self.head_(torch.from_numpy(Xs).to(torch.device(self.device)))
-        return out[:, 0].cpu().numpy().astype(np.float64)
+        return self._forward(X)[:, 0].numpy().astype(np.float64)
 
     predict = predict_risk
 
@@ -258,60 +225,106 @@ def run_survival(
     c = None if c is None else np.asarray(c[valid])
     _require_events(e, "the survival data")
     if splits is None:
-        splits = _default_splits(e, g, n_repeats, test_size, seed)
+        splits = default_holdouts(
+            survival_strata(e),
+            g,
+            n_repeats=n_repeats,
+            test_size=test_size,
+            seed=seed,
+            by="the event",
+            fix="use more samples or an endpoint with more events",
+        )
     params = dict(model or {})
-    per_split, frames = [], []
+    parts = []
     for i, split in enumerate(splits):
-        name = getattr(split, "name", "") or f"split{i}"
-        split_seed = split.seed if getattr(split, "seed", None) is not None else seed + i
         tr, te = split.train, split.test
-        cox = CoxMLP(**{"seed": split_seed, **params})
+        cox = CoxMLP(**{"seed": split_seed(split, i, seed), **params})
         cox.fit(X[tr], t[tr], e[tr], groups=None if g is None else g[tr])
-        risk = cox.predict_risk(X[te])
-        row: dict[str, Any] = {
-            "split": name,
-            "n_train": len(tr),
-            "n_test": len(te),
-            "n_test_events": int(e[te].sum()),
-            "c_index": concordance_index(t[te], e[te], risk),
-        }
-        if c is not None:
-            cc = cohort_concordance(t[te], e[te], risk, c[te], min_events=min_events)
-            row.update(
-                c_index_weighted=cc["weighted"],
-                c_index_macro=cc["macro"],
-                per_cohort=cc["per_cohort"],
-                skipped_cohorts=cc["skipped"],
-            )
-        per_split.append(row)
-        frame = {"sample_id": sample_ids[te], "split": name, "time": t[te], "event": e[te]}
-        frames.append(pd.DataFrame({**frame, "risk": risk}))
-        logger.info("cox mlp %s: C-index %.3f", name, row["c_index"])
-    keys = ["c_index"] + (["c_index_weighted", "c_index_macro"] if c is not None else [])
+        part = survival_split_result(
+            "cox mlp",
+            split_name(split, i),
+            len(tr),
+            sample_ids[te],
+            t[te],
+            e[te],
+            cox.predict_risk(X[te]),
+            cohorts=None if c is None else c[te],
+            min_events=min_events,
+        )
+        parts.append(part)
+    return merge_survival(parts, excluded)
+
+
+def score_survival_split(
+    name: str,
+    n_train: int,
+    time: np.ndarray,
+    event: np.ndarray,
+    risk: np.ndarray,
+    *,
+    cohorts: np.ndarray | None = None,
+    min_events: int = 1,
+) -> dict[str, Any]:
+    """A per-split row: sizes, test events, the C-index and, with cohorts, the weighted and
+    macro per-cohort C-indexes (cohorts below ``min_events`` events are skipped)."""
+    row: dict[str, Any] = {
+        "split": name,
+        "n_train": int(n_train),
+        "n_test": len(time),
+        "n_test_events": int(np.asarray(event).sum()),
+        "c_index": concordance_index(time, event, risk),
+    }
+    if cohorts is not None:
+        cc = cohort_concordance(time, event, risk, cohorts, min_events=min_events)
+        row.update(
+            c_index_weighted=cc["weighted"],
+            c_index_macro=cc["macro"],
+            per_cohort=cc["per_cohort"],
+            skipped_cohorts=cc["skipped"],
+        )
+    return row
+
+
+def survival_split_result(
+    method: str,
+    name: str,
+    n_train: int,
+    ids: np.ndarray,
+    time: np.ndarray,
+    event: np.ndarray,
+    risk: np.ndarray,
+    *,
+    cohorts: np.ndarray | None = None,
+    min_events: int = 1,
+) -> SurvivalResult:
+    """The result of one split: its row (:func:`score_survival_split`) and test risks."""
+    row = score_survival_split(
+        name, n_train, time, event, risk, cohorts=cohorts, min_events=min_events
+    )
+    logger.info("%s %s: C-index %.3f", method, name, row["c_index"])
+    frame = pd.DataFrame(
+        {"sample_id": ids, "split": name, "time": time, "event": event, "risk": risk}
+    )
+    return SurvivalResult(per_split=[row], summary=_summary([row]), predictions=frame)
+
+
+def merge_survival(parts: Sequence[SurvivalResult], excluded: Sequence[str] = ()) -> SurvivalResult:
+    """One result from single-split results: rows and predictions stacked, mean ± std redone
+    over the summary metrics every row has."""
+    if not parts:
+        raise ConfigError("no split results to merge")
+    per_split = [row for part in parts for row in part.per_split]
     return SurvivalResult(
         per_split=per_split,
-        summary={k: mean_std([r[k] for r in per_split]) for k in keys},
-        predictions=pd.concat(frames, ignore_index=True),
-        excluded=excluded,
+        summary=_summary(per_split),
+        predictions=pd.concat([p.predictions for p in parts], ignore_index=True),
+        excluded=list(excluded),
     )
 
 
-def _default_splits(
-    e: np.ndarray, g: np.ndarray | None, n_repeats: int, test_size: float, seed: int
-) -> list[Any]:
-    from bulkfm.data.splits import repeated_holdout, survival_strata
-
-    check_probability("test_size", test_size)
-    check_int("n_repeats", n_repeats, 1)
-    strata = survival_strata(e)
-    check_group_sizes(
-        strata,
-        g,
-        n_holdout_folds(float(test_size)),
-        context=f"a {1 - test_size:.0%}/{test_size:.0%} split stratified by the event",
-        fix="use more samples or an endpoint with more events",
-    )
-    return repeated_holdout(strata, g, seeds=range(seed, seed + n_repeats), test_size=test_size)
+def _summary(per_split: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    metrics = [k for k in SURVIVAL_SUMMARY if all(k in r for r in per_split)]
+    return {k: mean_std([r[k] for r in per_split]) for k in metrics}
 
 
 # --------------------------------------------------------------------------- Kaplan–Meier

@@ -491,8 +491,18 @@ def load_checkpoint(
     return state
 
 
+def _normalised_config(saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved config as this version writes it, so defaults resolved since (e.g.
+    ``model.key_size``: null then, 16 now) do not read as changes; a config this version
+    cannot parse is compared as saved."""
+    try:
+        return PretrainConfig.from_dict(saved).to_dict()
+    except (ValueError, TypeError):  # ConfigError is a ValueError
+        return saved
+
+
 def _check_resumable(saved: dict[str, Any], config: PretrainConfig, genes: list[str]) -> None:
-    old = _flatten(saved.get("config", {}))
+    old = _flatten(_normalised_config(saved.get("config", {})))
     new = _flatten(config.to_dict())
     changed = sorted(
         k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in _RESUMABLE_CHANGES
