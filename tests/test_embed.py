@@ -132,8 +132,38 @@ def test_rejects_sample_with_every_gene_missing(model, tokenizer, adata):
     adata.layers["missing"] = sp.csr_matrix(
         np.vstack([np.ones(N_GENES, bool), np.zeros((6, N_GENES), bool)])
     )
-    with pytest.raises(ExpressionValueError, match=r"every model gene missing \(e\.g\. \['S0'\]"):
+    with pytest.raises(ExpressionValueError, match=r"1 of 7 sample\(s\) have every model gene"):
         embed_adata(model, tokenizer, adata)
+
+
+def test_every_gene_missing_counts_all_samples_not_one_batch(model, tokenizer, adata):
+    """The check runs on the whole input: 7 of 7, not the 2 of the first batch."""
+    adata.layers["missing"] = sp.csr_matrix(np.ones(adata.shape, bool))
+    with pytest.raises(ExpressionValueError, match=r"7 of 7 sample\(s\).*'S0', 'S1', 'S2'"):
+        embed_adata(model, tokenizer, adata, batch_size=2)
+
+
+def test_include_missing_allows_all_missing_samples(model, tokenizer, adata):
+    adata.layers["missing"] = sp.csr_matrix(np.ones(adata.shape, bool))
+    emb = embed_adata(model, tokenizer, adata, exclude_missing=False)
+    assert np.isfinite(emb).all()
+
+
+def test_rejects_non_boolean_missing_layer(model, tokenizer, adata):
+    adata.layers["missing"] = np.full(adata.shape, 2.5, dtype=np.float32)
+    with pytest.raises(ExpressionValueError, match=r"layers\['missing'\] holds .*other than 0/1"):
+        embed_adata(model, tokenizer, adata)
+
+
+def test_nan_error_names_sample_and_gene_not_batch_position(model, tokenizer, adata):
+    adata.X[5, 3] = np.nan
+    with pytest.raises(ExpressionValueError, match=rf"sample 'S5', gene '{GENES[3]}'"):
+        embed_adata(model, tokenizer, adata, batch_size=2)
+
+
+def test_rejects_non_bool_exclude_missing(model, tokenizer, adata):
+    with pytest.raises(ConfigError, match="exclude_missing must be true or false"):
+        embed_adata(model, tokenizer, adata, exclude_missing="false")
 
 
 def test_rejects_bad_batch_size(model, tokenizer, adata):

@@ -7,7 +7,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from bulkfm.errors import CheckpointError, ConfigError
+from bulkfm.errors import CheckpointError, ConfigError, ExpressionValueError
 from bulkfm.impute import impute_missing
 from bulkfm.models import BulkRNABert
 from bulkfm.tokenize import BinTokenizer, TokenizerConfig
@@ -160,3 +160,49 @@ def test_tokenizer_not_matching_model(trained: dict) -> None:
     adata = with_hidden_genes(trained["test_log"][:1], n_hidden=1, seed=8)
     with pytest.raises(CheckpointError, match=r"tokenizer has 30 genes but the model has"):
         impute_missing(trained["model"], tok, adata)
+
+
+def test_non_boolean_missing_layer_is_refused(trained: dict) -> None:
+    """A float layer (all 2.5) must not count as "all missing" and overwrite X."""
+    adata = with_hidden_genes(trained["test_log"][:3], n_hidden=1, seed=9)
+    adata.layers["missing"] = np.full(adata.shape, 2.5, dtype=np.float32)
+    match = r"layers\['missing'\] holds 96 value\(s\) other than 0/1.*2\.5"
+    with pytest.raises(ExpressionValueError, match=match):
+        impute_missing(trained["model"], trained["tokenizer"], adata)
+
+
+def test_zero_one_integer_missing_layer_is_accepted(trained: dict) -> None:
+    adata = with_hidden_genes(trained["test_log"][:3], n_hidden=2, seed=10)
+    expected = impute_missing(trained["model"], trained["tokenizer"], adata)
+    adata.layers["missing"] = adata.layers["missing"].toarray().astype(np.int8)
+    result = impute_missing(trained["model"], trained["tokenizer"], adata)
+    np.testing.assert_array_equal(result.X, expected.X)
+    assert result.layers["imputed"].nnz == 6
+
+
+def test_samples_with_every_gene_missing_are_refused_like_embed(trained: dict) -> None:
+    adata = with_hidden_genes(trained["test_log"][:10], n_hidden=2, seed=11)
+    missing = adata.layers["missing"].toarray()
+    missing[[2, 7]] = True
+    adata.layers["missing"] = sp.csr_matrix(missing)
+    with pytest.raises(
+        ExpressionValueError, match=r"2 of 10 sample\(s\) have every model gene missing.*'S2', 'S7'"
+    ):
+        impute_missing(trained["model"], trained["tokenizer"], adata, batch_size=4)
+
+
+def test_nan_not_marked_missing_is_refused(trained: dict) -> None:
+    """NaN in X with no missing layer used to pass through with "nothing to impute"."""
+    x = (10 ** trained["test_log"][:4] - 1).astype(np.float32)
+    x[2, 5] = np.nan
+    adata = ad.AnnData(X=x, obs=pd.DataFrame(index=list("abcd")), var=pd.DataFrame(index=GENES))
+    with pytest.raises(ExpressionValueError, match=rf"NaN.*sample 'c', gene '{GENES[5]}'"):
+        impute_missing(trained["model"], trained["tokenizer"], adata)
+
+
+def test_nan_marked_missing_is_imputed(trained: dict) -> None:
+    adata = with_hidden_genes(trained["test_log"][:3], n_hidden=2, seed=12)
+    adata.X[adata.layers["missing"].toarray()] = np.nan
+    result = impute_missing(trained["model"], trained["tokenizer"], adata)
+    assert np.isfinite(result.X).all()
+    assert result.layers["imputed"].nnz == 6

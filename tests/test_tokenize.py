@@ -322,3 +322,53 @@ def test_empty_gene_list_file_is_config_error(tmp_path) -> None:
     (tmp_path / "genes.txt").write_text("\n")
     with pytest.raises(ConfigError, match=r"is empty"):
         tk.read_gene_list(tmp_path / "genes.txt")
+
+
+# --------------------------------------------------------------------------- missing layer
+@pytest.mark.parametrize("sparse", [False, True])
+def test_non_boolean_missing_layer_is_error(sparse: bool) -> None:
+    """astype(bool) would read 2.5 as "missing" everywhere; the values are checked first."""
+    genes = ["g0", "g1", "g2"]
+    layer = np.array([[2.5, 0, 1], [0, 0, np.nan]], dtype=np.float32)
+    adata = ad.AnnData(
+        X=np.ones((2, 3), np.float32),
+        var=pd.DataFrame(index=genes),
+        layers={"missing": sp.csr_matrix(layer) if sparse else layer},
+    )
+    tok = BinTokenizer(TokenizerConfig(genes=genes, normalization_factor=4.0))
+    with pytest.raises(ExpressionValueError, match=r"layers\['missing'\] holds 2 value\(s\)"):
+        tok.encode_adata(adata)
+    with pytest.raises(ExpressionValueError, match=r"the missing mask holds 2 value"):
+        tok.encode(np.ones((2, 3)), missing=layer)
+    with pytest.raises(ExpressionValueError, match=r"holds 2 value"):
+        BinTokenizer.fit_adata(adata)
+
+
+def test_zero_one_missing_layer_is_read_as_bool() -> None:
+    genes = ["g0", "g1"]
+    tok = BinTokenizer(TokenizerConfig(genes=genes, normalization_factor=4.0, n_bins=8))
+    X = np.full((2, 2), 10.0)
+    ints = np.array([[1, 0], [0, 1]], dtype=np.int64)
+    expected = tok.encode(X, missing=ints.astype(bool))
+    np.testing.assert_array_equal(tok.encode(X, missing=ints), expected)
+    sparse_floats = sp.csr_matrix(ints.astype(float))
+    np.testing.assert_array_equal(tok.encode(X, missing=sparse_floats), expected)
+    assert expected[0, 0] == tok.mask_token_id
+
+
+def test_text_missing_layer_is_error() -> None:
+    with pytest.raises(ExpressionValueError, match=r"dtype <U1, not booleans"):
+        tk.check_missing_mask(np.array([["y", "n"]]), "layers['missing']")
+
+
+def test_check_adata_names_samples_and_genes() -> None:
+    genes = ["g0", "g1", "g2"]
+    X = np.array([[1.0, 2.0, 3.0], [1.0, -1.0, 3.0]], np.float32)
+    adata = ad.AnnData(X=X, obs=pd.DataFrame(index=["a", "b"]), var=pd.DataFrame(index=genes))
+    tok = BinTokenizer(TokenizerConfig(genes=genes, normalization_factor=4.0))
+    with pytest.raises(ExpressionValueError, match=r"negative .* at sample 'b', gene 'g1'"):
+        tok.check_adata(adata)
+    adata.layers["missing"] = sp.csr_matrix(np.array([[0, 0, 0], [1, 1, 1]], bool))
+    with pytest.raises(ExpressionValueError, match=r"1 of 2 sample\(s\) .*\['b'\]"):
+        tok.check_adata(adata)  # the negative value is masked; the sample has nothing left
+    tok.check_adata(adata, allow_all_missing=True)

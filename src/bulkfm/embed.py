@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from bulkfm import schema as keys
-from bulkfm.config import check_int
+from bulkfm.config import check_bool, check_int
 from bulkfm.errors import ConfigError, DuplicateIdError, ExpressionValueError, InputFileError
 from bulkfm.io import atomic_path, write_h5ad
 
@@ -72,10 +72,14 @@ def embed_adata(
     from bulkfm.models.bulkrnabert import check_tokenizer_matches
 
     check_int("batch_size", batch_size, 1)
+    check_bool("exclude_missing", exclude_missing)
     check_tokenizer_matches(model.config, tokenizer)
     model._normalise_layer(layer)  # fail before any work on a layer that does not exist
     if adata.n_obs == 0:
         raise ExpressionValueError("the AnnData has no samples; nothing to embed")
+    # The whole input is checked before the first batch, so an error counts every bad
+    # sample (not those of one batch) and names samples and genes.
+    tokenizer.check_adata(adata, allow_all_missing=not exclude_missing)
     if device is not None:
         model.to(device)
     out = np.empty((adata.n_obs, model.config.embed_dim), dtype=np.float32)
@@ -86,8 +90,6 @@ def embed_adata(
         for start in tqdm(starts, desc="embedding", unit="batch", disable=_disable(progress)):
             stop = min(start + batch_size, adata.n_obs)
             tokens = tokenizer.encode_adata(adata[start:stop])
-            if exclude_missing:
-                _check_not_all_missing(tokens, tokenizer.mask_token_id, adata.obs_names[start:stop])
             with torch.inference_mode():
                 emb = model.embed(
                     torch.from_numpy(tokens).to(model.device),
@@ -103,17 +105,6 @@ def embed_adata(
 def _disable(progress: bool | None) -> bool | None:
     """tqdm's ``disable``: None = only on a TTY."""
     return None if progress is None else not progress
-
-
-def _check_not_all_missing(tokens: np.ndarray, mask_id: int, ids: Sequence[str]) -> None:
-    empty = (tokens == mask_id).all(axis=1)
-    if empty.any():
-        bad = [str(ids[int(i)]) for i in np.flatnonzero(empty)]
-        raise ExpressionValueError(
-            f"{len(bad)} sample(s) have every model gene missing (e.g. {bad[:5]}), so their "
-            "embedding would average nothing; drop them or check their gene ids map to the "
-            "model's vocabulary"
-        )
 
 
 # --------------------------------------------------------------------------- writing
@@ -253,9 +244,9 @@ def read_embeddings(path: str | Path, *, key: str = DEFAULT_KEY) -> pd.DataFrame
         ids = ids_path.read_text().splitlines()
         _check_embeddings(arr, len(ids))
     elif suffix == ".h5ad":
-        import anndata as ad
+        from bulkfm.data.readers import read_h5ad
 
-        adata = ad.read_h5ad(path)
+        adata = read_h5ad(path, flag="embeddings file", expression=False)
         if key not in adata.obsm:
             raise InputFileError(
                 f"{path} has no obsm[{key!r}] (has {list(adata.obsm)}); pass key= the embedding key"

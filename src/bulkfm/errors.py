@@ -53,3 +53,9 @@ class ConfigError(BulkfmError):
 
 class CheckpointError(BulkfmError):
     """A checkpoint does not match its config, gene list or the model."""
+
+
+class OutputPathError(ConfigError):
+    """An output path cannot be written: a folder where a file is expected (or the
+    reverse), a place under a regular file or without write access, or a file suffix the
+    command cannot write. Raised before any work starts."""

@@ -18,6 +18,7 @@ import scipy.sparse as sp
 
 from bulkfm import schema as keys
 from bulkfm.config import check_int
+from bulkfm.tokenize import missing_layer
 
 if TYPE_CHECKING:
     import anndata as ad
@@ -42,6 +43,11 @@ def impute_missing(
     Adds ``layers["imputed"]`` (sparse bool, which entries were replaced) and
     ``uns["bulkfm"]["imputation"]`` (per-sample gene lists and counts). Genes outside the
     model vocabulary are left as they are; ``layers["missing"]`` is kept as provenance.
+
+    Refused up front (:meth:`BinTokenizer.check_adata`), as :func:`bulkfm.embed.embed_adata`
+    refuses them: a ``layers["missing"]`` that is not boolean (or 0/1), NaN/inf in model
+    genes not marked missing (mark them to have them imputed), and samples with every
+    model gene missing (their fill would be the model's prior, not a prediction).
     """
     import torch
 
@@ -49,12 +55,17 @@ def impute_missing(
     from bulkfm.models.bulkrnabert import check_tokenizer_matches
 
     check_tokenizer_matches(model.config, tokenizer)
+    # Before any work: the missing layer must be boolean, values not marked missing
+    # finite (NaN is refused, not silently kept: mark it missing to have it imputed),
+    # and no sample may lack every model gene (its fill would come from nothing; embed
+    # refuses the same samples).
+    tokenizer.check_adata(adata)
     cols = tokenizer.align_columns(list(map(str, adata.var_names)))
     vocab_cols = np.arange(tokenizer.n_genes) if cols is None else cols
     out = adata.copy()
     x = out.X
     out.X = np.asarray(sp.csr_matrix(x).toarray() if sp.issparse(x) else x, dtype=np.float32)
-    missing = adata.layers.get(keys.MISSING)
+    missing = missing_layer(adata)
     if missing is None:
         logger.warning("no layers[%r]: nothing to impute", keys.MISSING)
         rows = np.array([], dtype=np.int64)

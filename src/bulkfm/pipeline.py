@@ -19,7 +19,7 @@ from typing import Any
 
 import pandas as pd
 
-from bulkfm.io import atomic_path, write_h5ad, write_text
+from bulkfm.io import atomic_path, check_output_dir, write_h5ad, write_text
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def run_demo(
     from bulkfm.data.build import BuildConfig, ExpressionInput, build_dataset, format_summary
     from bulkfm.data.simulate import SimulationConfig, simulate_bulk, write_simulated_files
 
-    out = Path(out_dir)
+    out = check_output_dir(out_dir, flag="--out / out_dir=")
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
 

@@ -150,7 +150,64 @@ def _as_missing_matrix(missing: Any, shape: tuple[int, int]) -> np.ndarray | sp.
             f"missing mask has shape {missing.shape} but the expression matrix is {shape}; "
             "pass a samples x genes boolean mask aligned with X"
         )
-    return missing
+    return check_missing_mask(missing, "the missing mask")
+
+
+_MISSING_FIX = (
+    "it must be a boolean mask, True where a gene was not measured (0/1 integers are "
+    "accepted too). Re-build the .h5ad with `bulkfm data build`, which writes this layer, "
+    f"or set adata.layers[{keys.MISSING!r}] to a boolean samples x genes array"
+)
+
+
+def check_missing_mask(mask: Any, what: str) -> np.ndarray | sp.csr_matrix:
+    """``mask`` as booleans; any value other than True/False/0/1 is an error.
+
+    A float layer (e.g. all 2.5) cast with ``astype(bool)`` would count every entry as
+    missing and have the model overwrite measured values, so values are checked first.
+    """
+    values = mask.data if sp.issparse(mask) else np.asarray(mask)
+    if values.dtype != bool:
+        if not (np.issubdtype(values.dtype, np.number) and values.dtype.kind != "c"):
+            raise ExpressionValueError(
+                f"{what} has dtype {values.dtype}, not booleans; {_MISSING_FIX}"
+            )
+        n_bad, examples = 0, np.array([], dtype=values.dtype)
+        flat = values.reshape(-1)
+        for start in range(0, flat.size, _CHUNK_ELEMENTS):
+            chunk = flat[start : start + _CHUNK_ELEMENTS]
+            bad = chunk[(chunk != 0) & (chunk != 1)]  # NaN is neither
+            n_bad += bad.size
+            if bad.size and examples.size < 5:
+                examples = np.unique(np.concatenate([examples, bad]))[:5]
+        if n_bad:
+            raise ExpressionValueError(
+                f"{what} holds {n_bad} value(s) other than 0/1/True/False (e.g. "
+                f"{examples.tolist()}), so it cannot say which genes are missing; "
+                f"{_MISSING_FIX}"
+            )
+    if sp.issparse(mask):
+        out = sp.csr_matrix(mask, dtype=bool)
+        out.eliminate_zeros()
+        return out
+    return values if values.dtype == bool else values != 0
+
+
+def missing_layer(adata: ad.AnnData) -> np.ndarray | sp.csr_matrix | None:
+    """``adata.layers["missing"]`` checked (shape of X, boolean values) as a bool mask.
+
+    The one reader of the layer for tokenising, embedding and imputing: None when the
+    AnnData has no such layer.
+    """
+    missing = adata.layers.get(keys.MISSING)
+    if missing is None:
+        return None
+    if missing.shape != adata.shape:
+        raise ExpressionValueError(
+            f"layers[{keys.MISSING!r}] has shape {missing.shape}, X has {adata.shape}; "
+            "rebuild the AnnData with `bulkfm data build` so the layer matches X"
+        )
+    return check_missing_mask(missing, f"layers[{keys.MISSING!r}]")
 
 
 def _dense_rows(matrix: Any, start: int, stop: int, cols: np.ndarray | None) -> np.ndarray:
@@ -162,27 +219,41 @@ def _dense_rows(matrix: Any, start: int, stop: int, cols: np.ndarray | None) -> 
     return np.asarray(block)
 
 
-def _validate_chunk(values: np.ndarray, row_offset: int) -> None:
+def _validate_chunk(
+    values: np.ndarray,
+    row_offset: int,
+    sample_ids: Sequence[str] | None = None,
+    gene_ids: Sequence[str] | None = None,
+) -> None:
+    """NaN/inf/negative values are an error; ids (when given) name the first one."""
     if not values.size:
         return
     # Two reductions catch NaN (propagates into min), negatives and inf cheaply;
     # the element-wise search below only runs to explain a failure.
     if values.min() >= 0 and values.max() < np.inf:
         return
+
+    def where(r: int, c: int) -> str:
+        sample = f"{sample_ids[row_offset + r]!r}" if sample_ids is not None else row_offset + r
+        gene = f"gene {gene_ids[c]!r}" if gene_ids is not None else f"gene column {c}"
+        return f"sample {sample}, {gene}"
+
     bad = ~np.isfinite(values)
     if bad.any():
         r, c = np.argwhere(bad)[0]
         raise ExpressionValueError(
-            f"{int(bad.sum())} NaN/inf expression values (first at sample {row_offset + r}, "
-            f"gene column {c}); impute or drop them, or record them in layers['missing'] so "
-            "they become the mask token"
+            f"{int(bad.sum())} NaN/inf expression values not marked missing (first at "
+            f"{where(r, c)}); the model cannot read them. Mark the genes not measured in "
+            f"layers[{keys.MISSING!r}] (True there: they become the mask token, and "
+            "`bulkfm impute` fills them), or re-build the .h5ad with `bulkfm data build`, "
+            "which records absent genes there"
         )
     neg = values < 0
     r, c = np.argwhere(neg)[0]
     raise ExpressionValueError(
-        f"{int(neg.sum())} negative expression values (first {values[r, c]} at sample "
-        f"{row_offset + r}, gene column {c}); the tokenizer expects TPM >= 0, not "
-        "log-transformed or centred values"
+        f"{int(neg.sum())} negative expression values (first {values[r, c]} at "
+        f"{where(r, c)}); the tokenizer expects TPM >= 0, not log-transformed or centred "
+        "values"
     )
 
 
@@ -288,13 +359,38 @@ class BinTokenizer:
     def encode_adata(self, adata: ad.AnnData) -> np.ndarray:
         """Tokens of an AnnData, columns aligned to ``self.genes`` by gene id."""
         cols = self.align_columns(list(map(str, adata.var_names)))
-        missing = adata.layers.get(keys.MISSING)
-        if missing is not None and missing.shape != adata.shape:
+        return self._encode_aligned(adata.X, cols, missing_layer(adata), cols)
+
+    def check_adata(self, adata: ad.AnnData, *, allow_all_missing: bool = False) -> None:
+        """Check a whole AnnData before a model reads it, naming samples and genes.
+
+        The model's genes must be present; ``layers["missing"]`` must be boolean; values
+        not marked missing must be finite and >= 0 (NaN is refused, not taken as
+        missing: mark it in the layer); and, unless ``allow_all_missing``, no sample
+        may have every model gene missing (nothing of it would be read).
+        """
+        cols = self.align_columns(list(map(str, adata.var_names)))
+        missing = missing_layer(adata)
+        ids = list(map(str, adata.obs_names))
+        genes = self.genes
+        n_missing = np.zeros(adata.n_obs, dtype=np.int64)
+        for start, stop in _row_chunks((adata.n_obs, self.n_genes)):
+            values = _dense_rows(adata.X, start, stop, cols).astype(np.float64, copy=True)
+            if missing is not None:
+                is_missing = _dense_rows(missing, start, stop, cols).astype(bool)
+                values[is_missing] = 0.0
+                n_missing[start:stop] = is_missing.sum(axis=1)
+            _validate_chunk(values, start, ids, genes)
+        empty = np.flatnonzero(n_missing == self.n_genes)
+        if empty.size and not allow_all_missing:
             raise ExpressionValueError(
-                f"layers['missing'] has shape {missing.shape}, X has {adata.shape}; rebuild "
-                "the AnnData with bulkfm.data so the layer matches X"
+                f"{empty.size} of {adata.n_obs} sample(s) have every model gene missing (all "
+                f"{self.n_genes} marked in layers[{keys.MISSING!r}]; e.g. "
+                f"{[ids[i] for i in empty[:5]]}), so the model would read nothing of them; "
+                "drop those samples, or check that their gene ids map to the model's "
+                "vocabulary (re-build the .h5ad with `bulkfm data build --vocabulary "
+                "GENES.txt`, and --id-type if the ids are not Ensembl)"
             )
-        return self._encode_aligned(adata.X, cols, missing, cols)
 
     def align_columns(self, var_names: Sequence[str]) -> np.ndarray | None:
         """Column indices putting ``var_names`` in tokenizer order (None: already aligned)."""

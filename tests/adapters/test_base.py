@@ -212,3 +212,13 @@ def test_shared_options_layer_and_min_coverage(tmp_path) -> None:
         _Sum(tmp_path, min_coverage=1.5)
     with pytest.raises(ConfigError, match=r"min_coverage must lie in \[0, 1\], got True"):
         _Sum(tmp_path, min_coverage=True)
+
+
+@pytest.mark.parametrize("value", ["flase", "true", "yes", 1, None])
+def test_trust_pickle_must_be_a_real_bool(tmp_path, value) -> None:
+    """bool("flase") is True: text must never turn pickle trust on."""
+    (tmp_path / "w.bin").write_bytes(b"0")
+    with pytest.raises(ConfigError, match=r"trust_pickle must be true or false.*--model-arg"):
+        _Sum(tmp_path, trust_pickle=value)
+    assert _Sum(tmp_path, trust_pickle=True).trust_pickle is True
+    assert _Sum(tmp_path).trust_pickle is False

@@ -14,7 +14,7 @@ from bulkfm.bench.runner import run_benchmark
 from bulkfm.bench.selection import bench_obs
 from bulkfm.data.splits import holdout_splits
 from bulkfm.embedders.classical import RawEmbedder
-from bulkfm.errors import ConfigError, ExpressionValueError
+from bulkfm.errors import ConfigError, ExpressionValueError, SplitError
 from bulkfm.tasks import TaskSpec, prepare_task
 from tests.bench.fakes import Fixed, signal_embedding
 
@@ -128,3 +128,49 @@ def test_test_set_bootstrap_intervals(sim, small_config, informative) -> None:
     scores = res.scores
     assert (scores["ci_low"] <= scores["ci_high"]).all()
     assert row["ci_low"] == pytest.approx(scores["ci_low"].mean())
+
+
+def _few_censored(sim: ad.AnnData, n_censored: int = 3) -> tuple[ad.AnnData, str]:
+    """The first cohort's tumours all have an event except ``n_censored`` patients."""
+    cohort = str(sim.obs["cohort"].astype(str).iloc[0])
+    rows = np.flatnonzero(
+        (sim.obs["cohort"].astype(str) == cohort).to_numpy()
+        & (sim.obs["sample_type"] == "tumor").to_numpy()
+    )
+    event = sim.obs["survival_event"].to_numpy().copy()
+    event[rows] = 1
+    event[rows[:n_censored]] = 0
+    sim.obs["survival_event"] = event
+    return sim, cohort
+
+
+def test_infeasible_split_under_a_wildcard_is_skipped_with_its_reason(sim, small_config) -> None:
+    """3 censored patients cannot fill 5 stratified folds: the task is skipped, not a crash."""
+    data, cohort = _few_censored(sim)
+    config = dataclasses.replace(small_config, min_events=5)
+    res = run_benchmark(data, ["raw"], "survival@*", config, progress=False)
+    name = f"survival@{cohort}"
+    assert name not in [t.name for t in res.tasks] and res.tasks
+    assert "3 censored" in res.skipped[name] and "--test-size 0.2" in res.skipped[name]
+
+
+def test_infeasible_split_of_a_named_task_is_an_error_naming_it(sim, small_config) -> None:
+    data, cohort = _few_censored(sim)
+    config = dataclasses.replace(small_config, min_events=5)
+    with pytest.raises(SplitError, match=rf"task 'survival@{cohort}' has \d+ patients with an "):
+        run_benchmark(data, ["raw"], f"survival@{cohort}", config, progress=False)
+    spec = TaskSpec("survival", cohort=cohort)  # a TaskSpec bypasses selection: still named
+    with pytest.raises(SplitError, match=rf"task 'survival@{cohort}'"):
+        run_benchmark(data, ["raw"], [spec], config, progress=False)
+
+
+def test_split_error_in_a_probe_names_task_and_model(sim, small_config) -> None:
+    config = dataclasses.replace(small_config, inner_folds=500)
+    with pytest.raises(SplitError, match=r"^task 'cancer_type', model 'raw': .*500 folds"):
+        run_benchmark(sim, ["raw"], "cancer_type", config, progress=False)
+
+
+def test_non_boolean_missing_layer_is_an_error_before_any_model_runs(sim, small_config) -> None:
+    sim.layers["missing"] = np.full(sim.shape, 2.5, dtype=np.float32)
+    with pytest.raises(ExpressionValueError, match=r"layers\['missing'\] holds .*other than 0/1"):
+        run_benchmark(sim, ["raw"], "cancer_type", small_config, progress=False)

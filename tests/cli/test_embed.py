@@ -6,8 +6,10 @@ import pandas as pd
 import pytest
 
 from bulkfm.cli import build_parser
+from bulkfm.cli import main as cli_main
 from bulkfm.embed import embed_adata
 from bulkfm.errors import InputFileError
+from bulkfm.io import write_h5ad
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -36,3 +38,15 @@ def test_cli_embeds_to_parquet_and_h5ad(model, tokenizer, checkpoint, adata, inp
 def test_cli_rejects_missing_input(tmp_path):
     with pytest.raises(InputFileError, match="does not exist"):
         run_cli(["embed", "--model", "m", "--input", str(tmp_path / "x.h5ad"), "--output", "o.npy"])
+
+
+def test_cli_embed_counts_every_all_missing_sample(adata, checkpoint, tmp_path, capsys):
+    """All 7 samples are reported, not those of the first batch of 2."""
+    adata.layers["missing"] = np.ones(adata.shape, dtype=bool)
+    source = write_h5ad(adata, tmp_path / "empty.h5ad")
+    output = tmp_path / "e.parquet"
+    argv = ["embed", "--model", str(checkpoint), "--input", str(source), "--output", str(output)]
+    assert cli_main([*argv, "--batch-size", "2"]) == 1
+    err = capsys.readouterr().err
+    assert "7 of 7 sample(s) have every model gene missing" in err and "Traceback" not in err
+    assert not output.exists()

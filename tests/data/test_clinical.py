@@ -205,7 +205,9 @@ def test_filter_sample_type():
 
 def test_filter_sample_type_nothing_left():
     a = annotate_samples(_mixed())
-    with pytest.raises(ClinicalMatchError, match=r"present: \{.*'normal': 2.*pass keep="):
+    with pytest.raises(
+        ClinicalMatchError, match=r"present: \{.*'normal': 2.*--sample-types \(keep= in Python\)"
+    ):
         filter_sample_type(a, keep="recurrent_tumor")
 
 
@@ -594,3 +596,69 @@ def test_real_driver_table(shared_data):
         np.testing.assert_array_equal(
             a.obs[f"mut_{gene}"].to_numpy(dtype=int), full[gene].to_numpy(dtype=int)
         )
+
+
+# ------------------------------------------------------------------ text encodings (issue 13)
+
+_BARCODES = [f"TCGA-OR-A5J{i}-01A" for i in range(6)]
+
+
+def test_mutation_text_encodings_are_parsed():
+    df = pd.DataFrame(
+        {
+            "Tumor_Sample_Barcode": _BARCODES,
+            "TP53": ["mut", "wt", "WT", "Mutated", "NA", "wild-type"],
+            "KRAS": ["yes", "no", "No", "YES", "", "no"],
+            "IDH1": ["True", "False", "false", "true", "false", "False"],
+            "PIK3CA": ["Missense_Mutation", "0", "0", "E545K;H1047R", "0", "p.R88Q"],
+        }
+    )
+    table = read_mutation_table(df)
+    assert table["TP53"].tolist()[:4] == [1, 0, 0, 1]
+    assert pd.isna(table["TP53"].iloc[4])
+    assert table["KRAS"].tolist()[:4] == [1, 0, 0, 1]
+    assert table["IDH1"].tolist() == [1, 0, 0, 1, 0, 0]
+    assert table["PIK3CA"].tolist() == [1, 0, 0, 1, 0, 1]
+
+
+def test_mutation_column_with_unknown_text_is_named():
+    df = pd.DataFrame({"Tumor_Sample_Barcode": _BARCODES[:3], "TP53": ["1", "0", "maybe"]})
+    with pytest.raises(
+        ClinicalMatchError, match=r"'TP53' .*\['maybe'\].*data row 3.*Accepted: 0/1"
+    ):
+        read_mutation_table(df)
+
+
+def test_mutation_genes_naming_an_unreadable_column_says_why(caplog):
+    df = pd.DataFrame(
+        {
+            "Tumor_Sample_Barcode": _BARCODES[:2],
+            "TP53": ["weird", "odd"],
+            "KRAS": ["0", "1"],
+        }
+    )
+    with caplog.at_level(logging.WARNING, logger="bulkfm.data.clinical"):
+        assert read_mutation_table(df).attrs["bulkfm_mutations"]["genes"] == ["KRAS"]
+    assert "ignoring 1 column(s)" in caplog.text
+    with pytest.raises(
+        ClinicalMatchError, match=r"--mutation-genes TP53: column 'TP53' .*no mutation calls"
+    ):
+        read_mutation_table(df, genes=["TP53"])
+
+
+def test_survival_table_without_any_known_time_names_the_rows(tmp_path):
+    rows = [[*r[:4], "NaN", *r[5:]] for r in CDR_ROWS]
+    path = _write_tsv(tmp_path / "cdr.tsv", CDR_HEADER, rows)
+    with pytest.raises(
+        ClinicalMatchError,
+        match=r"no row of the survival table \(--survival\).*5 with no time in 'OS\.time'.*"
+        r"TCGA-OR-A5J1.*--endpoint",
+    ):
+        read_survival_table(path)
+
+
+def test_survival_rows_left_out_are_named(cdr, caplog):
+    with caplog.at_level(logging.WARNING, logger="bulkfm.data.clinical"):
+        read_survival_table(cdr, endpoint="DFI")
+    assert "with no time in 'DFI.time'" in caplog.text
+    assert "e.g. ['TCGA-OR-A5J2'" in caplog.text

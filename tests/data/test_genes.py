@@ -353,7 +353,9 @@ def test_harmonize_report_is_json_and_counts(table, tmp_path):
 
 
 def test_harmonize_error_rule_raises_with_examples_and_fix(table):
-    with pytest.raises(DuplicateIdError, match=r"ENSG00000000003 <- TSPAN6, TM4SF6.*'sum'"):
+    with pytest.raises(
+        DuplicateIdError, match=r"ENSG00000000003 <- TSPAN6, TM4SF6.*--duplicate-genes sum"
+    ):
         G.harmonize_genes(_dup_adata(sparse=False), duplicates="error", table=table)
 
 
@@ -365,7 +367,9 @@ def test_harmonize_error_rule_passes_without_duplicates(table):
 
 def test_harmonize_too_few_mapped_raises(table):
     adata = ad.AnnData(X=np.ones((2, 3)), var=pd.DataFrame(index=["FOO1", "BAR2", "TSPAN6"]))
-    with pytest.raises(GeneMappingError, match=r"1 of 3 .*read as 'symbol'.*pass id_type"):
+    with pytest.raises(
+        GeneMappingError, match=r"1 of 3 .*read as 'symbol'.*pass --id-type.*id_type="
+    ):
         G.harmonize_genes(adata, table=table)
 
 
@@ -506,7 +510,9 @@ def test_align_empty_vocabulary_raises():
 
 
 def test_align_bad_min_fraction_raises():
-    with pytest.raises(ConfigError, match=r"min_fraction=-0\.1 must be between 0 and 1"):
+    with pytest.raises(
+        ConfigError, match=r"fraction -0\.1 \(min_fraction=\) must be between 0 and 1"
+    ):
         G.align_to_vocabulary(_aligned_input(), VOCAB, min_fraction=-0.1)
 
 
@@ -583,3 +589,32 @@ def test_rnaseqdb_symbols_and_entrez_map(shared_data, table):
     single = approved.map(len).eq(1) & pd.Series(mapped)
     agree = (ensembl[single] == approved[single].str[0]).mean()
     assert agree > 0.97
+
+
+# ----------------------------------------------------------------------- mixed ids (issue 13)
+
+
+def test_mixed_ensembl_ids_and_symbols_map_each_by_its_own_type(table, caplog):
+    """Half Ensembl ids, half symbols: 50% mapped used to pass the threshold silently while
+    every symbol was dropped."""
+    genes = table.genes.index[:40]
+    symbols = table.symbols(genes)
+    ids = [g if i % 2 == 0 else s for i, (g, s) in enumerate(zip(genes, symbols, strict=True))]
+    adata = ad.AnnData(X=np.ones((2, len(ids)), np.float32), var=pd.DataFrame(index=ids))
+    with caplog.at_level("WARNING", logger="bulkfm.data.genes"):
+        out = G.harmonize_genes(adata, table=table)
+    assert out.uns["bulkfm"]["gene_mapping"]["n_mapped"] == len(ids)
+    assert set(out.var_names) == set(genes)
+    assert "mix types (20 ensembl, 20 symbol)" in caplog.text
+    assert "--id-type" in caplog.text
+
+
+def test_dropped_gene_ids_are_warned_with_counts_and_examples(table, caplog):
+    genes = list(table.genes.index[:6])
+    adata = ad.AnnData(
+        X=np.ones((2, 8), np.float32), var=pd.DataFrame(index=[*genes, "NOTAGENE1", "NOTAGENE2"])
+    )
+    with caplog.at_level("WARNING", logger="bulkfm.data.genes"):
+        G.harmonize_genes(adata, id_type="ensembl", table=table)
+    assert "2 of 8 gene ids dropped: 2 unmapped (e.g. ['NOTAGENE1', 'NOTAGENE2'])" in caplog.text
+    assert "--id-type" in caplog.text

@@ -21,6 +21,7 @@ from bulkfm.errors import (
     ExpressionValueError,
     InputFileError,
     OrientationError,
+    UnitError,
 )
 from bulkfm.io import write_h5ad
 
@@ -152,7 +153,7 @@ def test_gdc_single_file_is_detected(gdc) -> None:
 
 def test_gdc_wrong_value_column_lists_choices(gdc) -> None:
     with pytest.raises(
-        InputFileError, match=r"value_column='tpm' .*available: \['unstranded', 'stranded_first'"
+        InputFileError, match=r"--value-column tpm .*available: \['unstranded', 'stranded_first'"
     ):
         read_expression(gdc["folder"], value_column="tpm")
 
@@ -451,7 +452,7 @@ def test_wide_quoted_label_with_separator(tmp_path) -> None:
 def test_wide_explicit_format_reads_other_extensions(tmp_path) -> None:
     X = _ref_matrix()
     path = _write_wide(tmp_path / "matrix.dat", X, "samples_x_genes")
-    with pytest.raises(InputFileError, match=r"unknown file type '\.dat'.*format='wide'"):
+    with pytest.raises(InputFileError, match=r"unknown file type '\.dat'.*--format wide\|"):
         read_expression(path)
     np.testing.assert_array_equal(read_expression(path, format="wide").X, X)
 
@@ -508,7 +509,7 @@ def _ambiguous(tmp_path: Path, n_rows: int, n_cols: int) -> tuple[Path, np.ndarr
 def test_orientation_falls_back_on_shape_with_a_warning(tmp_path) -> None:
     path, X = _ambiguous(tmp_path, 3, 6)
     with pytest.warns(
-        BulkfmWarning, match=r"assumed samples_x_genes .*orientation='samples_x_genes'"
+        BulkfmWarning, match=r"assumed samples_x_genes .*--orientation samples_x_genes"
     ):
         adata = read_expression(path)
     assert adata.shape == (3, 6)
@@ -562,7 +563,7 @@ def test_gene_and_sample_column_together(tmp_path) -> None:
 
 def test_unknown_orientation_value(tmp_path) -> None:
     path = _write_wide(tmp_path / "m.tsv", _ref_matrix(), "genes_x_samples")
-    with pytest.raises(ConfigError, match="orientation='rows' is not one of"):
+    with pytest.raises(ConfigError, match=r"--orientation rows .*is not one of"):
         read_expression(path, orientation="rows")
 
 
@@ -598,12 +599,12 @@ def test_truncated_gzip(tmp_path) -> None:
     path = _write_wide(tmp_path / "m.tsv.gz", _values(3, 4), "samples_x_genes")
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(InputFileError, match="check the file is complete"):
+    with pytest.raises(InputFileError, match="damaged or truncated"):
         read_expression(path)
 
 
 def test_folder_with_a_table_format(tmp_path) -> None:
-    with pytest.raises(InputFileError, match="is a folder, but only format='gdc'"):
+    with pytest.raises(InputFileError, match="is a folder, but only --format gdc"):
         read_expression(tmp_path, format="wide")
 
 
@@ -742,7 +743,7 @@ def test_official_format_requires_identifier_column(tmp_path) -> None:
 
 def test_unknown_format_value(tmp_path) -> None:
     path = _write_wide(tmp_path / "m.tsv", _ref_matrix(), "samples_x_genes")
-    with pytest.raises(ConfigError, match="format='excel' is not one of"):
+    with pytest.raises(ConfigError, match=r"--format excel .*is not one of"):
         read_expression(path, format="excel")
 
 
@@ -822,7 +823,9 @@ def test_h5ad_negative_values_are_checked(tmp_path) -> None:
 
 def test_corrupt_h5ad(tmp_path) -> None:
     path = _write(tmp_path / "m.h5ad", "not hdf5")
-    with pytest.raises(InputFileError, match="cannot read h5ad file"):
+    with pytest.raises(
+        InputFileError, match=r"not an \.h5ad file: it does not start with the HDF5 signature"
+    ):
         read_expression(path)
 
 
@@ -888,3 +891,163 @@ def test_real_official_bulkrnabert_csv(shared_data: Path) -> None:
     assert all(s.startswith("TCGA-") for s in adata.obs_names)
     reference = pd.read_csv(path, index_col="identifier")
     np.testing.assert_array_equal(adata.X, reference.to_numpy(np.float32))
+
+
+# ----------------------------------------------------------------------------- issue 13
+
+
+def _gxs_table(n_genes: int = 12, samples: tuple[str, ...] = ("S1", "S2", "S3")) -> list[str]:
+    """Lines of a genes x samples table with a gene_name annotation column."""
+    X = _values(n_genes, len(samples), seed=3) + 1
+    lines = ["\t".join(["gene_id", "gene_name", *samples])]
+    for i in range(n_genes):
+        lines.append("\t".join([f"ENSG{i:011d}", f"GENE{i}", *(f"{v:g}" for v in X[i])]))
+    return lines
+
+
+def test_gzip_damaged_near_its_start_is_an_input_file_error(tmp_path) -> None:
+    path = _write(tmp_path / "m.tsv.gz", "\n".join(_gxs_table(200)) + "\n")
+    raw = bytearray(path.read_bytes())
+    for i in range(40, 60):  # inside the first deflate block: zlib.error, not OSError
+        raw[i] ^= 0x5A
+    path.write_bytes(bytes(raw))
+    with pytest.raises(InputFileError, match=r"m\.tsv\.gz: the gzip stream is damaged"):
+        read_expression(path)
+
+
+@pytest.mark.parametrize("sample", ["TCGA-OR-A5J1-01A", "S1"])
+def test_decimal_comma_in_the_first_sample_column_is_refused(tmp_path, sample) -> None:
+    """A sample whose column holds one '3874,5' must not become a label column and vanish:
+    by its header (a sample id) or because its other values are numbers."""
+    lines = _gxs_table(samples=(sample, "S2", "S3"))
+    fields = lines[5].split("\t")
+    fields[2] = "3874,5"
+    lines[5] = "\t".join(fields)
+    path = _write(tmp_path / "m.tsv", "\n".join(lines) + "\n")
+    with pytest.raises(
+        ExpressionValueError,
+        match=rf"column '{sample}' .*'3874,5' at line 6 \(row 'ENSG00000000004'\).*decimal comma",
+    ):
+        read_expression(path)
+
+
+def test_decimal_comma_beyond_the_inspected_rows_names_the_decimal_comma(tmp_path) -> None:
+    lines = _gxs_table(n_genes=150)
+    fields = lines[140].split("\t")
+    fields[3] = "12,25"
+    lines[140] = "\t".join(fields)
+    path = _write(tmp_path / "m.tsv", "\n".join(lines) + "\n")
+    with pytest.raises(
+        ExpressionValueError, match=r"'12,25'.*column 'S2', line 141.*decimal comma"
+    ):
+        read_expression(path)
+
+
+def test_text_annotation_columns_with_some_numbers_stay_labels(tmp_path) -> None:
+    """featureCounts' Chr/Start/End/Strand/Length are labels, not samples, and a text column
+    with a few number-like cells (a symbol column) is still a label column."""
+    X = _values(4, 2, seed=4) + 1
+    lines = ["Geneid\tChr\tStart\tEnd\tStrand\tLength\tsymbol\tS1\tS2"]
+    for i in range(4):
+        start = "11869;12010" if i % 2 else "11869"
+        symbol = "7SK" if i == 0 else f"GENE{i}"
+        lines.append(
+            f"ENSG{i:011d}\tchr1\t{start}\t14409\t+\t{1000 + i}\t{symbol}\t"
+            + "\t".join(f"{v:g}" for v in X[i])
+        )
+    adata = read_expression(_write(tmp_path / "fc.tsv", "\n".join(lines) + "\n"))
+    assert list(adata.obs_names) == ["S1", "S2"]
+    assert _source(adata)["annotation_columns"][:6] == [
+        "Geneid",
+        "Chr",
+        "Start",
+        "End",
+        "Strand",
+        "Length",
+    ]
+
+
+def test_parquet_text_sample_column_with_numbers_is_refused(tmp_path) -> None:
+    X = _values(12, 3, seed=3) + 1
+    df = pd.DataFrame(X, columns=["S1", "S2", "S3"]).astype(str)
+    df["S2"] = df["S2"].astype(float)
+    df["S3"] = df["S3"].astype(float)
+    df.loc[4, "S1"] = "3874,5"
+    df.insert(0, "gene_id", [f"ENSG{i:011d}" for i in range(12)])
+    path = tmp_path / "m.parquet"
+    df.to_parquet(path, index=False)
+    with pytest.raises(ExpressionValueError, match=r"column 'S1' .*'3874,5' at row 5"):
+        read_expression(path)
+
+
+# ------------------------------------------------------------------ read_h5ad (commands)
+
+
+def _tpm_adata(n_obs: int = 6, n_vars: int = 40) -> ad.AnnData:
+    rng = np.random.default_rng(0)
+    X = rng.gamma(0.5, 2.0, size=(n_obs, n_vars)) + 0.01
+    X = (X / X.sum(1, keepdims=True) * 1e6).astype(np.float32)
+    return ad.AnnData(X=X, obs=pd.DataFrame(index=[f"S{i}" for i in range(n_obs)]))
+
+
+def test_read_h5ad_reads_a_tpm_file(tmp_path) -> None:
+    path = write_h5ad(_tpm_adata(), tmp_path / "x.h5ad")
+    assert readers.read_h5ad(path, flag="--input").shape == (6, 40)
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda p: p, r"--data .*does not exist"),
+        (lambda p: (p.mkdir(), p)[1], r"--data .*is a folder"),
+        (lambda p: (p.write_bytes(b""), p)[1], r"--data .*is empty"),
+        (
+            lambda p: _write(p.with_suffix(".tsv"), "a\tb\n1\t2\n"),
+            r"--data .*is a table.*data build",
+        ),
+        (lambda p: _write(p, "gene\tS1\nA\t1\n"), r"--data .*not an \.h5ad file.*HDF5 signature"),
+    ],
+    ids=["missing", "folder", "empty", "tsv", "tsv-named-h5ad"],
+)
+def test_read_h5ad_names_what_is_wrong_with_the_file(tmp_path, make, match) -> None:
+    path = make(tmp_path / "x.h5ad")
+    with pytest.raises(InputFileError, match=match):
+        readers.read_h5ad(path, flag="--data")
+
+
+def test_read_h5ad_truncated_file(tmp_path) -> None:
+    path = write_h5ad(_tpm_adata(), tmp_path / "x.h5ad")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(
+        InputFileError, match=r"cannot read --input .*x\.h5ad: the file is truncated"
+    ):
+        readers.read_h5ad(path)
+
+
+def test_read_h5ad_refuses_log_transformed_values(tmp_path) -> None:
+    adata = _tpm_adata()
+    adata.X = np.log2(1 + adata.X)
+    path = write_h5ad(adata, tmp_path / "x.h5ad")
+    with pytest.raises(UnitError, match=r"data\.path .*x\.h5ad \(X\) look log-transformed"):
+        readers.read_h5ad(path, flag="data.path")
+    assert readers.read_h5ad(path, check_units=False).n_obs == 6
+
+
+def test_read_h5ad_checks_the_layer_a_model_reads(tmp_path) -> None:
+    adata = _tpm_adata()
+    adata.layers["logged"] = np.log2(1 + adata.X)
+    path = write_h5ad(adata, tmp_path / "x.h5ad")
+    readers.read_h5ad(path)  # X is TPM
+    with pytest.raises(UnitError, match=r"layers\['logged'\]"):
+        readers.read_h5ad(path, layer="logged")
+    with pytest.raises(InputFileError, match=r"no layers\['tpm'\]"):
+        readers.read_h5ad(path, layer="tpm")
+
+
+def test_read_h5ad_trusts_a_unit_the_builder_stated(tmp_path) -> None:
+    adata = _tpm_adata()
+    adata.X = np.log2(1 + adata.X)
+    adata.uns["bulkfm"] = {"sources": {"a": {"units": {"input_unit": "tpm"}}}}
+    path = write_h5ad(adata, tmp_path / "x.h5ad")
+    assert readers.read_h5ad(path).n_obs == 6

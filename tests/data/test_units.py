@@ -12,6 +12,7 @@ import scipy.sparse as sp
 
 from bulkfm.data.units import (
     UnitGuess,
+    check_tpm,
     counts_to_tpm,
     detect_unit,
     load_gene_lengths,
@@ -269,14 +270,14 @@ def test_to_tpm_leaves_tpm_unchanged(rng):
 
 
 def test_to_tpm_warns_when_counts_called_tpm(rng):
-    with pytest.warns(BulkfmWarning, match="you said input_unit='tpm'.*counts.*sums ~"):
+    with pytest.warns(BulkfmWarning, match="you said --unit tpm.*counts.*sums ~"):
         out = to_tpm(_adata(_nb_counts(rng)), input_unit="tpm")
     assert out.uns["bulkfm"]["units"]["converted"] is False
 
 
 def test_to_tpm_warns_when_tpm_called_counts(rng):
     tpm = _naive_tpm(_nb_counts(rng)[:8, :60], _lengths(rng, 60).to_numpy())
-    with pytest.warns(BulkfmWarning, match="you said input_unit='counts'.*tpm"):
+    with pytest.warns(BulkfmWarning, match="you said --unit counts.*tpm"):
         to_tpm(_adata(tpm), input_unit="counts", lengths=_lengths(rng, 60))
 
 
@@ -298,7 +299,7 @@ def test_to_tpm_input_unit_log_raises(rng):
 
 
 def test_to_tpm_bad_input_unit(rng):
-    with pytest.raises(UnitError, match="input_unit must be one of"):
+    with pytest.raises(UnitError, match=r"--unit .*must be one of"):
         to_tpm(_adata(_nb_counts(rng)), input_unit="rpkm")
 
 
@@ -450,3 +451,28 @@ def test_real_counts_to_tpm_with_shared_lengths(shared_data):
     covered = 1 - record["n_genes_without_length"] / a.n_vars
     assert 0.975 < covered < 0.985  # README: the file covers 98.0% of the genes in tcga/
     np.testing.assert_allclose(out.X.sum(axis=1), 1e6, rtol=1e-3)
+
+
+# ----------------------------------------------------------------------- check_tpm (issue 13)
+
+
+def test_check_tpm_refuses_logged_values_naming_the_source(rng):
+    tpm = _naive_tpm(_nb_counts(rng)[:8, :60], _lengths(rng, 60).to_numpy())
+    with pytest.raises(UnitError, match=r"--input x\.h5ad \(X\) look log-transformed.*--unit tpm"):
+        check_tpm(np.log2(1 + tpm), source="--input x.h5ad (X)")
+    assert check_tpm(tpm, source="--input x.h5ad (X)").unit == "tpm"
+
+
+def test_check_tpm_warns_on_counts(rng):
+    with pytest.warns(BulkfmWarning, match="look like read counts.*data build"):
+        check_tpm(_nb_counts(rng), source="--data x.h5ad (X)")
+
+
+def test_check_tpm_trusts_the_unit_the_build_recorded(rng):
+    tpm = _naive_tpm(_nb_counts(rng)[:8, :60], _lengths(rng, 60).to_numpy())
+    adata = _adata(np.log2(1 + tpm).astype(np.float32), _gene_ids(60))
+    adata.uns["bulkfm"] = {"sources": {"a": {"units": {"input_unit": "tpm"}}}}
+    assert check_tpm(adata.X, source="x", adata=adata) is None
+    adata.uns["bulkfm"] = {"sources": {"a": {"units": {"input_unit": "auto"}}}}
+    with pytest.raises(UnitError):
+        check_tpm(adata.X, source="x", adata=adata)

@@ -45,3 +45,8 @@ def test_bulkrnabert_needs_a_checkpoint(tmp_path) -> None:
         get_embedder("bulkrnabert")
     with pytest.raises(CheckpointError, match="not found"):
         get_embedder("bulkrnabert", model_dir=tmp_path / "nope")
+
+
+def test_bulkrnabert_exclude_missing_must_be_a_real_bool(tmp_path) -> None:
+    with pytest.raises(ConfigError, match=r"exclude_missing must be true or false.*--model-arg"):
+        get_embedder("bulkrnabert", model_dir=tmp_path, exclude_missing="flase")

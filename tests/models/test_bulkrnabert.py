@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from scipy.special import erf
 
-from bulkfm.errors import CheckpointError, ConfigError, GeneMappingError
+from bulkfm.errors import BulkfmWarning, CheckpointError, ConfigError, GeneMappingError
 from bulkfm.models import BulkRNABert, BulkRNABertConfig, load_pretrained
 from bulkfm.tokenize import BinTokenizer, TokenizerConfig
 from tests.conftest import tiny_config
@@ -390,8 +390,55 @@ def test_tokenizer_with_other_bin_count_is_error(tmp_path, model: BulkRNABert) -
 def test_token_out_of_range_is_checkpoint_error(model: BulkRNABert) -> None:
     tokens = random_tokens()
     tokens[1, 4] = 65
-    with pytest.raises(CheckpointError, match=r"token ids must lie in 0\.\.64 .*got 0\.\.65"):
+    with pytest.raises(
+        CheckpointError, match=r"token ids must lie in 0\.\.64, got 0\.\.65"
+    ) as info:
         model(tokens)
+    message = str(info.value)
+    assert "0..63 are the 64 expression bins and 64 is [MASK]" in message
+    assert "BinTokenizer" in message and "unclamped" not in message
+
+
+def official_unclamped_tokens(tpm: np.ndarray, factor: float) -> np.ndarray:
+    """The official recipe without bulkfm's clamp: values >= factor give 64."""
+    v = np.log10(1 + tpm) / factor
+    return np.where(tpm == 0, 0, np.digitize(v, np.linspace(0, 1, 64)))
+
+
+def test_official_unclamped_ids_warn_and_change_the_output(model: BulkRNABert) -> None:
+    rng = np.random.default_rng(0)
+    tpm = 10 ** rng.uniform(0, 3, (4, 32))
+    tpm[:, 5] = [2e4, 9e3, 8e3, 9.5e3]  # one gene at the top, saturating in sample 0
+    official = official_unclamped_tokens(tpm, factor=4.0)
+    assert official[0, 5] == 64 and (official == 64).sum() == 1
+    ours = BinTokenizer(TokenizerConfig([f"G{i}" for i in range(32)], 4.0)).encode(tpm)
+    assert ours[0, 5] == 63
+    with pytest.warns(BulkfmWarning, match=r"official tokenizer's unclamped top bin 64") as rec:
+        unclamped = model(torch.from_numpy(official)).logits
+    assert "BinTokenizer" in str(rec[0].message) and "clamp(max=63)" in str(rec[0].message)
+    # What the warning is about: read as [MASK], not as bin 63.
+    clamped = model(torch.from_numpy(ours)).logits
+    assert not torch.allclose(unclamped[0, 5], clamped[0, 5], atol=1e-3)
+
+
+def test_masks_for_missing_genes_do_not_warn(model: BulkRNABert) -> None:
+    import warnings
+
+    tokens = random_tokens(4, 32, high=64)
+    tokens[:, 3] = 64  # a gene absent from the data: a whole column of [MASK]
+    tokens[1, 7] = 64  # one missing value of a gene at an ordinary level
+    tokens[:, 7] = torch.tensor([20, 64, 25, 30])
+    masked = random_tokens(4, 32, high=64, seed=1)
+    masked[torch.rand(4, 32, generator=torch.Generator().manual_seed(2)) < 0.15] = 64
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", BulkfmWarning)
+        model(tokens)
+        model(masked)  # MLM masking
+        model.train()
+        official = tokens.clone()
+        official[0, 3] = 63
+        official[1:, 3] = 64
+        model(official)  # training batches are never checked
 
 
 def test_negative_token_is_checkpoint_error(model: BulkRNABert) -> None:
@@ -460,3 +507,61 @@ def test_damaged_weights_file(tmp_path, model: BulkRNABert) -> None:
     (tmp_path / "model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(CheckpointError, match=r"cannot read .*damaged"):
         BulkRNABert.from_pretrained(tmp_path)
+
+
+def test_nan_weights_are_named(tmp_path, model: BulkRNABert) -> None:
+    model.save_pretrained(tmp_path)
+    weights = load_file(str(tmp_path / "model.safetensors"))
+    weights["lm_head.bias"][3] = float("nan")
+    weights["transformer_layers.1.fc1.weight"][0, 0] = float("inf")
+    save_file(weights, str(tmp_path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"NaN or inf values in 2 tensor\(s\)") as info:
+        BulkRNABert.from_pretrained(tmp_path)
+    message = str(info.value)
+    assert "'lm_head.bias'" in message and "'transformer_layers.1.fc1.weight'" in message
+    assert "softmax" not in message
+
+
+def test_a_config_of_other_sizes_is_refused_before_allocating(tmp_path, model, monkeypatch) -> None:
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(
+        json.dumps({**config, "embed_dim": 10**7, "key_size": None, "num_attention_heads": 4})
+    )
+
+    def no_build(self):
+        if not self.lm_head.weight.is_meta:  # shapes may be worked out on the meta device
+            raise AssertionError("the model was built before its shapes were checked")
+
+    monkeypatch.setattr(BulkRNABert, "reset_parameters", no_build)
+    with pytest.raises(
+        CheckpointError,
+        match=r"'expression_embedding_layer\.weight' has shape \(65, 32\) but the config "
+        r"expects \(65, 10000000\)",
+    ):
+        BulkRNABert.from_pretrained(tmp_path)
+
+
+def test_weight_shapes_are_read_from_the_header_only(tmp_path, model: BulkRNABert) -> None:
+    from bulkfm.models.bulkrnabert import expected_shapes, read_weight_shapes
+
+    model.save_pretrained(tmp_path)
+    shapes = read_weight_shapes(tmp_path / "model.safetensors")
+    assert shapes == {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert expected_shapes(model.config) == shapes
+
+
+@pytest.mark.parametrize("device", ["cuda:7", "cuda", "mps", "gpu0"])
+def test_an_unavailable_device_is_named_before_the_file_is_read(
+    tmp_path, model: BulkRNABert, device: str
+) -> None:
+    if device.startswith("cuda") and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    if device == "mps" and torch.backends.mps.is_available():
+        pytest.skip("this machine has MPS")
+    model.save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"damaged")
+    with pytest.raises(ConfigError, match=rf"--device {device}") as info:
+        load_pretrained(tmp_path, device=device)
+    message = str(info.value)
+    assert "this machine has cpu" in message and "damaged" not in message

@@ -18,3 +18,4 @@ class Rules:
     min_negatives: int = 2
     min_events: int = 2
     min_class_patients: int = 2
+    test_size: float = 0.5  # 2 patients per class for a split

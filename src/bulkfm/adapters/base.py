@@ -374,7 +374,7 @@ class FoundationEmbedder(Embedder):
             )
         self.batch_size = check_int("batch_size", batch_size, 1)
         self.device = str(device)
-        self.trust_pickle = bool(trust_pickle)
+        self.trust_pickle = self._bool_setting("trust_pickle", trust_pickle)
         self.coverage_: dict[str, Any] | None = None
         self._digest: str | None = None
         self._network: Any = None

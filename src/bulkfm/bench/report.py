@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from bulkfm.bench.config import BenchConfig
-from bulkfm.io import atomic_path, write_text
+from bulkfm.io import atomic_path, check_output_dir, write_text
 
 __all__ = [
     "family_table",
@@ -315,7 +315,7 @@ def write_report(
     result: BenchResult, out_dir: str | Path, *, plots: bool = True
 ) -> dict[str, Path]:
     """Write every output file (see the module docstring); returns name -> path."""
-    out = Path(out_dir)
+    out = check_output_dir(out_dir, flag="--out / out_dir=")
     out.mkdir(parents=True, exist_ok=True)
     files = {
         "leaderboard_csv": _write_csv(result.leaderboard(), out / "leaderboard.csv"),

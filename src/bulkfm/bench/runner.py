@@ -26,11 +26,19 @@ from bulkfm.bench.results import BenchResult
 from bulkfm.bench.selection import check_endpoint, default_tasks, parse_tasks, sample_mask
 from bulkfm.embedders.base import Embedder
 from bulkfm.embedders.registry import get_embedder
-from bulkfm.errors import BulkfmError, BulkfmWarning, ConfigError, ExpressionValueError
+from bulkfm.errors import (
+    BulkfmError,
+    BulkfmWarning,
+    ConfigError,
+    ExpressionValueError,
+    SplitError,
+)
 from bulkfm.fingerprint import data_fingerprint
+from bulkfm.io import check_output_dir
 from bulkfm.tasks.data import TaskData, prepare_task
 from bulkfm.tasks.probes import run_probe
 from bulkfm.tasks.spec import TaskSelection, TaskSpec
+from bulkfm.tokenize import missing_layer
 
 if TYPE_CHECKING:
     import anndata as ad
@@ -208,9 +216,22 @@ def _select_tasks(
 def _make_splits(td: TaskData, config: BenchConfig) -> list[Split]:
     from bulkfm.data.splits import holdout_splits
 
-    return holdout_splits(
-        td.strata, td.groups, seeds=config.split_seeds(), test_size=config.test_size
-    )
+    with _naming_task(td.spec.name):
+        return holdout_splits(
+            td.strata, td.groups, seeds=config.split_seeds(), test_size=config.test_size
+        )
+
+
+@contextlib.contextmanager
+def _naming_task(name: str, model: str | None = None) -> Iterator[None]:
+    """A SplitError raised inside names the task (and model) it was raised for."""
+    try:
+        yield
+    except SplitError as exc:
+        if str(exc).startswith(f"task {name!r}"):
+            raise
+        where = f"task {name!r}" + (f", model {model!r}" if model else "")
+        raise SplitError(f"{where}: {exc}") from exc
 
 
 @contextlib.contextmanager
@@ -238,15 +259,16 @@ def _score_split(
     config: BenchConfig,
 ) -> list[dict[str, Any]]:
     task = td.spec
-    result = run_probe(
-        task.kind,
-        X[split.train],
-        X[split.test],
-        td.y[split.train],
-        td.groups[split.train],
-        config.probe_config(),
-        strata_train=td.strata[split.train],
-    )
+    with _naming_task(task.name, model.label):
+        result = run_probe(
+            task.kind,
+            X[split.train],
+            X[split.test],
+            td.y[split.train],
+            td.groups[split.train],
+            config.probe_config(),
+            strata_train=td.strata[split.train],
+        )
     values = task_metrics(td, split.test, result.prediction)
     seed = config.seed * 100_003 + (split.seed or 0)
     ci_low, ci_high = _split_ci(td, split.test, result.prediction, config, seed)
@@ -331,9 +353,12 @@ def run_benchmark(
     from tqdm.auto import tqdm
 
     config = config or BenchConfig()
+    if config.cache_dir:
+        check_output_dir(config.cache_dir, flag="--cache-dir / cache_dir=")
     t_start = time.perf_counter()
     embedders = _resolve_models(models)
     endpoint = check_endpoint(adata, config)
+    missing_layer(adata)  # every model reads it: a non-boolean layer is an error up front
     mask = sample_mask(adata.obs, config)
     bench = adata if mask.all() else adata[mask].copy()
     selection = _select_tasks(adata, tasks, config)
@@ -342,7 +367,10 @@ def run_benchmark(
             "no task can be evaluated on these data; reasons: "
             + "; ".join(f"{k}: {v}" for k, v in selection.skipped.items())
         )
-    prepared = {t.name: prepare_task(bench.obs, t, config) for t in selection.tasks}
+    prepared = {}
+    for t in selection.tasks:
+        with _naming_task(t.name):
+            prepared[t.name] = prepare_task(bench.obs, t, config)
     splits = {name: _make_splits(td, config) for name, td in prepared.items()}
     data_fp = data_fingerprint(bench)
     cache = EmbeddingCache(config.cache_dir) if config.cache_dir else None

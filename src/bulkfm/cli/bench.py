@@ -19,7 +19,8 @@ from typing import Any
 
 from bulkfm.bench.models import DEFAULT_MODELS, build_models, parse_embeddings, parse_model_dirs
 from bulkfm.cli.common import add_config_arguments, given_flags, load_config
-from bulkfm.errors import ConfigError, InputFileError
+from bulkfm.errors import ConfigError
+from bulkfm.io import check_output_dir
 
 logger = logging.getLogger(__name__)
 
@@ -162,11 +163,9 @@ def _load_spec(args: argparse.Namespace, out: Path) -> Any:
 
 
 def _read_h5ad(path: Path) -> Any:
-    import anndata as ad
+    from bulkfm.data.readers import read_h5ad
 
-    if not path.is_file():
-        raise InputFileError(f"--data {path} not found; pass an .h5ad built by bulkfm data build")
-    return ad.read_h5ad(path)
+    return read_h5ad(path, flag="--data")
 
 
 # --------------------------------------------------------------------------- handler
@@ -186,7 +185,10 @@ def run_cli(args: argparse.Namespace) -> int:
     from bulkfm.bench.runner import run_benchmark
     from bulkfm.bench.selection import file_tasks
 
+    check_output_dir(args.out, flag="--out")
     spec = _load_spec(args, args.out)
+    if spec.bench.cache_dir is not None:
+        check_output_dir(spec.bench.cache_dir, flag="--cache-dir")
     models = build_models(
         spec.model_names(DEFAULT_MODELS),
         model_args=spec.model_args,

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from bulkfm.config import load
-from bulkfm.errors import ConfigError, InputFileError
+from bulkfm.errors import ConfigError
 
 T = TypeVar("T")
 
@@ -124,16 +124,14 @@ def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
 
 def load_checkpoint_and_input(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     """(model, tokenizer, AnnData) for a handler given add_checkpoint_arguments + --input."""
-    import anndata as ad
-
+    from bulkfm.data.readers import read_h5ad
     from bulkfm.models.bulkrnabert import load_pretrained
 
-    if not args.input.is_file():
-        raise InputFileError(f"input {args.input} does not exist: give an .h5ad file")
+    adata = read_h5ad(args.input, flag="--input")  # checked before the model loads
     model, tokenizer = load_pretrained(
         args.model,
         genes=args.genes,
         normalization_factor=args.normalization_factor,
         device=args.device,
     )
-    return model, tokenizer, ad.read_h5ad(args.input)
+    return model, tokenizer, adata

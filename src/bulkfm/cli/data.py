@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -148,10 +149,24 @@ def _input_entries(args: argparse.Namespace) -> list[dict[str, Any]] | None:
     return entries or None
 
 
+def _name_input_flag(exc: ConfigError, args: argparse.Namespace) -> ConfigError | None:
+    """An error in ``inputs[i].<field>`` that a reading flag set names that flag (the user
+    typed --unit, not inputs[0].unit)."""
+    match = re.search(r"inputs\[\d+\]\.(\w+)", str(exc))
+    if match is None or match.group(1) not in _INPUT_FLAGS:
+        return None
+    if getattr(args, match.group(1)) is None:
+        return None
+    flag = "--" + match.group(1).replace("_", "-")
+    message = str(exc).replace(" (set by the input paths)", "")
+    return ConfigError(f"{message} (set by {flag})")
+
+
 def _build(args: argparse.Namespace) -> int:
     from bulkfm.data.build import BuildConfig, build_dataset, format_summary
-    from bulkfm.io import write_h5ad
+    from bulkfm.io import H5AD_SUFFIXES, check_output_file, write_h5ad
 
+    check_output_file(args.output, flag="--output", suffixes=H5AD_SUFFIXES)
     lists = {"mutation_genes": _split, "sample_types": _split}
     flags = given_flags(args, {dest: dest for dest in _BUILD_FLAGS}, convert=lists)
     entries = _input_entries(args)
@@ -161,9 +176,15 @@ def _build(args: argparse.Namespace) -> int:
         raise ConfigError(
             "no expression input given: pass files or folders, or inputs: in --config"
         )
-    config = load_config(BuildConfig, args, flags=flags)
+    try:
+        config = load_config(BuildConfig, args, flags=flags)
+    except ConfigError as exc:
+        named = _name_input_flag(exc, args)
+        if named is None:
+            raise
+        raise named from exc
     adata = build_dataset(config)
-    write_h5ad(adata, args.output)
+    write_h5ad(adata, args.output, flag="--output")
     print(format_summary(adata))
     print(f"\nwrote {args.output}")
     return 0
@@ -171,13 +192,16 @@ def _build(args: argparse.Namespace) -> int:
 
 def _simulate(args: argparse.Namespace) -> int:
     from bulkfm.data.simulate import SimulationConfig, simulate_bulk, write_simulated_files
-    from bulkfm.io import write_h5ad
+    from bulkfm.io import H5AD_SUFFIXES, check_output_dir, check_output_file, write_h5ad
 
+    check_output_file(args.output, flag="--output", suffixes=H5AD_SUFFIXES)
+    if args.files is not None:
+        check_output_dir(args.files, flag="--files")
     config = SimulationConfig(
         n_samples=args.n_samples, n_genes=args.n_genes, n_cohorts=args.n_cohorts, seed=args.seed
     )
     adata = simulate_bulk(config)
-    write_h5ad(adata, args.output)
+    write_h5ad(adata, args.output, flag="--output")
     print(f"simulated {adata.n_obs} samples x {adata.n_vars} genes -> {args.output}")
     if args.files is not None:
         written = write_simulated_files(adata, args.files)
@@ -186,12 +210,8 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def _summary(args: argparse.Namespace) -> int:
-    import anndata as ad
-
     from bulkfm.data.build import format_summary
-    from bulkfm.errors import InputFileError
+    from bulkfm.data.readers import read_h5ad
 
-    if not args.path.exists():
-        raise InputFileError(f"{args.path} does not exist")
-    print(format_summary(ad.read_h5ad(args.path)))
+    print(format_summary(read_h5ad(args.path, flag="PATH", check_units=False)))
     return 0

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from bulkfm.cli.common import add_checkpoint_arguments, load_checkpoint_and_input
 from bulkfm.embed import DEFAULT_KEY, OUTPUT_SUFFIXES, embed_adata, write_embeddings
-from bulkfm.errors import ConfigError
+from bulkfm.io import check_output_file
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -42,8 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    if args.output.suffix.lower() not in OUTPUT_SUFFIXES:
-        raise ConfigError(f"--output must end with one of {OUTPUT_SUFFIXES}, got {args.output}")
+    check_output_file(args.output, flag="--output", suffixes=OUTPUT_SUFFIXES)
     model, tokenizer, adata = load_checkpoint_and_input(args)
     emb = embed_adata(
         model,

@@ -36,9 +36,12 @@ def _run(args: argparse.Namespace) -> int:
     from bulkfm.evaluate import run_evaluation
     from bulkfm.evaluate.config import EvaluateConfig
     from bulkfm.evaluate.report import SURVIVAL_METRICS, fmt_mean_std
+    from bulkfm.io import check_output_dir
 
     flags = {"output_dir": ("--out", str(args.out))} if args.out is not None else {}
     config = load_config(EvaluateConfig, args, flags=flags)
+    where = "--out" if args.out is not None else "output_dir of --config (or --out)"
+    check_output_dir(config.output_dir, flag=where)
     result = run_evaluation(config)
     for arm in (result.classification_arms or {}).values():
         f1 = fmt_mean_std(arm.summary["macro_f1"])

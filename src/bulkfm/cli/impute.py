@@ -11,7 +11,7 @@ from pathlib import Path
 from bulkfm import schema as keys
 from bulkfm.cli.common import add_checkpoint_arguments, load_checkpoint_and_input
 from bulkfm.impute import UNS_KEY, impute_missing
-from bulkfm.io import write_h5ad
+from bulkfm.io import H5AD_SUFFIXES, check_output_file, write_h5ad
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -32,9 +32,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    check_output_file(args.output, flag="--output", suffixes=H5AD_SUFFIXES)
     model, tokenizer, adata = load_checkpoint_and_input(args)
     result = impute_missing(model, tokenizer, adata, batch_size=args.batch_size)
-    write_h5ad(result, args.output)
+    write_h5ad(result, args.output, flag="--output")
     report = result.uns[keys.UNS][UNS_KEY]
     print(f"imputed {report['n_values']} values in {report['n_samples']} samples -> {args.output}")
     return 0

@@ -32,9 +32,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _pretrain(args: argparse.Namespace) -> int:
+    from bulkfm.io import check_output_dir
     from bulkfm.train.config import PretrainConfig
 
     config = load_config(PretrainConfig, args)
+    check_output_dir(config.output_dir, flag="--set output_dir=")
 
     import torch.distributed as dist
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from bulkfm.io import check_output_dir
 from bulkfm.pipeline import run_demo
 
 
@@ -33,6 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    check_output_dir(args.out, flag="--out")
     run_demo(
         args.out,
         n_samples=args.n_samples,

@@ -13,6 +13,7 @@ import gzip
 import logging
 import os
 import re
+import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -255,8 +256,8 @@ def filter_sample_type(adata: ad.AnnData, keep: str | Sequence[str] = ("tumor",)
         present = types.fillna("<missing>").value_counts().to_dict()
         known = sorted({v[0] for v in SAMPLE_TYPES.values()})
         raise ClinicalMatchError(
-            f"no sample has sample_type in {list(keep)}; present: {present}; pass keep= "
-            f"with some of those (known categories: {known})"
+            f"no sample has sample_type in {list(keep)}; present: {present}. Fix: pass "
+            f"--sample-types (keep= in Python) with some of those (known categories: {known})"
         )
     logger.info("filter_sample_type: kept %d of %d samples", int(mask.sum()), adata.n_obs)
     return adata[mask].copy()
@@ -318,7 +319,14 @@ def _read_table(path_or_df: str | os.PathLike | pd.DataFrame, what: str) -> pd.D
             first = fh.readline()
         sep = "\t" if first.count("\t") >= first.count(",") else ","
         return pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False)
-    except (pd.errors.EmptyDataError, UnicodeDecodeError, OSError, EOFError) as exc:
+    except (
+        pd.errors.EmptyDataError,
+        pd.errors.ParserError,
+        UnicodeDecodeError,
+        OSError,
+        EOFError,
+        zlib.error,
+    ) as exc:
         raise InputFileError(
             f"cannot read {what} {path} ({exc}); pass a TSV/CSV (optionally .gz)"
         ) from exc
@@ -341,7 +349,8 @@ def _find_column(
     if required:
         raise ClinicalMatchError(
             f"no {role} column found (looked for {list(aliases)}); available columns: "
-            f"{list(df.columns)}; name it with {role.replace(' ', '_')}_column="
+            f"{list(df.columns)}. Fix: rename the table's {role} column to one of those "
+            f"names (in Python: pass {role.replace(' ', '_')}_column=)"
         )
     return None
 
@@ -369,8 +378,9 @@ def _to_event(s: pd.Series, column: str) -> pd.Series:
     if bad.any():
         raise ClinicalMatchError(
             f"event column {column!r} must be 0 (censored) or 1 (event); found "
-            f"{sorted(event[bad].unique().tolist())[:5]} in {int(bad.sum())} rows; recode it "
-            "or pick the right column with event_column="
+            f"{sorted(event[bad].unique().tolist())[:5]} in {int(bad.sum())} rows. Fix: recode "
+            "it (dead/alive, yes/no and true/false are read too), check --endpoint, or in "
+            "Python pick the right column with event_column="
         )
     return event
 
@@ -463,15 +473,30 @@ def read_survival_table(
         )
     known = out["time"].notna() & out["event"].notna()
     n_dropped = int((~known).sum())
-    out = out[known].copy()
-    out["event"] = out["event"].astype(np.int64)
     if n_dropped:
+        no_time, no_event = out["time"].isna(), out["event"].isna()
+        detail = (
+            f"{int(no_time.sum())} with no time in {time_col!r} and {int(no_event.sum())} with "
+            f"no event in {event_col!r} (NA/NaN), e.g. "
+            f"{[str(i) for i in out.index[~known][:5]]}"
+        )
+        if not known.any():
+            raise ClinicalMatchError(
+                f"no row of the survival table (--survival) has both a time and an event for "
+                f"endpoint {e}: {detail}. "
+                f"Fix: check that the table has {e} values (--endpoint picks OS, DSS, DFI or "
+                "PFI; endpoint= in Python), or fill the time and event columns."
+            )
         logger.warning(
-            "read_survival_table: dropped %d of %d rows with unknown %s time or event",
+            "read_survival_table: left out %d of %d rows with unknown %s survival: %s; their "
+            "samples get NaN survival (unknown, not censored)",
             n_dropped,
             len(known),
             e,
+            detail,
         )
+    out = out[known].copy()
+    out["event"] = out["event"].astype(np.int64)
     out.attrs["bulkfm_survival"] = {
         "endpoint": e,
         "id_column": id_name,
@@ -539,7 +564,8 @@ def join_survival(
         raise ClinicalMatchError(
             f"no sample matches the survival table on {on!r}: sample keys look like "
             f"{list(keys.head(3))}, table ids like {list(surv.index[:3])}; check the barcode "
-            "format (patients are the first 12 characters of a TCGA barcode) or pass on="
+            "format of the --survival table's ids (patients are the first 12 characters of a "
+            "TCGA barcode), or in Python pass on="
         )
     if require == "all" and not matched.all():
         raise ClinicalMatchError(
@@ -620,6 +646,86 @@ def _fill_cohort(adata: ad.AnnData, row: pd.DataFrame) -> int:
 
 _MUT_ID_ALIASES = ("Tumor_Sample_Barcode", "sample_barcode", "barcode", "sample", "sample_id")
 _MUT_META = frozenset({"cohort", "source", "type", "project", "patient", "center"})
+#: Text encodings of a mutation call (lower case). A variant classification (MAF
+#: ``Variant_Classification``) or a protein change (cBioPortal, e.g. ``R273H``) = mutated.
+_MUTATED_WORDS = frozenset(
+    {"1", "yes", "y", "true", "t", "mut", "mutated", "mutant", "mutation", "altered"}
+    | {"pos", "positive", "+"}
+)
+_WILD_TYPE_WORDS = frozenset(
+    {"0", "no", "n", "false", "f", "wt", "wildtype", "wild_type", "wild-type", "wild type"}
+    | {"not mutated", "not_mutated", "unaltered", "neg", "negative", "-"}
+)
+_VARIANT_CLASSES = frozenset(
+    {
+        "missense_mutation",
+        "nonsense_mutation",
+        "frame_shift_del",
+        "frame_shift_ins",
+        "in_frame_del",
+        "in_frame_ins",
+        "splice_site",
+        "translation_start_site",
+        "nonstop_mutation",
+        "missense",
+        "nonsense",
+        "frameshift",
+        "frame_shift",
+        "inframe",
+        "splice",
+        "truncating",
+        "stop_gained",
+        "start_lost",
+        "stop_lost",
+        "missense_variant",
+        "frameshift_variant",
+        "splice_acceptor_variant",
+        "splice_donor_variant",
+        "inframe_deletion",
+        "inframe_insertion",
+    }
+)
+_PROTEIN_CHANGE_RE = re.compile(
+    r"^(p\.)?[A-Z*]\d+(_[A-Z*]?\d+)?([A-Z*]|fs\*?\d*|del[A-Z]*|ins[A-Z]*|dup|delins[A-Z]*|_splice)$"
+)
+_MUTATION_ENCODINGS = (
+    "0/1, yes/no, true/false, mut/wt, mutated/wild-type, a MAF variant classification "
+    "(e.g. Missense_Mutation) or a protein change (e.g. R273H) for mutated; NA or blank "
+    "for unknown"
+)
+
+
+def _mutation_call(text: str) -> float | None:
+    """1.0 (mutated), 0.0 (wild type), NaN (unknown) or None (not a known encoding)."""
+    value = text.strip()
+    low = value.lower()
+    if low in _NA_TOKENS:
+        return float("nan")
+    if low in _MUTATED_WORDS:
+        return 1.0
+    if low in _WILD_TYPE_WORDS:
+        return 0.0
+    try:
+        number = float(value)
+    except ValueError:
+        pass
+    else:
+        return number  # range is checked by the caller (must be 0/1)
+    tokens = [t for t in re.split(r"[;,|\s]+", value) if t]
+    if tokens and all(t.lower() in _VARIANT_CLASSES or _PROTEIN_CHANGE_RE.match(t) for t in tokens):
+        return 1.0
+    return None
+
+
+def _mutation_values(s: pd.Series) -> tuple[pd.Series, list[str]]:
+    """Calls parsed from a column, and its values that are no known encoding."""
+    if pd.api.types.is_numeric_dtype(s):
+        return s.astype(np.float64), []
+    unique = pd.Series(s.astype(str).unique())
+    calls = {u: _mutation_call(u) for u in unique}
+    unknown = [u for u, c in calls.items() if c is None]
+    parsed = s.astype(str).map(lambda v: calls[v]).astype(np.float64)
+    return parsed, unknown
 
 
 def read_mutation_table(
@@ -642,26 +748,53 @@ def read_mutation_table(
     candidates = [c for c in df.columns if c != id_col and c not in meta]
     gene_cols: list[str] = []
     values: dict[str, pd.Series] = {}
+    ignored: dict[str, list[str]] = {}
     for col in candidates:
-        numeric = pd.to_numeric(df[col], errors="coerce")
-        non_numeric = numeric.isna() & ~_is_na_token(df[col])
-        if non_numeric.any():
-            logger.info("read_mutation_table: ignoring non-numeric column %r", col)
-            continue
+        numeric, unknown = _mutation_values(df[col])
+        known = numeric.notna() | _is_na_token(df[col])
+        if unknown:
+            if not numeric.notna().any():  # not one call: an annotation column
+                ignored[str(col)] = unknown
+                continue
+            first = int(np.flatnonzero(~known.to_numpy())[0])
+            raise ClinicalMatchError(
+                f"mutation column {col!r} mixes mutation calls with values that are no known "
+                f"encoding: {unknown[:5]} in {int((~known).sum())} rows (first: data row "
+                f"{first + 1}, id {df[id_col].iloc[first]!r}). Accepted: "
+                f"{_MUTATION_ENCODINGS}. Fix: recode those cells in --mutations "
+                "(mutations= in Python)."
+            )
         bad = numeric.notna() & ~numeric.isin([0, 1])
         if bad.any():
             raise ClinicalMatchError(
                 f"mutation column {col!r} must be 0/1 (mutated or not); found "
-                f"{sorted(numeric[bad].unique().tolist())[:5]}; binarise it first "
-                "(e.g. (df[col] > 0).astype(int))"
+                f"{sorted(numeric[bad].unique().tolist())[:5]} in {int(bad.sum())} rows; "
+                "binarise it first (e.g. (df[col] > 0).astype(int)); accepted: "
+                f"{_MUTATION_ENCODINGS}"
             )
         gene_cols.append(str(col))
         values[str(col)] = numeric.astype("Int8")
+        if not pd.api.types.is_numeric_dtype(df[col]) and not (numeric == 0).any():
+            logger.warning(
+                "read_mutation_table: column %r has %d mutated and no wild-type calls "
+                "(%d unknown): blank/NA cells are read as unknown, so write 0 or WT for "
+                "wild-type tumours",
+                col,
+                int((numeric == 1).sum()),
+                int(numeric.isna().sum()),
+            )
+    if ignored:
+        logger.warning(
+            "read_mutation_table: ignoring %d column(s) whose values are no mutation encoding: %s",
+            len(ignored),
+            "; ".join(f"{c!r} (e.g. {v[:3]})" for c, v in list(ignored.items())[:5]),
+        )
     if not gene_cols:
         raise ClinicalMatchError(
-            f"mutation table has no 0/1 gene columns; columns: {list(df.columns)}"
+            f"mutation table has no 0/1 gene columns (of mutation calls); columns: "
+            f"{list(df.columns)}. Accepted calls: {_MUTATION_ENCODINGS}"
         )
-    selected = _select_genes(gene_cols, genes)
+    selected = _select_genes(gene_cols, genes, ignored)
     out = pd.DataFrame({"barcode": _canonical(df[id_col]).to_numpy()})
     for col in meta:
         out[str(col).lower()] = df[col].to_numpy(dtype=object)
@@ -671,15 +804,27 @@ def read_mutation_table(
     return out
 
 
-def _select_genes(known: list[str], genes: Sequence[str] | None) -> list[str]:
+def _select_genes(
+    known: list[str], genes: Sequence[str] | None, ignored: dict[str, list[str]] | None = None
+) -> list[str]:
     if genes is None:
         return list(known)
     genes = [genes] if isinstance(genes, str) else list(genes)
     by_upper = {g.upper(): g for g in known}
     unknown = [g for g in genes if str(g).upper() not in by_upper]
+    unreadable = {c.upper(): (c, v) for c, v in (ignored or {}).items()}
+    for gene in unknown:
+        if str(gene).upper() in unreadable:
+            column, examples = unreadable[str(gene).upper()]
+            raise ClinicalMatchError(
+                f"--mutation-genes {gene}: column {column!r} of the mutation table holds no "
+                f"mutation calls (values e.g. {examples[:5]}). Accepted: {_MUTATION_ENCODINGS}. "
+                "Fix: recode the column in the --mutations table."
+            )
     if unknown:
         raise ClinicalMatchError(
-            f"genes {unknown} are not in the mutation table; known genes: {known}"
+            f"--mutation-genes (genes=): {unknown} are not in the mutation table; known "
+            f"genes: {known}"
         )
     return [by_upper[str(g).upper()] for g in genes]
 
@@ -748,7 +893,8 @@ def join_mutations(
             f"no sample matches the mutation table (on={on!r}): sample keys look like "
             f"{list(sample_keys[:3])} / patients {list(patient_keys[:3])}, table keys like "
             f"{list(by_sample.index[:2]) + list(by_patient.index[:2])}; check that obs_names "
-            "are TCGA barcodes of tumour samples, or try on='patient'"
+            "are TCGA barcodes of tumour samples and the --mutations table's ids too, or in "
+            "Python try on='patient'"
         )
 
     result = pd.DataFrame(pd.NA, index=adata.obs_names, columns=gene_cols, dtype="Int8")

@@ -426,8 +426,15 @@ def map_to_ensembl(
     texts = _as_str_array(ids)
     kind = detect_id_type(texts) if id_type == "auto" else id_type
     if kind not in ID_TYPES:
-        raise ConfigError(f"id_type={id_type!r}: choose 'auto' or one of {', '.join(ID_TYPES)}")
+        raise ConfigError(
+            f"--id-type {id_type} (id_type={id_type!r}): choose 'auto' or one of "
+            f"{', '.join(ID_TYPES)}"
+        )
     entrez_ids = _aligned_entrez(entrez, len(texts), kind)
+    # With "auto", each id is mapped by its own type: a column mixing Ensembl ids and
+    # symbols (a hand-merged table) must not lose the minority type.
+    kinds = _id_kinds(texts)
+    mixed = id_type == "auto" and sum(n > 0 for n in kinds.values()) > 1
 
     result = np.full(len(texts), None, dtype=object)
     methods = np.empty(len(texts), dtype=object)
@@ -436,7 +443,8 @@ def map_to_ensembl(
     for i, text in enumerate(texts):
         key = (text, entrez_ids[i] if entrez_ids is not None else None)
         if key not in cache:
-            cache[key] = _resolve_one(table, text, key[1], kind, keep_unknown_ensembl)
+            own = _own_kind(text, kind) if mixed else kind
+            cache[key] = _resolve_one(table, text, key[1], own, keep_unknown_ensembl)
         method, hits = cache[key]
         if method in ("dropped_par_y", "unmapped"):
             pass
@@ -449,7 +457,36 @@ def map_to_ensembl(
         if len(bucket) < N_EXAMPLES:
             bucket.append(_example(text, key[1], hits, table))
     report = _mapping_report(methods, examples, kind, table, with_entrez=entrez_ids is not None)
+    report["id_type_counts"] = kinds
+    counts = sorted(kinds.values(), reverse=True)
+    if mixed and counts[1] >= max(10, 0.01 * len(texts)):
+        logger.warning(
+            "gene ids mix types (%s): each id is mapped by its own type; pass --id-type "
+            "(id_type= in Python) to read them all as one type",
+            ", ".join(f"{n} {t}" for t, n in kinds.items() if n),
+        )
     return result, methods, report
+
+
+def _id_kinds(texts: np.ndarray) -> dict[str, int]:
+    kinds: dict[str, int] = {t: 0 for t in ID_TYPES}
+    for text in texts:
+        kind = _classify(text)
+        if kind is not None:
+            kinds[kind] += 1
+    return kinds
+
+
+def _own_kind(text: str, majority: str) -> str:
+    """The type to map one id by when a column mixes types (``id_type="auto"``).
+
+    In a symbol column every id takes the symbol path, which already maps Ensembl-looking
+    ids and keeps numeric-looking clone names as symbols.
+    """
+    own = _classify(text)
+    if own is None or majority == "symbol":
+        return majority
+    return own
 
 
 def _aligned_entrez(entrez: Iterable[object] | None, n: int, kind: str) -> np.ndarray | None:
@@ -528,14 +565,21 @@ def harmonize_genes(
     only where all of its sources are.
     """
     if duplicates not in DUPLICATE_RULES:
-        raise ConfigError(f"duplicates={duplicates!r}: choose one of {', '.join(DUPLICATE_RULES)}")
+        raise ConfigError(
+            f"--duplicate-genes {duplicates} (duplicates={duplicates!r}): choose one of "
+            f"{', '.join(DUPLICATE_RULES)}"
+        )
     if not 0.0 <= min_mapped_fraction <= 1.0:
-        raise ConfigError(f"min_mapped_fraction={min_mapped_fraction} must be between 0 and 1")
+        raise ConfigError(
+            f"min_mapped_fraction={min_mapped_fraction} must be between 0 and 1 (--set "
+            "min_mapped_fraction=0.5)"
+        )
     if adata.n_vars == 0:
         raise GeneMappingError("the data has no genes: check that the file was read correctly")
     table = table if table is not None else GeneTable.default()
     ensembl, _methods, report = _map_var(adata, id_type, table, keep_unknown_ensembl)
     _check_mapped_fraction(report, min_mapped_fraction)
+    _warn_dropped(report)
 
     keep = np.flatnonzero(pd.notna(ensembl))
     codes, genes = pd.factorize(ensembl[keep])
@@ -589,7 +633,10 @@ def _map_var(
     kind = detect_id_type(names) if id_type == "auto" else id_type
     if kind == "ensembl":
         return map_to_ensembl(
-            names, id_type="ensembl", table=table, keep_unknown_ensembl=keep_unknown
+            names,
+            id_type="auto" if id_type == "auto" else "ensembl",
+            table=table,
+            keep_unknown_ensembl=keep_unknown,
         )
     symbols = adata.var.get(keys.SYMBOL)
     entrez = adata.var.get("entrez")
@@ -598,8 +645,35 @@ def _map_var(
     elif kind == "entrez":
         entrez = names if entrez is None else entrez
     if symbols is None:
-        return map_to_ensembl(entrez, id_type="entrez", table=table)
+        return map_to_ensembl(
+            entrez, id_type="auto" if id_type == "auto" else "entrez", table=table
+        )
     return map_to_ensembl(symbols, id_type="symbol", table=table, entrez=entrez)
+
+
+def _warn_dropped(report: dict[str, Any]) -> None:
+    """Every gene id left out is counted, with examples, where the user sees it."""
+    n_dropped = report["n_unmapped"] + report["n_ambiguous"] + report["n_dropped_par_y"]
+    if not n_dropped:
+        return
+    examples = report["examples"]
+    parts = [
+        f"{report[key]} {label} (e.g. {examples.get(method, [])[:3]})"
+        for key, method, label in (
+            ("n_unmapped", "unmapped", "unmapped"),
+            ("n_ambiguous", "ambiguous", "ambiguous"),
+            ("n_dropped_par_y", "dropped_par_y", "PAR_Y copies"),
+        )
+        if report[key]
+    ]
+    logger.warning(
+        "gene mapping: %d of %d gene ids dropped: %s; ids were read as %s. If valid genes "
+        "are among them, pass --id-type (id_type= in Python) or check the species",
+        n_dropped,
+        report["n_input"],
+        "; ".join(parts),
+        report["id_type"],
+    )
 
 
 def _check_mapped_fraction(report: dict[str, Any], minimum: float) -> None:
@@ -612,9 +686,10 @@ def _check_mapped_fraction(report: dict[str, Any], minimum: float) -> None:
     raise GeneMappingError(
         f"only {report['n_mapped']} of {report['n_input']} gene ids ({100 * fraction:.1f}%) map "
         f"to Ensembl (need {100 * minimum:.0f}%); ids were read as {report['id_type']!r} "
-        f"(e.g. {shown}).{hint} Fix: pass id_type='ensembl'|'symbol'|'entrez' if the detection "
-        "is wrong, check the species and annotation (the default table is human Ensembl 100 / "
-        "GRCh38; use GeneTable.from_tsv for another), or lower min_mapped_fraction"
+        f"(e.g. {shown}).{hint} Fix: pass --id-type ensembl|symbol|entrez (id_type= in "
+        "Python) if the detection is wrong, check the species and annotation (the default "
+        "table is human Ensembl 100 / GRCh38; use GeneTable.from_tsv for another), or lower "
+        "min_mapped_fraction (--set min_mapped_fraction=0.3)"
     )
 
 
@@ -758,8 +833,8 @@ def _duplicate_message(names: np.ndarray, plan: _MergePlan, genes: Sequence[str]
     return (
         f"{plan.n_duplicate_genes} Ensembl genes are named by more than one row "
         f"({plan.n_merged} extra rows), e.g. {_duplicate_groups(names, plan, genes)[:5]}. "
-        "Fix: pass duplicates='sum' (counts split over old/new symbols), 'max_mean' (keep the "
-        "most expressed row) or 'first'"
+        "Fix: pass --duplicate-genes sum (counts split over old/new symbols), max_mean (keep "
+        "the most expressed row) or first (duplicates= in Python)"
     )
 
 
@@ -847,14 +922,16 @@ def align_to_vocabulary(
     Genes not in the vocabulary are dropped (counted in the report).
     """
     if fill not in FILL_RULES:
-        raise ConfigError(f"fill={fill!r}: choose one of {', '.join(FILL_RULES)}")
+        raise ConfigError(f"--fill {fill} (fill={fill!r}): choose one of {', '.join(FILL_RULES)}")
     if fill == "zero" and fill_value != 0.0:
         raise ConfigError(
             f"fill='zero' with fill_value={fill_value}: drop fill_value, or use fill='missing' "
             "to fill absent genes with a custom value"
         )
     if not 0.0 <= min_fraction <= 1.0:
-        raise ConfigError(f"min_fraction={min_fraction} must be between 0 and 1")
+        raise ConfigError(
+            f"--min-vocabulary-fraction {min_fraction} (min_fraction=) must be between 0 and 1"
+        )
     vocab = [str(v) for v in vocabulary]
     if not vocab:
         raise GeneMappingError("the vocabulary is empty: load it with load_vocabulary(path)")
@@ -925,7 +1002,9 @@ def _check_coverage(report: dict[str, Any], adata: ad.AnnData, minimum: float) -
         f"({100 * fraction:.1f}%, need {100 * minimum:.0f}%); missing e.g. "
         f"{report['examples_missing'][:5]}; the data's ids look like {kinds} "
         f"(e.g. {report['examples_extra'][:5]}). Fix: harmonise ids first "
-        "(harmonize_genes), check it is the model's species/vocabulary, or lower min_fraction"
+        "(harmonize_genes; --id-type if they were read as the wrong type), check it is the "
+        "model's species/vocabulary, or lower --min-vocabulary-fraction (min_fraction= in "
+        "Python)"
     )
 
 

@@ -19,6 +19,7 @@ import mmap
 import os
 import re
 import warnings
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
+from bulkfm.data.units import check_tpm
 from bulkfm.data.validate import check_expression_values, check_unique
 from bulkfm.errors import (
     BulkfmWarning,
@@ -44,7 +46,7 @@ from bulkfm.schema import COHORT, PATIENT, SYMBOL, UNS
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FORMATS", "ORIENTATIONS", "read_expression"]
+__all__ = ["FORMATS", "ORIENTATIONS", "read_expression", "read_h5ad"]
 
 FORMATS = ("auto", "gdc", "wide", "bulkrnabert_csv", "h5ad")
 ORIENTATIONS = ("auto", "samples_x_genes", "genes_x_samples")
@@ -53,8 +55,12 @@ SXG, GXS = "samples_x_genes", "genes_x_samples"
 _TEXT_SUFFIXES = (".tsv", ".csv", ".txt", ".tab")
 _PARQUET_SUFFIXES = (".parquet", ".pq")
 _GZIP_MAGIC = b"\x1f\x8b"
+_HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 _PARQUET_MAGIC = b"PAR1"
 _NA_TOKENS = frozenset({"", "na", "nan", "n/a", "null", "none", "-nan", "#n/a"})
+#: What reading a damaged or truncated (gzipped) file raises: zlib.error for a stream
+#: damaged near its start, gzip.BadGzipFile / EOFError for a bad header or a cut tail.
+READ_ERRORS: tuple[type[BaseException], ...] = (OSError, EOFError, zlib.error)
 
 _GDC_COUNT_ROWS = ("N_unmapped", "N_multimapping", "N_noFeature", "N_ambiguous")
 _GDC_ID_COLUMNS = ("gene_id", "gene_name", "gene_type")
@@ -82,7 +88,15 @@ _LABEL_NAMES = (
     | _GENE_TYPE_NAMES
     | {"", "unnamed0", "geneid", "gene", "genes", "id", "ensembl", "ensemblid", "ensemblgeneid"}
     | {"description", "name", "sample", "sampleid", "samplebarcode", "barcode", "identifier"}
+    # featureCounts / GTF-style gene annotation (coordinates are numbers, not samples)
+    | {"chr", "chrom", "chromosome", "start", "end", "stop", "strand", "length"}
+    | {"genelength", "effectivelength", "width", "locus", "cytoband", "transcriptids"}
 )
+#: A number written with a decimal comma (German/French locale), e.g. 3874,5.
+_DECIMAL_COMMA_RE = re.compile(r"^[-+]?\d+,\d+([eE][-+]?\d+)?$")
+#: Share of numeric cells above which a column with some text is taken as expression
+#: values with bad cells, not as a label column.
+_MOSTLY_NUMERIC = 0.5
 
 _BLOCK_BYTES = 64 * 2**20  # float32 buffer per block; above glibc's 32 MiB mmap threshold
 _CHUNK_TEXT = 8 * 2**20  # characters of text parsed per numpy call
@@ -134,10 +148,14 @@ def read_expression(
     non-expression columns.
     """
     if format not in FORMATS:
-        raise ConfigError(f"format={format!r} is not one of {FORMATS}. Fix: pick one of those.")
+        raise ConfigError(
+            f"--format {format} (format={format!r}) is not one of {FORMATS}. Fix: pick one of "
+            "those."
+        )
     if orientation not in ORIENTATIONS:
         raise ConfigError(
-            f"orientation={orientation!r} is not one of {ORIENTATIONS}. Fix: pick one of those."
+            f"--orientation {orientation} (orientation={orientation!r}) is not one of "
+            f"{ORIENTATIONS}. Fix: pick one of those."
         )
     if gene_column is not None and sample_column is not None:
         raise ConfigError(
@@ -155,8 +173,8 @@ def read_expression(
     fmt = _detect_format(path) if format == "auto" else format
     if path.is_dir() and fmt != "gdc":
         raise InputFileError(
-            f"{path} is a folder, but only format='gdc' reads folders (of per-sample files). "
-            "Fix: pass the path of the matrix file itself, or format='gdc'."
+            f"{path} is a folder, but only --format gdc (format='gdc') reads folders (of "
+            "per-sample files). Fix: pass the path of the matrix file itself, or --format gdc."
         )
 
     if fmt == "gdc":
@@ -278,8 +296,8 @@ def _detect_format(path: Path) -> str:
         raise InputFileError(
             f"unknown file type '{suffix or path.name}' for {path}; bulkfm reads a GDC folder, "
             f"{', '.join(_TEXT_SUFFIXES)} (optionally .gz), {', '.join(_PARQUET_SUFFIXES)} and "
-            ".h5ad. Fix: convert the file to one of those, or pass format='wide'/'gdc'/"
-            "'bulkrnabert_csv'/'h5ad' if the content already is one."
+            ".h5ad. Fix: convert the file to one of those, or pass --format "
+            "wide|gdc|bulkrnabert_csv|h5ad (format= in Python) if the content already is one."
         )
     lines = _peek_lines(path, max_lines=3)
     if _gdc_header_columns(lines) is not None:
@@ -288,6 +306,23 @@ def _detect_format(path: Path) -> str:
     if header.split(",")[-1].strip().strip('"') == _OFFICIAL_ID_COLUMN:
         return "bulkrnabert_csv"
     return "wide"
+
+
+def _damaged(path: Path, err: BaseException) -> InputFileError:
+    """The error for a file that cannot be read to its end (damaged, truncated, bad gzip)."""
+    compressed = _magic(path, 2) == _GZIP_MAGIC
+    kind = "gzip stream" if compressed else "file"
+    return InputFileError(
+        f"cannot read {path}: the {kind} is damaged or truncated "
+        f"({_error_name(err)}: {err}). Fix: download or copy the file again"
+        + (" (check it with `gzip -t`)" if compressed else "")
+        + "; a compressed file must be gzip."
+    )
+
+
+def _error_name(err: BaseException) -> str:
+    module = type(err).__module__
+    return type(err).__name__ if module == "builtins" else f"{module}.{type(err).__name__}"
 
 
 def _open_text(path: Path):
@@ -311,11 +346,8 @@ def _peek_lines(path: Path, *, max_lines: int, max_bytes: int = _PEEK_BYTES) -> 
                 size += len(line)
                 if len(lines) >= max_lines or (size >= max_bytes and len(lines) >= 2):
                     break
-    except (OSError, EOFError) as err:
-        raise InputFileError(
-            f"cannot read {path}: {err}. Fix: check the file is complete (download it again) "
-            "and, if compressed, that it is gzip."
-        ) from err
+    except READ_ERRORS as err:
+        raise _damaged(path, err) from err
     if lines:
         lines[0] = lines[0].removeprefix("\ufeff")
     return lines
@@ -410,7 +442,8 @@ def _resolve_orientation(
             other = GXS if requested == SXG else SXG
             raise OrientationError(
                 f"{path} was read as {requested} but {problem}: the matrix looks transposed. "
-                f"Fix: pass orientation='{other}' (or orientation='auto'), or transpose the file."
+                f"Fix: pass --orientation {other} (orientation='{other}' in Python; or auto), "
+                "or transpose the file."
             )
         return requested, False
     found = _orientation_from_labels(rows, cols)
@@ -423,8 +456,8 @@ def _resolve_orientation(
         f"{', '.join(rows.examples)}; columns e.g. {', '.join(cols.examples)}); assumed "
         f"{guess} because there are more {'columns' if guess == SXG else 'rows'} "
         f"({max(shape)}) than {'rows' if guess == SXG else 'columns'} ({min(shape)}) and "
-        "genes usually outnumber samples. Fix: pass orientation='samples_x_genes' or "
-        "'genes_x_samples' to read it without guessing.",
+        "genes usually outnumber samples. Fix: pass --orientation samples_x_genes or "
+        "genes_x_samples (orientation= in Python) to read it without guessing.",
         BulkfmWarning,
         stacklevel=3,
     )
@@ -535,8 +568,15 @@ def _choose_annotation(
     gene_column: str | None,
     sample_column: str | None,
     leading_only: bool,
+    cells: Callable[[int], list[_Cell]] | None = None,
 ) -> list[int]:
-    """Indices of the label/annotation columns; every other column must be numeric."""
+    """Indices of the label/annotation columns; every other column must be numeric.
+
+    A column is a label column by name (``gene_id``, ``symbol``, ``Chr``, ...) or because it
+    holds text. A text column that looks like expression values (its header is a sample or
+    gene id, or most of its ``cells`` are numbers) is refused instead: taking it for labels
+    would silently drop a sample (e.g. one value written with a decimal comma).
+    """
     wanted = [c for c in (gene_column, sample_column) if c is not None]
     if annotation_columns is not None:
         wanted = [*annotation_columns, *(w for w in wanted if w not in annotation_columns)]
@@ -544,7 +584,11 @@ def _choose_annotation(
     else:
         auto = []
         for i, name in enumerate(names):
-            if _norm_name(name) in _LABEL_NAMES or not is_numeric(i):
+            if _norm_name(name) in _LABEL_NAMES:
+                auto.append(i)
+            elif not is_numeric(i):
+                if cells is not None:
+                    _refuse_data_column_with_text(path, name, cells(i))
                 auto.append(i)
             elif leading_only:
                 break
@@ -559,15 +603,63 @@ def _choose_annotation(
         raise InputFileError(
             f"{path} has no label column: its first column ('{names[0]}') holds numbers, so "
             "bulkfm cannot tell which sample or gene each row is. Fix: add a first column of "
-            "sample ids or gene ids, or name it with gene_column=/sample_column=/"
-            "annotation_columns=."
+            "sample ids or gene ids (Python: name it with read_expression's gene_column=/"
+            "sample_column=/annotation_columns=)."
         )
     if len(chosen) == len(names):
         raise InputFileError(
             f"{path} has no numeric expression columns: every column ({names[:5]}...) holds "
-            "text. Fix: check the separator and the annotation_columns= argument."
+            "text. Fix: check the separator (tab, comma or semicolon) and the decimal "
+            "separator (numbers need a decimal point); in Python, check annotation_columns=."
         )
     return chosen
+
+
+@dataclass(frozen=True)
+class _Cell:
+    """One inspected cell of a column: where it is and what it holds."""
+
+    line: int | None  # 1-based line of a text file (None: a parquet row)
+    row: str  # the row's label (its first field), or its position
+    value: str
+
+
+def _looks_like_data_header(name: str) -> bool:
+    return bool(_SAMPLE_RE.match(name) or _ENSEMBL_RE.match(name))
+
+
+def _refuse_data_column_with_text(path: Path, name: str, cells: list[_Cell]) -> None:
+    """Raise when a column with text cells looks like expression values (see _choose_annotation)."""
+    filled = [c for c in cells if c.value.strip().lower() not in _NA_TOKENS]
+    text = [c for c in filled if not _is_float(c.value.strip())]
+    if not text:
+        return
+    comma = [c for c in text if _DECIMAL_COMMA_RE.match(c.value.strip())]
+    numeric = len(filled) - len(text) + len(comma)
+    header = _looks_like_data_header(name)
+    if not header and numeric <= _MOSTLY_NUMERIC * len(filled):
+        return
+    first = comma[0] if comma else text[0]
+    where = f"line {first.line}" if first.line is not None else f"row {first.row}"
+    why = (
+        f"its header looks like a {'gene' if _ENSEMBL_RE.match(name) else 'sample'} id"
+        if header
+        else f"{numeric} of its {len(filled)} inspected values are numbers"
+    )
+    comma_hint = (
+        f" '{first.value}' is written with a decimal comma: bulkfm reads a point as the "
+        "decimal separator. Fix: export the table with decimal points (pandas "
+        "to_csv(decimal='.'), R write.table(dec='.'), or a spreadsheet in an English locale)."
+        if comma
+        else " Fix: correct or blank (NA) the non-numeric value(s)."
+    )
+    raise ExpressionValueError(
+        f"column '{name}' of {path} holds expression values ({why}) but {len(text)} "
+        f"inspected value(s) are not numbers: first '{first.value}' at {where} (row "
+        f"'{first.row}'). Read as a label column, it would silently drop out of the data."
+        f"{comma_hint} If '{name}' really is a label column, list it with "
+        "annotation_columns=[...] (Python: bulkfm.data.readers.read_expression)."
+    )
 
 
 def _is_float(text: str) -> bool:
@@ -607,11 +699,21 @@ class _TextLayout:
     sep: str
     names: list[str]
     peek: list[list[str]]
+    peek_lines: list[int] = field(default_factory=list)  # 1-based line of each peek row
+
+    def cells(self, i: int) -> list[_Cell]:
+        return [
+            _Cell(line, row[0].strip() if i else f"line {line}", row[i])
+            for row, line in zip(self.peek, self.peek_lines, strict=True)
+            if i < len(row)
+        ]
 
 
 def _text_layout(path: Path) -> _TextLayout:
-    lines = _peek_lines(path, max_lines=_PEEK_LINES)
-    lines = [ln for ln in lines if ln.strip()]
+    numbered = [
+        (k, ln) for k, ln in enumerate(_peek_lines(path, max_lines=_PEEK_LINES), 1) if ln.strip()
+    ]
+    lines = [ln for _, ln in numbered]
     if not lines:
         raise InputFileError(f"{path} has no content. Fix: download or export it again.")
     if len(lines) < 2:
@@ -627,7 +729,7 @@ def _text_layout(path: Path) -> _TextLayout:
     peek = [
         _csv_fields(sep.join(ln.split(sep, _PEEK_FIELDS)[:_PEEK_FIELDS]), sep) for ln in lines[1:]
     ]
-    return _TextLayout(sep, names, peek)
+    return _TextLayout(sep, names, peek, [k for k, _ in numbered[1:]])
 
 
 def _csv_fields(line: str, sep: str) -> list[str]:
@@ -657,6 +759,7 @@ def _read_delimited(
         gene_column=gene_column,
         sample_column=sample_column,
         leading_only=True,
+        cells=layout.cells,
     )
     num_idx = [i for i in range(len(names)) if i not in set(annot_idx)]
     annot_values, blocks = _stream_text(path, layout, annot_idx, num_idx)
@@ -788,11 +891,8 @@ def _stream_text(
     """Parse the numeric block with numpy's C parser, straight to float32, chunk by chunk."""
     try:
         return _parse_chunks(path, layout, annot_idx, num_idx)
-    except (OSError, EOFError) as err:
-        raise InputFileError(
-            f"cannot read {path}: {err}. Fix: check the file is complete (download it again) "
-            "and, if compressed, that it is gzip."
-        ) from err
+    except READ_ERRORS as err:
+        raise _damaged(path, err) from err
 
 
 def _parse_chunks(
@@ -871,10 +971,19 @@ def _raise_bad_value(
                     "Fix: fill or drop missing values before reading (use 0 only if a missing "
                     "gene truly means no expression)."
                 ) from err
+            if _DECIMAL_COMMA_RE.match(text):
+                raise ExpressionValueError(
+                    f"non-numeric value '{text}' in the expression values of {path}: {where}: "
+                    "it is written with a decimal comma, but bulkfm reads a point as the "
+                    "decimal separator. Fix: export the table with decimal points (pandas "
+                    "to_csv(decimal='.'), R write.table(dec='.'), or a spreadsheet in an "
+                    "English locale)."
+                ) from err
             raise ExpressionValueError(
                 f"non-numeric value '{text}' in the expression values of {path}: {where}. "
                 "Fix: the expression columns must hold only numbers; if this column is a "
-                "label or annotation column, list it in annotation_columns=[...]."
+                "label or annotation column, list it with annotation_columns=[...] (Python: "
+                "bulkfm.data.readers.read_expression)."
             ) from err
     raise ExpressionValueError(
         f"cannot parse the expression values of {path} (lines {chunk.line_numbers[0]}-"
@@ -918,6 +1027,12 @@ def _read_parquet(
         c for c in (schema.pandas_metadata or {}).get("index_columns", []) if isinstance(c, str)
     ]
     order = index_cols + [n for n in names if n not in index_cols]
+
+    def cells(i: int) -> list[_Cell]:
+        head = next(pf.iter_batches(batch_size=_PEEK_LINES, columns=[order[i]]), None)
+        values = [] if head is None else _stripped(head.column(0).to_pylist())
+        return [_Cell(None, str(k + 1), v) for k, v in enumerate(values)]
+
     annot_idx = _choose_annotation(
         path,
         order,
@@ -926,6 +1041,7 @@ def _read_parquet(
         gene_column=gene_column,
         sample_column=sample_column,
         leading_only=False,
+        cells=cells,
     )
     annot_names = [order[i] for i in annot_idx]
     num_names = [n for n in order if n not in set(annot_names)]
@@ -933,7 +1049,8 @@ def _read_parquet(
         if not _arrow_is_number(schema.field(name).type):
             raise ExpressionValueError(
                 f"column '{name}' of {path} has type {schema.field(name).type}, not numbers. "
-                "Fix: list it in annotation_columns=[...] if it is a label, or store its "
+                "Fix: list it in read_expression's annotation_columns=[...] if it is a label, "
+                "or store its "
                 "values as numbers."
             )
     table = pf.read(columns=annot_names, use_threads=False)
@@ -994,7 +1111,7 @@ def _read_bulkrnabert_csv(path: Path) -> _Parsed:
     if layout.names[-1] != _OFFICIAL_ID_COLUMN:
         raise InputFileError(
             f"{path} is not an official BulkRNABert CSV: its last column is "
-            f"'{layout.names[-1]}', not '{_OFFICIAL_ID_COLUMN}'. Fix: use format='wide' for "
+            f"'{layout.names[-1]}', not '{_OFFICIAL_ID_COLUMN}'. Fix: use --format wide for "
             "other tables."
         )
     try:
@@ -1016,15 +1133,146 @@ def _read_bulkrnabert_csv(path: Path) -> _Parsed:
 
 # ----------------------------------------------------------------------------- h5ad
 
+_BUILD_HINT = "give an .h5ad written by `bulkfm data build` (or `bulkfm data simulate`)"
+
+
+def read_h5ad(
+    path: str | os.PathLike,
+    *,
+    flag: str = "--input",
+    layer: str | None = None,
+    check_units: bool = True,
+    expression: bool = True,
+) -> ad.AnnData:
+    """Read the ``.h5ad`` a command was given, or say what is wrong with it.
+
+    The one reader of samples x genes ``.h5ad`` inputs (``embed``/``impute --input``,
+    ``bench --data``, ``pretrain``/``evaluate`` ``data.path``, ``data summary``). It checks
+    that the file exists, is HDF5 (a TSV, parquet or gzip named ``.h5ad`` is recognised as
+    such), reads to its end (a truncated copy is named as one) and holds a non-empty 2-D
+    numeric ``X``; every failure is an :class:`InputFileError` naming ``flag``. With
+    ``check_units``, the matrix a model will read (``X``, or ``layers[layer]``) must not
+    look log-transformed (:func:`bulkfm.data.units.check_tpm`). ``expression=False`` reads
+    an ``.h5ad`` that holds no expression matrix (e.g. embeddings in ``obsm``): only the
+    file checks apply.
+    """
+    path = Path(path)
+    what = f"{flag} {path}"
+    hint = _BUILD_HINT if expression else "give an .h5ad written by anndata (`bulkfm embed`)"
+    _check_h5ad_file(path, what, hint)
+    adata = _load_h5ad(path, what, hint)
+    if not expression:
+        return adata
+    if adata.n_obs == 0 or adata.n_vars == 0:
+        raise InputFileError(
+            f"{what} holds no data ({adata.n_obs} samples x {adata.n_vars} genes). Fix: "
+            f"{_BUILD_HINT} from non-empty expression files."
+        )
+    if layer is not None and layer not in adata.layers:
+        raise InputFileError(
+            f"{what} has no layers[{layer!r}] (layers: {list(adata.layers)}). Fix: name one "
+            "of those, or none to use X."
+        )
+    matrix = adata.X if layer is None else adata.layers[layer]
+    name = "X" if layer is None else f"layers[{layer!r}]"
+    if matrix is None:
+        raise InputFileError(
+            f"{what} has no {name} matrix (no expression values). Fix: {_BUILD_HINT}."
+        )
+    dtype = getattr(matrix, "dtype", None)
+    if len(matrix.shape) != 2 or dtype is None or not np.issubdtype(dtype, np.number):
+        raise InputFileError(
+            f"{what}: {name} is not a 2-D numeric matrix (shape {matrix.shape}, dtype "
+            f"{dtype}). Fix: {_BUILD_HINT}."
+        )
+    if check_units:
+        check_tpm(matrix, source=f"{what} ({name})", adata=adata)
+    return adata
+
+
+def _check_h5ad_file(path: Path, what: str, hint: str = _BUILD_HINT) -> None:
+    if not path.exists():
+        raise InputFileError(
+            f"{what} does not exist. Fix: check the path (relative paths start at "
+            f"{Path.cwd()}); {hint}."
+        )
+    if path.is_dir():
+        raise InputFileError(f"{what} is a folder, not an .h5ad file. Fix: {hint}.")
+    size = path.stat().st_size
+    if size == 0:
+        raise InputFileError(f"{what} is empty (0 bytes). Fix: {hint}.")
+    if _is_hdf5(path, size):
+        return
+    head = _magic(path, 8)
+    if (
+        head[:2] == _GZIP_MAGIC
+        or head[:4] == _PARQUET_MAGIC
+        or path.suffix.lower()
+        in (
+            *_TEXT_SUFFIXES,
+            *_PARQUET_SUFFIXES,
+            ".gz",
+        )
+    ):
+        looks = "a gzip file" if head[:2] == _GZIP_MAGIC else "a table"
+        if head[:4] == _PARQUET_MAGIC:
+            looks = "a parquet table"
+        raise InputFileError(
+            f"{what} is {looks}, not an .h5ad (AnnData) file. Fix: turn the expression "
+            f"table into one first: `bulkfm data build {path} -o data.h5ad`, then pass "
+            "data.h5ad."
+        )
+    raise InputFileError(
+        f"{what} is not an .h5ad file: it does not start with the HDF5 signature (it is "
+        f"{'text' if _looks_like_text(head) else 'some other binary format'}). Fix: "
+        f"{hint}; an expression table becomes one with `bulkfm data build`."
+    )
+
+
+def _is_hdf5(path: Path, size: int) -> bool:
+    """HDF5's signature sits at offset 0, or 512, 1024, ... after a user block."""
+    with open(path, "rb") as fh:
+        offset = 0
+        while offset + len(_HDF5_MAGIC) <= size and offset <= 2**20:
+            fh.seek(offset)
+            if fh.read(len(_HDF5_MAGIC)) == _HDF5_MAGIC:
+                return True
+            offset = 512 if offset == 0 else offset * 2
+    return False
+
+
+def _looks_like_text(head: bytes) -> bool:
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return all(32 <= b < 127 or b in (9, 10, 13) for b in head)
+
+
+def _load_h5ad(path: Path, what: str, hint: str = _BUILD_HINT) -> ad.AnnData:
+    try:
+        return ad.read_h5ad(path)
+    except MemoryError:
+        raise
+    except Exception as err:  # h5py/anndata raise many types for damaged files
+        reason = str(err).splitlines()[0][:300] if str(err) else type(err).__name__
+        truncated = "truncated" in reason or "eof" in reason.lower()
+        raise InputFileError(
+            f"cannot read {what}: "
+            + (
+                "the file is truncated (an incomplete download or copy)"
+                if truncated
+                else "it is HDF5 but not a readable AnnData (damaged, or written by another tool)"
+            )
+            + f" ({_error_name(err)}: {reason}). Fix: copy or write the file again; "
+            f"{hint}."
+        ) from err
+
 
 def _read_h5ad(path: Path, *, orientation: str) -> _Parsed:
-    try:
-        adata = ad.read_h5ad(path)
-    except Exception as err:  # h5py/anndata raise many types for corrupt files
-        raise InputFileError(
-            f"cannot read h5ad file {path}: {err}. Fix: check the file is complete and "
-            "was written by anndata."
-        ) from err
+    what = f"expression file {path}"
+    _check_h5ad_file(path, what)
+    adata = _load_h5ad(path, what)
     if adata.X is None:
         raise InputFileError(
             f"{path} has no X matrix. Fix: store the expression values in adata.X."
@@ -1037,7 +1285,7 @@ def _read_h5ad(path: Path, *, orientation: str) -> _Parsed:
                 f"{path} has gene ids as obs_names (e.g. {', '.join(rows.examples)}) and "
                 f"sample-like var_names (e.g. {', '.join(cols.examples)}): AnnData must be "
                 "samples x genes. Fix: write adata.T instead, or pass "
-                "orientation='genes_x_samples' to transpose on reading."
+                "--orientation genes_x_samples (orientation= in Python) to transpose on reading."
             )
         file_orientation, detected = SXG, True
     else:
@@ -1194,7 +1442,7 @@ def _read_gdc_table(file: Path, columns: list[str], skip: int) -> pa.Table:
             f"non-numeric value in GDC file {file}: {str(err)[:300]}. Fix: the value columns "
             "must hold numbers; download the file again if it is damaged."
         ) from err
-    except (pa.ArrowException, OSError, EOFError) as err:
+    except (pa.ArrowException, *READ_ERRORS) as err:
         raise InputFileError(
             f"cannot read GDC file {file}: {str(err)[:300]}. Fix: every file must have the "
             f"columns {columns}; download it again if it is damaged."
@@ -1209,12 +1457,13 @@ def _read_gdc(path: Path, *, value_column: str, sample_sheet: str | os.PathLike 
     if header is None:
         raise InputFileError(
             f"{files[0]} is not a GDC STAR-counts file: its header does not start with gene_id "
-            "and name unstranded/tpm_unstranded columns. Fix: use format='wide' for tables."
+            "and name unstranded/tpm_unstranded columns. Fix: use --format wide for tables."
         )
     if value_column not in header:
         choices = [c for c in header if c not in _GDC_ID_COLUMNS]
         raise InputFileError(
-            f"value_column='{value_column}' is not a column of the GDC file {files[0].name}; "
+            f"--value-column {value_column} (value_column=) is not a column of the GDC file "
+            f"{files[0].name}; "
             f"available: {choices}. Fix: pass one of those (tpm_unstranded for TPM, "
             "unstranded for raw counts)."
         )

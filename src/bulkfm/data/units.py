@@ -16,6 +16,7 @@ import importlib.resources
 import logging
 import os
 import warnings
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -135,7 +136,7 @@ def detect_unit(X: Any, *, sample: int = 2000) -> UnitGuess:
     if stats["max_value"] == 0 and stats["min_value"] == 0:
         raise UnitError(
             "cannot detect the unit: every inspected value is zero (or NaN); "
-            "check the matrix, or pass input_unit explicitly"
+            "check the matrix, or state the unit with --unit (input_unit= in Python)"
         )
     return _decide(stats)
 
@@ -192,14 +193,15 @@ def _sniff_sep(path: Path) -> str:
 def _read_length_file(path: Path) -> pd.Series:
     if not path.is_file():
         raise InputFileError(
-            f"gene length file not found: {path}; pass an existing CSV/TSV with columns "
-            "(ensg_id, length), or path=None for the built-in Ensembl 100 lengths"
+            f"--gene-lengths file not found: {path}; pass an existing CSV/TSV with columns "
+            "(ensg_id, length), or leave --gene-lengths out (path=None in Python) for the "
+            "built-in Ensembl 100 lengths"
         )
     try:
         table = pd.read_csv(path, sep=_sniff_sep(path), dtype=str)
-    except (pd.errors.EmptyDataError, UnicodeDecodeError, OSError) as exc:
+    except (pd.errors.EmptyDataError, UnicodeDecodeError, OSError, EOFError, zlib.error) as exc:
         raise InputFileError(
-            f"cannot read gene length file {path} ({exc}); it must be a CSV/TSV "
+            f"cannot read --gene-lengths file {path} ({exc}); it must be a CSV/TSV "
             "(optionally .gz) with columns (ensg_id, length)"
         ) from exc
     cols = {c.strip().lower(): c for c in table.columns}
@@ -459,18 +461,20 @@ def to_tpm(
     ``uns["bulkfm"]["units"]``.
     """
     if input_unit not in _VALID_INPUT_UNITS:
-        raise UnitError(f"input_unit must be one of {list(_VALID_INPUT_UNITS)}, got {input_unit!r}")
+        raise UnitError(
+            f"--unit (input_unit=) must be one of {list(_VALID_INPUT_UNITS)}, got {input_unit!r}"
+        )
     guess = detect_unit(adata.X)
     stated = None if input_unit == "auto" else input_unit
     unit = stated or guess.unit
     if unit == "log":
         raise UnitError(
-            "input_unit='log' cannot be converted: the base and pseudocount of a log "
-            "transform are unknown; pass un-logged TPM or counts"
+            "--unit log (input_unit='log') cannot be converted: the base and pseudocount "
+            "of a log transform are unknown; pass un-logged TPM or counts"
             if stated == "log"
             else f"values look log-transformed (max={guess.stats['max_value']:.3g}; "
-            f"{guess.reason}); pass un-logged TPM or counts, or input_unit='tpm' if you "
-            "are sure the values are TPM"
+            f"{guess.reason}); pass un-logged TPM or counts, or --unit tpm "
+            "(input_unit='tpm' in Python) if you are sure the values are TPM"
         )
     if stated is not None:
         _warn_if_disagree(stated, guess)
@@ -498,12 +502,65 @@ def to_tpm(
     return out
 
 
+def _stated_tpm(adata: ad.AnnData) -> bool:
+    """Whether the build recorded that the user stated the unit as TPM/FPKM for every source
+    (``bulkfm data build --unit tpm``): then the values are TPM by the user's word."""
+    meta = adata.uns.get(keys.UNS)
+    if not isinstance(meta, dict):
+        return False
+    records = [s.get("units") for s in (meta.get("sources") or {}).values() if isinstance(s, dict)]
+    if not records and isinstance(meta.get("units"), dict):
+        records = [meta["units"]]
+    return bool(records) and all(
+        isinstance(r, dict) and r.get("input_unit") in ("tpm", "fpkm") for r in records
+    )
+
+
+def check_tpm(X: Any, *, source: str, adata: ad.AnnData | None = None) -> UnitGuess | None:
+    """Refuse expression values that are not TPM before a model command uses them.
+
+    Every model consumes TPM (the tokenizer takes ``log10(1 + TPM)`` itself), so a
+    log-transformed matrix would be logged twice and give garbage without any error.
+    ``bulkfm data build`` converts and checks units; this is the same check for an
+    ``.h5ad`` handed straight to ``embed``, ``impute``, ``pretrain``, ``bench`` or
+    ``evaluate``. Logged values raise :class:`UnitError`; values that look like read
+    counts warn (counts-like TPM exists, e.g. rounded values). ``source`` names the
+    matrix and the flag it came from in messages, e.g. ``"--input x.h5ad"``. When
+    ``adata`` records that its builder stated the unit as TPM (``data build --unit tpm``),
+    that statement wins and nothing is checked. Returns the guess (None: not checked,
+    e.g. an all-zero matrix, which other checks report).
+    """
+    if adata is not None and _stated_tpm(adata):
+        return None
+    try:
+        guess = detect_unit(X)
+    except UnitError:
+        return None  # empty or all-zero: not a unit question
+    if guess.unit == "log":
+        raise UnitError(
+            f"the expression values of {source} look log-transformed ({guess.reason}), but "
+            "bulkfm models need TPM: the tokenizer applies log10(1+TPM) itself, so logged "
+            "values would be logged twice. Fix: give un-logged TPM, e.g. an .h5ad built by "
+            "`bulkfm data build` from the TPM or count files; if the values really are TPM, "
+            "record that with `bulkfm data build X.h5ad --unit tpm -o Y.h5ad` and use Y.h5ad."
+        )
+    if guess.unit == "counts":
+        warnings.warn(
+            f"the expression values of {source} look like read counts ({guess.reason}), but "
+            "bulkfm models need TPM: build the .h5ad with `bulkfm data build`, which converts "
+            "counts to TPM (or states the unit with --unit tpm if these are TPM)",
+            BulkfmWarning,
+            stacklevel=2,
+        )
+    return guess
+
+
 def _warn_if_disagree(stated: str, guess: UnitGuess) -> None:
     family = "tpm" if stated == "fpkm" else stated
     if family == guess.unit:
         return
     warnings.warn(
-        f"you said input_unit={stated!r} but the values look like {guess.unit} "
+        f"you said --unit {stated} (input_unit={stated!r}) but the values look like {guess.unit} "
         f"({guess.reason}; per-sample sums ~{guess.stats['median_sum']:.3g}, "
         f"max {guess.stats['max_value']:.3g}); proceeding as {stated!r}: check the file",
         BulkfmWarning,
@@ -513,6 +570,7 @@ def _warn_if_disagree(stated: str, guess: UnitGuess) -> None:
 
 __all__ = [
     "UnitGuess",
+    "check_tpm",
     "counts_to_tpm",
     "detect_unit",
     "load_gene_lengths",

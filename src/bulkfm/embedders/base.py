@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
+from bulkfm.config import check_bool
 from bulkfm.errors import ConfigError
 from bulkfm.fingerprint import stable_hash
 
@@ -70,6 +71,17 @@ class Embedder(abc.ABC):
 
     def fit_transform(self, adata_train: ad.AnnData, adata: ad.AnnData) -> np.ndarray:
         return self.fit(adata_train).transform(adata)
+
+    def _bool_setting(self, key: str, value: Any) -> bool:
+        """A boolean model setting: a real True/False, never text (``bool("flase")`` is
+        True); the error names the flag that sets it."""
+        try:
+            return bool(check_bool(f"{self.name}: {key}", value))
+        except ConfigError as exc:
+            raise ConfigError(
+                f"{exc}; pass --model-arg {self.name}:{key}=true (or false), or {key}=True "
+                "in Python"
+            ) from None
 
     def _check_fitted(self) -> None:
         if not self._fitted:

@@ -66,7 +66,7 @@ class BulkRNABertEmbedder(Embedder):
         self.normalization_factor = normalization_factor
         self.layer = layer
         self.batch_size = check_int("batch_size", batch_size, 1)
-        self.exclude_missing = bool(exclude_missing)
+        self.exclude_missing = self._bool_setting("exclude_missing", exclude_missing)
         self.device = str(device)
         self._digest: str | None = None
 

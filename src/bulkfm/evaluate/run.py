@@ -80,7 +80,7 @@ from bulkfm.evaluate.selection import (
     task_data,
 )
 from bulkfm.evaluate.studies import cohort_similarity, per_cohort_survival, robustness, transfer
-from bulkfm.io import atomic_path, write_text
+from bulkfm.io import atomic_path, output_dir, write_text
 from bulkfm.tasks import TaskData, n_holdout_folds
 
 if TYPE_CHECKING:
@@ -110,12 +110,12 @@ def run_evaluation(
     """
     if not isinstance(config, EvaluateConfig):
         raise ConfigError(f"config must be an EvaluateConfig, got {type(config).__name__}")
-    out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    with _threads(config.num_threads), _collect_warnings() as caught:
-        result = _run(config, adata, model, out)
-    result.warnings = sorted(caught)
-    _write_outputs(config, result)
+    # Checked and created before any work; removed again (if empty) when the run fails.
+    with output_dir(config.output_dir, flag="--out / output_dir=") as out:
+        with _threads(config.num_threads), _collect_warnings() as caught:
+            result = _run(config, adata, model, out)
+        result.warnings = sorted(caught)
+        _write_outputs(config, result)
     return result
 
 

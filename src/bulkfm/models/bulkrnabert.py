@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from bulkfm.errors import CheckpointError, ConfigError, GeneMappingError
+from bulkfm.errors import BulkfmWarning, CheckpointError, ConfigError, GeneMappingError
 from bulkfm.io import atomic_path, write_text
 from bulkfm.models import cpu_attention
 from bulkfm.models.config import (  # noqa: F401  (re-exported: the model's config)
@@ -77,8 +78,9 @@ class BulkRNABertAttention(nn.Module):
 
     Runs through ``scaled_dot_product_attention`` (flash/memory-efficient kernels, no
     G x G matrix held) unless attention maps are requested for interpretation. CPU
-    inference with head size 32 uses :mod:`bulkfm.models.cpu_attention` instead (same
-    result to float32 rounding, faster; ``BULKFM_CPU_ATTENTION=off`` turns it off).
+    inference with head size 32 uses :mod:`bulkfm.models.cpu_attention` instead (faster;
+    its error against float64 is SDPA's at every length, measured 2.9e-6 vs 2.8e-6 at
+    19,062 genes, and is tested at 4,096; ``BULKFM_CPU_ATTENTION=off`` turns it off).
     """
 
     def __init__(self, embed_dim: int, num_heads: int, key_size: int) -> None:
@@ -351,13 +353,50 @@ class BulkRNABert(nn.Module):
         if not torch.compiler.is_compiling() and tokens.numel():
             lo, hi = int(tokens.min()), int(tokens.max())
             if lo < 0 or hi >= self.config.vocab_size:
+                bins, mask = self.config.n_expressions_bins, self.config.mask_token_id
                 raise CheckpointError(
-                    f"token ids must lie in 0..{self.config.vocab_size - 1} "
-                    f"({self.config.n_expressions_bins} bins + {self.config.n_special_tokens} "
-                    f"special), got {lo}..{hi}; tokens made with a tokenizer of another bin "
-                    "count, or the official tokenizer's unclamped 64, do not fit this model: "
-                    "use bulkfm.tokenize.BinTokenizer"
+                    f"token ids must lie in 0..{self.config.vocab_size - 1}, got {lo}..{hi}: "
+                    f"0..{bins - 1} are the {bins} expression bins and {mask} is [MASK] "
+                    f"(missing or masked genes). Ids outside that range come from a tokenizer "
+                    "of another bin count or another vocabulary; make the tokens with the "
+                    "model's own tokenizer: bulkfm.tokenize.BinTokenizer.load(<checkpoint "
+                    "dir>).encode(tpm), or the tokenizer load_pretrained returns"
                 )
+            if not self.training:
+                self._warn_if_official_ids(tokens)
+
+    def _warn_if_official_ids(self, tokens: torch.Tensor) -> None:
+        """Warn when [MASK] ids look like the official tokenizer's unclamped top bin.
+
+        The official recipe gives ``n_bins`` (64) to values at or above the normalization
+        factor, and the official model reads it as bin 63; here 64 is [MASK], so such
+        tokens change the output (by several logits) without any error. A tensor cannot
+        say where its 64s came from, so this is a heuristic for inference batches: a few
+        [MASK]s (under 5% of tokens; MLM masks ~12%) that all sit at genes measured
+        in the top eighth of the bins in the other samples of the batch, as saturated
+        genes are. Masks for missing genes (whole columns, or genes at ordinary levels)
+        do not trigger it.
+        """
+        mask_id = self.config.mask_token_id
+        is_mask = tokens == mask_id
+        n_mask = int(is_mask.sum())
+        if n_mask == 0 or tokens.shape[0] < 2 or n_mask > 0.05 * tokens.numel():
+            return
+        high = self.config.n_expressions_bins - max(1, self.config.n_expressions_bins // 8)
+        elsewhere = tokens.masked_fill(is_mask, -1).max(dim=0).values[is_mask.any(dim=0)]
+        measured = elsewhere[elsewhere >= 0]
+        if measured.numel() and bool((measured >= high).all()):
+            warnings.warn(
+                f"the tokens hold {n_mask} [MASK] id(s) ({mask_id}), all at genes that "
+                f"reach bin {high} or more in other samples: they look like the official "
+                f"tokenizer's unclamped top bin {mask_id} (values at or above the "
+                f"normalization factor), which the official model reads as bin {mask_id - 1} "
+                f"but this model reads as [MASK], changing its output. Make the tokens with "
+                f"bulkfm.tokenize.BinTokenizer (it clamps them to {mask_id - 1}) or clamp "
+                f"them: tokens.clamp(max={mask_id - 1}). If they are masks, ignore this.",
+                BulkfmWarning,
+                stacklevel=5,
+            )
 
     # ------------------------------------------------------------------ state dicts
     def load_checked_state_dict(
@@ -368,24 +407,13 @@ class BulkRNABert(nn.Module):
         state_dict = dict(state_dict)
         _pad_special_rows(self, state_dict, prefix="")
         expected = self.state_dict()
-        missing = [k for k in expected if k not in state_dict]
-        unexpected = [k for k in state_dict if k not in expected]
-        if strict and (missing or unexpected):
-            raise CheckpointError(
-                f"checkpoint{where} does not match the model: missing keys {missing[:10]}"
-                f"{' ...' if len(missing) > 10 else ''} ({len(missing)} in all), unexpected keys "
-                f"{unexpected[:10]}{' ...' if len(unexpected) > 10 else ''} "
-                f"({len(unexpected)} in all); check that config.json belongs to these weights "
-                "(num_layers, names), or load with strict=False to skip them"
-            )
-        for key, target in expected.items():  # model order: the first layer named first
-            tensor = state_dict.get(key)
-            if tensor is not None and tuple(tensor.shape) != tuple(target.shape):
-                raise CheckpointError(
-                    f"checkpoint{where} tensor {key!r} has shape {tuple(tensor.shape)} but the "
-                    f"config expects {tuple(target.shape)}; config.json does not match "
-                    "these weights (compare n_genes, embed_dim, ffn_embed_dim, key_size, ...)"
-                )
+        missing, unexpected = check_state_shapes(
+            {k: tuple(v.shape) for k, v in expected.items()},
+            {k: tuple(v.shape) for k, v in state_dict.items()},
+            strict=strict,
+            where=where,
+        )
+        check_finite(state_dict, where=where)
         if missing or unexpected:
             logger.warning(
                 "loaded non-strictly%s: %d missing keys %s, %d unexpected keys %s",
@@ -432,6 +460,7 @@ class BulkRNABert(nn.Module):
         """
         from safetensors.torch import load_file
 
+        device = resolve_device(device)
         directory = Path(directory)
         config = read_config(directory)
         if overrides:
@@ -448,6 +477,16 @@ class BulkRNABert(nn.Module):
                 "and model.safetensors (convert a JAX params.joblib with "
                 "bulkfm.models.convert.convert_haiku_to_safetensors)"
             )
+        # Shapes from the file's header against the config's, before anything is
+        # allocated: a config.json that does not belong to the weights (embed_dim=10**7)
+        # is named here instead of failing to allocate the model it describes.
+        check_state_shapes(
+            expected_shapes(config),
+            read_weight_shapes(weights),
+            strict=strict,
+            where=f" in {weights}",
+            special_rows=config,
+        )
         try:
             state_dict = load_file(str(weights), device=str(device))
         except Exception as exc:  # safetensors raises its own error types
@@ -455,6 +494,113 @@ class BulkRNABert(nn.Module):
         model = cls(config).to(device)
         model.load_checked_state_dict(state_dict, strict=strict, source=str(weights))
         return model.eval()
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch device that exists on this machine, or a ConfigError that
+    names the devices there are."""
+    available = ["cpu"]
+    if torch.cuda.is_available():
+        available += ["cuda", *(f"cuda:{i}" for i in range(torch.cuda.device_count()))]
+    if torch.backends.mps.is_available():
+        available.append("mps")
+    fix = (
+        f"this machine has {', '.join(available)}; pass one of them with --device "
+        "(device= in Python, model.device in an evaluate config)"
+    )
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise ConfigError(f"--device {device} is not a torch device ({exc}); {fix}") from exc
+    if resolved.type == "cpu":
+        return resolved
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"--device {device} asks for a CUDA GPU but there is none: {fix}")
+        if resolved.index is not None and resolved.index >= count:
+            raise ConfigError(
+                f"--device {device} asks for GPU {resolved.index} but there are {count}: {fix}"
+            )
+        return resolved
+    if resolved.type == "mps" and torch.backends.mps.is_available():
+        return resolved
+    raise ConfigError(f"--device {device} is not available: {fix}")
+
+
+def expected_shapes(config: BulkRNABertConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape in a model of ``config``, without allocating it (meta device)."""
+    with torch.device("meta"):
+        model = BulkRNABert(config)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def read_weight_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes from a safetensors file's header, without reading the tensors."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}  # noqa: SIM118
+    except Exception as exc:  # safetensors raises its own error types
+        raise CheckpointError(
+            f"cannot read {path}: {exc}; the file is damaged (re-download or re-save it)"
+        ) from exc
+
+
+def check_state_shapes(
+    expected: Mapping[str, tuple[int, ...]],
+    found: Mapping[str, tuple[int, ...]],
+    *,
+    strict: bool,
+    where: str = "",
+    special_rows: BulkRNABertConfig | None = None,
+) -> tuple[list[str], list[str]]:
+    """Compare a checkpoint's tensor names and shapes with a model's; returns (missing,
+    unexpected) keys, raising CheckpointError on a shape mismatch (or, when ``strict``, on
+    any missing or unexpected key). ``special_rows``: the model's config, when an
+    official (bins-only) expression embedding is still to be padded."""
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    if strict and (missing or unexpected):
+        raise CheckpointError(
+            f"checkpoint{where} does not match the model: missing keys {missing[:10]}"
+            f"{' ...' if len(missing) > 10 else ''} ({len(missing)} in all), unexpected keys "
+            f"{unexpected[:10]}{' ...' if len(unexpected) > 10 else ''} "
+            f"({len(unexpected)} in all); check that config.json belongs to these weights "
+            "(num_layers, names), or load with strict=False to skip them"
+        )
+    for key, target in expected.items():  # model order: the first layer named first
+        shape = found.get(key)
+        if shape is None or tuple(shape) == tuple(target):
+            continue
+        if (
+            special_rows is not None
+            and key == "expression_embedding_layer.weight"
+            and tuple(shape) == (special_rows.n_expressions_bins, target[1])
+        ):
+            continue  # official format: the [MASK] row is added on load
+        raise CheckpointError(
+            f"checkpoint{where} tensor {key!r} has shape {tuple(shape)} but the "
+            f"config expects {tuple(target)}; config.json does not match "
+            "these weights (compare n_genes, embed_dim, ffn_embed_dim, key_size, ...)"
+        )
+    return missing, unexpected
+
+
+def check_finite(state_dict: Mapping[str, torch.Tensor], *, where: str = "") -> None:
+    """Refuse weights holding NaN or inf, naming the tensors."""
+    bad = [
+        key
+        for key, tensor in state_dict.items()
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+    ]
+    if bad:
+        raise CheckpointError(
+            f"checkpoint{where} holds NaN or inf values in {len(bad)} tensor(s): {bad[:5]}"
+            f"{' ...' if len(bad) > 5 else ''}; the weights are damaged (or come from a run "
+            "that diverged): use another checkpoint, e.g. an earlier one of the run"
+        )
 
 
 # --------------------------------------------------------------------------- loading helpers

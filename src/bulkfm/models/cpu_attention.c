@@ -13,6 +13,12 @@
  * softmax scale and log2(e) folded into the queries once per work item; and the
  * running output is rescaled only when a row's maximum grows.
  *
+ * Accuracy does not degrade with length: each key block's P.V is summed on its own and
+ * then added to the running output (two short float32 chains, not one of `length`
+ * terms), and the softmax denominators are summed in double. Against float64 the error
+ * is then SDPA's (about 3e-6 at 19,062 genes for values of mean 3; one long chain gave
+ * 3e-5).
+ *
  * Built at first use by bulkfm.models.cpu_attention with the system C compiler; no
  * torch headers; called through ctypes with raw pointers and element strides.
  */
@@ -96,17 +102,8 @@ static inline __attribute__((always_inline)) void tile_6x16(const float *a, int6
                                                             int64_t b_row, int kdim, float *c, int64_t c_row,
                                                             int accumulate) {
     __m256 c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51;
-    if (accumulate) {
-        c00 = _mm256_loadu_ps(c + 0 * c_row); c01 = _mm256_loadu_ps(c + 0 * c_row + 8);
-        c10 = _mm256_loadu_ps(c + 1 * c_row); c11 = _mm256_loadu_ps(c + 1 * c_row + 8);
-        c20 = _mm256_loadu_ps(c + 2 * c_row); c21 = _mm256_loadu_ps(c + 2 * c_row + 8);
-        c30 = _mm256_loadu_ps(c + 3 * c_row); c31 = _mm256_loadu_ps(c + 3 * c_row + 8);
-        c40 = _mm256_loadu_ps(c + 4 * c_row); c41 = _mm256_loadu_ps(c + 4 * c_row + 8);
-        c50 = _mm256_loadu_ps(c + 5 * c_row); c51 = _mm256_loadu_ps(c + 5 * c_row + 8);
-    } else {
-        c00 = c01 = c10 = c11 = c20 = c21 = _mm256_setzero_ps();
-        c30 = c31 = c40 = c41 = c50 = c51 = _mm256_setzero_ps();
-    }
+    c00 = c01 = c10 = c11 = c20 = c21 = _mm256_setzero_ps();
+    c30 = c31 = c40 = c41 = c50 = c51 = _mm256_setzero_ps();
     for (int k = 0; k < kdim; ++k) {
         __m256 b0 = _mm256_loadu_ps(b + k * b_row), b1 = _mm256_loadu_ps(b + k * b_row + 8);
         __m256 x;
@@ -116,6 +113,14 @@ static inline __attribute__((always_inline)) void tile_6x16(const float *a, int6
         x = _mm256_broadcast_ss(a + 3 * a_row + k); c30 = _mm256_fmadd_ps(x, b0, c30); c31 = _mm256_fmadd_ps(x, b1, c31);
         x = _mm256_broadcast_ss(a + 4 * a_row + k); c40 = _mm256_fmadd_ps(x, b0, c40); c41 = _mm256_fmadd_ps(x, b1, c41);
         x = _mm256_broadcast_ss(a + 5 * a_row + k); c50 = _mm256_fmadd_ps(x, b0, c50); c51 = _mm256_fmadd_ps(x, b1, c51);
+    }
+    if (accumulate) { /* the block's sum first, then onto C: two short chains, not one long one */
+        c00 = _mm256_add_ps(c00, _mm256_loadu_ps(c + 0 * c_row)); c01 = _mm256_add_ps(c01, _mm256_loadu_ps(c + 0 * c_row + 8));
+        c10 = _mm256_add_ps(c10, _mm256_loadu_ps(c + 1 * c_row)); c11 = _mm256_add_ps(c11, _mm256_loadu_ps(c + 1 * c_row + 8));
+        c20 = _mm256_add_ps(c20, _mm256_loadu_ps(c + 2 * c_row)); c21 = _mm256_add_ps(c21, _mm256_loadu_ps(c + 2 * c_row + 8));
+        c30 = _mm256_add_ps(c30, _mm256_loadu_ps(c + 3 * c_row)); c31 = _mm256_add_ps(c31, _mm256_loadu_ps(c + 3 * c_row + 8));
+        c40 = _mm256_add_ps(c40, _mm256_loadu_ps(c + 4 * c_row)); c41 = _mm256_add_ps(c41, _mm256_loadu_ps(c + 4 * c_row + 8));
+        c50 = _mm256_add_ps(c50, _mm256_loadu_ps(c + 5 * c_row)); c51 = _mm256_add_ps(c51, _mm256_loadu_ps(c + 5 * c_row + 8));
     }
     _mm256_storeu_ps(c + 0 * c_row, c00); _mm256_storeu_ps(c + 0 * c_row + 8, c01);
     _mm256_storeu_ps(c + 1 * c_row, c10); _mm256_storeu_ps(c + 1 * c_row + 8, c11);
@@ -135,7 +140,7 @@ static __attribute__((noinline)) void pv_tile(const float *p, const float *v, in
 /* One register tile of MR queries against one block of nk keys: scores, the online
  * softmax update of m (running max), l (running sum) and o (unnormalised output). */
 static inline void tile_block(const float *qs, const float *kblk, const float *vblk, int64_t v_row, int nk,
-                              float *s, float *m, float *l, float *o) {
+                              float *s, float *m, double *l, float *o) {
     int groups = (nk + NR - 1) / NR, width = groups * NR;
     for (int g = 0; g < groups; ++g) tile_6x16(qs, D, kblk + g * D * NR, NR, D, s + g * NR, BK, 0);
     for (int r = 0; r < MR; ++r) {
@@ -177,7 +182,7 @@ typedef struct {
     int64_t done;     /* items finished */
 } job_t;
 
-static void run_item(const job_t *job, int64_t item, float *qs, float *o, float *m, float *l, float *s) {
+static void run_item(const job_t *job, int64_t item, float *qs, float *o, float *m, double *l, float *s) {
     int64_t per_head = (job->length + QB - 1) / QB;
     int64_t bh = item / per_head, q0 = (item % per_head) * QB;
     int64_t b = bh / job->heads, h = bh % job->heads;
@@ -188,7 +193,7 @@ static void run_item(const job_t *job, int64_t item, float *qs, float *o, float 
     for (int r = 0; r < rows_pad; ++r) {
         for (int d = 0; d < D; ++d) qs[r * D + d] = r < rows ? qsrc[r * job->q_l + d] * job->q_scale : 0.0f;
         m[r] = -INFINITY;
-        l[r] = 0.0f;
+        l[r] = 0.0;
     }
     memset(o, 0, sizeof(float) * (size_t)rows_pad * D);
 
@@ -204,7 +209,7 @@ static void run_item(const job_t *job, int64_t item, float *qs, float *o, float 
 
     float *dst = job->out + b * job->o_b + h * job->o_h + q0 * job->o_l;
     for (int r = 0; r < rows; ++r) {
-        float inv = 1.0f / l[r];
+        float inv = (float)(1.0 / l[r]);
         for (int d = 0; d < D; ++d) dst[r * job->o_l + d] = o[r * D + d] * inv;
     }
 }
@@ -214,7 +219,8 @@ static void *worker(void *arg) {
     float *qs = aligned_alloc(64, sizeof(float) * QB * D);
     float *o = aligned_alloc(64, sizeof(float) * QB * D);
     float *s = aligned_alloc(64, sizeof(float) * MR * BK);
-    float m[QB], l[QB];
+    float m[QB];
+    double l[QB]; /* the softmax denominators: a sum of up to `length` terms, kept in double */
     if (qs && o && s) {
         for (;;) {
             int64_t item = __atomic_fetch_add(&job->next, 1, __ATOMIC_RELAXED);

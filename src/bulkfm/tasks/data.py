@@ -252,19 +252,37 @@ def _ids_of(obs: pd.DataFrame, index: np.ndarray) -> np.ndarray:
     return obs.index.astype(str).to_numpy()[index]
 
 
+def _split_need(rules: TaskRules) -> int:
+    """Patients each class needs for the hold-out splits of ``rules.test_size``."""
+    from bulkfm.data.splits import n_holdout_folds
+
+    return n_holdout_folds(float(rules.test_size))
+
+
+def _split_note(rules: TaskRules, need: int) -> str:
+    larger = " (a larger test size needs fewer: 0.5 needs 2)" if need > 2 else ""
+    return (
+        f"a stratified hold-out of --test-size {rules.test_size} (test_size=) needs {need} "
+        f"patients in every class{larger}"
+    )
+
+
 def _prepare_cancer_type(obs: pd.DataFrame, task: TaskSpec, rules: TaskRules) -> TaskData:
     groups = patient_ids(obs, rules.patient_key)
     label = obs_column(obs, rules.cohort_key, "cohort").astype(object)
     keep = label.notna().to_numpy()
     per_class = pd.Series(groups[keep]).groupby(label[keep].astype(str).to_numpy()).nunique()
-    small = per_class[per_class < rules.min_class_patients]
-    classes = sorted(per_class[per_class >= rules.min_class_patients].index.tolist())
+    # A class below the split's need could not be in every fold: left out like a small one.
+    need = max(rules.min_class_patients, _split_need(rules))
+    small = per_class[per_class < need]
+    classes = sorted(per_class[per_class >= need].index.tolist())
     if len(classes) < 2:
         count = "only one class" if len(classes) == 1 else "no class"
         raise SplitError(
-            f"task {task.name!r} has {count} with >= {rules.min_class_patients} patients "
+            f"task {task.name!r} has {count} with >= {need} patients "
             f"({classes}; patients per class: {per_class.to_dict()}); classification needs at "
-            "least two classes: add cohorts or lower min_class_patients"
+            "least two classes: add cohorts or lower --min-class-patients "
+            f"(min_class_patients=); {_split_note(rules, _split_need(rules))}"
         )
     keep &= label.astype(str).isin(classes).to_numpy()
     index = np.flatnonzero(keep)
@@ -303,11 +321,13 @@ def _prepare_mutation(obs: pd.DataFrame, task: TaskSpec, rules: TaskRules) -> Ta
     y = values.to_numpy(dtype=float, na_value=np.nan)
     n_pos = _n_patients(groups, keep & (y == 1))
     n_neg = _n_patients(groups, keep & (y == 0))
-    if n_pos < rules.min_positives or n_neg < rules.min_negatives:
+    split = _split_need(rules)
+    need_pos, need_neg = max(rules.min_positives, split), max(rules.min_negatives, split)
+    if n_pos < need_pos or n_neg < need_neg:
         raise SplitError(
             f"task {task.name!r} has {n_pos} mutated and {n_neg} wild-type patients; at least "
-            f"{rules.min_positives} and {rules.min_negatives} are needed (min_positives / "
-            "min_negatives)"
+            f"{need_pos} and {need_neg} are needed (--min-positives / --min-negatives, "
+            f"min_positives= / min_negatives=; {_split_note(rules, split)})"
         )
     index = np.flatnonzero(keep)
     labels = y[index].astype(np.int64)
@@ -326,6 +346,25 @@ def _prepare_mutation(obs: pd.DataFrame, task: TaskSpec, rules: TaskRules) -> Ta
             "n_positive_patients": n_pos,
             "n_negative_patients": n_neg,
         },
+    )
+
+
+def _unknown_survival_note(
+    obs: pd.DataFrame, time: pd.Series, event: pd.Series, scope: np.ndarray, rules: TaskRules
+) -> str:
+    """Samples in scope whose time or event is NaN, said apart from censoring (the data
+    layer's job, reported here where their absence makes a task fail)."""
+    no_time = time.isna().to_numpy() & scope
+    no_event = event.isna().to_numpy() & scope
+    if not (no_time.any() or no_event.any()):
+        return ""
+    examples = [str(i) for i in obs.index[no_time | no_event][:3]]
+    return (
+        f"; besides, {int(no_time.sum())} of {int(scope.sum())} samples have no "
+        f"{rules.time_key} (NaN) and {int(no_event.sum())} no {rules.event_key} (NaN), e.g. "
+        f"{examples}: they are left out, not counted as censored. Fix: join survival with "
+        "`bulkfm data build --survival TABLE` (check the table's time and event columns "
+        "for --endpoint)"
     )
 
 
@@ -349,10 +388,19 @@ def _prepare_survival(obs: pd.DataFrame, task: TaskSpec, rules: TaskRules) -> Ta
     if not np.isin(e[keep], (0.0, 1.0)).all():
         raise ConfigError(f"{rules.event_key} must be 0 (censored) or 1 (event)")
     n_events = _n_patients(groups, keep & (e == 1))
+    n_censored = _n_patients(groups, keep & (e == 0))
     if n_events < rules.min_events:
         raise SplitError(
             f"task {task.name!r} has {n_events} patients with an event; at least "
-            f"{rules.min_events} are needed (min_events)"
+            f"{rules.min_events} are needed (--min-events, min_events=)"
+            + _unknown_survival_note(obs, time, event, _scope(obs, task, rules), rules)
+        )
+    split = _split_need(rules)
+    if n_events < split or n_censored < split:
+        # The splits are stratified by the event, so both sides need both kinds.
+        raise SplitError(
+            f"task {task.name!r} has {n_events} patients with an event and {n_censored} "
+            f"censored; {_split_note(rules, split)}, so at least {split} of each"
         )
     index = np.flatnonzero(keep)
     return TaskData(
@@ -378,13 +426,33 @@ def prepare_task(obs: pd.DataFrame, task: TaskSpec, rules: TaskRules) -> TaskDat
     """Arrays of ``task`` on ``obs`` (already restricted to the samples to use).
 
     Raises :class:`~bulkfm.errors.SplitError` with the reason when the task cannot
-    be evaluated (one class, too few positives/negatives/events).
+    be evaluated (one class, too few positives/negatives/events, or too few patients
+    in a class for the stratified hold-out splits of ``rules.test_size``).
     """
     if task.family == "cancer_type":
-        return _prepare_cancer_type(obs, task, rules)
-    if task.family == "mutation":
-        return _prepare_mutation(obs, task, rules)
-    return _prepare_survival(obs, task, rules)
+        td = _prepare_cancer_type(obs, task, rules)
+    elif task.family == "mutation":
+        td = _prepare_mutation(obs, task, rules)
+    else:
+        td = _prepare_survival(obs, task, rules)
+    _check_splittable(td, rules)
+    return td
+
+
+def _check_splittable(td: TaskData, rules: TaskRules) -> None:
+    """The hold-out splits' own rule on the task's strata, so a feasible task can be split
+    (the family checks above count the same patients; this guards the rest)."""
+    from bulkfm.data.splits import check_group_sizes
+
+    need = _split_need(rules)
+    check_group_sizes(
+        td.strata,
+        td.groups,
+        need,
+        context=f"task {td.spec.name!r}: a stratified hold-out of --test-size "
+        f"{rules.test_size} (test_size=)",
+        fix="raise --test-size or leave the task out of --tasks",
+    )
 
 
 def select_tasks(

@@ -54,6 +54,8 @@ class TaskRules(Protocol):
     A protocol, so an orchestrator's own config (e.g. ``BenchConfig``) is passed as it is
     and :mod:`bulkfm.tasks` never imports the orchestrators above it. Thresholds count
     *patients*, because repeated aliquots of one tumour are not independent evidence.
+    ``test_size`` is the hold-out fraction: each class a split is stratified by needs
+    :func:`bulkfm.data.splits.n_holdout_folds` patients, so a task is feasible only then.
     """
 
     @property
@@ -74,6 +76,8 @@ class TaskRules(Protocol):
     def min_events(self) -> int: ...
     @property
     def min_class_patients(self) -> int: ...
+    @property
+    def test_size(self) -> float: ...
 
 
 @dataclass(frozen=True)

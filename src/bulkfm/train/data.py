@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import Dataset
 
 from bulkfm.errors import ConfigError, ExpressionValueError, InputFileError, SplitError
-from bulkfm.tokenize import BinTokenizer
+from bulkfm.tokenize import BinTokenizer, check_missing_mask
 from bulkfm.train.config import DataSection, MaskingConfig
 from bulkfm.train.masking import IGNORE_INDEX, mask_tokens, sample_generator
 
@@ -70,22 +70,12 @@ class PretrainData:
 
 
 # ---------------------------------------------------------------------- loading
-def load_adata(path: str | Path) -> ad.AnnData:
-    """Read the pre-training .h5ad (X = TPM); fail with a hint when it is not there."""
-    import anndata as ad
+def load_adata(path: str | Path, *, layer: str | None = None) -> ad.AnnData:
+    """Read the pre-training .h5ad (X, or ``layer``, = TPM); fail with a hint when it is not
+    there or not usable (:func:`bulkfm.data.readers.read_h5ad`)."""
+    from bulkfm.data.readers import read_h5ad
 
-    path = Path(path)
-    if not path.exists():
-        raise InputFileError(
-            f"pre-training data {path} does not exist; build it with `bulkfm data build` "
-            "(or `bulkfm data simulate`) and set data.path"
-        )
-    if path.suffix != ".h5ad":
-        raise InputFileError(
-            f"pre-training data must be an .h5ad file, got {path.name}; convert it with "
-            "`bulkfm data build`"
-        )
-    return ad.read_h5ad(path)
+    return read_h5ad(Path(path), flag="data.path", layer=layer)
 
 
 def expression_matrix(adata: ad.AnnData, layer: str | None) -> Any:
@@ -108,7 +98,7 @@ def missing_mask(adata: ad.AnnData, name: str | None) -> Any:
         raise ExpressionValueError(
             f"layers[{name!r}] has shape {mask.shape}, X has {adata.shape}; rebuild the data"
         )
-    return mask
+    return check_missing_mask(mask, f"layers[{name!r}]")
 
 
 def _rows(matrix: Any, rows: np.ndarray, cols: np.ndarray | None = None) -> np.ndarray:

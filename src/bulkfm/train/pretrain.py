@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from bulkfm.errors import CheckpointError, ConfigError
-from bulkfm.io import write_text
+from bulkfm.io import check_output_dir, write_text
 from bulkfm.train.config import PretrainConfig
 from bulkfm.train.data import (
     EVAL_STREAM,
@@ -372,11 +372,18 @@ def _set_rng_state(tensors: dict[str, torch.Tensor], plain: dict[str, Any]) -> N
     cuda = [tensors[k] for k in sorted(tensors) if k.startswith("cuda_")]
     if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda)
+    np_state, py_state = _parse_rng_plain(plain)
+    np.random.set_state(np_state)  # noqa: NPY002
+    random.setstate(py_state)
+
+
+def _parse_rng_plain(plain: Any) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    """numpy's and Python's generator states from their JSON form (raises TypeError,
+    ValueError, KeyError or IndexError on anything else)."""
     name, keys, pos, has_gauss, gauss = plain["numpy"]
     np_state = (name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss)
-    np.random.set_state(np_state)  # noqa: NPY002
     version, internal, gauss_next = plain["python"]
-    random.setstate((version, tuple(internal), gauss_next))
+    return np_state, (version, tuple(internal), gauss_next)
 
 
 def save_checkpoint(
@@ -439,6 +446,271 @@ def save_checkpoint(
     return final
 
 
+class DamagedCheckpointError(CheckpointError):
+    """One checkpoint folder cannot be used: a file is missing, unreadable or disagrees
+    with the others. Resumption then falls back to the checkpoint before it."""
+
+    def __init__(self, path: Path, file: str, problem: str) -> None:
+        self.path = path
+        self.file = file
+        self.problem = problem
+        super().__init__(f"{path / file}: {problem}")
+
+
+@dataclass
+class _LoadedCheckpoint:
+    """Everything a checkpoint holds, read and checked before any of it is applied."""
+
+    path: Path
+    state: dict[str, Any]
+    weights: dict[str, torch.Tensor] | None  # None: FSDP shards (accelerate loads them)
+    optimizer: dict[str, Any] | None
+    scheduler: dict[str, Any]
+    rng: tuple[dict[str, torch.Tensor], dict[str, Any]] | None  # None: process count changed
+
+
+def _read_json(path: Path, name: str) -> Any:
+    try:
+        return json.loads((path / name).read_text())
+    except FileNotFoundError:
+        raise DamagedCheckpointError(path, name, "the file is missing") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DamagedCheckpointError(path, name, f"not readable JSON ({exc})") from exc
+
+
+def read_trainer_state(path: Path) -> dict[str, Any]:
+    """A checkpoint's ``trainer_state.json``, checked against the folder's ``step_N`` name."""
+    name = "trainer_state.json"
+    state = _read_json(path, name)
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise DamagedCheckpointError(
+            path,
+            name,
+            f"not a bulkfm pre-training state (format {found!r}, expected {STATE_FORMAT!r})",
+        )
+    for key in ("step", "samples_seen"):
+        value = state.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise DamagedCheckpointError(
+                path, name, f"{key!r} is {value!r}, not a non-negative integer"
+            )
+    if not isinstance(state.get("config"), dict) or not isinstance(state.get("genes_sha256"), str):
+        raise DamagedCheckpointError(path, name, "the saved config or gene digest is missing")
+    match = _CHECKPOINT_RE.match(path.name)
+    if match and int(match.group(1)) != state["step"]:
+        raise DamagedCheckpointError(
+            path,
+            name,
+            f"says step {state['step']} but the folder is {path.name} (step "
+            f"{int(match.group(1))}); the state does not belong to this checkpoint",
+        )
+    return state
+
+
+def _read_weights(path: Path, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    name = "model.safetensors"
+    if not (path / name).is_file():
+        raise DamagedCheckpointError(path, name, "the file is missing")
+    try:
+        weights = load_file(str(path / name))
+    except Exception as exc:  # safetensors raises its own (Rust) error types
+        raise DamagedCheckpointError(path, name, f"unreadable ({exc})") from exc
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in weights]
+    unexpected = [k for k in weights if k not in expected]
+    if missing or unexpected:
+        raise DamagedCheckpointError(
+            path,
+            name,
+            f"does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}",
+        )
+    for key, target in expected.items():
+        tensor = weights[key]
+        if tuple(tensor.shape) != tuple(target.shape):
+            raise DamagedCheckpointError(
+                path,
+                name,
+                f"tensor {key!r} has shape {tuple(tensor.shape)}, the model {tuple(target.shape)}",
+            )
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise DamagedCheckpointError(path, name, f"tensor {key!r} holds NaN or inf values")
+    return weights
+
+
+def _torch_load_weights_only(path: Path, name: str) -> Any:
+    """``torch.load(weights_only=True)``; a file holding other objects is refused outright
+    (never loaded with ``weights_only=False``), a damaged one reported as damaged."""
+    import pickle
+
+    file = path / name
+    if not file.is_file():
+        raise DamagedCheckpointError(path, name, "the file is missing")
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        text = str(exc)
+        if "weights only load failed" not in text.lower() or "Unsupported operand" in text:
+            # not a pickle of foreign objects: bytes that are no pickle at all
+            raise DamagedCheckpointError(path, name, "unreadable (not a torch file)") from exc
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        what = f" ({found.group(1)})" if found else ""
+        raise CheckpointError(
+            f"{file} contains objects{what} that a weights-only load refuses: bulkfm saves "
+            "only tensors there, so this file was not written by bulkfm and may run code "
+            "when unpickled. bulkfm never unpickles untrusted code; delete this output "
+            "directory's checkpoints folder (or choose a new output_dir) and start the run "
+            "afresh without --resume"
+        ) from None
+    except Exception as exc:  # torch raises RuntimeError, EOFError, KeyError, ... here
+        first = str(exc).splitlines()[0].split(". ")[0] if str(exc) else ""
+        raise DamagedCheckpointError(
+            path, name, f"unreadable ({type(exc).__name__}: {first[:200]})"
+        ) from exc
+
+
+def _read_optimizer(path: Path, optimizer: torch.optim.Optimizer, step: int) -> dict[str, Any]:
+    name = "optimizer.pt"
+    saved = _torch_load_weights_only(path, name)
+    groups = saved.get("param_groups") if isinstance(saved, dict) else None
+    per_param = saved.get("state") if isinstance(saved, dict) else None
+    current = optimizer.param_groups
+    if (
+        not isinstance(groups, list)
+        or not isinstance(per_param, dict)
+        or len(groups) != len(current)
+        or any(
+            not isinstance(g, dict) or len(g.get("params", ())) != len(c["params"])
+            for g, c in zip(groups, current, strict=False)
+        )
+    ):
+        raise DamagedCheckpointError(
+            path, name, "its parameter groups do not match the model's optimiser"
+        )
+    for group, cur in zip(groups, current, strict=True):
+        for index, param in zip(group["params"], cur["params"], strict=True):
+            entry = per_param.get(index)
+            if entry is None:
+                continue
+            for key, value in entry.items():
+                if key == "step":
+                    if int(value) != step:
+                        raise DamagedCheckpointError(
+                            path,
+                            name,
+                            f"the optimiser has taken {int(value)} steps but the trainer "
+                            f"state says {step}; the files come from different steps",
+                        )
+                elif isinstance(value, torch.Tensor) and value.shape != param.shape:
+                    raise DamagedCheckpointError(
+                        path,
+                        name,
+                        f"state {key!r} has shape {tuple(value.shape)}, its "
+                        f"parameter {tuple(param.shape)}",
+                    )
+    return saved
+
+
+def _read_scheduler(path: Path, n_groups: int, step: int) -> dict[str, Any]:
+    name = "scheduler.json"
+    saved = _read_json(path, name)
+    last = saved.get("last_epoch") if isinstance(saved, dict) else None
+    if (
+        not isinstance(last, int)
+        or not isinstance(saved.get("base_lrs"), list)
+        or len(saved["base_lrs"]) != n_groups
+    ):
+        raise DamagedCheckpointError(path, name, "not a learning-rate scheduler state")
+    if last != step:
+        raise DamagedCheckpointError(
+            path,
+            name,
+            f"the schedule is at step {last} but the trainer state says {step}; the files "
+            "come from different steps",
+        )
+    return saved
+
+
+def _read_rng(path: Path, rank: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    from safetensors.torch import load_file
+
+    name = f"rng_rank{rank}.safetensors"
+    if not (path / name).is_file():
+        raise DamagedCheckpointError(path, name, "the file is missing")
+    try:
+        tensors = load_file(str(path / name))
+        torch.Generator().set_state(tensors["torch"])
+    except Exception as exc:  # safetensors' own errors, KeyError, RuntimeError
+        raise DamagedCheckpointError(path, name, f"unreadable ({exc!r})") from exc
+    name = f"rng_rank{rank}.json"
+    plain = _read_json(path, name)
+    try:
+        np_state, py_state = _parse_rng_plain(plain)
+        np.random.RandomState().set_state(np_state)  # a throwaway generator: a check only
+        random.Random().setstate(py_state)
+    except (TypeError, ValueError, KeyError, IndexError) as exc:
+        raise DamagedCheckpointError(path, name, f"not a random-number state ({exc})") from exc
+    return tensors, plain
+
+
+def read_checkpoint(
+    path: Path,
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    state: dict[str, Any] | None = None,
+) -> _LoadedCheckpoint:
+    """Read and check every file of a checkpoint without changing any state.
+
+    Raises :class:`DamagedCheckpointError` naming the first file that is missing,
+    unreadable or inconsistent with the others (its step, the model's shapes).
+    """
+    if state is None:
+        state = read_trainer_state(path)
+    step = int(state["step"])
+    weights = optim = None
+    if (path / "accelerate").is_dir():
+        if not _is_fsdp(accelerator):
+            raise CheckpointError(
+                f"{path} holds FSDP shards; resume it under the same FSDP accelerate config"
+            )
+    else:
+        weights = _read_weights(path, accelerator.unwrap_model(model))
+        optim = _read_optimizer(path, optimizer, step)
+    scheduler = _read_scheduler(path, len(optimizer.param_groups), step)
+    rng = None
+    if state.get("world_size") == accelerator.num_processes:
+        # every rank's file, so all processes agree on whether this checkpoint is intact
+        for rank in range(accelerator.num_processes):
+            read = _read_rng(path, rank)
+            if rank == accelerator.process_index:
+                rng = read
+    return _LoadedCheckpoint(path, state, weights, optim, scheduler, rng)
+
+
+def _apply_checkpoint(
+    loaded: _LoadedCheckpoint,
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+) -> None:
+    if loaded.weights is None:
+        accelerator.load_state(str(loaded.path / "accelerate"))
+    else:
+        accelerator.unwrap_model(model).load_state_dict(loaded.weights)
+        assert loaded.optimizer is not None
+        optimizer.load_state_dict(loaded.optimizer)
+    scheduler.load_state_dict(loaded.scheduler)
+    if loaded.rng is not None:
+        _set_rng_state(*loaded.rng)
+    else:
+        logger.warning("process count changed since the checkpoint: RNG states not restored")
+
+
 def load_checkpoint(
     path: Path,
     accelerator: Accelerator,
@@ -446,49 +718,27 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
 ) -> dict[str, Any]:
-    """Restore what :func:`save_checkpoint` wrote; returns the trainer state."""
-    from safetensors.torch import load_file
+    """Restore what :func:`save_checkpoint` wrote; returns the trainer state.
 
-    state_path = path / "trainer_state.json"
-    try:
-        state = json.loads(state_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(
-            f"cannot read {state_path} ({exc}); delete that checkpoint folder to resume from "
-            "the one before it"
-        ) from exc
-    if state.get("format") != STATE_FORMAT:
-        raise CheckpointError(
-            f"{path} is not a bulkfm pre-training checkpoint (format {state.get('format')!r}, "
-            f"expected {STATE_FORMAT!r})"
-        )
-    if (path / "accelerate").is_dir():
-        if not _is_fsdp(accelerator):
-            raise CheckpointError(
-                f"{path} holds FSDP shards; resume it under the same FSDP accelerate config"
-            )
-        accelerator.load_state(str(path / "accelerate"))
-    else:
-        weights = load_file(str(path / "model.safetensors"))
-        missing, unexpected = accelerator.unwrap_model(model).load_state_dict(weights, strict=False)
-        if missing or unexpected:
-            raise CheckpointError(
-                f"{path} does not fit the model: missing {missing[:5]}, unexpected "
-                f"{unexpected[:5]}; was the model config changed since the checkpoint?"
-            )
-        optimizer.load_state_dict(
-            torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
-        )
-    scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()))
-    rank = accelerator.process_index
-    rng_file = path / f"rng_rank{rank}.safetensors"
-    if state.get("world_size") == accelerator.num_processes and rng_file.exists():
-        _set_rng_state(
-            load_file(str(rng_file)), json.loads((path / f"rng_rank{rank}.json").read_text())
-        )
-    else:
-        logger.warning("process count changed since the checkpoint: RNG states not restored")
-    return state
+    Every file is read and checked first (:func:`read_checkpoint`), so a damaged
+    checkpoint raises :class:`DamagedCheckpointError` with nothing loaded.
+    """
+    loaded = read_checkpoint(path, accelerator, model, optimizer)
+    _apply_checkpoint(loaded, accelerator, model, optimizer, scheduler)
+    return loaded.state
+
+
+def _checkpoint_folders(output_dir: Path) -> list[Path]:
+    """Every ``step_N`` folder, oldest first, complete or not (resumption checks each)."""
+    root = output_dir / CHECKPOINT_DIR
+    if not root.is_dir():
+        return []
+    found = [
+        (int(match.group(1)), child)
+        for child in root.iterdir()
+        if (match := _CHECKPOINT_RE.match(child.name)) and child.is_dir()
+    ]
+    return [path for _, path in sorted(found)]
 
 
 def _normalised_config(saved: dict[str, Any]) -> dict[str, Any]:
@@ -501,6 +751,11 @@ def _normalised_config(saved: dict[str, Any]) -> dict[str, Any]:
         return saved
 
 
+def _set_value(value: Any) -> str:
+    """A config value as ``--set key=VALUE`` takes it."""
+    return value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
+
+
 def _check_resumable(saved: dict[str, Any], config: PretrainConfig, genes: list[str]) -> None:
     old = _flatten(_normalised_config(saved.get("config", {})))
     new = _flatten(config.to_dict())
@@ -509,9 +764,11 @@ def _check_resumable(saved: dict[str, Any], config: PretrainConfig, genes: list[
     )
     if changed:
         details = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:6])
+        restore = " ".join(f"--set {k}={_set_value(old.get(k))}" for k in changed[:6])
         raise CheckpointError(
             f"the config differs from the checkpoint's in what is trained ({details}); "
-            "restore those values or start a new output_dir"
+            f"restore those values ({restore}) or start a new run in another output_dir "
+            "(--set output_dir=NEW_DIR, without --resume)"
         )
     if saved.get("genes_sha256") != _genes_digest(genes):
         raise CheckpointError(
@@ -700,11 +957,54 @@ class _Run:
         self.log = RunLog(self.output_dir, enabled=self.main, tensorboard=config.tensorboard)
 
     # ------------------------------------------------------------------ pieces
-    def resume_from(self, checkpoint: Path) -> None:
-        saved = load_checkpoint(
-            checkpoint, self.accelerator, self.model, self.optimizer, self.scheduler
+    def resume(self) -> None:
+        """Continue from the newest intact checkpoint in ``output_dir``.
+
+        A checkpoint with a missing, unreadable or inconsistent file is skipped with a
+        warning that names the file, and the one before it is tried; every file is
+        checked before any state is loaded. A config that changed what is trained
+        (:func:`_check_resumable`) is an error before any weights are read.
+        """
+        root = self.output_dir / CHECKPOINT_DIR
+        candidates = _checkpoint_folders(self.output_dir)
+        if not candidates:
+            logger.warning("no checkpoint in %s: starting from scratch", self.output_dir)
+            return
+        skipped: list[str] = []
+        for path in reversed(candidates):
+            try:
+                state = read_trainer_state(path)
+                # before any weights are read: a changed model config would otherwise
+                # surface as a tensor shape mismatch
+                _check_resumable(state, self.config, self.data.genes)
+                loaded = read_checkpoint(
+                    path, self.accelerator, self.model, self.optimizer, state=state
+                )
+            except DamagedCheckpointError as exc:
+                skipped.append(str(exc))
+                logger.warning(
+                    "checkpoint %s is damaged and skipped: %s (%s); trying an older one",
+                    path.name,
+                    exc.file,
+                    exc.problem,
+                )
+                continue
+            _apply_checkpoint(loaded, self.accelerator, self.model, self.optimizer, self.scheduler)
+            self._resumed(loaded.state, path)
+            if skipped:
+                logger.warning(
+                    "resumed from %s, the newest intact checkpoint (%d skipped)",
+                    path,
+                    len(skipped),
+                )
+            return
+        raise CheckpointError(
+            f"no intact checkpoint to resume from in {root}: {'; '.join(skipped)}. Start "
+            f"afresh: delete {root} and run `bulkfm pretrain` again without --resume, or "
+            "choose a new output_dir (--set output_dir=NEW_DIR)"
         )
-        _check_resumable(saved, self.config, self.data.genes)
+
+    def _resumed(self, saved: dict[str, Any], checkpoint: Path) -> None:
         self.progress = _Progress(int(saved["step"]), int(saved["samples_seen"]))
         self.resumed_from = self.progress.step
         self.accelerator.step = 0  # checkpoints are taken at optimiser-step boundaries
@@ -885,7 +1185,7 @@ def pretrain(
     """
     if config.num_threads is not None:
         torch.set_num_threads(config.num_threads)
-    output_dir = Path(config.output_dir)
+    output_dir = check_output_dir(config.output_dir, flag="--set output_dir= / output_dir=")
     if not resume and list_checkpoints(output_dir):
         raise ConfigError(
             f"{output_dir} already holds checkpoints; pass --resume (resume=True) to continue "
@@ -894,17 +1194,14 @@ def pretrain(
     if adata is None:
         if config.data.path is None:
             raise ConfigError("data.path is not set; point it at a .h5ad file with X = TPM")
-        adata = load_adata(config.data.path)
+        adata = load_adata(config.data.path, layer=config.data.layer)
     data = prepare_pretrain_data(
         adata, config.data, seed=config.seed, n_bins=config.model.n_expressions_bins
     )
 
     run = _Run(config, data, cpu=_distributed_without_gpu())
-    checkpoint = find_latest_checkpoint(output_dir) if resume else None
-    if checkpoint is not None:
-        run.resume_from(checkpoint)
-    elif resume:
-        logger.warning("no checkpoint in %s: starting from scratch", output_dir)
+    if resume:
+        run.resume()
     run.start()
     stopped = run.train(stop_after)
 
