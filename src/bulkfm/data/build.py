@@ -113,7 +113,10 @@ class BuildConfig(ConfigMixin):
                 value = Path(value)
                 setattr(self, name, value)
                 if not value.exists():
-                    raise InputFileError(f"{name} file {value} does not exist: check the path")
+                    flag = "--" + name.replace("_", "-")
+                    raise InputFileError(
+                        f"{flag} file {value} ({name}=) does not exist: check the path"
+                    )
         if self.cohort_from_filename is not None:
             try:
                 pattern = re.compile(self.cohort_from_filename)

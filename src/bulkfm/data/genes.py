@@ -16,6 +16,7 @@ import importlib.resources
 import logging
 import os
 import re
+import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -201,7 +202,14 @@ class GeneTable:
             raise InputFileError(f"gene table {path} does not exist: check the path")
         try:
             frame = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, na_values=[""])
-        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        except (
+            pd.errors.ParserError,
+            pd.errors.EmptyDataError,
+            UnicodeDecodeError,
+            OSError,
+            EOFError,
+            zlib.error,
+        ) as exc:
             raise InputFileError(
                 f"gene table {path} is not a readable TSV ({exc}): write it tab-separated with "
                 "a header row"
@@ -849,18 +857,18 @@ def load_vocabulary(path: str | os.PathLike) -> list[str]:
     """
     path = Path(path)
     if not path.is_file():
-        raise InputFileError(f"vocabulary file {path} does not exist: check the path")
+        raise InputFileError(f"--vocabulary file {path} does not exist: check the path")
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rt", encoding="utf-8") as handle:
             lines = [line.strip() for line in handle]
-    except (OSError, UnicodeDecodeError) as exc:
+    except (OSError, EOFError, UnicodeDecodeError, zlib.error) as exc:
         raise InputFileError(
-            f"vocabulary file {path} is not readable text ({exc}): give one gene id per line"
+            f"--vocabulary file {path} is not readable text ({exc}): give one gene id per line"
         ) from exc
     ids = [line for line in lines if line]
     if not ids:
-        raise InputFileError(f"vocabulary file {path} is empty: give one gene id per line")
+        raise InputFileError(f"--vocabulary file {path} is empty: give one gene id per line")
     vocab = [str(v) for v in strip_version(ids)]
     _check_unique_vocabulary(vocab, source=str(path))
     return vocab

@@ -1375,8 +1375,19 @@ def _gdc_sample_id(file: Path) -> str:
 def _read_sample_sheet(sheet: Path, files: list[Path]) -> pd.DataFrame:
     """Sheet rows aligned with ``files`` (index = file position)."""
     if not sheet.is_file():
-        raise InputFileError(f"sample sheet {sheet} does not exist. Fix: check the path.")
-    table = pd.read_csv(sheet, sep="\t", dtype=str, keep_default_na=False)
+        raise InputFileError(f"--sample-sheet {sheet} does not exist. Fix: check the path.")
+    try:
+        table = pd.read_csv(sheet, sep="\t", dtype=str, keep_default_na=False)
+    except (
+        pd.errors.ParserError,
+        pd.errors.EmptyDataError,
+        UnicodeDecodeError,
+        *READ_ERRORS,
+    ) as err:
+        raise InputFileError(
+            f"cannot read --sample-sheet {sheet} ({err}). Fix: use the tab-separated 'Sample "
+            "Sheet' downloaded from the GDC cart."
+        ) from err
     table.columns = [c.strip() for c in table.columns]
     needed = ["File Name", "Sample ID"]
     if any(c not in table.columns for c in needed):

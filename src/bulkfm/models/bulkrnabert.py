@@ -318,8 +318,9 @@ class BulkRNABert(nn.Module):
         n = self.config.num_layers
         if not -(n + 1) <= layer <= n:
             raise ConfigError(
-                f"layer {layer} does not exist: use 0 (embeddings) to {n} (last block), or "
-                f"negative indices down to {-(n + 1)}"
+                f"layer {layer} does not exist in a model of {n} block(s): pass --layer "
+                f"(layer= in Python) from 0 (embeddings) to {n} (last block), or a negative "
+                f"index down to {-(n + 1)} (-1 = last block)"
             )
         return layer % (n + 1)
 
@@ -599,7 +600,8 @@ def check_finite(state_dict: Mapping[str, torch.Tensor], *, where: str = "") -> 
         raise CheckpointError(
             f"checkpoint{where} holds NaN or inf values in {len(bad)} tensor(s): {bad[:5]}"
             f"{' ...' if len(bad) > 5 else ''}; the weights are damaged (or come from a run "
-            "that diverged): use another checkpoint, e.g. an earlier one of the run"
+            "that diverged): re-download or re-convert them, or pass another checkpoint "
+            "directory with --model"
         )
 
 
