@@ -71,7 +71,7 @@ def embed_adata(
 
     from bulkfm.models.bulkrnabert import check_tokenizer_matches
 
-    check_int("batch_size", batch_size, 1)
+    check_int("batch_size", batch_size, 1, hint="pass --batch-size N (batch_size= in Python)")
     check_bool("exclude_missing", exclude_missing)
     check_tokenizer_matches(model.config, tokenizer)
     model._normalise_layer(layer)  # fail before any work on a layer that does not exist

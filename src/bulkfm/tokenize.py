@@ -408,8 +408,9 @@ class BinTokenizer:
             raise GeneMappingError(
                 "the AnnData genes do not cover the tokenizer's vocabulary: "
                 f"{gene_overlap_report(self.genes, var_names)}. Harmonise the data to the "
-                "model's gene list (bulkfm.data; absent genes are recorded in "
-                "layers['missing'] and become the mask token)"
+                "model's gene list: `bulkfm data build ... --vocabulary GENES.txt` with the "
+                "model's genes (absent genes are recorded in layers['missing'] and become the "
+                "mask token)"
             )
         extra = len(var_names) - self.n_genes
         if extra:

@@ -105,7 +105,8 @@ def test_nan_embedding_is_an_error(sim, small_config) -> None:
 
 
 def test_unknown_model_name_lists_known(sim, small_config) -> None:
-    with pytest.raises(ConfigError, match=r"unknown model 'scfoo'; known models: .*pca"):
+    known = r"unknown model 'scfoo'; pass known models to --models: .*pca"
+    with pytest.raises(ConfigError, match=known):
         run_benchmark(sim, "raw,scfoo", "cancer_type", small_config, progress=False)
 
 

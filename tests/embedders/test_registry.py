@@ -35,7 +35,8 @@ def test_registry_finds_a_new_model(monkeypatch) -> None:
 
 
 def test_unknown_model_lists_known_ones() -> None:
-    with pytest.raises(ConfigError, match=r"unknown model 'scfoo'; known models: .*nmf, pca"):
+    known = r"unknown model 'scfoo'; pass known models to --models: .*nmf, pca"
+    with pytest.raises(ConfigError, match=known):
         get_embedder("scfoo")
 
 

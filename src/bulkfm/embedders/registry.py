@@ -89,9 +89,9 @@ def get_embedder(name: str, **kwargs: Any) -> Embedder:
     cls = _REGISTRY.get(name) or _load_builtin(name)
     if cls is None:
         raise ConfigError(
-            f"unknown model {name!r}; known models: {', '.join(available_embedders())} "
-            "(a model of your own must be registered with @register_embedder; load its module "
-            "with --import)"
+            f"unknown model {name!r}; pass known models to --models: "
+            f"{', '.join(available_embedders())} (a model of your own must be registered with "
+            "@register_embedder; load its module with --import)"
         )
     try:
         return cls(**kwargs)

@@ -185,7 +185,7 @@ def expand_token(token: str, obs: pd.DataFrame, rules: TaskRules) -> tuple[list[
         return [TaskSpec("cancer_type")], False
     m = re.fullmatch(r"(mutation|survival)(?::([^@]+))?(?:@(.+))?", token)
     if m is None:
-        raise ConfigError(f"unknown task {token!r}; task names: {TASK_GRAMMAR}")
+        raise ConfigError(f"unknown task {token!r}; pass task names to --tasks: {TASK_GRAMMAR}")
     family, gene, cohort = m.groups()
     if family == "survival":
         if gene is not None:
