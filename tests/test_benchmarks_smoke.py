@@ -263,6 +263,17 @@ def test_attention_speed_smoke(keep_torch_threads) -> None:
     assert set(report["skipped"]) == ({"sdpa", "flex", "bulkfm"} - expected)
 
 
+def test_attention_accuracy_smoke(keep_torch_threads) -> None:
+    report = load("attention_accuracy").main(["--smoke"])
+    (row,) = report["rows"]
+    assert row["genes"] == 128
+    assert 0 < row["sdpa"] < 1e-5  # the float64 reference agrees with torch's kernel
+    if report["kernel_available"]:
+        assert 0 <= row["kernel"] < 1e-5
+    else:
+        assert row["kernel"] is None
+
+
 def test_tokenize_speed_smoke(keep_torch_threads) -> None:
     tokenize_speed = load("tokenize_speed")
     result = tokenize_speed.main(["--smoke", "--threads", "1"])

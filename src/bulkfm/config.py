@@ -115,12 +115,12 @@ def check_probability(name: str, value: Any, *, hint: str = "") -> float:
     return check_number(name, value, low=0.0, high=1.0, low_open=True, high_open=True, hint=hint)
 
 
-def check_bool(name: str, value: Any, *, optional: bool = False) -> bool | None:
+def check_bool(name: str, value: Any, *, optional: bool = False, hint: str = "") -> bool | None:
     """A real ``bool`` (or ``None`` when ``optional``); text was converted by :func:`build`."""
     if isinstance(value, bool) or (optional and value is None):
         return value
     what = "true, false or null" if optional else "true or false"
-    raise ConfigError(f"{name} must be {what}, got {value!r}")
+    raise ConfigError(f"{name} must be {what}, got {value!r}{_hint(hint)}")
 
 
 def check_nonempty_str(name: str, value: Any, *, hint: str = "") -> str:

@@ -75,13 +75,8 @@ class Embedder(abc.ABC):
     def _bool_setting(self, key: str, value: Any) -> bool:
         """A boolean model setting: a real True/False, never text (``bool("flase")`` is
         True); the error names the flag that sets it."""
-        try:
-            return bool(check_bool(f"{self.name}: {key}", value))
-        except ConfigError as exc:
-            raise ConfigError(
-                f"{exc}; pass --model-arg {self.name}:{key}=true (or false), or {key}=True "
-                "in Python"
-            ) from None
+        hint = f"pass --model-arg {self.name}:{key}=true (or false), or {key}=True in Python"
+        return bool(check_bool(f"{self.name}: {key}", value, hint=hint))
 
     def _check_fitted(self) -> None:
         if not self._fitted:

@@ -29,14 +29,20 @@ from bulkfm.tasks import TaskData
 from bulkfm.tasks.baselines import (
     BaselineConfig,
     baseline_label,
-    merge_classification,
-    merge_survival,
     run_classification_baseline,
     run_survival_baseline,
+)
+from bulkfm.tasks.classification import (
+    ClassificationResult,
+    merge_classification,
+    run_classification,
+)
+from bulkfm.tasks.survival import (
+    SurvivalResult,
+    merge_survival,
+    run_survival,
     score_survival_split,
 )
-from bulkfm.tasks.classification import ClassificationResult, run_classification
-from bulkfm.tasks.survival import SurvivalResult, run_survival
 
 if TYPE_CHECKING:
     import anndata as ad

@@ -49,7 +49,6 @@ from bulkfm.tasks.survival import (
     SurvivalResult,
     merge_survival,
     run_survival,
-    score_survival_split,
     survival_split_result,
     valid_survival_mask,
 )
@@ -62,11 +61,8 @@ __all__ = [
     "BaselineConfig",
     "PenalizedCox",
     "baseline_label",
-    "merge_classification",
-    "merge_survival",
     "run_classification_baseline",
     "run_survival_baseline",
-    "score_survival_split",
 ]
 
 CLASSIFICATION_BASELINES = ("pca_svm", "nmf_svm", "mlp")
