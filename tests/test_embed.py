@@ -18,6 +18,7 @@ from bulkfm.errors import (
     ConfigError,
     DuplicateIdError,
     ExpressionValueError,
+    GeneMappingError,
     InputFileError,
 )
 from bulkfm.models import BulkRNABert
@@ -140,13 +141,35 @@ def test_every_gene_missing_counts_all_samples_not_one_batch(model, tokenizer, a
     """The check runs on the whole input: 7 of 7, not the 2 of the first batch."""
     adata.layers["missing"] = sp.csr_matrix(np.ones(adata.shape, bool))
     with pytest.raises(ExpressionValueError, match=r"7 of 7 sample\(s\).*'S0', 'S1', 'S2'"):
+        embed_adata(model, tokenizer, adata, batch_size=2, min_gene_coverage=0.0)
+
+
+def test_coverage_below_the_minimum_stops_before_the_model_runs(model, tokenizer, adata):
+    adata.layers["missing"] = sp.csr_matrix(np.ones(adata.shape, bool))
+    with pytest.raises(GeneMappingError, match=r"measures too few.*0\.0% on average"):
         embed_adata(model, tokenizer, adata, batch_size=2)
 
 
 def test_include_missing_allows_all_missing_samples(model, tokenizer, adata):
     adata.layers["missing"] = sp.csr_matrix(np.ones(adata.shape, bool))
-    emb = embed_adata(model, tokenizer, adata, exclude_missing=False)
+    emb = embed_adata(model, tokenizer, adata, exclude_missing=False, min_gene_coverage=0.0)
     assert np.isfinite(emb).all()
+
+
+def test_absent_genes_embed_like_genes_flagged_missing(model, tokenizer, adata):
+    """Dropping model genes from the data equals keeping them flagged in layers["missing"]."""
+    flagged = adata.copy()
+    own = adata.layers.get("missing")
+    mask = np.zeros(adata.shape, bool) if own is None else np.asarray(own.todense(), bool)
+    mask[:, :5] = True
+    flagged.layers["missing"] = mask
+    lacking = adata[:, 5:].copy()
+    np.testing.assert_allclose(
+        embed_adata(model, tokenizer, lacking),
+        embed_adata(model, tokenizer, flagged),
+        rtol=0,
+        atol=1e-6,
+    )
 
 
 def test_rejects_non_boolean_missing_layer(model, tokenizer, adata):

@@ -261,13 +261,105 @@ def test_missing_mask_shape_is_expression_error(tokenizer: BinTokenizer) -> None
         tokenizer.encode(np.ones((2, 50)), np.zeros((2, 3), bool))
 
 
-def test_adata_without_vocab_genes_reports_overlap(tokenizer: BinTokenizer) -> None:
-    var = [*tokenizer.genes[:47], "ENSGX1", "ENSGX2"]
-    adata = ad.AnnData(X=np.ones((2, 49), np.float32), var=pd.DataFrame(index=var))
-    with pytest.raises(
-        GeneMappingError, match=r"47 of 50 expected genes found; missing e\.g\. \['ENSG00000000047'"
-    ):
-        tokenizer.encode_adata(adata)
+def _lacking(tokenizer: BinTokenizer, n_absent: int, *, sparse: bool = False) -> ad.AnnData:
+    """TPM for all but the last ``n_absent`` model genes, shuffled, plus two extra genes."""
+    rng = np.random.default_rng(7)
+    genes = [*tokenizer.genes[: tokenizer.n_genes - n_absent], "ENSGX1", "ENSGX2"]
+    order = rng.permutation(len(genes))
+    X = make_tpm(rng, 6, len(genes), tokenizer.normalization_factor).astype(np.float32)
+    adata = ad.AnnData(X=sp.csr_matrix(X) if sparse else X, var=pd.DataFrame(index=genes))
+    return adata[:, order].copy()
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_absent_model_genes_become_mask_tokens(tokenizer: BinTokenizer, sparse: bool) -> None:
+    adata = _lacking(tokenizer, 3, sparse=sparse)
+    adata.layers["missing"] = np.zeros(adata.shape, bool)
+    adata.layers["missing"][1, 0] = True  # a flagged gene stays missing too
+    tokens = tokenizer.encode_adata(adata)
+    # independent reference: the data layer's own alignment, which writes zero columns and
+    # flags them in layers["missing"], read through the plain column-ordered encoder
+    from bulkfm.data.genes import align_to_vocabulary
+
+    aligned = align_to_vocabulary(adata, tokenizer.genes, min_fraction=0.0)
+    expected = tokenizer.encode(
+        np.asarray(aligned.X.todense() if sp.issparse(aligned.X) else aligned.X),
+        missing=aligned.layers["missing"],
+    )
+    np.testing.assert_array_equal(tokens, expected)
+    assert (tokens[:, -3:] == tokenizer.mask_token_id).all()
+    assert (tokens[:, :-3] != tokenizer.mask_token_id).sum() == 6 * 47 - 1
+    tokenizer.check_adata(adata)  # absent genes are not an error by themselves
+
+
+def test_align_columns_marks_absent_genes(tokenizer: BinTokenizer) -> None:
+    var = [*tokenizer.genes[:47], "ENSGX1"]
+    cols = tokenizer.align_columns(var)
+    assert cols is not None
+    np.testing.assert_array_equal(cols, [*range(47), -1, -1, -1])
+    assert tokenizer.align_columns(tokenizer.genes) is None
+
+
+def test_sample_with_no_model_gene_measured_is_named(tokenizer: BinTokenizer) -> None:
+    adata = _lacking(tokenizer, 3)
+    adata.layers["missing"] = np.zeros(adata.shape, bool)
+    model_cols = [i for i, g in enumerate(adata.var_names) if g in set(tokenizer.genes)]
+    adata.layers["missing"][2, model_cols] = True
+    with pytest.raises(ExpressionValueError, match=r"1 of 6 sample\(s\) have every model gene"):
+        tokenizer.check_adata(adata)
+    tokenizer.check_adata(adata, allow_all_missing=True)
+
+
+def test_gene_coverage_matches_a_naive_count(
+    tokenizer: BinTokenizer, caplog: pytest.LogCaptureFixture
+) -> None:
+    adata = _lacking(tokenizer, 5)
+    rng = np.random.default_rng(3)
+    missing = rng.random(adata.shape) < 0.2
+    adata.layers["missing"] = missing
+    adata.obs["cohort"] = ["A", "A", "B", "B", "B", "C"]
+    adata.obs["study"] = ["TCGA"] * 5 + ["GTEx"]
+    with caplog.at_level("INFO", logger="bulkfm.tokenize"):
+        cov = tk.gene_coverage(tokenizer, adata, min_coverage=0.1)
+    model = set(tokenizer.genes)
+    in_model = np.array([g in model for g in adata.var_names])
+    naive = ((~missing) & in_model).sum(axis=1) / tokenizer.n_genes
+    assert cov.fraction_measured == pytest.approx(naive.mean())
+    assert cov.n_in_data == 45 and cov.n_absent == 5 and cov.n_data_genes_unused == 2
+    assert cov.examples_absent == tokenizer.genes[45:50]
+    by_cohort = cov.by_group["cohort"]
+    assert by_cohort["B"]["fraction_measured"] == pytest.approx(naive[2:5].mean(), abs=1e-6)
+    assert by_cohort["C"]["n_samples"] == 1
+    assert cov.by_group["study"]["GTEx"]["fraction_measured"] == pytest.approx(naive[5], abs=1e-6)
+    record = json.loads(json.dumps(cov.to_dict()))
+    assert record["n_absent"] == 5 and record["by_group"]["cohort"]["A"]["n_samples"] == 2
+    text = caplog.text
+    assert "gene coverage by cohort: A " in text and "gene coverage by study:" in text
+    assert text.count("gene coverage: the data measures") == 1
+
+
+def test_gene_coverage_below_minimum_names_the_option(tokenizer: BinTokenizer) -> None:
+    adata = _lacking(tokenizer, 30)  # 20 of 50 genes: 40%
+    with pytest.raises(GeneMappingError, match=r"40\.0% on average.*lower --min-gene-coverage"):
+        tk.gene_coverage(tokenizer, adata)
+    assert tk.gene_coverage(tokenizer, adata, min_coverage=0.4).fraction_measured == pytest.approx(0.4)
+    with pytest.raises(GeneMappingError, match=r"model\.min_gene_coverage"):
+        tk.gene_coverage(tokenizer, adata, min_coverage=0.5, option="model.min_gene_coverage")
+
+
+def test_gene_coverage_checks_each_cohort(tokenizer: BinTokenizer) -> None:
+    adata = _lacking(tokenizer, 0)
+    adata.obs["cohort"] = ["A"] * 5 + ["B"]
+    adata.layers["missing"] = np.zeros(adata.shape, bool)
+    adata.layers["missing"][5, :40] = True  # cohort B measures at most 12 of 50
+    with pytest.raises(GeneMappingError, match=r"in cohort 'B'"):
+        tk.gene_coverage(tokenizer, adata)
+
+
+def test_save_writes_a_plain_gene_list(tokenizer: BinTokenizer, tmp_path) -> None:
+    tokenizer.save(tmp_path)
+    assert (tmp_path / tk.GENES_FILE).read_text().splitlines() == tokenizer.genes
+    assert tk.read_gene_list(tmp_path / tk.GENES_FILE) == tokenizer.genes
 
 
 def test_duplicate_vocab_genes_is_duplicate_error() -> None:

@@ -29,6 +29,7 @@ from bulkfm import schema as keys
 from bulkfm.config import check_bool, check_int
 from bulkfm.errors import ConfigError, DuplicateIdError, ExpressionValueError, InputFileError
 from bulkfm.io import atomic_path, write_h5ad
+from bulkfm.tokenize import DEFAULT_MIN_GENE_COVERAGE, GeneCoverage, gene_coverage
 
 if TYPE_CHECKING:
     import anndata as ad
@@ -58,6 +59,8 @@ def embed_adata(
     exclude_missing: bool = True,
     device: str | torch.device | None = None,
     progress: bool | None = None,
+    min_gene_coverage: float = DEFAULT_MIN_GENE_COVERAGE,
+    coverage: GeneCoverage | None = None,
 ) -> np.ndarray:
     """float32 [n_obs, embed_dim] embeddings in ``adata.obs_names`` order.
 
@@ -65,6 +68,11 @@ def embed_adata(
     the paper). ``exclude_missing=False`` averages over the [MASK] positions too.
     ``device=None`` runs where the model is; a device given moves the model there.
     ``progress=None`` shows a bar only on a terminal.
+
+    The data need not hold every model gene: absent genes are fed as [MASK] like those
+    flagged in ``layers["missing"]``. Coverage is measured and logged first
+    (:func:`bulkfm.tokenize.gene_coverage`); below ``min_gene_coverage`` it is an error.
+    A caller that already measured it (to record it) passes ``coverage``.
     """
     import torch
     from tqdm.auto import tqdm
@@ -77,6 +85,8 @@ def embed_adata(
     model._normalise_layer(layer)  # fail before any work on a layer that does not exist
     if adata.n_obs == 0:
         raise ExpressionValueError("the AnnData has no samples; nothing to embed")
+    if coverage is None:
+        gene_coverage(tokenizer, adata, min_coverage=min_gene_coverage)
     # The whole input is checked before the first batch, so an error counts every bad
     # sample (not those of one batch) and names samples and genes.
     tokenizer.check_adata(adata, allow_all_missing=not exclude_missing)

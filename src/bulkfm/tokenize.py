@@ -27,10 +27,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 
 from bulkfm import schema as keys
-from bulkfm.config import check_int
+from bulkfm.config import check_int, check_number
 from bulkfm.errors import ConfigError, DuplicateIdError, ExpressionValueError, GeneMappingError
 from bulkfm.io import write_text
 
@@ -40,6 +41,13 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 TOKENIZER_FILE = "tokenizer.json"
+#: The checkpoint's genes in model order, one id a line: written beside tokenizer.json so
+#: a user (or another tool) can read the list without parsing JSON.
+GENES_FILE = "genes.txt"
+#: Smallest mean fraction of a checkpoint's genes the data must measure (overall and in
+#: every cohort and study) before a model runs on it; below it the model would mostly read
+#: [MASK]. Every command exposes it (``--min-gene-coverage``, ``min_gene_coverage=``).
+DEFAULT_MIN_GENE_COVERAGE = 0.5
 TOKENIZER_FORMAT = "bulkfm.bin_tokenizer/1"
 # Elements per chunk: small enough for the float64 working copies to stay in cache,
 # which makes tokenising several times faster than whole-matrix passes.
@@ -211,12 +219,37 @@ def missing_layer(adata: ad.AnnData) -> np.ndarray | sp.csr_matrix | None:
 
 
 def _dense_rows(matrix: Any, start: int, stop: int, cols: np.ndarray | None) -> np.ndarray:
+    """Rows ``start:stop`` as a dense block, columns ``cols`` (-1: an absent column, 0)."""
     block = matrix[start:stop]
-    if cols is not None:
-        block = block[:, cols]
-    if sp.issparse(block):
-        block = block.toarray()
-    return np.asarray(block)
+    if cols is None:
+        return _dense(block)
+    absent = cols < 0
+    if not absent.any():
+        return _dense(block[:, cols])
+    present = _dense(block[:, cols[~absent]])
+    out = np.zeros((present.shape[0], len(cols)), dtype=present.dtype)
+    out[:, ~absent] = present
+    return out
+
+
+def _dense(block: Any) -> np.ndarray:
+    return np.asarray(block.toarray() if sp.issparse(block) else block)
+
+
+def _missing_rows(
+    missing: Any, start: int, stop: int, cols: np.ndarray | None
+) -> np.ndarray | None:
+    """Which entries of rows ``start:stop`` are not measured: flagged in the missing layer,
+    or a model gene the data has no column for (``cols`` -1). None: every entry measured."""
+    absent = None if cols is None else cols < 0
+    if missing is None:
+        if absent is None or not absent.any():
+            return None
+        return np.broadcast_to(absent, (stop - start, len(absent))).copy()
+    flagged = _dense_rows(missing, start, stop, cols).astype(bool)
+    if absent is not None:
+        flagged |= absent
+    return flagged
 
 
 def _validate_chunk(
@@ -364,10 +397,11 @@ class BinTokenizer:
     def check_adata(self, adata: ad.AnnData, *, allow_all_missing: bool = False) -> None:
         """Check a whole AnnData before a model reads it, naming samples and genes.
 
-        The model's genes must be present; ``layers["missing"]`` must be boolean; values
-        not marked missing must be finite and >= 0 (NaN is refused, not taken as
-        missing: mark it in the layer); and, unless ``allow_all_missing``, no sample
-        may have every model gene missing (nothing of it would be read).
+        ``layers["missing"]`` must be boolean; values not marked missing must be finite
+        and >= 0 (NaN is refused, not taken as missing: mark it in the layer); and, unless
+        ``allow_all_missing``, no sample may have every model gene missing (nothing of it
+        would be read). Model genes the data has no column for count as missing; how many
+        there may be is :func:`gene_coverage`'s question.
         """
         cols = self.align_columns(list(map(str, adata.var_names)))
         missing = missing_layer(adata)
@@ -376,8 +410,8 @@ class BinTokenizer:
         n_missing = np.zeros(adata.n_obs, dtype=np.int64)
         for start, stop in _row_chunks((adata.n_obs, self.n_genes)):
             values = _dense_rows(adata.X, start, stop, cols).astype(np.float64, copy=True)
-            if missing is not None:
-                is_missing = _dense_rows(missing, start, stop, cols).astype(bool)
+            is_missing = _missing_rows(missing, start, stop, cols)
+            if is_missing is not None:
                 values[is_missing] = 0.0
                 n_missing[start:stop] = is_missing.sum(axis=1)
             _validate_chunk(values, start, ids, genes)
@@ -385,37 +419,33 @@ class BinTokenizer:
         if empty.size and not allow_all_missing:
             raise ExpressionValueError(
                 f"{empty.size} of {adata.n_obs} sample(s) have every model gene missing (all "
-                f"{self.n_genes} marked in layers[{keys.MISSING!r}]; e.g. "
+                f"{self.n_genes} absent or marked in layers[{keys.MISSING!r}]; e.g. "
                 f"{[ids[i] for i in empty[:5]]}), so the model would read nothing of them; "
-                "drop those samples, or check that their gene ids map to the model's "
-                "vocabulary (re-build the .h5ad with `bulkfm data build --vocabulary "
-                "GENES.txt`, and --id-type if the ids are not Ensembl)"
+                "drop those samples, or check that their gene ids are the model's (Ensembl "
+                "ids without version: re-build the .h5ad with `bulkfm data build`, with "
+                "--id-type if the ids are not Ensembl)"
             )
 
     def align_columns(self, var_names: Sequence[str]) -> np.ndarray | None:
-        """Column indices putting ``var_names`` in tokenizer order (None: already aligned)."""
+        """Column of ``var_names`` for each tokenizer gene, in tokenizer order.
+
+        None: the data is already in tokenizer order. Otherwise an int64 array of length
+        ``n_genes`` holding -1 for model genes the data has no column for; every reader
+        here feeds those as [MASK], like genes flagged in ``layers["missing"]``.
+        Columns outside the vocabulary are not read.
+        """
         var_names = list(var_names)
         if var_names == self.genes:
             return None
-        position = {g: i for i, g in enumerate(var_names)}
-        if len(position) != len(var_names):
+        index = pd.Index(var_names)
+        if not index.is_unique:
             raise DuplicateIdError(
-                "the AnnData has duplicate var_names; make gene ids unique "
-                "(bulkfm.data harmonises duplicates) before tokenising"
+                "the AnnData has duplicate var_names (e.g. "
+                f"{index[index.duplicated()].unique()[:5].tolist()}); make gene ids unique "
+                "(`bulkfm data build` merges duplicates) before tokenising"
             )
-        absent = [g for g in self.genes if g not in position]
-        if absent:
-            raise GeneMappingError(
-                "the AnnData genes do not cover the tokenizer's vocabulary: "
-                f"{gene_overlap_report(self.genes, var_names)}. Harmonise the data to the "
-                "model's gene list: `bulkfm data build ... --vocabulary GENES.txt` with the "
-                "model's genes (absent genes are recorded in layers['missing'] and become the "
-                "mask token)"
-            )
-        extra = len(var_names) - self.n_genes
-        if extra:
-            logger.info("ignoring %d AnnData genes outside the tokenizer vocabulary", extra)
-        return np.fromiter((position[g] for g in self.genes), dtype=np.int64, count=self.n_genes)
+        cols = index.get_indexer(pd.Index(self.genes))
+        return cols.astype(np.int64, copy=False)
 
     def _encode_aligned(
         self, X: Any, cols: np.ndarray | None, missing: Any, missing_cols: np.ndarray | None
@@ -424,9 +454,8 @@ class BinTokenizer:
         out = np.empty((n_rows, self.n_genes), dtype=np.int64)
         for start, stop in _row_chunks((n_rows, self.n_genes)):
             values = _dense_rows(X, start, stop, cols).astype(np.float64, copy=True)
-            is_missing = None
-            if missing is not None:
-                is_missing = _dense_rows(missing, start, stop, missing_cols).astype(bool)
+            is_missing = _missing_rows(missing, start, stop, missing_cols)
+            if is_missing is not None:
                 values[is_missing] = 0.0
             _validate_chunk(values, start)
             out[start:stop] = self._tokens_of(values)
@@ -504,8 +533,10 @@ class BinTokenizer:
 
     # ------------------------------------------------------------------ persistence
     def save(self, directory: str | os.PathLike) -> Path:
+        """tokenizer.json, and genes.txt (the genes in model order, one a line)."""
         path = Path(directory) / TOKENIZER_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
+        write_text("".join(f"{g}\n" for g in self.genes), path.parent / GENES_FILE)
         return write_text(json.dumps(self.config.to_dict(), indent=1) + "\n", path)
 
     @classmethod
@@ -524,6 +555,156 @@ class BinTokenizer:
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{path} is not valid JSON ({exc}); re-save the tokenizer") from exc
         return cls(TokenizerConfig.from_dict(data))
+
+
+# --------------------------------------------------------------------------- coverage
+#: obs columns coverage is broken down by: a cohort or a source may lack genes the rest has.
+COVERAGE_GROUPS: tuple[str, ...] = (keys.COHORT, keys.STUDY)
+
+
+@dataclass(frozen=True)
+class GeneCoverage:
+    """How much of a checkpoint's gene list the data measures.
+
+    A model gene is measured in a sample when the data has a column for it and
+    ``layers["missing"]`` does not flag it; unmeasured genes are fed as [MASK] and left
+    out of pooling. ``fraction_measured`` is the mean over samples; ``by_group`` gives it
+    per cohort and per study (source), since one source lacking genes is the usual cause.
+    """
+
+    n_model_genes: int
+    n_in_data: int
+    n_data_genes_unused: int
+    n_samples: int
+    fraction_measured: float
+    min_coverage: float
+    examples_absent: list[str]
+    by_group: dict[str, dict[str, dict[str, float | int]]]
+
+    @property
+    def n_absent(self) -> int:
+        return self.n_model_genes - self.n_in_data
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able record for run.json, results.json and ``uns``."""
+        return {
+            "n_model_genes": self.n_model_genes,
+            "n_in_data": self.n_in_data,
+            "n_absent": self.n_absent,
+            "n_data_genes_unused": self.n_data_genes_unused,
+            "n_samples": self.n_samples,
+            "fraction_measured": round(self.fraction_measured, 6),
+            "min_coverage": self.min_coverage,
+            "examples_absent": list(self.examples_absent),
+            "by_group": {
+                column: {name: dict(entry) for name, entry in groups.items()}
+                for column, groups in self.by_group.items()
+            },
+            "rule": "absent or flagged-missing model genes are fed as [MASK] and left out "
+            "of pooling",
+        }
+
+    def lines(self) -> list[str]:
+        """Human-readable summary: one line overall, one per cohort and per study."""
+        head = (
+            f"gene coverage: the data measures {self.fraction_measured:.1%} of the model's "
+            f"{self.n_model_genes} genes on average ({self.n_in_data} are data columns"
+        )
+        if self.n_absent:
+            head += f"; {self.n_absent} absent ones become [MASK], e.g. {self.examples_absent}"
+        head += f"); {self.n_data_genes_unused} data genes are not model genes and are not read"
+        out = [head]
+        for column, groups in self.by_group.items():
+            parts = [
+                f"{name} {entry['fraction_measured']:.1%} (n={entry['n_samples']})"
+                for name, entry in groups.items()
+            ]
+            out.append(f"gene coverage by {column}: " + ", ".join(parts))
+        return out
+
+
+def gene_coverage(
+    tokenizer: BinTokenizer,
+    adata: ad.AnnData,
+    *,
+    min_coverage: float = DEFAULT_MIN_GENE_COVERAGE,
+    option: str = "--min-gene-coverage",
+    log: bool = True,
+) -> GeneCoverage:
+    """Measure (and log once) how much of ``tokenizer.genes`` ``adata`` measures.
+
+    Raises :class:`GeneMappingError`, naming ``option`` (the flag or config key the
+    caller exposes), when the mean fraction measured is below ``min_coverage`` overall or
+    in any cohort or study: the model would mostly read [MASK] there.
+    """
+
+    check_number(option, min_coverage, low=0.0, high=1.0)
+    cols = tokenizer.align_columns(list(map(str, adata.var_names)))
+    present = np.ones(tokenizer.n_genes, dtype=bool) if cols is None else cols >= 0
+    n_in_data = int(present.sum())
+    missing = missing_layer(adata)
+    measured = np.full(adata.n_obs, n_in_data, dtype=np.int64)
+    if missing is not None and n_in_data:
+        present_cols = np.arange(tokenizer.n_genes) if cols is None else cols[present]
+        for start, stop in _row_chunks((adata.n_obs, n_in_data)):
+            flagged = _dense_rows(missing, start, stop, present_cols).astype(bool)
+            measured[start:stop] -= flagged.sum(axis=1)
+    fraction = measured / tokenizer.n_genes
+    by_group: dict[str, dict[str, dict[str, float | int]]] = {}
+    for column in COVERAGE_GROUPS:
+        if column not in adata.obs:
+            continue
+        labels = adata.obs[column].astype(object).where(adata.obs[column].notna(), "NA")
+        frame = pd.DataFrame({"group": labels.astype(str).to_numpy(), "f": fraction})
+        stats = frame.groupby("group", sort=True)["f"].agg(["mean", "size"])
+        by_group[column] = {
+            str(name): {
+                "fraction_measured": round(float(row["mean"]), 6),
+                "n_samples": int(row["size"]),
+            }
+            for name, row in stats.iterrows()
+        }
+    coverage = GeneCoverage(
+        n_model_genes=tokenizer.n_genes,
+        n_in_data=n_in_data,
+        n_data_genes_unused=int(adata.n_vars - n_in_data),
+        n_samples=int(adata.n_obs),
+        fraction_measured=float(fraction.mean()) if adata.n_obs else 0.0,
+        min_coverage=float(min_coverage),
+        examples_absent=[g for g, p in zip(tokenizer.genes, present, strict=True) if not p][:5],
+        by_group=by_group,
+    )
+    if log:
+        for line in coverage.lines():
+            logger.info("%s", line)
+    _check_coverage(coverage, option)
+    return coverage
+
+
+def _check_coverage(coverage: GeneCoverage, option: str) -> None:
+    floor = coverage.min_coverage - 1e-9  # a mean of exact fractions may round below them
+    low = [] if coverage.fraction_measured >= floor else ["overall"]
+    low += [
+        f"{column} {name!r}"
+        for column, groups in coverage.by_group.items()
+        for name, entry in groups.items()
+        if float(entry["fraction_measured"]) < coverage.min_coverage
+    ]
+    if not low:
+        return
+    worst = min(
+        [coverage.fraction_measured]
+        + [float(e["fraction_measured"]) for g in coverage.by_group.values() for e in g.values()]
+    )
+    raise GeneMappingError(
+        f"the data measures too few of the model's {coverage.n_model_genes} genes: "
+        f"{coverage.fraction_measured:.1%} on average ({coverage.n_in_data} are data columns; "
+        f"absent e.g. {coverage.examples_absent}), below the minimum "
+        f"{coverage.min_coverage:.0%} in {', '.join(low[:6])} (lowest {worst:.1%}). "
+        "Check that the gene ids are Ensembl ids without version (`bulkfm data build` "
+        f"harmonises them; --id-type if they are symbols or Entrez ids), or lower {option} "
+        "to run the model on what is measured"
+    )
 
 
 def read_gene_list(path: str | os.PathLike) -> list[str]:

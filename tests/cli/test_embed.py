@@ -48,5 +48,27 @@ def test_cli_embed_counts_every_all_missing_sample(adata, checkpoint, tmp_path, 
     argv = ["embed", "--model", str(checkpoint), "--input", str(source), "--output", str(output)]
     assert cli_main([*argv, "--batch-size", "2"]) == 1
     err = capsys.readouterr().err
+    assert "measures too few" in err and "lower --min-gene-coverage" in err
+    assert cli_main([*argv, "--batch-size", "2", "--min-gene-coverage", "0"]) == 1
+    err = capsys.readouterr().err
     assert "7 of 7 sample(s) have every model gene missing" in err and "Traceback" not in err
     assert not output.exists()
+
+
+def test_cli_embed_records_coverage_of_data_lacking_model_genes(
+    adata, checkpoint, tmp_path, caplog
+):
+    source = write_h5ad(adata[:, 3:].copy(), tmp_path / "lacking.h5ad")
+    output = tmp_path / "e.h5ad"
+    argv = ["embed", "--model", str(checkpoint), "--input", str(source), "--output", str(output)]
+    with caplog.at_level("INFO"):
+        assert cli_main(argv) == 0
+    out = ad.read_h5ad(output)
+    record = out.uns["bulkfm"]["embeddings"]["X_bulkrnabert"]["gene_coverage"]
+    n_genes = adata.n_vars
+    assert record["n_absent"] == 3 and record["n_in_data"] == n_genes - 3
+    own = adata.layers.get("missing")
+    flagged = 0 if own is None else np.asarray(own[:, 3:].sum(axis=1)).ravel()
+    measured = (n_genes - 3 - flagged) / n_genes
+    assert record["fraction_measured"] == pytest.approx(np.mean(measured))
+    assert "gene coverage: the data measures" in caplog.text

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 from bulkfm.config import load
 from bulkfm.errors import ConfigError
+from bulkfm.tokenize import DEFAULT_MIN_GENE_COVERAGE
 
 T = TypeVar("T")
 
@@ -120,6 +121,15 @@ def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
         help="max log10(1+TPM) of the training data (official-format checkpoints)",
     )
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    parser.add_argument(
+        "--min-gene-coverage",
+        type=float,
+        default=DEFAULT_MIN_GENE_COVERAGE,
+        metavar="FRACTION",
+        help="smallest mean fraction of the checkpoint's genes the data must measure, overall "
+        "and in each cohort and study (default %(default)s); the model's genes the data "
+        "lacks are fed as [MASK] and left out of pooling",
+    )
 
 
 def load_checkpoint_and_input(args: argparse.Namespace) -> tuple[Any, Any, Any]:

@@ -12,6 +12,7 @@ from pathlib import Path
 from bulkfm.cli.common import add_checkpoint_arguments, load_checkpoint_and_input
 from bulkfm.embed import DEFAULT_KEY, OUTPUT_SUFFIXES, embed_adata, write_embeddings
 from bulkfm.io import check_output_file
+from bulkfm.tokenize import gene_coverage
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -19,8 +20,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "embed",
         help="BulkRNABert sample embeddings (mean over genes of one layer)",
         description=(
-            "Embed every sample of an .h5ad (X = TPM) with a BulkRNABert checkpoint. Genes "
-            "recorded missing are fed as [MASK] and left out of the mean. The output is the "
+            "Embed every sample of an .h5ad (X = TPM) with a BulkRNABert checkpoint. The data "
+            "is aligned to the checkpoint's genes (its genes.txt) by Ensembl id: model genes "
+            "the data lacks, and genes recorded missing, are fed as [MASK] and left out of "
+            "the mean; coverage is printed per cohort and study and stored with the output. "
+            "The output is the "
             "input .h5ad with obsm[KEY], a .parquet table (sample_id x emb_i) or a .npy "
             "matrix with a .ids.txt file of sample ids."
         ),
@@ -44,6 +48,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> int:
     check_output_file(args.output, flag="--output", suffixes=OUTPUT_SUFFIXES)
     model, tokenizer, adata = load_checkpoint_and_input(args)
+    coverage = gene_coverage(tokenizer, adata, min_coverage=args.min_gene_coverage)
     emb = embed_adata(
         model,
         tokenizer,
@@ -51,12 +56,14 @@ def _run(args: argparse.Namespace) -> int:
         layer=args.layer,
         batch_size=args.batch_size,
         exclude_missing=not args.include_missing,
+        coverage=coverage,
     )
     metadata = {
         "model": str(args.model),
         "layer": args.layer,
         "exclude_missing": not args.include_missing,
         "pooling": "mean over genes",
+        "gene_coverage": coverage.to_dict(),
     }
     write_embeddings(emb, adata, args.output, key=args.key, metadata=metadata)
     print(f"embedded {emb.shape[0]} samples -> {emb.shape[1]} dims -> {args.output}")

@@ -17,11 +17,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from bulkfm.config import check_int
+from bulkfm.config import check_int, check_number
 from bulkfm.embedders.base import Embedder
 from bulkfm.embedders.registry import register_embedder
 from bulkfm.errors import CheckpointError, ConfigError
 from bulkfm.fingerprint import path_digest, stable_hash
+from bulkfm.tokenize import DEFAULT_MIN_GENE_COVERAGE
 
 if TYPE_CHECKING:
     import anndata as ad
@@ -46,6 +47,7 @@ class BulkRNABertEmbedder(Embedder):
         layer: int = -1,
         batch_size: int = 8,
         exclude_missing: bool = True,
+        min_gene_coverage: float = DEFAULT_MIN_GENE_COVERAGE,
         device: str = "cpu",
         label: str | None = None,
     ) -> None:
@@ -67,7 +69,11 @@ class BulkRNABertEmbedder(Embedder):
         self.layer = layer
         self.batch_size = check_int("batch_size", batch_size, 1)
         self.exclude_missing = self._bool_setting("exclude_missing", exclude_missing)
+        self.min_gene_coverage = check_number(
+            "min_gene_coverage", min_gene_coverage, low=0.0, high=1.0
+        )
         self.device = str(device)
+        self.coverage_: dict[str, Any] | None = None
         self._digest: str | None = None
 
     def config(self) -> dict[str, Any]:
@@ -90,11 +96,15 @@ class BulkRNABertEmbedder(Embedder):
         }
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "model_dir": str(self.model_dir)}
+        out = {**super().describe(), "model_dir": str(self.model_dir)}
+        if self.coverage_ is not None:
+            out["coverage"] = self.coverage_
+        return out
 
     def transform(self, adata: ad.AnnData) -> np.ndarray:
         from bulkfm.embed import embed_adata
         from bulkfm.models.bulkrnabert import load_pretrained
+        from bulkfm.tokenize import gene_coverage
 
         model, tokenizer = load_pretrained(
             self.model_dir,
@@ -102,6 +112,14 @@ class BulkRNABertEmbedder(Embedder):
             normalization_factor=self.normalization_factor,
             device=self.device,
         )
+        coverage = gene_coverage(
+            tokenizer,
+            adata,
+            min_coverage=self.min_gene_coverage,
+            option=f"the {self.label} model's min_gene_coverage (--model-arg "
+            f"{self.label}:min_gene_coverage=FRACTION)",
+        )
+        self.coverage_ = coverage.to_dict()
         emb = embed_adata(
             model,
             tokenizer,
@@ -110,5 +128,6 @@ class BulkRNABertEmbedder(Embedder):
             batch_size=self.batch_size,
             exclude_missing=self.exclude_missing,
             device=self.device,
+            coverage=coverage,
         )
         return np.asarray(emb)
