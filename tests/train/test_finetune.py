@@ -11,7 +11,13 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from bulkfm.errors import CheckpointError, ClinicalMatchError, ConfigError, SplitError
+from bulkfm.errors import (
+    CheckpointError,
+    ClinicalMatchError,
+    ConfigError,
+    GeneMappingError,
+    SplitError,
+)
 from bulkfm.metrics import concordance_index
 from bulkfm.models import BulkRNABert
 from bulkfm.models.ia3 import get_adapter_params
@@ -483,3 +489,30 @@ def test_wrong_task_prediction_is_an_error(ia3_run, adata) -> None:
     _, _, ft = ia3_run
     with pytest.raises(ConfigError, match="predict_risk needs a survival model"):
         ft.predict_risk(adata)
+
+
+def test_data_lacking_model_genes_fine_tunes_as_if_they_were_flagged(adata, tokenizer) -> None:
+    """Absent genes are [MASK]: the same run as with those genes present but flagged."""
+    lacking = adata[:, 4:].copy()
+    flagged = adata.copy()
+    mask = np.zeros(adata.shape, bool)
+    mask[:, :4] = True
+    flagged.layers["missing"] = sp.csr_matrix(mask)
+    kw = dict(FAST, epochs=2, mode="frozen")
+    a = finetune(make_model(), tokenizer, lacking, "label", FinetuneConfig(**kw))
+    b = finetune(make_model(), tokenizer, flagged, "label", FinetuneConfig(**kw))
+    np.testing.assert_allclose(a.predict_proba(lacking), b.predict_proba(flagged), atol=1e-5)
+    assert a.coverage_ is not None and a.coverage_["n_absent"] == 4
+    assert a.coverage_["fraction_measured"] == pytest.approx(28 / 32)
+
+
+def test_coverage_below_the_minimum_names_the_key(adata, tokenizer, tmp_path) -> None:
+    lacking = adata[:, 20:].copy()  # 12 of 32 genes
+    with pytest.raises(GeneMappingError, match=r"37\.5% on average.*lower min_gene_coverage"):
+        finetune(make_model(), tokenizer, lacking, "label", FinetuneConfig(**FAST))
+    kw = dict(FAST, epochs=1, mode="frozen", min_gene_coverage=0.3)
+    tuned = finetune(make_model(), tokenizer, lacking, "label", FinetuneConfig(**kw))
+    loaded = FinetunedModel.load(tuned.save(tmp_path / "ft"))
+    assert loaded.coverage_ == tuned.coverage_ and loaded.coverage_["n_absent"] == 20
+    with pytest.raises(GeneMappingError, match=r"min_gene_coverage"):
+        loaded.predict(adata[:, 28:].copy())  # 4 of 32: below the saved minimum

@@ -55,6 +55,7 @@ from bulkfm.errors import CheckpointError, ClinicalMatchError, ConfigError, Spli
 from bulkfm.io import atomic_path, write_text
 from bulkfm.models.bulkrnabert import BulkRNABert, BulkRNABertConfig, check_tokenizer_matches
 from bulkfm.models.ia3 import apply_ia3, count_parameters, get_adapter_params
+from bulkfm.tokenize import DEFAULT_MIN_GENE_COVERAGE, GeneCoverage, gene_coverage
 
 if TYPE_CHECKING:
     import anndata as ad
@@ -88,6 +89,9 @@ class FinetuneConfig(ConfigMixin):
     (classification 256, 128; survival 512, 256). ``patience=None`` trains all epochs
     without a validation set (unless ``adata_val`` is given, whose loss is then only
     recorded). ``layer`` indexes [embeddings, block 1, ..., block L] like ``embed``.
+    ``min_gene_coverage``: the data may lack some of the model's genes (they are fed as
+    [MASK]); below this mean fraction measured it is an error
+    (:func:`bulkfm.tokenize.gene_coverage`).
     """
 
     task: str = "classification"
@@ -105,6 +109,7 @@ class FinetuneConfig(ConfigMixin):
     layer: int = -1
     ties: Literal["efron", "breslow"] = "efron"
     max_grad_norm: float | None = 1.0
+    min_gene_coverage: float = DEFAULT_MIN_GENE_COVERAGE
     device: str = "cpu"
     progress: bool | None = None
 
@@ -134,6 +139,13 @@ class FinetuneConfig(ConfigMixin):
         check_number("dropout", self.dropout, low=0.0, high=1.0, high_open=True)
         check_int("seed", self.seed, 0)
         check_int("layer", self.layer, hint="-1 = last block")
+        check_number(
+            "min_gene_coverage",
+            self.min_gene_coverage,
+            low=0.0,
+            high=1.0,
+            hint="the smallest mean fraction of the model's genes the data must measure",
+        )
         if self.max_grad_norm is not None:
             check_number(
                 "max_grad_norm",
@@ -411,6 +423,7 @@ class FinetunedModel:
         history: list[dict[str, Any]] | None = None,
         best_epoch: int | None = None,
         param_counts: dict[str, int | float] | None = None,
+        coverage: dict[str, Any] | None = None,
     ) -> None:
         self.network = network.eval()
         self.tokenizer = tokenizer
@@ -419,6 +432,8 @@ class FinetunedModel:
         self.history = list(history or [])
         self.best_epoch = best_epoch
         self.param_counts = dict(param_counts or _param_report(network))
+        #: gene coverage of the training data (:meth:`GeneCoverage.to_dict`), when known
+        self.coverage_ = coverage
 
     @property
     def task(self) -> str:
@@ -439,6 +454,7 @@ class FinetunedModel:
     @torch.inference_mode()
     def _outputs(self, adata: ad.AnnData, fn: Callable[[torch.Tensor], torch.Tensor]) -> np.ndarray:
         self.network.eval()
+        _coverage(self.tokenizer, adata, self.config, log=False)
         tokens = _tokens(self.tokenizer, adata)
         device = self.device
         out = _run_batches(
@@ -489,6 +505,7 @@ class FinetunedModel:
             "history": self.history,
             "best_epoch": self.best_epoch,
             "param_counts": self.param_counts,
+            "gene_coverage": self.coverage_,
         }
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.network.state_dict().items()}
         with atomic_path(directory / WEIGHTS_FILE) as tmp:
@@ -541,6 +558,7 @@ class FinetunedModel:
             history=meta.get("history"),
             best_epoch=meta.get("best_epoch"),
             param_counts=meta.get("param_counts"),
+            coverage=meta.get("gene_coverage"),
         )
 
 
@@ -596,6 +614,7 @@ def finetune(
     check_tokenizer_matches(model.config, tokenizer)
     depth = _layer_depth(model.config, config.layer)
     targets, classes = _targets(config.task, adata_train, y_or_survival, None)
+    coverage = _coverage(tokenizer, adata_train, config, log=True)
     tokens = _tokens(tokenizer, adata_train)
     val_tokens, val_targets = None, None
     if adata_val is not None:
@@ -606,6 +625,7 @@ def finetune(
             )
         val_y = y_val if y_val is not None else y_or_survival
         val_targets, _ = _targets(config.task, adata_val, val_y, classes)
+        _coverage(tokenizer, adata_val, config, log=False)
         val_tokens = _tokens(tokenizer, adata_val)
     elif config.patience is not None:
         train_idx, val_idx = _validation_split(adata_train, targets, config)
@@ -639,6 +659,21 @@ def finetune(
         history=history,
         best_epoch=best_epoch,
         param_counts=counts,
+        coverage=coverage.to_dict(),
+    )
+
+
+def _coverage(
+    tokenizer: BinTokenizer, adata: ad.AnnData, config: FinetuneConfig, *, log: bool
+) -> GeneCoverage:
+    """The data's coverage of the model's genes, checked against ``min_gene_coverage``."""
+    return gene_coverage(
+        tokenizer,
+        adata,
+        min_coverage=config.min_gene_coverage,
+        option="min_gene_coverage (FinetuneConfig; heads.finetune.min_gene_coverage in an "
+        "evaluate config)",
+        log=log,
     )
 
 
