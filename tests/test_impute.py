@@ -6,9 +6,17 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 import torch
+from scipy.stats import pearsonr
+from sklearn.metrics import mean_absolute_error, mean_squared_error
 
-from bulkfm.errors import CheckpointError, ConfigError, ExpressionValueError
-from bulkfm.impute import impute_missing
+from bulkfm.errors import CheckpointError, ConfigError, ExpressionValueError, GeneMappingError
+from bulkfm.impute import (
+    choose_hidden_genes,
+    eligible_genes,
+    impute_missing,
+    recovery_lines,
+    recovery_scores,
+)
 from bulkfm.models import BulkRNABert
 from bulkfm.tokenize import BinTokenizer, TokenizerConfig
 from tests.conftest import tiny_config
@@ -112,9 +120,12 @@ def test_only_missing_entries_change_and_are_reported(trained: dict) -> None:
     report = result.uns["bulkfm"]["imputation"]
     assert report["n_values"] == missing.sum() == 15
     assert report["samples"] == ["S1", "S2", "S3", "S4", "S5"]
-    assert report["genes_per_sample"][0].split(";") == [
-        GENES[j] for j in np.flatnonzero(missing[1])
-    ]
+    assert report["n_genes_per_sample"] == [3, 3, 3, 3, 3]
+    hit = np.flatnonzero(missing.any(axis=0))
+    assert report["genes"] == [GENES[j] for j in hit]
+    assert report["n_samples_per_gene"] == missing.sum(axis=0)[hit].tolist()
+    assert report["absent_genes_added"] == []
+    assert report["gene_coverage"]["n_absent"] == 0
     assert "imputation" not in adata.uns.get("bulkfm", {})  # input untouched
 
 
@@ -206,3 +217,212 @@ def test_nan_marked_missing_is_imputed(trained: dict) -> None:
     result = impute_missing(trained["model"], trained["tokenizer"], adata)
     assert np.isfinite(result.X).all()
     assert result.layers["imputed"].nnz == 6
+
+
+# --------------------------------------------------------------------------- absent genes
+ABSENT = [3, 11, 20, 27, 30]  # ~15% of the model's 32 genes: the data has no column for them
+
+
+def lacking_and_flagged(trained: dict, n: int = 6) -> tuple[ad.AnnData, ad.AnnData]:
+    """The same samples two ways: model genes ABSENT dropped from the data, or kept as
+    columns holding junk that layers['missing'] flags in every sample."""
+    flagged = with_hidden_genes(trained["test_log"][:n], n_hidden=2, seed=21)
+    missing = flagged.layers["missing"].toarray()
+    missing[:, ABSENT] = True
+    flagged.X[:, ABSENT] = 123.0  # never read: flagged
+    flagged.layers["missing"] = sp.csr_matrix(missing)
+    flagged.var["symbol"] = [f"G{i}" for i in range(N_GENES)]
+    flagged.var["highly_variable"] = np.arange(N_GENES) % 2 == 0
+    flagged.var["n_cells"] = np.arange(N_GENES, dtype=np.int64)
+    flagged.layers["counts"] = np.arange(n * N_GENES, dtype=np.int32).reshape(n, N_GENES)
+    flagged.layers["log"] = np.log1p(flagged.X)
+    keep = [j for j in range(N_GENES) if j not in ABSENT]
+    lacking = flagged[:, keep].copy()
+    return lacking, flagged
+
+
+def test_absent_model_genes_are_appended_and_imputed_like_flagged_ones(
+    trained: dict, tmp_path
+) -> None:
+    model, tok = trained["model"], trained["tokenizer"]
+    lacking, flagged = lacking_and_flagged(trained)
+    result = impute_missing(model, tok, lacking, batch_size=4)
+    reference = impute_missing(model, tok, flagged, batch_size=4)  # the independent route
+
+    absent = [GENES[j] for j in ABSENT]
+    assert list(result.var_names) == list(lacking.var_names) + absent
+    order = reference.var_names.get_indexer(result.var_names)
+    np.testing.assert_allclose(result.X, reference.X[:, order], rtol=1e-5)
+    np.testing.assert_array_equal(
+        result.layers["imputed"].toarray(), reference.layers["imputed"].toarray()[:, order]
+    )
+    np.testing.assert_array_equal(
+        result.layers["missing"].toarray(), reference.layers["missing"].toarray()[:, order]
+    )
+    assert result.var["absent_from_input"].tolist() == [False] * 27 + [True] * 5
+    # every other layer and var column is padded with "unknown", in a dtype h5ad writes
+    assert np.isnan(result.layers["log"][:, -5:]).all()
+    assert (result.layers["counts"][:, -5:] == 0).all()
+    assert result.layers["counts"].dtype == np.int32
+    assert result.var["symbol"].iloc[-5:].isna().all()
+    assert result.var["highly_variable"].iloc[-5:].isna().all()
+    assert result.var["highly_variable"].iloc[:2].tolist() == [True, False]
+    report = result.uns["bulkfm"]["imputation"]
+    assert report["absent_genes_added"] == absent
+    assert report["gene_coverage"]["n_absent"] == 5
+    assert report["gene_coverage"]["examples_absent"] == absent
+    assert report["n_samples"] == 6
+    assert report["n_values"] == reference.uns["bulkfm"]["imputation"]["n_values"]
+    assert "absent_from_input" not in lacking.var  # input untouched
+
+    from bulkfm.io import write_h5ad
+
+    back = ad.read_h5ad(write_h5ad(result, tmp_path / "out.h5ad"))
+    np.testing.assert_allclose(back.X, result.X)
+    assert back.var["absent_from_input"].tolist() == result.var["absent_from_input"].tolist()
+    assert list(back.uns["bulkfm"]["imputation"]["absent_genes_added"]) == absent
+
+
+def test_absent_genes_not_added_keeps_the_input_columns(trained: dict) -> None:
+    """The bug this replaces: an absent gene's column -1 wrote into the last data column."""
+    model, tok = trained["model"], trained["tokenizer"]
+    lacking, flagged = lacking_and_flagged(trained)
+    result = impute_missing(model, tok, lacking, add_absent_genes=False)
+    reference = impute_missing(model, tok, flagged)
+    assert list(result.var_names) == list(lacking.var_names)
+    cols = reference.var_names.get_indexer(lacking.var_names)
+    np.testing.assert_allclose(result.X, reference.X[:, cols], rtol=1e-5)
+    untouched = ~lacking.layers["missing"].toarray()
+    np.testing.assert_array_equal(result.X[untouched], lacking.X[untouched])
+
+
+def test_too_little_coverage_names_the_option(trained: dict) -> None:
+    lacking, _ = lacking_and_flagged(trained)
+    with pytest.raises(GeneMappingError, match=r"below the minimum 90%.*--min-gene-coverage"):
+        impute_missing(trained["model"], trained["tokenizer"], lacking, min_gene_coverage=0.9)
+
+
+# --------------------------------------------------------------------------- recovery
+def test_recovery_scores_match_scipy_sklearn_and_a_naive_loop() -> None:
+    rng = np.random.default_rng(3)
+    truth = 10 ** rng.uniform(0, 3, size=(9, 4)) - 1
+    pred = truth * np.exp(rng.normal(0, 0.4, size=truth.shape))
+    genes = ["a", "b", "c", "d"]
+    scores = recovery_scores(truth, pred, genes)
+    t, p = np.log10(1 + truth), np.log10(1 + pred)
+    for g in range(4):
+        assert scores.pearson_r[g] == pytest.approx(pearsonr(p[:, g], t[:, g])[0], abs=1e-12)
+        assert scores.mae[g] == pytest.approx(mean_absolute_error(t[:, g], p[:, g]))
+        assert scores.rmse[g] == pytest.approx(np.sqrt(mean_squared_error(t[:, g], p[:, g])))
+        loo = [np.mean([t[j, g] for j in range(9) if j != i]) for i in range(9)]
+        assert scores.baseline_mae[g] == pytest.approx(mean_absolute_error(t[:, g], loo))
+        assert scores.baseline_rmse[g] == pytest.approx(np.sqrt(mean_squared_error(t[:, g], loo)))
+        assert scores.sd[g] == pytest.approx(np.std(t[:, g]))
+        assert scores.baseline_rmse[g] == pytest.approx(scores.sd[g] * 9 / 8)
+    overall = scores.overall
+    assert overall["mae"] == pytest.approx(mean_absolute_error(t.ravel(), p.ravel()))
+    assert overall["rmse"] == pytest.approx(np.sqrt(mean_squared_error(t.ravel(), p.ravel())))
+    assert overall["mean_pearson_r"] == pytest.approx(np.mean(scores.pearson_r))
+    assert overall["n_genes_model_better"] == int(np.sum(scores.rmse < scores.baseline_rmse))
+    record = scores.to_dict()
+    assert record["per_gene"]["gene"] == genes and isinstance(record["per_gene"]["mae"], list)
+
+
+def test_recovery_r_is_undefined_for_a_constant_gene_or_two_samples() -> None:
+    truth = np.array([[1.0, 5.0], [1.0, 7.0], [1.0, 9.0]])
+    scores = recovery_scores(truth, truth + np.array([[0, 1], [0, 0], [0, 2]]), ["flat", "x"])
+    assert np.isnan(scores.pearson_r[0]) and np.isfinite(scores.pearson_r[1])
+    assert scores.overall["n_genes_with_r"] == 1
+    two = recovery_scores(truth[:2], truth[:2], ["flat", "x"])
+    assert np.isnan(two.pearson_r).all()
+    with pytest.raises(ConfigError, match="at least 2 samples"):
+        recovery_scores(truth[:1], truth[:1], ["flat", "x"])
+
+
+def partly_measured(trained: dict) -> ad.AnnData:
+    """Model genes 3 and 11 absent; genes 5 and 8 flagged missing in one sample each."""
+    adata = with_hidden_genes(trained["test_log"][:12], n_hidden=0, seed=0)
+    missing = np.zeros(adata.shape, dtype=bool)
+    missing[2, 5] = missing[7, 8] = True
+    adata.layers["missing"] = sp.csr_matrix(missing)
+    adata.var["symbol"] = [f"G{i}" for i in range(N_GENES)]
+    return adata[:, [j for j in range(N_GENES) if j not in (3, 11)]].copy()
+
+
+def test_hidden_genes_are_measured_model_genes_only(trained: dict) -> None:
+    tok = trained["tokenizer"]
+    adata = partly_measured(trained)
+    never = {GENES[j] for j in (3, 5, 8, 11)}
+    eligible = eligible_genes(tok, adata)
+    assert len(eligible) == 28 and not never & set(eligible)
+    for seed in range(5):
+        chosen = choose_hidden_genes(tok, adata, fraction=0.9, seed=seed)
+        assert len(chosen) == round(0.9 * 28) and not never & set(chosen)
+    assert choose_hidden_genes(tok, adata, fraction=0.01) != []  # at least one gene
+    assert choose_hidden_genes(tok, adata, genes=["G7", GENES[1]]) == [GENES[1], GENES[7]]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"fraction": 0.0}, r"--hide-fraction\) must lie in \(0, 1\), got 0\.0"),
+        ({"fraction": 1.0}, r"--hide-fraction\) must lie in \(0, 1\)"),
+        ({"fraction": 1.5}, r"--hide-fraction\) must lie in \(0, 1\)"),
+        ({"fraction": 0.1, "genes": ["G1"]}, r"not both"),
+        ({"genes": ["ENSGnope", "G1"]}, r"--hide-genes: 1 of 2 are not genes of the data"),
+        ({"genes": [GENES[5]]}, r"--hide-genes: 1 are flagged in layers\['missing'\]"),
+        ({"genes": []}, r"--hide-genes is empty"),
+    ],
+)
+def test_bad_hide_arguments_name_the_flag(trained: dict, kwargs: dict, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        choose_hidden_genes(trained["tokenizer"], partly_measured(trained), **kwargs)
+
+
+def test_a_gene_outside_the_model_cannot_be_hidden(trained: dict) -> None:
+    adata = partly_measured(trained)
+    extra = ad.AnnData(
+        X=np.ones((adata.n_obs, 1), np.float32),
+        obs=adata.obs,
+        var=pd.DataFrame({"symbol": ["NOTMODEL"]}, index=["ENSG99999999999"]),
+    )
+    both = ad.concat([adata, extra], axis=1, merge="same")
+    with pytest.raises(ConfigError, match=r"1 are not genes of the model.*ENSG99999999999"):
+        choose_hidden_genes(trained["tokenizer"], both, genes=["NOTMODEL"])
+
+
+def test_hide_fraction_imputes_and_scores_the_hidden_genes(trained: dict, tmp_path) -> None:
+    model, tok = trained["model"], trained["tokenizer"]
+    adata = partly_measured(trained)
+    result = impute_missing(model, tok, adata, hide_fraction=0.25, seed=4, batch_size=5)
+    record = result.uns["bulkfm"]["imputation"]["recovery"]
+    hidden = record["per_gene"]["gene"]
+    assert hidden == choose_hidden_genes(tok, adata, fraction=0.25, seed=4)
+    assert record["selection"]["n_eligible"] == 28 and record["n_genes"] == 7
+    # independent route: flag the genes by hand, impute, score
+    by_hand = adata.copy()
+    flags = by_hand.layers["missing"].toarray()
+    cols = adata.var_names.get_indexer(hidden)
+    flags[:, cols] = True
+    by_hand.layers["missing"] = sp.csr_matrix(flags)
+    reference = impute_missing(model, tok, by_hand, batch_size=5)
+    rcols = reference.var_names.get_indexer(hidden)
+    np.testing.assert_allclose(result.X[:, cols], reference.X[:, rcols], rtol=1e-5)
+    assert result.layers["imputed"][:, cols].toarray().all()
+    assert not result.layers["missing"][:, cols].toarray().any()  # measured, so not missing
+    expected = recovery_scores(adata.X[:, cols], reference.X[:, rcols], hidden)
+    np.testing.assert_allclose(record["per_gene"]["rmse"], expected.rmse, rtol=1e-5)
+    np.testing.assert_allclose(record["per_gene"]["pearson_r"], expected.pearson_r, rtol=1e-4)
+    assert record["overall"]["baseline_rmse"] == pytest.approx(
+        expected.overall["baseline_rmse"], rel=1e-6
+    )
+    # the model learnt the gene-gene structure: it beats the per-gene mean
+    assert record["overall"]["rmse"] < record["overall"]["baseline_rmse"]
+
+    from bulkfm.io import write_h5ad
+
+    back = ad.read_h5ad(write_h5ad(result, tmp_path / "rec.h5ad"))
+    stored = back.uns["bulkfm"]["imputation"]["recovery"]
+    assert list(stored["per_gene"]["gene"]) == hidden
+    assert stored["selection"]["seed"] == 4
+    assert recovery_lines(stored)[0].startswith("recovery of 7 hidden genes in 12 samples")

@@ -13,6 +13,8 @@ everywhere; the data layer (:mod:`bulkfm.data`) is the one writer of most of the
   source; later stages mask these instead of trusting the fill.
 - ``layers[COUNTS]`` (optional): raw counts kept for count-based models.
 - ``layers[IMPUTED]`` (written by ``bulkfm impute``): True where a value was imputed.
+- ``var[ABSENT_FROM_INPUT]`` (written by ``bulkfm impute``): True for model genes the
+  input had no column for, appended with every value imputed.
 - ``uns[UNS]``: provenance and coverage reports (plain, JSON-able).
 """
 
@@ -22,6 +24,7 @@ from collections.abc import Iterable
 from typing import Final
 
 __all__ = [
+    "ABSENT_FROM_INPUT",
     "COHORT",
     "COUNTS",
     "IMPUTED",
@@ -51,6 +54,7 @@ MUTATION_PREFIX: Final = "mut_"
 
 # var
 SYMBOL: Final = "symbol"
+ABSENT_FROM_INPUT: Final = "absent_from_input"
 
 # layers
 MISSING: Final = "missing"
