@@ -235,3 +235,39 @@ def test_output_dir_checks_before_creating(tmp_path):
         io.output_dir(tmp_path / "afile", flag="--out"),
     ):
         pass
+
+
+# --------------------------------------------------------------------------- plain_record
+def test_plain_record_survives_h5ad_and_json(tmp_path: Path) -> None:
+    """Lists come back as arrays of the original items, never as numpy-printed text."""
+    import json
+
+    import pandas as pd
+
+    record = {
+        "genes": np.array(["TP53", "KRAS"], dtype=object),
+        "tuple": ("a", "b"),
+        "n": np.int64(3),
+        "fraction": np.float32(0.5),
+        "flag": np.bool_(True),
+        "path": tmp_path / "x.tsv",
+        "with_none": ["a", None],
+        "records": [{"name": "x"}, {"name": "y"}],
+        "matrix": np.arange(4).reshape(2, 2),
+        "index": pd.Index(["g1", "g2"]),
+        "na": pd.NA,
+    }
+    plain = io.plain_record(record)
+    assert json.loads(json.dumps(plain)) == plain  # JSON-able as it is
+    assert plain["genes"] == ["TP53", "KRAS"] and plain["tuple"] == ["a", "b"]
+    assert plain["with_none"] == {"0": "a", "1": None}  # not re-typed to text
+    adata = ad.AnnData(X=np.zeros((1, 1), dtype=np.float32), uns={"bulkfm": plain})
+    back = ad.read_h5ad(io.write_h5ad(adata, tmp_path / "p.h5ad")).uns["bulkfm"]
+    assert list(back["genes"]) == ["TP53", "KRAS"]
+    assert list(back["tuple"]) == ["a", "b"]
+    assert list(back["index"]) == ["g1", "g2"]
+    assert back["n"] == 3 and back["fraction"] == 0.5 and bool(back["flag"]) is True
+    assert back["path"] == str(tmp_path / "x.tsv")
+    assert back["records"]["1"]["name"] == "y"
+    np.testing.assert_array_equal(back["matrix"], [[0, 1], [2, 3]])
+    assert back["with_none"]["0"] == "a"

@@ -32,9 +32,9 @@ import secrets
 import socket
 import stat
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from bulkfm.errors import OutputPathError
 
@@ -50,6 +50,7 @@ __all__ = [
     "check_output_dir",
     "check_output_file",
     "output_dir",
+    "plain_record",
     "write_h5ad",
     "write_text",
 ]
@@ -313,6 +314,63 @@ def write_h5ad(adata: ad.AnnData, path: str | os.PathLike, *, flag: str | None =
     with atomic_path(path, flag=flag) as tmp:
         adata.write_h5ad(tmp, compression="gzip")
     return path
+
+
+def plain_record(value: Any) -> Any:
+    """``value`` as plain Python that h5ad (``uns``) and JSON both store faithfully.
+
+    Provenance records are built from numpy and pandas results, and those types either
+    fail to write (tuples, lists holding None or dicts) or come back as text that other
+    tools cannot read (``"['TP53' 'KRAS']"`` once something calls ``str`` on an array).
+    This converts recursively: mappings -> dicts with ``str`` keys; numpy arrays, pandas
+    Series/Index, tuples, lists and sets -> lists; numpy scalars -> Python scalars;
+    paths -> ``str``; pandas NA -> ``None``. A list that h5ad cannot hold as one array
+    (items mixing types, ``None`` items, nested records) becomes a dict keyed by
+    position ("0", "1", ...), so nothing is lost or re-typed.
+    """
+    import numpy as np
+
+    if isinstance(value, Mapping):
+        return {str(k): plain_record(v) for k, v in value.items()}
+    if isinstance(value, np.ndarray):
+        return plain_record(value.tolist())
+    if hasattr(value, "to_numpy") and hasattr(value, "__len__") and not isinstance(value, str):
+        return plain_record(list(value.to_numpy()))  # pandas Series / Index / arrays
+    if isinstance(value, set | frozenset):
+        return plain_record(sorted(value, key=str))
+    if isinstance(value, list | tuple):
+        items = [plain_record(v) for v in value]
+        return items if _one_array(items) else {str(i): v for i, v in enumerate(items)}
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if value is not None and not isinstance(value, str | bool | int | float):
+        try:
+            import pandas as pd
+
+            if value is pd.NA or value is pd.NaT:
+                return None
+        except ImportError:  # pragma: no cover - pandas is a dependency
+            pass
+    return value
+
+
+def _one_array(items: list[Any]) -> bool:
+    """Whether h5ad stores ``items`` as one array: all text, all bools, all numbers, or
+    equal-length lists of numbers (a matrix)."""
+    if not items:
+        return True
+    if all(isinstance(v, str) for v in items) or all(isinstance(v, bool) for v in items):
+        return True
+    if all(isinstance(v, int | float) and not isinstance(v, bool) for v in items):
+        return True
+    if all(isinstance(v, list) for v in items):
+        lengths = {len(v) for v in items}
+        return len(lengths) == 1 and all(
+            isinstance(x, int | float) and not isinstance(x, bool) for v in items for x in v
+        )
+    return False
 
 
 def write_text(text: str, path: str | os.PathLike) -> Path:

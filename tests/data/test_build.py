@@ -305,3 +305,132 @@ def test_cli_simulate_then_build_round_trip(tmp_path: Path, capsys) -> None:
     np.testing.assert_allclose(
         built.obs["survival_time"].to_numpy(), truth.obs["survival_time"].to_numpy(), rtol=1e-6
     )
+
+
+# --- a second cohort quantified differently (issue: symbol/Entrez conflicts, duplicates) ----
+
+# (Hugo_Symbol, Entrez_Gene_Id) rows of an RSEM-style table: TNMD carries TSPAN6's Entrez
+# id (as TCGA's tables give KCTD7 the id of RABGEF1); TM4SF6 is TSPAN6's previous symbol
+# (a legitimate duplicate row of the same gene, no Entrez id).
+RSEM_ROWS = [
+    ("TSPAN6", "7105"),
+    ("TNMD", "7105"),
+    ("TM4SF6", "0"),
+    ("DPM1", "8813"),
+    ("SCYL3", "57147"),
+    ("C1orf112", "55732"),
+]
+
+
+def _write_rsem(path: Path, ids: list[str], seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    counts = rng.poisson(500, size=(len(RSEM_ROWS), len(ids))).astype(float)
+    frame = pd.DataFrame(counts, columns=ids)
+    frame.insert(0, "Entrez_Gene_Id", [f"   {e}" for _, e in RSEM_ROWS])  # right-aligned
+    frame.insert(0, "Hugo_Symbol", [s for s, _ in RSEM_ROWS])
+    with gzip.open(path, "wt") as handle:
+        frame.to_csv(handle, sep="\t", index=False)
+    return counts
+
+
+def _write_counts_ensembl(path: Path, ids: list[str], seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    frame = pd.DataFrame(rng.poisson(800, size=(len(ENSG), len(ids))).astype(float), columns=ids)
+    frame.insert(0, "gene_id", [f"{g}.7" for g in ENSG])
+    frame.to_csv(path, sep="\t", index=False)
+
+
+def _mutation_table(path: Path, ids: list[str]) -> pd.DataFrame:
+    # DNA aliquots (…-01A-11D-…) of the RNA samples: the join must use the 15-char sample key
+    frame = pd.DataFrame(
+        {
+            "Tumor_Sample_Barcode": [i[:16] + "-11D-A000-10" for i in ids],
+            "cohort": "ABC",
+            "TP53": [1, 0, 1],
+            "KRAS": [0, 1, 1],
+        }
+    )
+    frame.to_csv(path, sep="\t", index=False)
+    return frame
+
+
+def _walk(value: object, path: str = ""):
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield from _walk(item, f"{path}/{key}")
+    else:
+        yield path, value
+
+
+@pytest.mark.parametrize("rule", ["prefer_symbol", "prefer_entrez", "drop"])
+def test_second_cohort_conflicts_duplicates_and_clinical_joins(tmp_path: Path, caplog, rule):
+    ids = [_tumour(i) for i in range(3)]
+    one, two = tmp_path / "abc-counts.tsv", tmp_path / "xyz-rsem.txt.gz"
+    _write_counts_ensembl(one, ids, seed=1)
+    raw = _write_rsem(two, ids[1:], seed=2)  # the same aliquots, quantified again
+    muts_path = tmp_path / "muts.tsv"
+    muts = _mutation_table(muts_path, ids)
+    survival = tmp_path / "cdr.tsv"
+    _survival_table(survival, [i[:12] for i in ids])
+    out = tmp_path / "out.h5ad"
+    with caplog.at_level("WARNING"):
+        code = main(
+            [
+                "data", "build", str(one), str(two), "-o", str(out),
+                "--duplicate-samples", "suffix", "--keep-counts", "--id-conflicts", rule,
+                "--mutations", str(muts_path), "--survival", str(survival),
+            ]
+        )  # fmt: skip
+    assert code == 0
+    built = ad.read_h5ad(out)
+
+    # mutation calls and survival reach both copies of a re-quantified aliquot
+    copies = [f"{i}|xyz-rsem" for i in ids[1:]]
+    assert list(built.obs_names) == ids + copies
+    assert list(built.obs["sample_id"].astype(str)) == ids + ids[1:]
+    assert list(built.obs["study"].astype(str)) == ["TCGA"] * 5
+    for gene in ("TP53", "KRAS"):
+        calls = built.obs[f"mut_{gene}"]
+        assert isinstance(calls.dtype, pd.CategoricalDtype)
+        expected = muts[gene].tolist()
+        assert calls.astype(int).tolist() == expected + expected[1:]
+    cdr = pd.read_csv(survival, sep="\t").set_index("bcr_patient_barcode")
+    expected_time = [cdr.loc[i[:12], "OS.time"] for i in ids + ids[1:]]
+    np.testing.assert_allclose(built.obs["survival_time"], expected_time)
+    # the warning says what happened to the duplicates, and nothing claims 'unknown'
+    assert "--duplicate-samples suffix kept both" in caplog.text
+    assert "'<id>|xyz-rsem'" in caplog.text
+    assert "unknown" not in caplog.text
+
+    # the conflicting row is never summed into another gene; the true duplicate is
+    counts = pd.DataFrame(built.layers["counts"][3:], index=copies, columns=built.var_names)
+    tspan6, tnmd = "ENSG00000000003", "ENSG00000000005"
+    np.testing.assert_array_equal(counts[tspan6], raw[0] + raw[2])  # TSPAN6 + TM4SF6
+    if rule == "prefer_symbol":
+        np.testing.assert_array_equal(counts[tnmd], raw[1])
+    else:  # left out: TNMD is missing for this source, not TSPAN6's counts
+        missing = built.layers["missing"][3:].toarray()
+        assert missing[:, list(built.var_names).index(tnmd)].all()
+    mapping = built.uns["bulkfm"]["sources"]["xyz-rsem"]["gene_mapping"]
+    record = mapping["id_conflicts"]
+    assert record["rule"] == rule and record["n_rows"] == 1
+    assert record["by_columns"] == {"entrez vs symbol": 1}
+    assert str(record["examples"][0]).startswith("TNMD (entrez 7105): ")
+    assert mapping["n_duplicates_merged"] == 1
+    assert "1 of 6 gene rows name different genes" in caplog.text
+
+    # uns holds lists as arrays of the original items, never numpy-printed text
+    assert list(built.uns["bulkfm"]["mutations"]["genes"]) == ["TP53", "KRAS"]
+    assert list(built.uns["bulkfm"]["build"]["inputs"]["1"]["path"]) == list(str(two))
+    for key, value in _walk(built.uns["bulkfm"]):
+        assert not (isinstance(value, str) and value.startswith("[") and "' '" in value), key
+
+
+def test_id_conflicts_error_rule_names_the_flag(tmp_path: Path, capsys) -> None:
+    two = tmp_path / "xyz-rsem.txt.gz"
+    _write_rsem(two, [_tumour(0)], seed=2)
+    args = ["data", "build", str(two), "-o", str(tmp_path / "o.h5ad"), "--id-conflicts"]
+    assert main([*args, "error"]) == 1
+    assert "--id-conflicts prefer_symbol, prefer_entrez or drop" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=r"id_conflicts must be one of .*'drop'"):
+        BuildConfig(inputs=[ExpressionInput(two)], id_conflicts="newest")  # type: ignore[arg-type]

@@ -11,12 +11,15 @@ import pandas as pd
 import pytest
 
 from bulkfm.data.clinical import (
+    MUTATION_DTYPE,
     SAMPLE_TYPES,
     TCGABarcode,
     annotate_samples,
+    as_mutation_calls,
     filter_sample_type,
     join_mutations,
     join_survival,
+    mutation_status,
     parse_gtex_id,
     parse_sample_ids,
     parse_tcga_barcode,
@@ -484,7 +487,8 @@ def test_join_mutations_auto(muts):
     annotate_samples(a)
     report = join_mutations(a, muts)
     got = a.obs[["mut_TP53", "mut_KRAS", "mut_IDH1"]]
-    assert all(str(t) == "Int8" for t in got.dtypes)
+    assert all(t == MUTATION_DTYPE for t in got.dtypes)
+    got = got.apply(lambda c: c.astype(object).astype("Int8"))
     expected = [
         [1, 0, 0],
         [pd.NA] * 3,
@@ -662,3 +666,89 @@ def test_survival_rows_left_out_are_named(cdr, caplog):
         read_survival_table(cdr, endpoint="DFI")
     assert "with no time in 'DFI.time'" in caplog.text
     assert "e.g. ['TCGA-OR-A5J2'" in caplog.text
+
+
+# ------------------------------------------------------------ mutation dtype (issue 5)
+
+
+def test_mutation_calls_are_a_0_1_categorical_that_h5ad_keeps(muts, tmp_path):
+    """scanpy colours categoricals as classes; Int8 was drawn on a continuous scale."""
+    from bulkfm.io import write_h5ad
+
+    a = _mixed(RNA_IDS)
+    annotate_samples(a)
+    join_mutations(a, muts)
+    col = a.obs["mut_TP53"]
+    assert isinstance(col.dtype, pd.CategoricalDtype)
+    assert list(col.cat.categories) == [0, 1]
+    back = ad.read_h5ad(write_h5ad(a, tmp_path / "m.h5ad"))
+    for gene in ("TP53", "KRAS", "IDH1"):
+        read = back.obs[f"mut_{gene}"]
+        assert isinstance(read.dtype, pd.CategoricalDtype)
+        assert list(read.cat.categories) == [0, 1]
+        np.testing.assert_array_equal(mutation_status(back.obs, gene), mutation_status(a.obs, gene))
+    # the same calls as the table says, read through the one reader
+    np.testing.assert_array_equal(
+        mutation_status(back.obs, "TP53"), [1, np.nan, 1, 0, 0, np.nan, np.nan]
+    )
+
+
+@pytest.mark.parametrize(
+    "column",
+    [
+        pd.array([1, 0, None], dtype="Int8"),  # files written before the categorical
+        np.array([1.0, 0.0, np.nan]),
+        as_mutation_calls([1, 0, None]),
+    ],
+)
+def test_mutation_status_reads_every_encoding(column):
+    obs = pd.DataFrame({"mut_TP53": column})
+    np.testing.assert_array_equal(mutation_status(obs, "TP53"), [1.0, 0.0, np.nan])
+
+
+def test_mutation_status_errors_name_the_problem():
+    obs = pd.DataFrame({"mut_TP53": [0, 2, 1]})
+    with pytest.raises(ClinicalMatchError, match=r"mut_TP53 must be 0/1.*\[2\]"):
+        mutation_status(obs, "TP53")
+    with pytest.raises(ClinicalMatchError, match=r"no column 'mut_KRAS'.*\['TP53'\]"):
+        mutation_status(obs, "KRAS")
+    with pytest.raises(ClinicalMatchError, match="must be 0, 1 or NA"):
+        as_mutation_calls([0, 1, 3])
+
+
+# ------------------------------------------------- joins through sample_id (issue 4)
+
+
+def test_joins_use_sample_id_not_renamed_obs_names(muts, cdr, caplog):
+    """A build keeping an aliquot twice renames one copy; both copies must get their calls."""
+    ids = ["TCGA-OR-A5J1-01A-11R-A29S-07", "TCGA-OR-A5J2-01A-11R-A29S-07"]
+    names = [ids[0], f"{ids[0]}|second_source", ids[1]]
+    a = ad.AnnData(
+        X=np.ones((3, 2), dtype=np.float32),
+        obs=pd.DataFrame({"sample_id": [ids[0], ids[0], ids[1]]}, index=names),
+    )
+    with caplog.at_level(logging.WARNING, logger="bulkfm.data.clinical"):
+        annotate_samples(a)
+        join_mutations(a, muts)
+    assert list(a.obs["study"]) == ["TCGA"] * 3
+    assert list(a.obs["patient"]) == ["TCGA-OR-A5J1", "TCGA-OR-A5J1", "TCGA-OR-A5J2"]
+    np.testing.assert_array_equal(mutation_status(a.obs, "TP53"), [1, 1, 1])
+    np.testing.assert_array_equal(mutation_status(a.obs, "KRAS"), [0, 0, 1])
+    assert "not TCGA barcodes" not in caplog.text and "no row" not in caplog.text
+    report = join_survival(a, cdr)
+    assert report["n_matched"] == 3
+    np.testing.assert_array_equal(a.obs["survival_time"], [1355, 1355, 1677])
+    # on="sample" also reads the sample ids: a per-sample table reaches both copies
+    per_sample = pd.DataFrame({"sample": ids, "time": [5.0, 7.0], "event": [1, 0]})
+    join_survival(a, per_sample, on="sample")
+    np.testing.assert_array_equal(a.obs["survival_time"], [5.0, 5.0, 7.0])
+
+
+def test_ids_that_are_no_barcode_are_warned_with_what_happens(caplog):
+    a = _mixed(["TCGA-OR-A5J1-01A|copy", "TCGA-OR-A5J2-01A"])
+    with caplog.at_level(logging.WARNING, logger="bulkfm.data.clinical"):
+        annotate_samples(a)
+    assert list(a.obs["study"]) == ["unknown", "TCGA"]
+    assert "1 sample ids start with TCGA but are not TCGA barcodes" in caplog.text
+    assert "study 'unknown', patient = their own id" in caplog.text
+    assert "obs['sample_id']" in caplog.text

@@ -229,14 +229,65 @@ def test_map_ambiguous_alias_is_reported_not_guessed(table, raw_rows):
         assert gene in example
 
 
-def test_entrez_takes_precedence_and_symbol_is_fallback(table):
-    symbols = ["TNMD", "TM4SF6", "DPM1", "NOT_A_GENE"]
+def test_entrez_decides_when_columns_agree_and_symbol_is_fallback(table):
+    # TM4SF6 is TSPAN6's previous symbol: it agrees with TSPAN6's Entrez id (no conflict)
+    symbols = ["TM4SF6", "TM4SF6", "DPM1", "NOT_A_GENE"]
     entrez = [f"  {TSPAN6_ENTREZ}", "0", "999999999", TSPAN6_ENTREZ]
     ensembl, methods, report = G.map_to_ensembl(symbols, entrez=entrez, table=table)
     assert ensembl.tolist() == [TSPAN6, TSPAN6, DPM1, TSPAN6]
     assert methods.tolist() == ["entrez", "previous_symbol", "approved_symbol", "entrez"]
     assert report["used_entrez_column"] is True
     assert report["by_method"] == {"entrez": 2, "previous_symbol": 1, "approved_symbol": 1}
+    assert report["id_conflicts"]["n_rows"] == 0
+
+
+@pytest.mark.parametrize(
+    ("rule", "expected", "method"),
+    [
+        ("prefer_symbol", TNMD, "approved_symbol"),
+        ("prefer_entrez", TSPAN6, "entrez"),
+        ("drop", None, "id_conflict"),
+    ],
+)
+def test_symbol_and_entrez_naming_different_genes_is_a_reported_conflict(
+    table, rule, expected, method
+):
+    # TNMD's row carries TSPAN6's Entrez id, as TCGA RSEM tables give KCTD7 RABGEF1's
+    ensembl, methods, report = G.map_to_ensembl(
+        ["TNMD", "DPM1"], entrez=[TSPAN6_ENTREZ, "8813"], table=table, id_conflicts=rule
+    )
+    assert ensembl.tolist() == [expected, DPM1]
+    assert methods.tolist() == [method, "entrez"]
+    record = report["id_conflicts"]
+    assert record["rule"] == rule
+    assert record["n_rows"] == 1
+    assert record["by_columns"] == {"entrez vs symbol": 1}
+    assert record["n_dropped"] == (1 if rule == "drop" else 0)
+    example = record["examples"][0]
+    assert example.startswith(f"TNMD (entrez {TSPAN6_ENTREZ}):")
+    assert f"entrez -> {TSPAN6} (TSPAN6)" in example and f"symbol -> {TNMD} (TNMD)" in example
+    assert report["n_id_conflict"] == (1 if rule == "drop" else 0)
+
+
+def test_conflict_rule_error_names_the_flag(table):
+    with pytest.raises(GeneMappingError, match=r"1 gene row.*TNMD.*--id-conflicts"):
+        G.map_to_ensembl(["TNMD"], entrez=[TSPAN6_ENTREZ], table=table, id_conflicts="error")
+    with pytest.raises(ConfigError, match=r"--id-conflicts newest.*prefer_symbol"):
+        G.map_to_ensembl(["TNMD"], table=table, id_conflicts="newest")  # type: ignore[arg-type]
+
+
+def test_ensembl_id_decides_against_its_symbol_column(table, caplog):
+    """GDC files carry gene_id and gene_name: the Ensembl id names one gene exactly."""
+    var = pd.DataFrame({"symbol": ["TNMD", "DPM1"]}, index=[f"{TSPAN6}.15", DPM1])
+    adata = ad.AnnData(X=np.ones((1, 2), np.float32), var=var)
+    with caplog.at_level("INFO", logger="bulkfm.data.genes"):
+        out = G.harmonize_genes(adata, table=table, id_conflicts="prefer_symbol")
+    assert out.var_names.tolist() == [TSPAN6, DPM1]
+    record = out.uns["bulkfm"]["gene_mapping"]["id_conflicts"]
+    assert record["by_columns"] == {"ensembl vs symbol": 1}
+    assert record["kept_by"] == {"ensembl": 1}
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    assert "1 of 2 gene rows name different genes" in caplog.text
 
 
 def test_map_bad_id_type_raises(table):
@@ -255,9 +306,11 @@ def test_entrez_with_wrong_length_raises(table):
         G.map_to_ensembl(["TSPAN6", "TNMD"], entrez=["7105"], table=table)
 
 
-def test_entrez_with_ensembl_ids_raises(table):
-    with pytest.raises(ConfigError, match="companion of symbol ids"):
-        G.map_to_ensembl([TSPAN6], entrez=["7105"], table=table)
+def test_entrez_companion_of_entrez_ids_raises(table):
+    with pytest.raises(ConfigError, match="entrez= is a companion of other ids"):
+        G.map_to_ensembl([TSPAN6_ENTREZ], entrez=["7105"], table=table)
+    ensembl, _, report = G.map_to_ensembl([TSPAN6], entrez=["7105"], table=table)
+    assert ensembl.tolist() == [TSPAN6] and report["id_columns"] == ["ensembl", "entrez"]
 
 
 # ----------------------------------------------------------------------------- harmonize
@@ -396,21 +449,73 @@ def test_harmonize_bad_rule_raises(table):
 
 
 def test_harmonize_uses_var_entrez_and_symbol_columns(table):
-    # Entrez ids as var_names with a symbol column (RNAseqDB style), and the reverse
+    # Entrez ids as var_names with a symbol column (RNAseqDB style), and the reverse. The
+    # first row's symbol (TNMD) and Entrez id (TSPAN6) disagree: it used to be summed
+    # into TSPAN6 together with the TM4SF6 row.
     var = pd.DataFrame({"symbol": ["TNMD", "DPM1", "TM4SF6"]}, index=[TSPAN6_ENTREZ, "0", "00"])
     adata = ad.AnnData(X=np.arange(6, dtype=float).reshape(2, 3), var=var)
     out = G.harmonize_genes(adata, table=table)
-    assert out.var_names.tolist() == [TSPAN6, DPM1]
-    np.testing.assert_allclose(out.X, [[2.0, 1.0], [8.0, 4.0]])  # 7105 + TM4SF6 summed
-    assert out.uns["bulkfm"]["gene_mapping"]["by_method"] == {
-        "entrez": 1,
-        "approved_symbol": 1,
-        "previous_symbol": 1,
-    }
+    assert out.var_names.tolist() == [TNMD, DPM1, TSPAN6]
+    np.testing.assert_allclose(out.X, [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]])  # nothing summed
+    mapping = out.uns["bulkfm"]["gene_mapping"]
+    assert mapping["by_method"] == {"approved_symbol": 2, "previous_symbol": 1}
+    assert mapping["n_duplicates_merged"] == 0 and mapping["id_conflicts"]["n_rows"] == 1
 
     var = pd.DataFrame({"entrez": [TSPAN6_ENTREZ, "0"]}, index=["TNMD", "DPM1"])
     out = G.harmonize_genes(ad.AnnData(X=np.ones((1, 2)), var=var), table=table)
-    assert out.var_names.tolist() == [TSPAN6, DPM1]
+    assert out.var_names.tolist() == [TNMD, DPM1]
+
+
+# Rows of an RSEM-style table (symbol, Entrez id): TSPAN6 (agreeing), TNMD with TSPAN6's
+# Entrez id (conflict), TM4SF6 = TSPAN6's previous symbol (a legitimate duplicate), DPM1.
+CONFLICT_ROWS = [
+    ("TSPAN6", TSPAN6_ENTREZ),
+    ("TNMD", TSPAN6_ENTREZ),
+    ("TM4SF6", ""),
+    ("DPM1", "8813"),
+]
+
+
+def _conflict_adata() -> ad.AnnData:
+    symbols, entrez = zip(*CONFLICT_ROWS, strict=True)
+    X = np.array([[1.0, 10.0, 100.0, 1000.0], [2.0, 20.0, 200.0, 2000.0]])
+    var = pd.DataFrame({"entrez": list(entrez)}, index=list(symbols))
+    return ad.AnnData(X=X, var=var)
+
+
+@pytest.mark.parametrize(
+    ("rule", "expected", "kept_by", "n_shared"),
+    [
+        # column sums written out by hand: TSPAN6 = rows 0 + 2 (same gene); TNMD = row 1
+        ("prefer_symbol", {TSPAN6: [101, 202], TNMD: [10, 20], DPM1: [1000, 2000]}, 1, 0),
+        # TNMD's row would go to TSPAN6, which rows 0 and 2 measure: left out, not summed
+        ("prefer_entrez", {TSPAN6: [101, 202], DPM1: [1000, 2000]}, 0, 1),
+        ("drop", {TSPAN6: [101, 202], DPM1: [1000, 2000]}, 0, 0),
+    ],
+)
+def test_distinct_genes_are_never_summed_under_any_conflict_rule(
+    table, rule, expected, kept_by, n_shared, caplog
+):
+    with caplog.at_level("WARNING", logger="bulkfm.data.genes"):
+        out = G.harmonize_genes(_conflict_adata(), table=table, id_conflicts=rule)
+    got = pd.DataFrame(out.X, columns=out.var_names)
+    assert dict(got.items()).keys() == expected.keys()
+    for gene, values in expected.items():
+        np.testing.assert_allclose(got[gene], values, err_msg=gene)
+    mapping = out.uns["bulkfm"]["gene_mapping"]
+    assert mapping["n_duplicates_merged"] == 1  # only TM4SF6 into TSPAN6
+    assert mapping["duplicate_examples"] == [f"{TSPAN6} <- TSPAN6, TM4SF6"]
+    record = mapping["id_conflicts"]
+    assert record["n_rows"] == 1 and record["n_dropped_shared_gene"] == n_shared
+    assert sum(record["kept_by"].values()) == kept_by
+    assert "TSPAN6;TNMD" not in set(out.var["source_ids"])
+    assert "1 of 4 gene rows name different genes" in caplog.text
+    assert f"--id-conflicts {rule}" in caplog.text
+
+
+def test_conflict_error_rule_stops_harmonize(table):
+    with pytest.raises(GeneMappingError, match="--id-conflicts prefer_symbol, prefer_entrez"):
+        G.harmonize_genes(_conflict_adata(), table=table, id_conflicts="error")
 
 
 def test_harmonize_drops_par_y(table):
@@ -580,10 +685,18 @@ def test_rnaseqdb_symbols_and_entrez_map(shared_data, table):
     )
     assert report["fraction_mapped"] >= 0.9
     assert report["by_method"]["entrez"] > report["n_mapped"] / 2
-    assert report["n_mapped"] + report["n_ambiguous"] + report["n_unmapped"] == len(genes)
+    failed = report["n_ambiguous"] + report["n_unmapped"] + report["n_id_conflict"]
+    assert report["n_mapped"] + failed == len(genes)
+    # The file gives KCTD7 the Entrez id of RABGEF1 (27342): a conflict, kept by the symbol
+    kctd7 = genes.index[genes["Hugo_Symbol"] == "KCTD7"][0]
+    assert genes["Entrez_Gene_Id"][kctd7].strip() == "27342"
+    assert ensembl[kctd7] == "ENSG00000243335"  # KCTD7, not RABGEF1 (ENSG00000154710)
+    record = report["id_conflicts"]
+    assert record["by_columns"]["entrez vs symbol"] == record["n_rows"] > 0
+    assert sum(record["kept_by"].values()) + record["n_dropped"] == record["n_rows"]
     assert len(report["examples"]["unmapped"]) == min(10, report["n_unmapped"])
     mapped = pd.notna(ensembl)
-    assert set(methods[~mapped]) <= {"ambiguous", "unmapped"}
+    assert set(methods[~mapped]) <= {"ambiguous", "unmapped", "id_conflict"}
     # a symbol that is its gene's approved symbol must land on that gene
     approved = genes["Hugo_Symbol"].map(lambda s: table.lookup("approved", s))
     single = approved.map(len).eq(1) & pd.Series(mapped)

@@ -61,8 +61,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     build.add_argument("--min-vocabulary-fraction", type=float, help="default 0.5")
     build.add_argument("--fill", help="missing (masked later; default) | zero")
-    build.add_argument("--duplicate-genes", help="sum (default) | first | max_mean | error")
-    build.add_argument("--duplicate-samples", help="error (default) | suffix | first")
+    build.add_argument(
+        "--duplicate-genes",
+        help="rows naming the same gene: sum (default) | first | max_mean | error",
+    )
+    build.add_argument(
+        "--id-conflicts",
+        help="rows whose id columns (symbol, Entrez id, Ensembl id) name different genes: "
+        "prefer_symbol (default) | prefer_entrez | drop | error. An Ensembl id always wins; "
+        "a conflicting row is never summed into another row's gene",
+    )
+    build.add_argument(
+        "--duplicate-samples",
+        help="a sample id in more than one input: error (default) | suffix (keep both; "
+        "obs sample_id keeps the id for clinical joins) | first",
+    )
     build.add_argument("--sample-types", help="comma-separated types to keep, e.g. tumor,normal")
     build.add_argument(
         "--keep-counts",
@@ -115,6 +128,7 @@ _BUILD_FLAGS = (
     "min_vocabulary_fraction",
     "fill",
     "duplicate_genes",
+    "id_conflicts",
     "duplicate_samples",
     "sample_types",
     "cohort_from_filename",

@@ -25,6 +25,7 @@ import scipy.sparse as sp
 from bulkfm.config import ConfigMixin, check_bool, check_choice, check_number
 from bulkfm.data import clinical, genes, readers, units
 from bulkfm.errors import ConfigError, DuplicateIdError, InputFileError
+from bulkfm.io import plain_record
 from bulkfm.schema import (
     COHORT,
     COUNTS,
@@ -89,6 +90,7 @@ class BuildConfig(ConfigMixin):
     min_vocabulary_fraction: float = 0.5
     fill: genes.FillRule = "missing"
     duplicate_genes: genes.DuplicateRule = "sum"
+    id_conflicts: genes.IdConflictRule = "prefer_symbol"
     duplicate_samples: DuplicateSampleRule = "error"
     sample_types: list[str] | None = None
     cohort_from_filename: str | None = None
@@ -105,6 +107,12 @@ class BuildConfig(ConfigMixin):
         check_choice("endpoint", self.endpoint, _ENDPOINTS)
         check_choice("duplicate_samples", self.duplicate_samples, _DUPLICATE_SAMPLE_RULES)
         check_choice("fill", self.fill, _FILL_RULES, hint="missing: masked later")
+        check_choice(
+            "id_conflicts",
+            self.id_conflicts,
+            genes.ID_CONFLICT_RULES,
+            hint="what to do when a row's symbol and Entrez/Ensembl id name different genes",
+        )
         check_number("min_vocabulary_fraction", self.min_vocabulary_fraction, low=0.0, high=1.0)
         check_bool("keep_counts", self.keep_counts)
         for name in ("survival", "mutations", "gene_lengths", "vocabulary"):
@@ -202,7 +210,7 @@ def build_dataset(config: BuildConfig, *, progress: bool | None = None) -> ad.An
 
     previous = dict(adata.uns.get(UNS, {}))
     previous.update(uns)
-    adata.uns[UNS] = previous
+    adata.uns[UNS] = plain_record(previous)
     adata.X = np.asarray(adata.X, dtype=np.float32)
     _normalise_obs(adata)
     return adata
@@ -219,6 +227,9 @@ def _prepare_source(
         sample_sheet=spec.sample_sheet,
     )
     name = _source_name(spec.path)
+    if SAMPLE_ID not in adata.obs:
+        # The id clinical joins use: obs_names may be suffixed later (duplicate samples).
+        adata.obs[SAMPLE_ID] = adata.obs_names.to_numpy()
     clinical.annotate_samples(adata)
     _label_cohort(adata, spec, config.cohort_from_filename)
     adata = genes.harmonize_genes(
@@ -226,6 +237,7 @@ def _prepare_source(
         id_type=spec.id_type,
         duplicates=config.duplicate_genes,
         min_mapped_fraction=config.min_mapped_fraction,
+        id_conflicts=config.id_conflicts,
     )
     adata = units.to_tpm(
         adata, input_unit=spec.unit, lengths=lengths, keep_counts=config.keep_counts
@@ -358,19 +370,30 @@ def _resolve_duplicate_samples(
                     "both with duplicate_samples='suffix' (--duplicate-samples suffix) or only the "
                     "first with 'first'."
                 )
+            if rule == "first":
+                outcome = f"kept the earlier input's copies and left out these {clash.sum()}"
+            else:
+                outcome = (
+                    f"kept both: this input's copies are named '<id>|{name}', and obs "
+                    f"'{SAMPLE_ID}' keeps the original id, so survival and mutation calls join "
+                    "to both copies and splits keep them with their patient"
+                )
             logger.warning(
-                "%d sample id(s) of %s already came from an earlier input (%s): rule %r",
+                "%d sample id(s) of %s already came from an earlier input (%s): "
+                "--duplicate-samples %s %s",
                 int(clash.sum()),
                 name,
                 "; ".join(examples),
                 rule,
+                outcome,
             )
             if rule == "first":
                 part = part[~clash].copy()
                 ids = part.obs_names.to_numpy()
             else:
                 part = part.copy()
-                part.obs[SAMPLE_ID] = ids
+                if SAMPLE_ID not in part.obs:
+                    part.obs[SAMPLE_ID] = ids
                 part.obs_names = [
                     f"{i}|{name}" if c else i for i, c in zip(ids, clash, strict=True)
                 ]
@@ -422,6 +445,29 @@ def _config_record(config: BuildConfig) -> dict[str, Any]:
     return plain(record)
 
 
+def _gene_row_lines(mapping: dict[str, Any]) -> list[str]:
+    """How rows sharing a gene were merged, and rows whose id columns disagree."""
+    lines = []
+    merged = mapping.get("n_duplicates_merged", 0)
+    if merged:
+        lines.append(
+            f"    {merged} extra rows named a gene another row names (none of their id "
+            f"columns names another gene): merged by --duplicate-genes "
+            f"{mapping.get('rule', '?')} into "
+            f"{mapping.get('n_duplicate_genes', '?')} genes"
+        )
+    conflicts = mapping.get("id_conflicts") or {}
+    if conflicts.get("n_rows"):
+        kept = ", ".join(f"{n} by the {c}" for c, n in conflicts.get("kept_by", {}).items())
+        lines.append(
+            f"    {conflicts['n_rows']} rows name different genes in their id columns "
+            f"({', '.join(f'{n} {p}' for p, n in conflicts.get('by_columns', {}).items())}): "
+            f"--id-conflicts {conflicts.get('rule', '?')} kept {kept or 'none'}, left out "
+            f"{conflicts.get('n_dropped', 0)} (never summed with another gene)"
+        )
+    return lines
+
+
 def summarize(adata: ad.AnnData) -> pd.DataFrame:
     """Samples per study, cohort and sample type, with survival events where joined."""
     obs = adata.obs
@@ -448,11 +494,13 @@ def format_summary(adata: ad.AnnData) -> str:
         unit = source.get("units", {})
         lines.append(
             f"  {source['name']}: {source['n_samples']} samples, "
-            f"{mapping.get('n_mapped', '?')}/{mapping.get('n_input', '?')} gene ids mapped "
+            f"{mapping.get('n_mapped', '?')}/{mapping.get('n_input', '?')} gene rows mapped "
             f"({mapping.get('n_unmapped', 0)} unmapped, "
-            f"{mapping.get('n_ambiguous', 0)} ambiguous), "
+            f"{mapping.get('n_ambiguous', 0)} ambiguous, "
+            f"{mapping.get('n_id_conflict', 0)} left out for conflicting id columns), "
             f"unit {unit.get('detected', unit.get('input_unit', '?'))}"
         )
+        lines.extend(_gene_row_lines(mapping))
     align = meta.get("vocabulary_alignment")
     if align:
         lines.append(

