@@ -7,6 +7,7 @@ import pytest
 import yaml
 
 import bulkfm.cli
+from bulkfm.errors import ConfigError
 from bulkfm.evaluate import evaluate_pipeline_stage
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -93,3 +94,99 @@ def test_pipeline_stage_returns_a_summary_and_writes_the_report(
     assert len(results["splits"]["classification"]) == 2  # quick: 2 seeds
     assert results["config"]["heads"]["finetune"]["epochs"] == 2
     json.dumps(summary)  # JSON-able for the main job's results.json
+
+
+# --------------------------------------------------------------------------- own data
+def _args(*argv: str):
+    parser = bulkfm.cli.build_parser()
+    return parser.parse_args(["evaluate", *argv])
+
+
+SIMULATED = Path(__file__).resolve().parents[2] / "configs" / "evaluate_simulated.yaml"
+
+
+def test_model_on_the_command_line_replaces_the_files_pretraining():
+    """Re-using a shipped config that pre-trains: --model (or --set model.path) is enough,
+    no undocumented --set pretrain=null."""
+    from bulkfm.cli.evaluate import evaluation_config
+
+    assert evaluation_config(_args("--config", str(SIMULATED))).pretrain is not None
+    cfg = evaluation_config(
+        _args("--config", str(SIMULATED), "--model", "ckpt", "--data", "d.h5ad")
+    )
+    assert cfg.pretrain is None and cfg.model.path == "ckpt" and cfg.data.path == "d.h5ad"
+    cfg = evaluation_config(_args("--config", str(SIMULATED), "--set", "model.path=ckpt"))
+    assert cfg.pretrain is None and cfg.model.path == "ckpt"
+    with pytest.raises(ConfigError, match=r"both model\.path and a pretrain"):
+        evaluation_config(
+            _args(
+                "--config",
+                str(SIMULATED),
+                "--set",
+                "model.path=ckpt",
+                "--set",
+                "pretrain.optim.max_steps=3",
+            )
+        )
+
+
+def test_write_template_and_a_missing_config(tmp_path, capsys):
+    path = tmp_path / "my_eval.yaml"
+    assert bulkfm.cli.main(["evaluate", "--write-template", str(path)]) == 0
+    assert "edit the lines marked CHANGE" in capsys.readouterr().out
+    assert "# CHANGE" in path.read_text()
+    assert bulkfm.cli.main(["evaluate", "--write-template", str(path)]) == 1
+    assert "exists" in capsys.readouterr().err
+    assert bulkfm.cli.main(["evaluate"]) == 1
+    assert "--write-template" in capsys.readouterr().err
+
+
+def test_help_says_how_to_evaluate_own_data(capsys):
+    with pytest.raises(SystemExit):
+        bulkfm.cli.main(["evaluate", "--help"])
+    text = capsys.readouterr().out
+    assert "--write-template my_eval.yaml" in text and "--model runs/pretrain/final" in text
+    assert "tasks.robustness=null" in text
+
+
+def test_template_on_own_cohort_lacking_model_genes(
+    tmp_path, tiny_data, tiny_model_for, tiny_heads, tiny_baselines, capsys
+):
+    """The template, a saved checkpoint and an .h5ad without 6 of its 40 genes: runs
+    with --data/--model and a few --set for speed, and records the coverage."""
+    from bulkfm.io import write_h5ad
+
+    adata = tiny_data(seed=4, n_samples=120, n_genes=100)
+    model, tokenizer = tiny_model_for(adata)
+    model_dir = model.save_pretrained(tmp_path / "model", tokenizer=tokenizer)
+    absent = set(tokenizer.genes[:6])
+    cohort = adata[:, [g for g in adata.var_names if g not in absent]].copy()
+    write_h5ad(cohort, tmp_path / "cohort.h5ad")
+    template = tmp_path / "my_eval.yaml"
+    assert bulkfm.cli.main(["evaluate", "--write-template", str(template)]) == 0
+    sets = [
+        "num_threads=1",
+        "protocol.n_seeds=2",
+        "arms.ia3=false",
+        "arms.random_frozen=false",
+        "baselines.nmf_svm=false",
+        f"heads.mlp={json.dumps(tiny_heads['mlp'])}",
+        f"heads.cox={json.dumps(tiny_heads['cox'])}",
+        f"baselines.pca_components={tiny_baselines['pca_components']}",
+        f"baselines.cox_components={tiny_baselines['cox_components']}",
+    ]
+    out = tmp_path / "out"
+    argv = ["evaluate", "--config", str(template), "--data", str(tmp_path / "cohort.h5ad")]
+    argv += ["--model", str(model_dir), "--out", str(out)]
+    for item in sets:
+        argv += ["--set", item]
+    assert bulkfm.cli.main(argv) == 0
+    printed = capsys.readouterr()
+    assert "classification  BulkRNABert + MLP" in printed.out
+    assert "gene coverage: the data measures 85.0% of the model's 40 genes" in printed.err
+    results = json.loads((out / "results.json").read_text())
+    assert results["gene_coverage"]["n_absent"] == 6
+    assert results["model"]["source"] == "checkpoint"
+    assert results["config"]["pretrain"] is None
+    report = (out / "report.md").read_text()
+    assert report.startswith("# BulkRNABert evaluation: 4 cohort classes")

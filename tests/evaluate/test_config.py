@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from bulkfm.errors import ConfigError
-from bulkfm.evaluate.config import EvaluateConfig
+from bulkfm.evaluate.config import DataSection, EvaluateConfig, HeadsSection, TasksSection
 
 REPO = Path(__file__).resolve().parents[2]
 MINIMAL = {"model": {"path": "runs/pretrain/final"}}
@@ -66,7 +66,12 @@ def test_shipped_configs_are_valid(name):
         ({**MINIMAL, "heads": {"mlp": {"epochs": 3}}}, r"heads\.mlp: .*'epochs'"),
         ({**MINIMAL, "heads": {"cox": {"lr": -1}}}, r"heads\.cox: lr must be a positive"),
         ({}, "no model: set model.path"),
-        ({**MINIMAL, "pretrain": {"optim": {"max_steps": 5}}}, "both model.path and a pretrain"),
+        (
+            {**MINIMAL, "pretrain": {"optim": {"max_steps": 5}}},
+            r"both model\.path and a pretrain.*--set pretrain=null.*--model DIR",
+        ),
+        ({**MINIMAL, "model": {"min_gene_coverage": 1.5}}, r"model\.min_gene_coverage must lie"),
+        ({**MINIMAL, "protocol": {"warn_below_events": -1}}, r"protocol\.warn_below_events"),
         ({"pretrain": {"optim": {"learning_rate": 1}}}, r"optim\.learning_rate"),
         (
             {"model": {"embeddings": "e.parquet"}, "baselines": {"genes": "all"}},
@@ -93,3 +98,36 @@ def test_missing_and_malformed_files(tmp_path):
         EvaluateConfig.from_yaml(bad)
     with pytest.raises(ConfigError, match="not of the form key=value"):
         EvaluateConfig.from_yaml(REPO / "configs" / "evaluate_simulated.yaml", ["arms.ia3"])
+
+
+@pytest.mark.parametrize("key", ["robustness", "transfer", "per_cohort_survival"])
+def test_null_means_none_for_list_keys(tmp_path, key):
+    """``--set tasks.robustness=null`` and ``[]`` mean the same: no such study."""
+    path = tmp_path / "eval.yaml"
+    path.write_text(
+        yaml.safe_dump({**MINIMAL, "tasks": {key: [0.3] if key == "robustness" else ["A"]}})
+    )
+    for value in ("null", "[]"):
+        cfg = EvaluateConfig.from_yaml(path, [f"tasks.{key}={value}"])
+        assert getattr(cfg.tasks, key) == []
+    assert getattr(TasksSection(**{key: None}), key) == []  # built in Python, too
+
+
+def test_null_means_empty_for_mapping_keys():
+    assert DataSection(select=None).select == {}
+    assert HeadsSection(mlp=None, cox=None, finetune=None).mlp == {}
+
+
+def test_report_title_defaults_to_one_derived_from_the_data():
+    assert EvaluateConfig.from_dict(MINIMAL).report.title is None
+
+
+def test_template_loads_and_marks_what_to_change():
+    from importlib import resources
+
+    text = resources.files("bulkfm.configs").joinpath("evaluate_template.yaml").read_text()
+    cfg = EvaluateConfig.from_dict(yaml.safe_load(text))
+    assert cfg.pretrain is None and cfg.model.path and cfg.data.path
+    changed = [line.split(":")[0].strip() for line in text.splitlines() if "# CHANGE" in line]
+    assert {"output_dir", "path", "label_key", "time_key", "event_key", "select"} <= set(changed)
+    assert changed.count("path") == 2  # data.path and model.path

@@ -83,7 +83,7 @@ def test_exclusions_hold_only_the_steps_that_dropped_samples_in_run_order():
     assert excl.to_dict() == {
         "select": {"rules": {"sample_type": "tumor"}, "n_before": 10, "n_after": 8},
         "unlabelled": 1,
-        "survival": {"n_excluded": 2, "reason": "no time", "ids": ["a", "b"]},
+        "survival": {"n_excluded": 2, "reason": "no time", "ids": ["a", "b"], "by_reason": {}},
     }
     assert list(excl.to_dict()) == ["select", "unlabelled", "survival"]
 

@@ -11,7 +11,13 @@ import pandas as pd
 import pytest
 
 from bulkfm import schema as keys
-from bulkfm.errors import BulkfmWarning, ClinicalMatchError, ConfigError, SplitError
+from bulkfm.errors import (
+    BulkfmWarning,
+    ClinicalMatchError,
+    ConfigError,
+    GeneMappingError,
+    SplitError,
+)
 from bulkfm.evaluate.config import EvaluateConfig
 from bulkfm.evaluate.run import run_evaluation
 from bulkfm.metrics import concordance_index
@@ -217,6 +223,7 @@ def test_results_json_sections_and_arm_entries_keep_their_keys(run):
     assert list(results) == [
         "config",
         "model",
+        "gene_coverage",
         "data",
         "splits",
         "notes",
@@ -276,7 +283,9 @@ def test_class_with_too_few_patients_is_named_or_dropped(data, model, config, tm
     cfg.data.drop_small_classes = True
     with pytest.warns(BulkfmWarning, match="left out 1 class.*RARE: 3 patient"):
         res = run_evaluation(cfg, adata=small, model=model)
-    assert "RARE" in res.results["data"]["exclusions"]["small_classes"]
+    excl = res.results["data"]["exclusions"]
+    assert excl["small_classes"]["RARE"].startswith("3 patient(s), 3 sample(s)")
+    assert excl["small_class_samples"] == 3
     assert "RARE" not in res.results["data"]["classes"]
 
 
@@ -395,3 +404,34 @@ def test_quick_config_is_the_packaged_yaml_with_overrides(tmp_path):
     assert fuller.protocol.n_seeds == 5 and fuller.heads.finetune["epochs"] == 10
     with pytest.raises(ConfigError, match="protocl"):
         quick_config("m", "o", ["protocl.n_seeds=5"])
+
+
+# --------------------------------------------------------------------------- gene coverage
+def test_data_lacking_model_genes_run_and_record_their_coverage(data, model, config, tmp_path):
+    """A cohort quantified without 6 of the model's 40 genes: the model reads them as
+    [MASK], the baselines read the 34 present ones, robustness removes measured genes
+    only, and coverage is in results.json and the report."""
+    _, tokenizer = model
+    absent = set(tokenizer.genes[:6])
+    lacking = data[:, [g for g in data.var_names if g not in absent]].copy()
+    cfg = config(
+        tmp_path / "ok",
+        arms={"svm": False, "ia3": False},
+        baselines={"nmf_svm": False, "mlp": False},
+        tasks={"survival": False, "similarity": False, "robustness": [0.5]},
+    )
+    res = run_evaluation(cfg, adata=lacking, model=model)
+    coverage = res.results["gene_coverage"]
+    assert (coverage["n_model_genes"], coverage["n_in_data"], coverage["n_absent"]) == (40, 34, 6)
+    assert coverage["fraction_measured"] == pytest.approx(34 / 40)
+    assert set(coverage["by_group"]["cohort"]) == {"COHA", "COHB", "COHC", "COHD"}
+    assert "the 34 of the model's 40 genes present in the data" in res.results["notes"][0]
+    report = (tmp_path / "ok" / "report.md").read_text()
+    assert "- gene coverage: the samples measure 85.0% of the model's 40 genes" in report
+    assert "6 are absent from the data and read as [MASK]" in report
+    assert res.results["robustness"]["fractions"]["0.5"]["masked"]["ratio"]["n"] == 2
+
+    cfg = config(tmp_path / "low", model={"min_gene_coverage": 0.9})
+    with pytest.raises(GeneMappingError, match=r"model\.min_gene_coverage"):
+        run_evaluation(cfg, adata=lacking, model=model)
+    assert not (tmp_path / "low").exists()  # stopped before any work, folder removed

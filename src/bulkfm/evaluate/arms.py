@@ -116,11 +116,15 @@ def finetune_config(config: EvaluateConfig, task: str, arm: str, seed: int) -> F
 
 
 def baseline_matrix(config: EvaluateConfig, mdl: LoadedModel, adata: ad.AnnData) -> Any:
-    """TPM columns the baselines read: the model's genes, or all (top-k chosen per split)."""
+    """TPM columns the baselines read: the model's genes, or all (top-k chosen per split).
+
+    With ``baselines.genes: model`` the baselines read the model's genes that the data
+    has: a gene the data lacks has no values to read (the model sees it as [MASK]).
+    """
     genes = config.baselines.genes
     if genes == "model" and mdl.tokenizer is not None:
         cols = mdl.tokenizer.align_columns(list(map(str, adata.var_names)))
-        return adata.X if cols is None else adata.X[:, cols]
+        return adata.X if cols is None else adata.X[:, cols[cols >= 0]]
     return adata.X
 
 

@@ -38,6 +38,7 @@ from bulkfm.config import (
     check_probability,
 )
 from bulkfm.errors import ConfigError
+from bulkfm.tokenize import DEFAULT_MIN_GENE_COVERAGE
 
 __all__ = [
     "ArmsSection",
@@ -67,7 +68,9 @@ def _optional_path(name: str, value: Any) -> str | None:
 
 
 def _names(name: str, value: Any) -> list[str]:
-    """A list of names; one bare name is a list of one."""
+    """A list of names; one bare name is a list of one; ``None`` (YAML ``null``) is none."""
+    if value is None:
+        return []
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, list | tuple):
         raise ConfigError(f"{name} must be a list of names, got {value!r}")
@@ -122,6 +125,8 @@ class DataSection:
             check_nonempty_str(f"data.{name}", getattr(self, name), hint="name an obs column")
         self.group_key = _optional_path("data.group_key", self.group_key)
         self.dedupe_key = _optional_path("data.dedupe_key", self.dedupe_key)
+        if self.select is None:  # YAML null: no selection, as {} reads
+            self.select = {}
         if not isinstance(self.select, dict):
             raise ConfigError(f"data.select must be a mapping, got {self.select!r}")
         check_bool("data.drop_small_classes", self.drop_small_classes)
@@ -130,7 +135,13 @@ class DataSection:
 @dataclass
 class ModelSection:
     """A bulkfm (or official-format, with ``genes`` + ``normalization_factor``) checkpoint,
-    or ``embeddings``: precomputed ones (.parquet/.npy/.h5ad) for the frozen arms only."""
+    or ``embeddings``: precomputed ones (.parquet/.npy/.h5ad) for the frozen arms only.
+
+    The data need not hold every gene of the checkpoint: absent genes are fed as [MASK]
+    and left out of pooling. ``min_gene_coverage`` is the smallest mean fraction of the
+    model's genes the selected samples must measure, overall and in each cohort and
+    study (:func:`bulkfm.tokenize.gene_coverage`); below it the run stops before any work.
+    """
 
     path: str | None = None
     embeddings: str | None = None
@@ -139,6 +150,7 @@ class ModelSection:
     layer: int = -1
     batch_size: int = 16
     device: str = "cpu"
+    min_gene_coverage: float = DEFAULT_MIN_GENE_COVERAGE
 
     def __post_init__(self) -> None:
         self.path = _optional_path("model.path", self.path)
@@ -151,17 +163,32 @@ class ModelSection:
         check_int("model.layer", self.layer)
         check_int("model.batch_size", self.batch_size, 1)
         check_nonempty_str("model.device", self.device, hint="e.g. 'cpu' or 'cuda'")
+        self.min_gene_coverage = check_number(
+            "model.min_gene_coverage",
+            self.min_gene_coverage,
+            low=0.0,
+            high=1.0,
+            hint="the smallest mean fraction of the model's genes the data must measure",
+        )
 
 
 @dataclass
 class ProtocolSection:
-    """Paper protocol: 80/20 patient-grouped splits, 5 seeds, mean ± std."""
+    """Paper protocol: 80/20 patient-grouped splits, 5 seeds, mean ± std.
+
+    ``min_events``: a cohort's C-index in a test split is computed from this many events
+    on. ``warn_below_events``: a test set (a split, or one cohort's part of it) with
+    fewer events than this gets a warning and a note in the report: its C-index rests
+    on few comparable pairs and varies widely between splits. 10 is a convention, not a
+    derived bound.
+    """
 
     n_seeds: int = 5
     seed: int = 0
     test_size: float = 0.2
     survival_strata: SurvivalStrata = "event"
     min_events: int = 1
+    warn_below_events: int = 10
 
     def __post_init__(self) -> None:
         check_int("protocol.n_seeds", self.n_seeds, 1)
@@ -174,12 +201,14 @@ class ProtocolSection:
             hint="stratify the splits by the event, or by cohort and event",
         )
         check_int("protocol.min_events", self.min_events, 1)
+        check_int("protocol.warn_below_events", self.warn_below_events, 0, hint="0: never warn")
 
 
 @dataclass
 class TasksSection:
     """Which studies run. ``per_cohort_survival`` / ``transfer``: cohort names, or
-    ``all``; ``robustness``: fractions of genes removed (e.g. [0.1, 0.3, 0.5])."""
+    ``all``; ``robustness``: fractions of genes removed (e.g. [0.1, 0.3, 0.5]). For
+    each list, ``[]`` and ``null`` both mean "none"."""
 
     classification: bool = True
     survival: bool = True
@@ -194,6 +223,8 @@ class TasksSection:
             check_bool(f"tasks.{name}", getattr(self, name))
         self.per_cohort_survival = _names("tasks.per_cohort_survival", self.per_cohort_survival)
         self.transfer = _names("tasks.transfer", self.transfer)
+        if self.robustness is None:
+            self.robustness = []
         if not isinstance(self.robustness, list | tuple):
             raise ConfigError(
                 f"tasks.robustness must be a list of fractions, e.g. [0.1, 0.3, 0.5], got "
@@ -277,6 +308,8 @@ class HeadsSection:
     def __post_init__(self) -> None:
         for key in ("mlp", "cox", "finetune"):
             value = getattr(self, key)
+            if value is None:  # YAML null: the defaults, as {} reads
+                value = {}
             if not isinstance(value, dict):
                 raise ConfigError(
                     f"heads.{key} must be a mapping (key: value lines), got {value!r}"
@@ -316,15 +349,19 @@ class HeadsSection:
 
 @dataclass
 class ReportSection:
+    """``title``: the report's heading; null (the default) derives one from the data
+    (what was classified, how many classes and samples). Counts belong in the derived
+    text, not in a fixed title, which goes stale when the data change."""
+
     plots: bool = True
     html: bool = True
-    title: str = "BulkRNABert evaluation"
+    title: str | None = None
 
     def __post_init__(self) -> None:
         check_bool("report.plots", self.plots)
         check_bool("report.html", self.html)
-        if not isinstance(self.title, str):
-            raise ConfigError(f"report.title must be a string, got {self.title!r}")
+        if self.title is not None and not isinstance(self.title, str):
+            raise ConfigError(f"report.title must be a string or null, got {self.title!r}")
 
 
 @dataclass
@@ -378,8 +415,9 @@ class EvaluateConfig(ConfigMixin):
             )
         if self.model.path and self.pretrain is not None:
             raise ConfigError(
-                "both model.path and a pretrain: section are set; keep one (model.path uses "
-                "an existing checkpoint, pretrain: trains a new one)"
+                "both model.path and a pretrain: section are set; keep one: to evaluate the "
+                "checkpoint, remove the pretrain: section (or --set pretrain=null; "
+                "`bulkfm evaluate --model DIR` does both), or drop model.path to pre-train here"
             )
         if self.model.embeddings and not (self.model.path or self.pretrain is not None):
             needs_model = [

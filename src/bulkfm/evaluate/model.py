@@ -9,7 +9,7 @@ import dataclasses
 import logging
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,6 +20,7 @@ from bulkfm.embed import embed_adata, read_embeddings
 from bulkfm.errors import BulkfmWarning, ConfigError
 from bulkfm.evaluate.results import ModelInfo, ModelSize, PretrainingInfo
 from bulkfm.tasks import TaskData, align_inputs
+from bulkfm.tokenize import GeneCoverage, gene_coverage
 from bulkfm.train.config import PretrainConfig
 
 if TYPE_CHECKING:
@@ -33,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "LoadedModel",
+    "check_coverage",
     "embed",
     "embeddings_for",
     "load_model",
@@ -45,11 +47,28 @@ __all__ = [
 @dataclass
 class LoadedModel:
     """The encoder and tokenizer (both None for precomputed embeddings), and where they
-    came from (:func:`model_info` adds the size for results.json's ``model``)."""
+    came from (:func:`model_info` adds the size for results.json's ``model``).
+    ``coverage``: how much of the model's gene list the analysed samples measure, set
+    once by :func:`check_coverage` before the model first runs."""
 
     model: BulkRNABert | None
     tokenizer: BinTokenizer | None
     info: ModelInfo
+    coverage: GeneCoverage | None = field(default=None, repr=False)
+
+
+def check_coverage(mdl: LoadedModel, adata: ad.AnnData, section: ModelSection) -> None:
+    """Measure (and log) the model's gene coverage of ``adata`` once, for results.json;
+    below ``model.min_gene_coverage`` it is an error naming that key. Model genes the
+    data lacks are fed as [MASK] and left out of pooling by every arm."""
+    if mdl.tokenizer is None:
+        return
+    mdl.coverage = gene_coverage(
+        mdl.tokenizer,
+        adata,
+        min_coverage=section.min_gene_coverage,
+        option="model.min_gene_coverage (--set model.min_gene_coverage=...)",
+    )
 
 
 def load_model(
@@ -122,10 +141,17 @@ def embed(
     adata: ad.AnnData,
     model: BulkRNABert | None = None,
 ) -> np.ndarray:
-    """Frozen embeddings of ``adata`` by ``model`` (default: the loaded one)."""
+    """Frozen embeddings of ``adata`` by ``model`` (default: the loaded one).
+
+    Coverage was checked once on the analysed samples (:func:`check_coverage`); the
+    subsets and robustness variants embedded later are not checked again (a variant
+    with 50% of the genes removed is meant to be read with them missing).
+    """
     encoder = model if model is not None else mdl.model
     if encoder is None or mdl.tokenizer is None:
         raise ConfigError("embedding samples needs a model; set model.path or pretrain:")
+    if mdl.coverage is None:
+        check_coverage(mdl, adata, section)
     return embed_adata(
         encoder,
         mdl.tokenizer,
@@ -133,6 +159,7 @@ def embed(
         layer=section.layer,
         batch_size=section.batch_size,
         progress=None,
+        coverage=mdl.coverage,
     )
 
 

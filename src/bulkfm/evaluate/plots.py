@@ -1,5 +1,10 @@
 """Figures of the evaluation report, drawn on Agg canvases.
 
+Score axes span the metric's whole range [0, 1] and carry a dashed chance line (0.5 for a
+C-index, the largest class's share for accuracy), so a bar's length reads as the score
+and a gap of 0.02 does not look like a gap of 0.5, as it would on an axis zoomed to the
+bars.
+
 matplotlib is imported inside each function (the CLI must start without it), and figures
 are built as ``Figure`` objects with their own Agg canvas rather than through pyplot, so
 no global figure state leaks between reports or into a user's notebook.
@@ -26,6 +31,7 @@ __all__ = [
     "per_cohort_figure",
     "png_bytes",
     "save_png",
+    "scores_figure",
     "similarity_figure",
 ]
 
@@ -89,6 +95,35 @@ def confusion_figure(confusion: Any, labels: Sequence[Any], title: str = "") -> 
     return fig
 
 
+def scores_figure(
+    scores: Mapping[str, tuple[float, float]],
+    metric: str,
+    chance: float,
+    chance_label: str,
+    title: str = "",
+) -> Figure:
+    """Horizontal bars: one score (mean ± std over splits) per model, on the full [0, 1]
+    axis with the chance level drawn, so differences keep their true size."""
+    if not scores:
+        raise ConfigError("no scores to plot")
+    if not 0.0 <= chance <= 1.0:
+        raise ConfigError(f"chance level {chance} lies outside [0, 1]")
+    models = list(scores)
+    mean = [scores[m][0] for m in models]
+    std = [0.0 if np.isnan(scores[m][1]) else scores[m][1] for m in models]
+    fig = _figure(6.5, 1.0 + 0.38 * len(models))
+    ax = fig.add_subplot()
+    y = np.arange(len(models))[::-1]
+    ax.barh(y, mean, xerr=std, color="tab:blue", alpha=0.8, capsize=2, height=0.6)
+    ax.axvline(chance, color="grey", lw=1.0, ls="--", label=chance_label)
+    ax.set_yticks(y, models, fontsize=8)
+    ax.set_xlim(0.0, 1.0)
+    ax.set_xlabel(f"{metric} (test, mean ± std over splits)")
+    ax.legend(fontsize=7, frameon=False, loc="lower right")
+    ax.set_title(title, fontsize=10)
+    return fig
+
+
 def per_cohort_figure(
     scores: Mapping[str, Mapping[str, tuple[float, float]]], title: str = ""
 ) -> Figure:
@@ -107,7 +142,7 @@ def per_cohort_figure(
         ax.bar(
             x + (k - (len(models) - 1) / 2) * width, mean, width, yerr=std, label=model, capsize=2
         )
-    ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+    ax.axhline(0.5, color="grey", lw=0.8, ls="--", label="chance (0.5)")
     ax.set_xticks(x, cohorts, rotation=45, ha="right")
     ax.set_ylim(0.0, 1.0)
     ax.set_ylabel("C-index (test, mean ± std)")

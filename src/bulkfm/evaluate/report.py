@@ -18,7 +18,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bulkfm.errors import BulkfmError
-from bulkfm.evaluate.plots import confusion_figure, per_cohort_figure, save_png, similarity_figure
+from bulkfm.evaluate.plots import (
+    confusion_figure,
+    per_cohort_figure,
+    save_png,
+    scores_figure,
+    similarity_figure,
+)
 from bulkfm.evaluate.results import ClassificationArm, EvaluationResult, KaplanMeier, SurvivalArm
 from bulkfm.io import write_text
 
@@ -27,7 +33,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Table", "fmt_mean_std", "report_tables", "write_report"]
+__all__ = ["Table", "fmt_mean_std", "report_tables", "report_title", "write_report"]
 
 CLASSIFICATION_METRICS = (
     ("macro_f1", "macro-F1"),
@@ -106,36 +112,87 @@ def _metric_table(
     return Table(title, ["Model", *[name for _, name in present]], rows, note)
 
 
+def _split_words(results: dict[str, Any], task: str) -> str:
+    """``"5 patient-grouped 80/20 splits"`` from the splits and the config that made them."""
+    n = len(results.get("splits", {}).get(task, []))
+    test = results.get("config", {}).get("protocol", {}).get("test_size")
+    shape = "hold-out"
+    if test is not None:
+        shape = f"{round(100 * (1 - float(test)))}/{round(100 * float(test))}"
+    return f"{n} patient-grouped {shape} split{'s' if n != 1 else ''}"
+
+
+def _survival_scope(results: dict[str, Any]) -> str:
+    """ "Pan-cancer survival" over several cohorts, plain "Survival" within one."""
+    per_cohort = results["data"].get("survival", {}).get("per_cohort", {})
+    return "Pan-cancer survival" if len(per_cohort) > 1 else "Survival"
+
+
+def report_title(results: dict[str, Any]) -> str:
+    """A heading derived from the data: what was classified and predicted, in how many
+    classes and samples (so it cannot go stale when the data change)."""
+    return "BulkRNABert evaluation: " + _data_words(results)
+
+
+def _data_words(results: dict[str, Any]) -> str:
+    """``"8 cohort classes, 420 samples; survival of 415 samples with 140 events"``."""
+    data = results["data"]
+    label = results["config"]["data"]["label_key"]
+    parts = []
+    classes = data.get("classes")
+    if classes:
+        parts.append(f"{len(classes)} {label} classes, {sum(classes.values())} samples")
+    surv = data.get("survival")
+    if surv:
+        parts.append(f"survival of {surv['n']} samples with {surv['n_events']} events")
+    if not parts:
+        parts.append(f"{data['n_selected']} samples")
+    return "; ".join(parts)
+
+
 def report_tables(results: dict[str, Any]) -> list[Table]:
     """Every table of the report, in order, from a results dict (results.json)."""
     tables: list[Table] = []
-    n_splits = len(results.get("splits", {}).get("classification", [])) or len(
-        results.get("splits", {}).get("survival", [])
-    )
     if results.get("classification"):
         classes = results["data"].get("classes", {})
+        total = sum(classes.values())
+        shares = [n / total for n in classes.values()] if total else []
+        largest = max(shares, default=math.nan)
+        k = len(shares)
+        guessing = sum(2 * p / (k * p + 1) for p in shares) / k if k else math.nan
         tables.append(
             _metric_table(
                 f"Classification of {results['config']['data']['label_key']} "
                 f"({len(classes)} classes, {sum(classes.values())} samples)",
                 results["classification"],
                 CLASSIFICATION_METRICS,
-                f"Test scores, mean ± std over {n_splits} patient-grouped 80/20 splits "
-                "stratified by class; every model saw the same splits.",
+                f"Test scores, mean ± std over {_split_words(results, 'classification')} "
+                "stratified by class; every model saw the same splits. Chance level: "
+                f"accuracy {largest:.3f} by always predicting the largest class; macro-F1 "
+                f"{guessing:.3f} by guessing each class with probability 1/{k} (its "
+                "large-sample value).",
             )
         )
     if results.get("survival"):
         surv = results["data"]["survival"]
+        few = (surv.get("test_events") or {}).get("few", [])
+        note = (
+            f"Mean ± std over {_split_words(results, 'survival')} stratified by the event. "
+            "C-index over the whole test set; weighted = per-cohort C-indexes weighted by "
+            "cohort test size; macro = their plain mean. Chance: 0.5."
+        )
+        if few:
+            note += " Few events: " + " ".join(f"{line}." for line in few)
         tables.append(
             _metric_table(
-                f"Pan-cancer survival ({surv['n']} samples, {surv['n_events']} events)",
+                f"{_survival_scope(results)} ({surv['n']} samples, {surv['n_events']} events)",
                 results["survival"],
                 SURVIVAL_METRICS,
-                "C-index over the whole test set; weighted = per-cohort C-indexes weighted by "
-                "cohort test size; macro = their plain mean.",
+                note,
             )
         )
-        tables.append(_per_cohort_table(results["survival"]))
+        if len(surv.get("per_cohort", {})) > 1:
+            tables.append(_per_cohort_table(results["survival"], surv))
     if results.get("per_cohort_survival"):
         tables.append(_cohort_models_table(results["per_cohort_survival"]))
     if results.get("transfer"):
@@ -145,14 +202,24 @@ def report_tables(results: dict[str, Any]) -> list[Table]:
     return tables
 
 
-def _per_cohort_table(arms: dict[str, Any]) -> Table:
+def _per_cohort_table(arms: dict[str, Any], surv: dict[str, Any]) -> Table:
     cohorts = sorted({c for a in arms.values() for c in a.get("per_cohort", {})})
-    rows = [[c, *[fmt_mean_std(a["per_cohort"].get(c)) for a in arms.values()]] for c in cohorts]
+    per_split = (surv.get("test_events") or {}).get("per_cohort", {})
+    rows = [
+        [
+            c,
+            str(min(per_split[c])) if per_split.get(c) else "",
+            *[fmt_mean_std(a["per_cohort"].get(c)) for a in arms.values()],
+        ]
+        for c in cohorts
+    ]
     return Table(
-        "Per-cohort C-index of the pan-cancer models",
-        ["Cohort", *[a["label"] for a in arms.values()]],
+        f"Per-cohort C-index of the pan-cancer models ({len(cohorts)} cohorts)",
+        ["Cohort", "fewest test events", *[a["label"] for a in arms.values()]],
         rows,
-        "Cohorts without events or comparable pairs in a test split are skipped for that split.",
+        "Cohorts without events or comparable pairs in a test split are skipped for that "
+        "split. 'fewest test events': the fewest events of the cohort in one test split; a "
+        "C-index on a handful of events is imprecise.",
     )
 
 
@@ -165,11 +232,13 @@ def _cohort_models_table(per_cohort: dict[str, Any]) -> Table:
                 labels.append(arm["label"])
     for cohort, entry in per_cohort["cohorts"].items():
         by_label = {a["label"]: a for a in entry["arms"].values()}
+        fewest = entry.get("min_test_events")
         rows.append(
             [
                 cohort,
                 str(entry["n"]),
                 str(entry["n_events"]),
+                "" if fewest is None else str(fewest),
                 *[
                     fmt_mean_std(by_label.get(lab, {}).get("summary", {}).get("c_index"))
                     for lab in labels
@@ -177,10 +246,11 @@ def _cohort_models_table(per_cohort: dict[str, Any]) -> Table:
             ]
         )
     for cohort, reason in per_cohort.get("skipped", {}).items():
-        rows.append([cohort, "", "", *(["skipped: " + reason] + [""] * (len(labels) - 1))])
+        rows.append([cohort, "", "", "", *(["skipped: " + reason] + [""] * (len(labels) - 1))])
     return Table(
-        "Per-cohort survival models (trained and tested within one cohort)",
-        ["Cohort", "n", "events", *labels],
+        f"Per-cohort survival models ({len(per_cohort['cohorts'])} cohorts, each trained and "
+        "tested within itself)",
+        ["Cohort", "n", "events", "fewest test events", *labels],
         rows,
     )
 
@@ -228,7 +298,8 @@ def _robustness_table(rob: dict[str, Any]) -> Table:
             "set to 0 TPM",
         ],
         rows,
-        "Genes removed from the test samples only; ratio = macro-F1 / clean macro-F1 per split.",
+        "A fraction of the model's genes measured in the data is removed from the test "
+        "samples only; ratio = macro-F1 / clean macro-F1 per split.",
     )
 
 
@@ -241,9 +312,44 @@ def _best(
     return max(scored)[1] if scored else None
 
 
+def _scores(
+    arms: Mapping[str, ClassificationArm | SurvivalArm], metric: str
+) -> dict[str, tuple[float, float]]:
+    """label -> (mean, std) of ``metric`` for the arms that have a finite mean."""
+    out = {}
+    for arm in arms.values():
+        stat = arm.summary.get(metric) or {}
+        if not _nan(stat.get("mean")):
+            out[arm.label] = (float(stat["mean"]), float(stat.get("std") or math.nan))
+    return out
+
+
 def _plots(result: EvaluationResult, plot_dir: Path) -> list[tuple[str, Path]]:
     made: list[tuple[str, Path]] = []
     clf = result.classification_arms or {}
+    classes = result.data.classes or {}
+    accuracy = _scores(clf, "accuracy")
+    if accuracy and classes:
+        largest = max(classes.values()) / sum(classes.values())
+        fig = scores_figure(
+            accuracy,
+            "accuracy",
+            largest,
+            f"largest class ({largest:.2f})",
+            f"Classification of {len(classes)} classes, {sum(classes.values())} samples",
+        )
+        made.append(("Classification accuracy", save_png(fig, plot_dir / "accuracy.png")))
+    surv_counts = result.data.survival
+    c_index = _scores(result.survival_arms or {}, "c_index")
+    if c_index and surv_counts is not None:
+        fig = scores_figure(
+            c_index,
+            "C-index",
+            0.5,
+            "chance (0.5)",
+            f"Survival: {surv_counts.n} samples, {surv_counts.n_events} events",
+        )
+        made.append(("Survival C-index", save_png(fig, plot_dir / "c_index.png")))
     for kind in ("bulkrnabert", "baseline"):
         key = _best(clf, kind, "macro_f1")
         if key is not None:
@@ -267,12 +373,19 @@ def _plots(result: EvaluationResult, plot_dir: Path) -> list[tuple[str, Path]]:
         for a in surv.values()
     }
     if any(per_cohort.values()):
-        fig = per_cohort_figure(per_cohort, "Per-cohort C-index of the pan-cancer models")
+        n_cohorts = len({c for scores in per_cohort.values() for c in scores})
+        fig = per_cohort_figure(
+            per_cohort, f"Per-cohort C-index of the pan-cancer models ({n_cohorts} cohorts)"
+        )
         made.append(("Per-cohort C-index", save_png(fig, plot_dir / "per_cohort_cindex.png")))
     sim = result.similarity
     if sim is not None:
+        centred = "centred " if sim.centered else ""
         fig = similarity_figure(
-            sim.labels, sim.cosine, sim.linkage, "Cosine similarity of mean embeddings"
+            sim.labels,
+            sim.cosine,
+            sim.linkage,
+            f"Cosine similarity of {centred}mean embeddings ({len(sim.labels)} classes)",
         )
         made.append(
             (
@@ -309,32 +422,53 @@ def _km_plot(result: EvaluationResult, key: str, label: str, plot_dir: Path) -> 
 
 
 # --------------------------------------------------------------------------- documents
-def _lists(res: dict[str, Any]) -> list[tuple[str, list[str]]]:
-    excl = res["data"].get("exclusions", {})
+def _exclusion_items(data: dict[str, Any]) -> list[str]:
+    """The exclusions as sentences whose counts add up: the steps from the loaded to the
+    analysed samples partition the difference (one line with the sum), and the per-task
+    exclusions, which act on the analysed samples, say which task they concern."""
+    excl = data.get("exclusions", {})
+    steps: list[tuple[str, int]] = []
+    select = excl.get("select")
+    if select and select["n_before"] > select["n_after"]:
+        steps.append((f"not matching {select['rules']}", select["n_before"] - select["n_after"]))
+    dedupe = excl.get("dedupe")
+    if dedupe:
+        examples = ", ".join(dedupe["examples"][:2])
+        steps.append(
+            (f"duplicate {dedupe['key']} (the first kept; e.g. {examples})", dedupe["n_dropped"])
+        )
+    if excl.get("unlabelled"):
+        steps.append(("without a label", excl["unlabelled"]))
+    if excl.get("no_embedding"):
+        steps.append(("without a precomputed embedding", excl["no_embedding"]))
     items = []
-    for key, value in excl.items():
-        if key == "survival":
-            items.append(f"survival: {value['n_excluded']} sample(s) left out ({value['reason']})")
-        elif key == "select":
-            items.append(
-                f"selection {value['rules']}: {value['n_before']} -> {value['n_after']} samples"
-            )
-        elif key == "dedupe":
-            items.append(
-                f"duplicates of {value['key']}: {value['n_dropped']} left out, the first kept "
-                f"(e.g. {', '.join(value['examples'][:2])})"
-            )
-        elif key == "small_classes":
-            items.append(
-                "classes too small for the splits: "
-                + "; ".join(f"{c} ({r})" for c, r in value.items())
-            )
-        elif key == "unlabelled":
-            items.append(f"{value} selected sample(s) without a label")
-        elif key == "no_embedding":
-            items.append(f"{value} selected sample(s) without a precomputed embedding")
-        else:
-            items.append(f"{key}: {value}")
+    n_loaded, n_selected = data["n_loaded"], data["n_selected"]
+    if steps:
+        parts = " + ".join(f"{n} {what}" for what, n in steps)
+        items.append(
+            f"{n_loaded} loaded, {n_selected} analysed: {n_loaded - n_selected} left out = {parts}"
+        )
+    if excl.get("small_classes"):
+        n = excl.get("small_class_samples")
+        items.append(
+            "classification only"
+            + (f", {n} sample(s)" if n is not None else "")
+            + ": classes too small for the splits: "
+            + "; ".join(f"{c} ({r})" for c, r in excl["small_classes"].items())
+        )
+    surv = excl.get("survival")
+    if surv:
+        reasons = surv.get("by_reason") or {}
+        why = " + ".join(f"{n} {r}" for r, n in reasons.items()) or surv["reason"]
+        items.append(f"survival only: {surv['n_excluded']} sample(s) left out = {why}")
+    known = {"select", "dedupe", "unlabelled", "no_embedding", "small_classes"}
+    known |= {"small_class_samples", "survival"}
+    items += [f"{key}: {value}" for key, value in excl.items() if key not in known]
+    return items
+
+
+def _lists(res: dict[str, Any]) -> list[tuple[str, list[str]]]:
+    items = _exclusion_items(res["data"])
     stages: dict[str, float] = {}
     for key, seconds in res.get("timings_s", {}).items():
         stage = key.split("/")[0]
@@ -353,10 +487,13 @@ def _header(res: dict[str, Any], title: str) -> list[str]:
     lines = [f"# {title}", ""]
     desc = model.get("path") or model.get("source", "")
     if "n_genes" in model:
+        blocks = f"{model['num_layers']} block{'s' if model['num_layers'] != 1 else ''}"
         desc += (
-            f" ({model['num_layers']} blocks, {model['embed_dim']}-d, {model['n_genes']} genes, "
+            f" ({blocks}, {model['embed_dim']}-d, {model['n_genes']} genes, "
             f"{model['n_parameters']:,} parameters)"
         )
+    if title != report_title(res):  # a title of the user's: the data's counts below it
+        lines.append(f"- data: {_data_words(res)}")
     lines.append(f"- model: {desc}")
     pre = model.get("eval")
     if pre:
@@ -368,6 +505,23 @@ def _header(res: dict[str, Any], title: str) -> list[str]:
     lines.append(
         f"- samples: {res['data']['n_selected']} selected of {res['data']['n_loaded']} loaded"
     )
+    coverage = res.get("gene_coverage")
+    if coverage:
+        line = (
+            f"- gene coverage: the samples measure {coverage['fraction_measured']:.1%} of the "
+            f"model's {coverage['n_model_genes']} genes on average"
+        )
+        if coverage["n_absent"]:
+            line += (
+                f"; {coverage['n_absent']} are absent from the data and read as [MASK] "
+                f"(e.g. {', '.join(coverage['examples_absent'][:3])})"
+            )
+        groups = coverage.get("by_group", {})
+        for column, entries in groups.items():
+            if len(entries) > 1:
+                low = min(entries.items(), key=lambda kv: kv[1]["fraction_measured"])
+                line += f"; lowest {column}: {low[0]} {low[1]['fraction_measured']:.1%}"
+        lines.append(line + f" (minimum allowed {coverage['min_coverage']:.0%})")
     lines.append("")
     return lines
 
@@ -379,7 +533,8 @@ def write_report(result: EvaluationResult, config: EvaluateConfig) -> dict[str, 
     res = result.results  # after the plots: the KM plots add their log-rank results
     tables = report_tables(res)
     sim = res.get("similarity")
-    md = _header(res, config.report.title)
+    title = config.report.title or report_title(res)
+    md = _header(res, title)
     md += [t.markdown() for t in tables]
     if sim:
         md.append(f"Dendrogram leaf order of the mean embeddings: {', '.join(sim['order'])}\n")
@@ -390,9 +545,7 @@ def write_report(result: EvaluationResult, config: EvaluateConfig) -> dict[str, 
             md += [f"### {title}", "", *[f"- {i}" for i in items], ""]
     paths = {"report_md": write_text("\n".join(md) + "\n", out / "report.md")}
     if config.report.html:
-        paths["report_html"] = write_text(
-            _html(res, config.report.title, tables, plots), out / "report.html"
-        )
+        paths["report_html"] = write_text(_html(res, title, tables, plots), out / "report.html")
     for _caption, path in plots:
         paths[f"plot_{path.stem}"] = path
     return paths

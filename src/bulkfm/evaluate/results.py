@@ -29,6 +29,7 @@ __all__ = [
     "DataSummary",
     "DedupeStep",
     "EvaluationResult",
+    "EventCounts",
     "Exclusions",
     "KaplanMeier",
     "ModelInfo",
@@ -106,9 +107,13 @@ class SurvivalArm(_Record):
 
 @dataclass
 class CohortSurvival(_Record):
+    """One cohort's own survival models; ``min_test_events``: the fewest events in one of
+    its test splits (a C-index on a handful of events is imprecise)."""
+
     n: int
     n_events: int
     arms: dict[str, SurvivalArm]
+    min_test_events: int | None = None
 
 
 @dataclass
@@ -176,10 +181,27 @@ class KaplanMeier(_Record):
 
 
 @dataclass
+class EventCounts(_Record):
+    """Events in the test side of each survival split, overall and per cohort.
+
+    A C-index ranks the pairs anchored on events, so with few events it rests on few
+    pairs and moves a lot from split to split. ``few`` lists, in words, where a test set
+    holds fewer than ``threshold`` events (``protocol.warn_below_events``); the run warns
+    with the same words and the report prints them under the survival tables.
+    """
+
+    threshold: int
+    per_split: list[int]
+    per_cohort: dict[str, list[int]]
+    few: list[str] = field(default_factory=list)
+
+
+@dataclass
 class SurvivalCounts(_Record):
     n: int
     n_events: int
     per_cohort: dict[str, dict[str, int]]
+    test_events: EventCounts | None = None
 
 
 class _Sparse(_Record):
@@ -245,23 +267,58 @@ class DedupeStep(_Record):
 
 @dataclass
 class SurvivalExclusion(_Record):
+    """Samples left out of the survival tasks. ``by_reason`` partitions ``n_excluded``:
+    each sample is counted once, under the first reason that applies (no usable time,
+    then time <= 0, then no event), so the parts add up."""
+
     n_excluded: int
     reason: str
     ids: list[str]
+    by_reason: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
 class Exclusions(_Sparse):
     """Each step that dropped samples, in the order a run takes them; steps that dropped
     nothing stay None and out of the JSON. ``unlabelled`` / ``no_embedding``: sample
-    counts; ``small_classes``: the reason per left-out class."""
+    counts; ``small_classes``: the reason per left-out class, ``small_class_samples``
+    their samples.
+
+    ``select``, ``dedupe``, ``unlabelled`` and ``no_embedding`` act one after the other
+    on what the previous step kept, so they partition the loaded samples that were not
+    analysed (:meth:`accounted` checks it). ``small_classes`` and ``survival`` act on the
+    analysed samples, each for its own task only, and may overlap each other.
+    """
 
     select: SelectionStep | None = None
     dedupe: DedupeStep | None = None
     unlabelled: int | None = None
     no_embedding: int | None = None
     small_classes: dict[str, str] | None = None
+    small_class_samples: int | None = None
     survival: SurvivalExclusion | None = None
+
+    def steps(self) -> list[tuple[str, int]]:
+        """(what, samples) of each step between loading and the analysed set, in order."""
+        out = []
+        if self.select is not None and self.select.n_before > self.select.n_after:
+            out.append(
+                (
+                    f"not matching data.select {self.select.rules}",
+                    self.select.n_before - self.select.n_after,
+                )
+            )
+        if self.dedupe is not None:
+            out.append((f"duplicates of {self.dedupe.key} (the first kept)", self.dedupe.n_dropped))
+        if self.unlabelled:
+            out.append(("without a label", self.unlabelled))
+        if self.no_embedding:
+            out.append(("without a precomputed embedding", self.no_embedding))
+        return out
+
+    def accounted(self, n_loaded: int, n_selected: int) -> bool:
+        """Whether the steps' counts add up to the samples loaded but not analysed."""
+        return n_loaded - n_selected == sum(n for _, n in self.steps())
 
 
 @dataclass
@@ -302,6 +359,8 @@ class EvaluationResult:
     data: DataSummary
     notes: list[str]
     timings_s: dict[str, float]
+    #: :meth:`bulkfm.tokenize.GeneCoverage.to_dict` of the analysed samples (None: no model)
+    gene_coverage: dict[str, Any] | None = None
     splits: dict[str, list[SplitInfo]] = field(default_factory=dict)
     classification_arms: dict[str, ClassificationArm] | None = None
     robustness: RobustnessStudy | None = None
@@ -329,6 +388,10 @@ class EvaluationResult:
         out: dict[str, Any] = {
             "config": self.config,
             "model": self.model.to_dict(),
+        }
+        if self.gene_coverage is not None:
+            out["gene_coverage"] = self.gene_coverage
+        out |= {
             "data": self.data.to_dict(),
             "splits": _plain(self.splits),
             "notes": self.notes,

@@ -56,6 +56,7 @@ from bulkfm.evaluate.arms import (
 from bulkfm.evaluate.config import EvaluateConfig
 from bulkfm.evaluate.model import (
     LoadedModel,
+    check_coverage,
     embed,
     embeddings_for,
     load_model,
@@ -73,6 +74,7 @@ from bulkfm.evaluate.results import (
 from bulkfm.evaluate.selection import (
     classification_splits,
     drop_small_classes,
+    event_counts,
     select_samples,
     split_info,
     survival_data,
@@ -181,6 +183,7 @@ def _run(
         task = task_data(selected, config.data)
     with timed(timings, "model"):
         mdl = load_model(config, full, out, given)
+        check_coverage(mdl, task.rows(), config.model)  # before any work of the model
     with timed(timings, "embed"):
         if mdl.model is not None:
             emb = embed(mdl, config.model, task.rows())
@@ -195,6 +198,7 @@ def _run(
         data=DataSummary(n_loaded=full.n_obs, n_selected=len(task.ids), exclusions=exclusions),
         notes=_notes(config, mdl, task),
         timings_s=timings,
+        gene_coverage=mdl.coverage.to_dict() if mdl.coverage is not None else None,
     )
     if config.tasks.classification:
         _classification_studies(config, mdl, task, emb, result)
@@ -239,7 +243,7 @@ def _survival_studies(
     sd = survival_data(config, task, result.data.exclusions)
     s_emb = emb[np.isin(task.ids, sd.ids)]
     cohorts = sd.cohort_labels
-    result.data.survival = SurvivalCounts(
+    counts = result.data.survival = SurvivalCounts(
         n=sd.n,
         n_events=int(sd.event.sum()),
         per_cohort={
@@ -249,6 +253,8 @@ def _survival_studies(
     )
     splits = survival_splits(config, sd)
     result.splits["survival"] = split_info(splits)
+    what = "pan-cancer survival" if len(counts.per_cohort) > 1 else "survival"
+    counts.test_events = event_counts(sd, splits, config.protocol.warn_below_events, what)
     rand = None
     if config.arms.random_frozen and mdl.model is not None:
         rand = embed(mdl, config.model, sd.rows(), random_encoder(mdl.model, config.protocol.seed))
@@ -263,9 +269,17 @@ def _survival_studies(
 
 def _notes(config: EvaluateConfig, mdl: LoadedModel, task: TaskData) -> list[str]:
     b = config.baselines
-    n_model = mdl.model.config.n_genes if mdl.model is not None else "?"
+    model_genes = "the genes the model reads"
+    if mdl.coverage is not None:
+        cov = mdl.coverage
+        model_genes = f"the {cov.n_model_genes} genes the model reads"
+        if cov.n_absent:
+            model_genes = (
+                f"the {cov.n_in_data} of the model's {cov.n_model_genes} genes present in "
+                f"the data (the model reads the {cov.n_absent} absent ones as [MASK])"
+            )
     genes = {
-        "model": f"the {n_model} genes the model reads",
+        "model": model_genes,
         "all": f"all {task.rows().n_vars} genes",
     }.get(str(b.genes), f"the {b.genes} most variable genes of each training side")
     return [

@@ -22,6 +22,7 @@ from bulkfm.data.splits import Split, repeated_holdout, survival_strata
 from bulkfm.errors import BulkfmWarning, ClinicalMatchError, ConfigError, SplitError
 from bulkfm.evaluate.results import (
     DedupeStep,
+    EventCounts,
     Exclusions,
     SelectionStep,
     SplitInfo,
@@ -42,11 +43,13 @@ __all__ = [
     "classification_splits",
     "cohort_names",
     "drop_small_classes",
+    "event_counts",
     "obs_column",
     "select_samples",
     "split_info",
     "split_seed",
     "survival_data",
+    "survival_exclusion_reasons",
     "survival_splits",
     "task_data",
 ]
@@ -143,7 +146,11 @@ def drop_small_classes(task: TaskData, n_needed: int, drop: bool, record: Exclus
             fix="drop or merge these classes, or set data.drop_small_classes: true to leave "
             "them out with a warning",
         )
-    reasons = {c: f"{int(n)} patient(s) < {n_needed} needed" for c, n in small.items()}
+    samples = frame.groupby("y").size()
+    reasons = {
+        c: f"{int(n)} patient(s), {int(samples[c])} sample(s); {n_needed} patients needed"
+        for c, n in small.items()
+    }
     warnings.warn(
         f"left out {len(reasons)} class(es) with too few patients for the splits: "
         + "; ".join(f"{c}: {r}" for c, r in reasons.items()),
@@ -152,6 +159,7 @@ def drop_small_classes(task: TaskData, n_needed: int, drop: bool, record: Exclus
     )
     record.small_classes = reasons
     keep = ~np.isin(labels, list(reasons))
+    record.small_class_samples = int((~keep).sum())
     if np.unique(labels[keep]).size < 2:
         raise SplitError(
             f"fewer than two classes left after dropping small ones ({sorted(reasons)}); "
@@ -169,11 +177,18 @@ def survival_data(config: EvaluateConfig, task: TaskData, record: Exclusions) ->
     event_raw = obs_column(adata, data.event_key, "event_key").to_numpy(dtype=object)
     valid = valid_survival_mask(time_raw, event_raw)
     if not valid.all():
+        by_reason = survival_exclusion_reasons(time_raw, event_raw)
         record.survival = SurvivalExclusion(
             n_excluded=int((~valid).sum()),
             reason="missing/non-positive survival time or missing event",
             ids=task.ids[~valid].tolist(),
+            by_reason=by_reason,
         )
+        if sum(by_reason.values()) != record.survival.n_excluded:  # the rules disagree
+            raise ClinicalMatchError(
+                f"survival exclusions {by_reason} do not add up to "
+                f"{record.survival.n_excluded}; report this as a bug"
+            )
     if not valid.any():
         raise ClinicalMatchError(
             f"no selected sample has a usable survival record ({data.time_key} > 0 and "
@@ -189,6 +204,64 @@ def survival_data(config: EvaluateConfig, task: TaskData, record: Exclusions) ->
         cohorts=cohorts[valid],
         adata=adata[valid],
     )
+
+
+def survival_exclusion_reasons(time: np.ndarray, event: np.ndarray) -> dict[str, int]:
+    """Samples without a usable survival record, each counted under its first reason
+    (no usable time, time <= 0, no event), so the counts partition the excluded samples.
+
+    A sample lacking both time and event is one sample, not two: a report that counts it
+    under every reason adds up to more samples than were left out.
+    """
+    t = pd.to_numeric(pd.Series(np.asarray(time, dtype=object)), errors="coerce").to_numpy(
+        dtype=np.float64
+    )
+    e = pd.to_numeric(pd.Series(np.asarray(event, dtype=object)), errors="coerce").to_numpy(
+        dtype=np.float64
+    )
+    no_time = ~np.isfinite(t)
+    non_positive = np.isfinite(t) & (t <= 0)
+    no_event = np.isnan(e) & ~no_time & ~non_positive
+    counts = {
+        "missing or infinite time": int(no_time.sum()),
+        "time <= 0": int(non_positive.sum()),
+        "usable time but missing event": int(no_event.sum()),
+    }
+    return {k: v for k, v in counts.items() if v}
+
+
+def event_counts(
+    sd: TaskData, splits: Sequence[Split], threshold: int, what: str, *, warn: bool = True
+) -> EventCounts:
+    """Events in each split's test side, overall and per cohort; where fewer than
+    ``threshold``, a line in ``few`` for the report and (``warn``) a warning with the same
+    words (said once per run: the run de-duplicates warnings). ``what`` names the task."""
+    cohorts = sd.cohort_labels
+    names = sorted(pd.unique(cohorts).tolist())
+    per_split = [int(sd.event[s.test].sum()) for s in splits]
+    per_cohort = {
+        c: [int(sd.event[s.test][cohorts[s.test] == c].sum()) for s in splits] for c in names
+    }
+    few: list[str] = []
+    low = [n for n in per_split if n < threshold]
+    if low:
+        few.append(
+            f"{what}: {len(low)} of {len(splits)} test splits hold fewer than {threshold} "
+            f"events (fewest: {min(low)}); the C-index of such a split is imprecise"
+        )
+    if len(names) > 1:
+        low_cohorts = {c: min(v) for c, v in per_cohort.items() if v and min(v) < threshold}
+        if low_cohorts:
+            few.append(
+                f"{what}, per cohort: {len(low_cohorts)} of {len(names)} cohorts have fewer "
+                f"than {threshold} events in a test split (fewest per split: "
+                + ", ".join(f"{c} {n}" for c, n in low_cohorts.items())
+                + "); their per-cohort, weighted and macro C-indexes and transfer scores "
+                "rest on a handful of events"
+            )
+    for line in few if warn else ():
+        warnings.warn(line, BulkfmWarning, stacklevel=2)
+    return EventCounts(threshold=threshold, per_split=per_split, per_cohort=per_cohort, few=few)
 
 
 def classification_splits(config: EvaluateConfig, task: TaskData) -> list[Split]:

@@ -34,7 +34,12 @@ from bulkfm.evaluate.results import (
     TransferScores,
     VariantScores,
 )
-from bulkfm.evaluate.selection import cohort_names, split_seed, survival_splits
+from bulkfm.evaluate.selection import (
+    cohort_names,
+    event_counts,
+    split_seed,
+    survival_splits,
+)
 from bulkfm.impute import impute_missing
 from bulkfm.metrics import classification_metrics, concordance_index, mean_std
 from bulkfm.tasks import TaskData
@@ -69,6 +74,7 @@ def per_cohort_survival(
     """One model per cohort (frozen arms and baselines; fine-tuning is left out to bound
     the cost). Cohorts without enough events or patients for the splits are skipped."""
     out = PerCohortSurvival()
+    few: dict[str, int] = {}
     for cohort in cohort_names(config.tasks.per_cohort_survival, sd.cohort_labels):
         keep = sd.cohort_labels == cohort
         sub = sd.subset(keep)
@@ -90,6 +96,9 @@ def per_cohort_survival(
             )
             out.skipped[cohort] = str(exc)
             continue
+        counts = event_counts(sub, splits, config.protocol.warn_below_events, cohort, warn=False)
+        if counts.few:
+            few[cohort] = min(counts.per_split)
         arms = survival_arms(
             config,
             mdl,
@@ -104,6 +113,16 @@ def per_cohort_survival(
             n=int(keep.sum()),
             n_events=n_events,
             arms={k: survival_entry(k, v, config) for k, v in arms.items()},
+            min_test_events=min(counts.per_split),
+        )
+    if few:  # one warning for all cohorts, not one per cohort
+        warnings.warn(
+            f"per-cohort survival models: {len(few)} of {len(out.cohorts)} cohorts have fewer "
+            f"than {config.protocol.warn_below_events} events in a test split (fewest: "
+            + ", ".join(f"{c} {n}" for c, n in few.items())
+            + "); their C-indexes rest on a handful of events",
+            BulkfmWarning,
+            stacklevel=2,
         )
     return out
 
@@ -271,7 +290,8 @@ def _robustness_variants(
     tok = mdl.tokenizer
     assert tok is not None and mdl.model is not None
     cols = tok.align_columns(list(map(str, test.var_names)))
-    model_cols = np.arange(test.n_vars) if cols is None else cols
+    # only measured genes can be removed: model genes the data lacks are missing already
+    model_cols = np.arange(test.n_vars) if cols is None else cols[cols >= 0]
     rng = np.random.default_rng([seed, round(fraction * 1_000_000)])
     n_remove = max(1, round(fraction * model_cols.size))
     removed = np.sort(rng.choice(model_cols, size=n_remove, replace=False))
@@ -283,7 +303,18 @@ def _robustness_variants(
     removal[:, removed] = True
     masked = test.copy()
     masked.layers[keys.MISSING] = (base + removal.tocsr()).astype(bool)
-    imputed = impute_missing(mdl.model, tok, masked, batch_size=config.model.batch_size)
+    # The data's own columns only (add_absent_genes=False): model genes the data lacks stay
+    # [MASK], as in the clean embeddings, so the variants differ from the clean run in the
+    # removed genes alone. Coverage was checked on the clean data; removing genes is the
+    # point here, so it is not checked again.
+    imputed = impute_missing(
+        mdl.model,
+        tok,
+        masked,
+        batch_size=config.model.batch_size,
+        coverage=mdl.coverage,
+        add_absent_genes=False,
+    )
     imputed.layers[keys.MISSING] = base  # the removed genes now hold predicted TPM
     zero = test.copy()
     X = np.asarray(zero.X.toarray() if sp.issparse(zero.X) else zero.X, dtype=np.float32).copy()
