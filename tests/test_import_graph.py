@@ -171,6 +171,18 @@ _CLI = ("bulkfm.cli",)
 LAYERS: dict[str, tuple[str, ...]] = {
     "bulkfm.schema": ("bulkfm",),
     "bulkfm.errors": ("bulkfm",),
+    # a foundation: the console and log-once helpers every stage may use
+    "bulkfm.logs": (
+        "bulkfm.data",
+        "bulkfm.tokenize",
+        "bulkfm.models",
+        "bulkfm.train",
+        "bulkfm.tasks",
+        "bulkfm.impute",
+        *_EMBED,
+        *_ORCHESTRATORS,
+        *_CLI,
+    ),
     "bulkfm.data": (
         "bulkfm.tokenize",
         "bulkfm.models",
