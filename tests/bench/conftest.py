@@ -14,5 +14,4 @@ def small_config() -> BenchConfig:
         min_negatives=8,
         min_events=8,
         min_class_patients=8,
-        n_boot=50,
     )

@@ -133,10 +133,10 @@ def test_cli_precedence_yaml_then_flags_then_set(h5ad, tmp_path) -> None:
     cfg.write_text("models: [raw]\ntasks: cancer_type\nbench: {n_splits: 5, seed: 1}\n")
     out = tmp_path / "out"
     args = ["bench", "--data", str(h5ad), "--out", str(out), "--config", str(cfg), "--no-plots"]
-    args += [*SMALL, "--seed", "2", "--set", "bench.seed=4", "--set", "bench.n_boot=50"]
+    args += [*SMALL, "--seed", "2", "--set", "bench.seed=4", "--set", "bench.min_test_cases=3"]
     assert main(args) == 0
     record = json.loads((out / "run.json").read_text())["config"]
-    assert (record["n_splits"], record["seed"], record["n_boot"]) == (2, 4, 50)
+    assert (record["n_splits"], record["seed"], record["min_test_cases"]) == (2, 4, 3)
     assert record["cache_dir"] == str(out / "cache")
 
 

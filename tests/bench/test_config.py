@@ -30,6 +30,12 @@ def test_config_rejects_bad_values(field: str, value: object, match: str) -> Non
         BenchConfig(**{field: value})
 
 
+@pytest.mark.parametrize("method", ["splits", "test"])
+def test_removed_ci_methods_say_why_and_what_to_use(method: str) -> None:
+    with pytest.raises(ConfigError, match=rf"ci_method '{method}' was removed: .*'calibrated'"):
+        BenchConfig(ci_method=method)
+
+
 def test_config_unknown_key() -> None:
     with pytest.raises(ConfigError, match=r"unknown config key\(s\) \['splits'\].*'n_splits'"):
         BenchConfig.from_dict({"splits": 3})
@@ -37,7 +43,9 @@ def test_config_unknown_key() -> None:
 
 def test_config_from_yaml_values() -> None:
     """YAML lists become the tuple fields; ``1e-2`` (read by YAML as a string) a number."""
-    config = BenchConfig.from_dict({"c_grid": ["1e-2", 1], "seeds": [4, 2], "ci_method": "test"})
+    config = BenchConfig.from_dict(
+        {"c_grid": ["1e-2", 1], "seeds": [4, 2], "ci_method": "nadeau_bengio"}
+    )
     assert config.c_grid == (0.01, 1.0) and config.seeds == (4, 2) and config.n_splits == 2
     with pytest.raises(ConfigError, match="ci_method must be one of"):
         BenchConfig.from_dict({"ci_method": "bca"})

@@ -10,7 +10,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from bulkfm import schema as keys
 from bulkfm.config import (
@@ -26,10 +26,20 @@ from bulkfm.tasks.probes import ProbeConfig
 
 __all__ = ["CI_METHODS", "BenchConfig", "BenchFile", "name_list"]
 
-#: "test": bootstrap each split's test set (Owkin protocol), report the mean bounds.
-#: "splits": bootstrap the mean over the split scores (cheap; split variability only).
-CiMethod = Literal["test", "splits"]
-CI_METHODS: tuple[str, ...] = ("test", "splits")
+#: Interval of the mean over the splits: the corrected resampled t-interval
+#: (:func:`bulkfm.metrics.corrected_t_interval`) with the correlation between two splits'
+#: scores assumed by :func:`bulkfm.metrics.split_correlation`: "calibrated" (default,
+#: 1 - (1 - test_size)^2, which covered chance at about the nominal rate in signal-free
+#: simulations) or "nadeau_bengio" (test_size, the published correction, narrower).
+CI_METHODS: tuple[str, ...] = ("calibrated", "nadeau_bengio")
+#: Methods of earlier versions, and why they are gone (both ignored that random splits
+#: overlap, or described one split rather than the mean).
+_REMOVED_CI = {
+    "splits": "a bootstrap of the split scores treats overlapping splits as independent "
+    "(it gave a random control an interval excluding 0.5)",
+    "test": "averaged per-split test-set bootstraps describe one split's test estimate, "
+    "not the mean over splits",
+}
 
 
 @dataclass(frozen=True)
@@ -44,6 +54,11 @@ class BenchConfig(ConfigMixin):
     the cancer-type task. ``sample_type`` keeps only samples of that type
     (``None``: all). The survival columns hold one endpoint, the one the AnnData
     was built for; ``endpoint`` (if set) must match it.
+
+    Intervals: ``ci_level`` intervals of the mean over splits by ``ci_method`` (see
+    ``CI_METHODS``). A task whose test sets hold fewer than ``min_test_cases`` patients
+    of a class (or with an event / censored) in some split is flagged in the log and the
+    leaderboard: its scores rest on a handful of cases.
     """
 
     n_splits: int = 10
@@ -63,9 +78,9 @@ class BenchConfig(ConfigMixin):
     time_key: str = keys.SURVIVAL_TIME
     event_key: str = keys.SURVIVAL_EVENT
     endpoint: str | None = None
-    ci_method: CiMethod = "splits"
-    n_boot: int = 1000
+    ci_method: str = "calibrated"
     ci_level: float = 0.95
+    min_test_cases: int = 5
     seed: int = 0
     blas_threads: int | None = 1
     cache_dir: str | None = None
@@ -81,12 +96,18 @@ class BenchConfig(ConfigMixin):
             object.__setattr__(self, "n_splits", len(seeds))
         for name in ("min_positives", "min_negatives", "min_events", "min_class_patients"):
             check_int(name, getattr(self, name), 1)
-        check_int("n_boot", self.n_boot, 1)
+        check_int("min_test_cases", self.min_test_cases, 1)
         check_int("seed", self.seed, 0)
         if self.blas_threads is not None:
             check_int("blas_threads", self.blas_threads, 1)
         for name in ("cohort_key", "patient_key", "time_key", "event_key"):
             check_nonempty_str(name, getattr(self, name), hint="name an obs column")
+        if self.ci_method in _REMOVED_CI:
+            raise ConfigError(
+                f"ci_method {self.ci_method!r} was removed: {_REMOVED_CI[self.ci_method]}; "
+                f"use one of {list(CI_METHODS)} (--ci / ci_method=; default 'calibrated', "
+                "see docs/benchmark.md)"
+            )
         check_choice("ci_method", self.ci_method, CI_METHODS)
         check_number("ci_level", self.ci_level, low=0.5, high=1.0, high_open=True, hint="e.g. 0.95")
         if self.cache_dir is not None:

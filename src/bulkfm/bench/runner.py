@@ -6,6 +6,12 @@ models are embedded once for all samples (and cached on disk); learning models
 are refitted on each split's training samples. Then a linear probe per split
 (:mod:`bulkfm.tasks.probes`) gives test predictions, scored with
 :mod:`bulkfm.metrics`.
+
+Beside the models, each pan-cancer mutation task is also probed on one-hot cohort
+labels over the same splits (model :data:`COHORT_REFERENCE`, rows marked ``reference``):
+what cohort identity alone achieves, printed beside every model's score with the
+model's cohort-adjusted AUROC (pairs within one cohort only). Warnings a run raises
+(few test cases, a model's own warnings repeated per split) are said once per run.
 """
 
 from __future__ import annotations
@@ -27,7 +33,6 @@ from bulkfm.bench.selection import check_endpoint, default_tasks, parse_tasks, s
 from bulkfm.embedders.base import Embedder
 from bulkfm.embedders.registry import get_embedder
 from bulkfm.errors import (
-    BulkfmError,
     BulkfmWarning,
     ConfigError,
     ExpressionValueError,
@@ -47,14 +52,27 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BenchResult", "run_benchmark", "task_metrics"]
+__all__ = ["COHORT_REFERENCE", "BenchResult", "run_benchmark", "task_metrics"]
+
+#: Model label of the cohort-identity probe (one-hot cohort labels) of pan-cancer
+#: mutation tasks; its rows in ``scores`` / ``summary`` have ``reference`` True.
+COHORT_REFERENCE = "cohort identity"
 
 
 # --------------------------------------------------------------------------- metrics
 
 
+def _pan_cancer_mutation(task: TaskSpec) -> bool:
+    return task.family == "mutation" and task.cohort is None
+
+
 def task_metrics(td: TaskData, test: np.ndarray, prediction: np.ndarray) -> dict[str, float]:
-    """All metrics of one split; the task's headline metric (``td.spec.metric``) included."""
+    """All metrics of one split; the task's headline metric (``td.spec.metric``) included.
+
+    Pan-cancer mutation tasks add ``auroc_within_cohort`` (AUROC over mutated / wild-type
+    pairs of one cohort, :func:`bulkfm.metrics.within_group_auroc`), pan-cancer survival
+    ``c_index_within_cohort``: scores that cohort identity alone cannot raise.
+    """
     from bulkfm import metrics
 
     y = td.y[test]
@@ -63,7 +81,11 @@ def task_metrics(td: TaskData, test: np.ndarray, prediction: np.ndarray) -> dict
         m = metrics.classification_metrics(y, prediction, labels=list(range(len(td.classes))))
         return {k: float(m[k]) for k in ("macro_f1", "accuracy", "weighted_f1")}
     if kind == "binary":
-        return {"auroc": metrics.auroc(y, prediction)}
+        out = {"auroc": metrics.auroc(y, prediction)}
+        if _pan_cancer_mutation(td.spec):
+            within = metrics.within_group_auroc(y, prediction, td.cohort_labels[test])
+            out["auroc_within_cohort"] = float(within["pooled"])
+        return out
     out = {"c_index": metrics.concordance_index(y[:, 0], y[:, 1], prediction)}
     if td.spec.cohort is None:
         with warnings.catch_warnings():
@@ -73,52 +95,70 @@ def task_metrics(td: TaskData, test: np.ndarray, prediction: np.ndarray) -> dict
     return out
 
 
-def _primary_fn(td: TaskData, test: np.ndarray) -> tuple[Any, tuple[np.ndarray, ...]]:
-    """(metric function, extra arrays) for bootstrapping the headline metric of a split."""
+def _per_class_rows(
+    label: str, td: TaskData, split_no: int, test: np.ndarray, prediction: np.ndarray
+) -> list[dict[str, Any]]:
+    """Precision, recall, F1 and support of every class (multiclass tasks) in one split."""
     from bulkfm import metrics
 
-    task = td.spec
-    y = td.y[test]
-    if task.kind == "multiclass":
-        labels = list(range(len(td.classes)))
-        return (lambda t, p: metrics.classification_metrics(t, p, labels=labels)["macro_f1"]), (y,)
-    if task.kind == "binary":
-        return metrics.auroc, (y,)
-    if task.cohort is None:
+    codes = list(range(len(td.classes)))
+    m = metrics.classification_metrics(td.y[test], prediction, labels=codes)
+    return [
+        {
+            "model": label,
+            "task": td.spec.name,
+            "split": split_no,
+            "class": name,
+            "precision": m["per_class_precision"][str(code)],
+            "recall": m["per_class_recall"][str(code)],
+            "f1": m["per_class_f1"][str(code)],
+            "support": m["per_class_support"][str(code)],
+        }
+        for code, name in zip(codes, td.classes, strict=True)
+    ]
 
-        def within(time: np.ndarray, event: np.ndarray, risk: np.ndarray, coh: np.ndarray) -> float:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", BulkfmWarning)
-                return metrics.cohort_concordance(time, event, risk, coh)["weighted"]
 
-        return (lambda tm, ev, co, risk: within(tm, ev, risk, co)), (
-            y[:, 0],
-            y[:, 1],
-            td.cohort_labels[test],
+def _test_cases(td: TaskData, splits: Sequence[Split]) -> dict[str, int]:
+    """Fewest test *patients* of each kind over the splits: mutated / wild-type (binary),
+    with an event / censored (survival), of each class (multiclass)."""
+    kind = td.spec.kind
+    if kind == "survival":
+        parts = {"events": td.y[:, 1] == 1, "censored": td.y[:, 1] == 0}
+    elif kind == "binary":
+        parts = {"positives": td.y == 1, "negatives": td.y == 0}
+    else:
+        parts = {str(c): td.y == i for i, c in enumerate(td.classes)}
+    return {
+        name: int(min(np.unique(td.groups[s.test][member[s.test]]).size for s in splits))
+        for name, member in parts.items()
+    }
+
+
+def _flag_few_test_cases(
+    prepared: dict[str, TaskData], splits: dict[str, list[Split]], config: BenchConfig
+) -> None:
+    """Record each task's fewest test cases in its info and warn once per run about tasks
+    whose test sets hold fewer than ``config.min_test_cases`` of some kind."""
+    flagged = []
+    for name, td in prepared.items():
+        counts = _test_cases(td, splits[name])
+        td.info["min_test_patients"] = counts
+        few = {k: v for k, v in counts.items() if v < config.min_test_cases}
+        td.info["few_test_cases"] = bool(few)
+        if few:
+            what = "class " if td.spec.kind == "multiclass" else ""
+            flagged.append(f"{name} ({', '.join(f'{what}{k}: {v}' for k, v in few.items())})")
+    if flagged:
+        logger.warning(
+            "%d task(s) have test sets with fewer than %d patients of a class, with an event "
+            "or censored in some split, so their scores (and the random control's) swing "
+            "with single patients; they are flagged in the leaderboard (few_test_cases): %s. "
+            "Raise --min-positives / --min-negatives / --min-events, a larger --test-size, "
+            "or set min_test_cases= to change this threshold",
+            len(flagged),
+            config.min_test_cases,
+            "; ".join(flagged),
         )
-    return (lambda tm, ev, risk: metrics.concordance_index(tm, ev, risk)), (y[:, 0], y[:, 1])
-
-
-def _split_ci(
-    td: TaskData, test: np.ndarray, prediction: np.ndarray, config: BenchConfig, seed: int
-) -> tuple[float, float]:
-    from bulkfm import metrics
-
-    if config.ci_method != "test":
-        return float("nan"), float("nan")
-    fn, arrays = _primary_fn(td, test)
-    try:
-        return metrics.bootstrap_ci(
-            fn,
-            *arrays,
-            prediction,
-            n_boot=max(config.n_boot, 10),
-            seed=seed,
-            alpha=1.0 - config.ci_level,
-        )
-    except BulkfmError as exc:
-        logger.info("no bootstrap CI for %s: %s", td.spec.name, exc)
-        return float("nan"), float("nan")
 
 
 # --------------------------------------------------------------------------- models
@@ -251,15 +291,18 @@ def _blas_threads(n: int | None) -> Iterator[None]:
 
 
 def _score_split(
-    model: Embedder,
+    label: str,
     td: TaskData,
     split_no: int,
     split: Split,
     X: np.ndarray,
     config: BenchConfig,
+    per_class: list[dict[str, Any]],
+    *,
+    reference: bool = False,
 ) -> list[dict[str, Any]]:
     task = td.spec
-    with _naming_task(task.name, model.label):
+    with _naming_task(task.name, label):
         result = run_probe(
             task.kind,
             X[split.train],
@@ -270,48 +313,62 @@ def _score_split(
             strata_train=td.strata[split.train],
         )
     values = task_metrics(td, split.test, result.prediction)
-    seed = config.seed * 100_003 + (split.seed or 0)
-    ci_low, ci_high = _split_ci(td, split.test, result.prediction, config, seed)
+    if task.kind == "multiclass":
+        per_class.extend(_per_class_rows(label, td, split_no, split.test, result.prediction))
     y_test = td.y[split.test]
     n_pos = int(y_test[:, 1].sum()) if task.kind == "survival" else int((y_test == 1).sum())
-    rows = []
-    for metric, value in values.items():
-        primary = metric == task.metric
-        rows.append(
-            {
-                "model": model.label,
-                "task": task.name,
-                "family": task.family,
-                "metric": metric,
-                "primary": primary,
-                "split": split_no,
-                "seed": split.seed,
-                "value": float(value),
-                "ci_low": ci_low if primary else float("nan"),
-                "ci_high": ci_high if primary else float("nan"),
-                "param": result.param,
-                "n_features": result.n_features,
-                "n_train": int(split.train.size),
-                "n_test": int(split.test.size),
-                "n_test_positive_or_events": n_pos if task.kind != "multiclass" else None,
-            }
-        )
+    return [
+        {
+            "model": label,
+            "task": task.name,
+            "family": task.family,
+            "metric": metric,
+            "primary": metric == task.metric,
+            "reference": reference,
+            "split": split_no,
+            "seed": split.seed,
+            "value": float(value),
+            "param": result.param,
+            "n_features": result.n_features,
+            "n_train": int(split.train.size),
+            "n_test": int(split.test.size),
+            "n_test_positive_or_events": n_pos if task.kind != "multiclass" else None,
+        }
+        for metric, value in values.items()
+    ]
+
+
+def _cohort_reference(
+    td: TaskData, splits: Sequence[Split], config: BenchConfig
+) -> list[dict[str, Any]]:
+    """The same probe on one-hot cohort labels over the task's splits: what cohort
+    identity alone achieves on a pan-cancer mutation task."""
+    cohorts = td.cohort_labels
+    X = (cohorts[:, None] == np.unique(cohorts)[None, :]).astype(np.float64)
+    rows: list[dict[str, Any]] = []
+    for i, split in enumerate(splits):
+        rows += _score_split(COHORT_REFERENCE, td, i, split, X, config, [], reference=True)
     return rows
 
 
 def _summarise(scores: pd.DataFrame, config: BenchConfig) -> pd.DataFrame:
+    """Mean, std and the interval of the mean over splits per model x task x metric.
+
+    The interval is :func:`bulkfm.metrics.corrected_t_interval`, with the correlation of
+    two splits' scores from the task's test fraction (``config.ci_method``), clipped to
+    [0, 1], the range of every metric here (NaN bounds stay NaN).
+    """
     from bulkfm import metrics
 
     rows = []
-    keys = ["model", "task", "family", "metric", "primary"]
+    keys = ["model", "task", "family", "metric", "primary", "reference"]
     for key, group in scores.groupby(keys, sort=False):
-        stats = metrics.mean_std(group["value"].to_numpy())
-        if config.ci_method == "test":
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN (secondary metrics)
-                lo, hi = np.nanmean(group["ci_low"]), np.nanmean(group["ci_high"])
-        else:
-            lo, hi = _splits_ci(group["value"].to_numpy(), config)
+        values = group["value"].to_numpy(dtype=np.float64)
+        stats = metrics.mean_std(values)
+        fraction = float((group["n_test"] / (group["n_train"] + group["n_test"])).mean())
+        rho = metrics.split_correlation(fraction, config.ci_method)
+        lo, hi = metrics.corrected_t_interval(values, correlation=rho, level=config.ci_level)
+        lo, hi = max(lo, 0.0), min(hi, 1.0)  # every bench metric lies in [0, 1]
         rows.append(
             {
                 **dict(zip(keys, key, strict=True)),
@@ -326,15 +383,23 @@ def _summarise(scores: pd.DataFrame, config: BenchConfig) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _splits_ci(values: np.ndarray, config: BenchConfig) -> tuple[float, float]:
-    from bulkfm import metrics
-
-    values = values[np.isfinite(values)]
-    if values.size < 2:
-        return float("nan"), float("nan")
-    return metrics.bootstrap_ci(
-        np.mean, values, n_boot=max(config.n_boot, 10), seed=config.seed, alpha=1 - config.ci_level
-    )
+@contextlib.contextmanager
+def _warnings_once() -> Iterator[None]:
+    """Collect the warnings raised inside and say each distinct one once, with how often
+    it came (a learning model refitted per split would otherwise repeat itself per split)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield
+        finally:
+            pass
+    seen: dict[tuple[type[Warning], str], int] = {}
+    for w in caught:
+        key = (w.category, str(w.message))
+        seen[key] = seen.get(key, 0) + 1
+    for (category, message), count in seen.items():
+        note = f" (said once; raised {count} times in this run)" if count > 1 else ""
+        warnings.warn(message + note, category, stacklevel=3)
 
 
 def run_benchmark(
@@ -372,15 +437,23 @@ def run_benchmark(
         with _naming_task(t.name):
             prepared[t.name] = prepare_task(bench.obs, t, config)
     splits = {name: _make_splits(td, config) for name, td in prepared.items()}
+    _flag_few_test_cases(prepared, splits, config)
     data_fp = data_fingerprint(bench)
     cache = EmbeddingCache(config.cache_dir) if config.cache_dir else None
     timings: dict[str, float] = {"setup": time.perf_counter() - t_start}
     n_steps = len(embedders) * sum(len(s) for s in splits.values())
     rows: list[dict[str, Any]] = []
+    per_class: list[dict[str, Any]] = []
     with (
+        _warnings_once(),
         _blas_threads(config.blas_threads),
         tqdm(total=n_steps, desc="bench", unit="split", disable=_no_bar(progress)) as bar,
     ):
+        t0 = time.perf_counter()
+        for task in selection.tasks:
+            if _pan_cancer_mutation(task):
+                rows += _cohort_reference(prepared[task.name], splits[task.name], config)
+        timings["cohort_reference"] = time.perf_counter() - t0
         for model in embedders:
             t0 = time.perf_counter()
             frozen = None if model.learns else _frozen_embedding(model, bench, data_fp, cache)
@@ -392,7 +465,7 @@ def run_benchmark(
                 for i, split in enumerate(splits[task.name]):
                     bar.set_postfix_str(f"{model.label} {task.name}", refresh=False)
                     X = _embedding_for_split(model, bench, td, split, frozen)
-                    split_rows = _score_split(model, td, i, split, X, config)
+                    split_rows = _score_split(model.label, td, i, split, X, config, per_class)
                     primary += [r["value"] for r in split_rows if r["primary"]]
                     rows.extend(split_rows)
                     bar.update()
@@ -406,10 +479,13 @@ def run_benchmark(
                 )
             timings[f"{model.label}/probe"] = time.perf_counter() - t1
     scores = pd.DataFrame(rows)
+    summary = _summarise(scores, config)
+    _log_cohort_reference(summary)
     timings["total"] = time.perf_counter() - t_start
     return BenchResult(
         scores=scores,
-        summary=_summarise(scores, config),
+        summary=summary,
+        per_class=pd.DataFrame(per_class),
         tasks=list(selection.tasks),
         task_info={name: td.info for name, td in prepared.items()},
         skipped=dict(selection.skipped),
@@ -419,6 +495,18 @@ def run_benchmark(
         endpoint=endpoint,
         n_samples=int(bench.n_obs),
         timings=timings,
+    )
+
+
+def _log_cohort_reference(summary: pd.DataFrame) -> None:
+    """One line per run: what cohort identity alone scores on the pan-cancer mutation tasks."""
+    ref = summary[summary["reference"] & summary["primary"]]
+    if ref.empty:
+        return
+    logger.info(
+        "cohort identity alone (one-hot cohort probe, same splits) scores AUROC %s; read "
+        "the cohort-adjusted AUROC (auroc_within_cohort) for what a model adds",
+        ", ".join(f"{t} {m:.3f}" for t, m in zip(ref["task"], ref["mean"], strict=True)),
     )
 
 

@@ -35,7 +35,6 @@ _CONFIG_FLAGS = {
     "min_class_patients": "bench.min_class_patients",
     "endpoint": "bench.endpoint",
     "ci": "bench.ci_method",
-    "n_boot": "bench.n_boot",
     "seed": "bench.seed",
     "models": "models",
     "tasks": "tasks",
@@ -82,9 +81,13 @@ def register(subparsers: Any) -> None:
         help="use only samples of this obs sample_type (default 'tumor'; 'all' for every sample)",
     )
     p.add_argument("--endpoint", help="survival endpoint the data were built for (check only)")
-    p.add_argument("--ci", choices=["splits", "test"], help="CI method (default splits)")
-    p.add_argument("--n-boot", type=int, help="bootstrap resamples for the CI (1000)")
-    p.add_argument("--seed", type=int, help="seed of the inner CV and bootstrap (0)")
+    p.add_argument(
+        "--ci",
+        choices=["calibrated", "nadeau_bengio"],
+        help="interval of the mean over the overlapping splits: corrected resampled t with the "
+        "split correlation calibrated (default) or Nadeau & Bengio's (narrower)",
+    )
+    p.add_argument("--seed", type=int, help="seed of the inner CV (0)")
     p.add_argument(
         "--model-dir",
         action="append",

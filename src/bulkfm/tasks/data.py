@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from bulkfm import schema as keys
+from bulkfm.data.clinical import mutation_status
 from bulkfm.errors import ConfigError, SplitError
 from bulkfm.tasks.spec import (
     TaskRules,
@@ -313,12 +314,8 @@ def _prepare_mutation(obs: pd.DataFrame, task: TaskSpec, rules: TaskRules) -> Ta
             f"{mutation_genes(obs)}"
         )
     groups = patient_ids(obs, rules.patient_key)
-    values = pd.to_numeric(obs[column].astype(object), errors="coerce")
-    bad = values.notna() & ~values.isin([0, 1])
-    if bad.any():
-        raise ConfigError(f"{column} must be 0/1 (NA = unknown), found {values[bad].unique()[:5]}")
-    keep = values.notna().to_numpy() & _scope(obs, task, rules)
-    y = values.to_numpy(dtype=float, na_value=np.nan)
+    y = mutation_status(obs, str(task.gene))  # categorical 0/1 (or older Int8) -> float, NaN
+    keep = ~np.isnan(y) & _scope(obs, task, rules)
     n_pos = _n_patients(groups, keep & (y == 1))
     n_neg = _n_patients(groups, keep & (y == 0))
     split = _split_need(rules)

@@ -91,10 +91,11 @@ def valid_survival_mask(time: Any, event: Any) -> np.ndarray:
     no_event = np.isnan(e)
     valid = ~(no_time | non_positive | no_event)
     if not valid.all():
+        only_event = no_event & ~no_time & ~non_positive  # each sample under one reason
         warnings.warn(
             f"left out {int((~valid).sum())} of {valid.size} samples without a usable survival "
             f"record: {int(no_time.sum())} missing/infinite time, {int(non_positive.sum())} "
-            f"time <= 0, {int(no_event.sum())} missing event",
+            f"time <= 0, {int(only_event.sum())} usable time but missing event",
             BulkfmWarning,
             stacklevel=2,
         )
