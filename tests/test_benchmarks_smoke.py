@@ -290,3 +290,17 @@ def test_tokenize_reference_is_the_official_recipe() -> None:
     tpm = np.array([[0.0, 1e-9, 9.0, 99.0, 1e6]])  # 0, tiny, v=0.5, v=1 (top), above
     got = tokenize_speed.reference_tokens(tpm, factor, 64)
     assert got.tolist() == [[0, 1, 32, 63, 63]]
+
+
+def test_split_ci_coverage_smoke() -> None:
+    rows = load("split_ci_coverage").main(
+        ["--replicates", "30", "--splits", "5", "--samples", "60", "--test-size", "0.2"]
+    )
+    (row,) = rows
+    assert row["replicates"] == 30 and row["splits"] == 5 and row["test_size"] == 0.2
+    assert set(row["coverage"]) == {"naive", "nadeau_bengio", "calibrated"}
+    # wider intervals cover at least as often: naive <= N&B <= calibrated, all in [0, 1]
+    c = row["coverage"]
+    assert 0 <= c["naive"] <= c["nadeau_bengio"] <= c["calibrated"] <= 1
+    assert row["rho_assumed"]["calibrated"] == pytest.approx(1 - 0.8**2)
+    assert abs(row["bias"]) < 0.1
