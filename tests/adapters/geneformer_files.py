@@ -19,8 +19,13 @@ def write_geneformer_release(
     dict_format: str = "json",
     seed: int = 0,
     vocab_size: int | None = None,
+    mapping: dict[str, str] | None = None,
 ) -> Path:
-    """A tiny BertForMaskedLM in the released layout plus the two dictionaries."""
+    """A tiny BertForMaskedLM in the released layout plus the two dictionaries.
+
+    ``mapping`` also writes the Ensembl mapping dictionary as the release ships it: a
+    pickled ``dict`` of old id -> token-dictionary id, named ``ensembl_mapping_dict_*.pkl``.
+    """
     import torch
     import transformers
 
@@ -42,4 +47,6 @@ def write_geneformer_release(
             (folder / f"{stem}.json").write_text(json.dumps(data))
         else:
             (folder / f"{stem}.pkl").write_bytes(pickle.dumps(data))
+    if mapping is not None:
+        (folder / "ensembl_mapping_dict_gc104M.pkl").write_bytes(pickle.dumps(mapping))
     return folder

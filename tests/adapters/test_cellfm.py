@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import struct
+import zlib
 
 import anndata as ad
 import numpy as np
@@ -20,7 +21,10 @@ from bulkfm.adapters.cellfm import (  # noqa: E402
     cellfm_normalise,
     select_genes,
 )
-from bulkfm.adapters.cellfm_net import read_mindspore_checkpoint  # noqa: E402
+from bulkfm.adapters.cellfm_net import (  # noqa: E402
+    read_mindspore_checkpoint,
+    read_mindspore_entries,
+)
 from bulkfm.embedders import get_embedder  # noqa: E402
 from bulkfm.errors import (  # noqa: E402
     CheckpointError,
@@ -28,14 +32,14 @@ from bulkfm.errors import (  # noqa: E402
     ExpressionValueError,
     GeneMappingError,
 )
-
-SYMBOLS = [
-    "TP53", "GAPDH", "ACTB", "EGFR", "MYC", "KRAS", "PTEN", "CDH1", "ESR1", "ERBB2", "VIM",
-    "ALB", "CD4", "PIK3CA", "BRCA1", "BRAF", "APC", "SMAD4", "CDKN2A", "NRAS", "KIT", "MET",
-]  # fmt: skip
-DIMS, HEADS, LAYERS = 16, 4, 3
-ROWS = len(SYMBOLS) + 1 + (-len(SYMBOLS) - 1) % 8  # padding row + round up to 8
-
+from tests.adapters.cellfm_files import (  # noqa: E402
+    DIMS,
+    HEADS,
+    SYMBOLS,
+    make_adata,
+    random_weights,
+    write_gene_file,
+)
 
 # --------------------------------------------------------------------------- writers
 
@@ -71,48 +75,6 @@ def write_ms_ckpt(path, tensors: dict[str, np.ndarray], split: tuple[str, ...] =
     path.write_bytes(bytes(blob))
 
 
-def random_weights(seed: int = 1, n_layers: int = LAYERS) -> dict[str, np.ndarray]:
-    """Encoder tensors under the release's names, plus what a release carries beside."""
-    rng = np.random.default_rng(seed)
-
-    def dense(o, i):
-        return (rng.standard_normal((o, i)) / math.sqrt(i)).astype(np.float32)
-
-    w = {
-        "gene_emb": (0.5 * rng.standard_normal((ROWS, DIMS))).astype(np.float32),
-        "cls_token": (0.5 * rng.standard_normal((1, 1, DIMS))).astype(np.float32),
-        "value_enc.value_enc.w1.weight": dense(256, 1) * 3,
-        "value_enc.value_enc.w3.weight": dense(256, 256),
-        "value_enc.value_enc.table.weight": dense(DIMS, 256) * 4,
-        "value_enc.value_enc.a": np.array([[0.3]], dtype=np.float32),
-        "value_enc.mask_emb": rng.standard_normal((1, 1, DIMS)).astype(np.float32),
-    }
-    for i in range(n_layers):
-        p = f"encoder.{i}."
-        for m in ("q", "k", "v", "u", "o"):
-            w[f"{p}attn.{m}_proj.weight"] = dense(DIMS, DIMS)
-        for m in ("u", "v", "o"):
-            w[f"{p}ffn.{m}_proj.weight"] = dense(DIMS, DIMS)
-        for k in (1, 2):
-            w[f"{p}post_norm{k}.gamma"] = (1 + 0.1 * rng.standard_normal(DIMS)).astype(np.float32)
-            w[f"{p}post_norm{k}.beta"] = (0.1 * rng.standard_normal(DIMS)).astype(np.float32)
-    extras = {
-        "zero_emb": np.zeros((1, 1, DIMS), np.float32),
-        "value_dec.w1.weight": dense(DIMS, DIMS),
-        "value_dec.w2.weight": dense(1, DIMS),
-        "cellwise_dec.map.weight": dense(DIMS, DIMS),
-        "moment1.gene_emb": np.ones((ROWS, DIMS), np.float32),
-        "moment2.cls_token": np.ones((1, 1, DIMS), np.float32),
-        "global_step": np.array([7], dtype=np.int32),
-        "learning_rate": np.array([1e-4], dtype=np.float32),
-    }
-    return {**w, **extras}
-
-
-def write_gene_file(path, symbols=SYMBOLS) -> None:
-    pd.DataFrame({"HGNC_gene": symbols, "h5_sample_frequency": 1}).to_csv(path, index=False)
-
-
 @pytest.fixture
 def weights() -> dict[str, np.ndarray]:
     return random_weights()
@@ -136,34 +98,27 @@ def ensembl() -> dict[str, str]:
     return dict(zip(SYMBOLS, ids, strict=True))
 
 
-def make_adata(ensembl, n=5, seed=0, *, drop=("KIT",), extra=2) -> ad.AnnData:
-    """Counts-like data: vocabulary genes (minus ``drop``) and ``extra`` other genes;
-    sample 1 expresses only three genes so the batch needs padding."""
-    rng = np.random.default_rng(seed)
-    genes = [ensembl[s] for s in SYMBOLS if s not in drop]
-    genes += ["ENSG00000000003", "ENSG00000000005"][:extra]
-    X = rng.gamma(0.7, 2000.0, size=(n, len(genes))).round().astype(np.float32)
-    X[rng.random(X.shape) < 0.2] = 0.0
-    X[1, 3:] = 0.0
-    return ad.AnnData(
-        X=X,
-        obs=pd.DataFrame(index=[f"s{i}" for i in range(n)]),
-        var=pd.DataFrame(index=genes),
-    )
-
-
 # --------------------------------------------------------------------------- reference
 
 
-def naive_cls(w: dict[str, np.ndarray], gene_ids, values, heads=HEADS) -> np.ndarray:
-    """One sample, no padding, float64, written from the published equations."""
+def naive_cls(
+    w: dict[str, np.ndarray], gene_ids, values, heads=HEADS, *, port: bool = False
+) -> np.ndarray:
+    """One sample, no padding, float64, written from the published equations.
+
+    ``port``: CellFM-torch's ``encode`` (CLS, ST_emb[0], ST_emb[1], genes; PyTorch's
+    LayerNorm epsilon 1e-5 and LeakyReLU slope 0.01; V / sqrt(n - 3 + 1e-6)).
+    """
     t = {k: torch.from_numpy(np.asarray(v, dtype=np.float64)) for k, v in w.items()}
     n_layers = 1 + max(int(k.split(".")[1]) for k in w if k.startswith("encoder."))
     p = "value_enc.value_enc."
+    slope, eps = (0.01, 1e-5) if port else (0.2, 1e-7)
     rows = [t["cls_token"].reshape(-1)]
+    if port:
+        rows += [t["ST_emb"][0, 0], t["ST_emb"][0, 1]]
     for g, v in zip(gene_ids, values, strict=True):
         h = t[p + "w1.weight"][:, 0] * float(v)
-        h = torch.where(h >= 0, h, 0.2 * h)
+        h = torch.where(h >= 0, h, slope * h)
         h = t[p + "w3.weight"] @ h + h * t[p + "a"].item()
         rows.append(t["gene_emb"][int(g)] + t[p + "table.weight"] @ torch.softmax(h, 0))
     x = torch.stack(rows)
@@ -175,7 +130,7 @@ def naive_cls(w: dict[str, np.ndarray], gene_ids, values, heads=HEADS) -> np.nda
     def ln(z, g, b):
         mu = z.mean(-1, keepdim=True)
         var = ((z - mu) ** 2).mean(-1, keepdim=True)
-        return (z - mu) / torch.sqrt(var + 1e-7) * g + b
+        return (z - mu) / torch.sqrt(var + eps) * g + b
 
     for i in range(n_layers):
         e = f"encoder.{i}."
@@ -185,7 +140,7 @@ def naive_cls(w: dict[str, np.ndarray], gene_ids, values, heads=HEADS) -> np.nda
             s = slice(h * dh, (h + 1) * dh)
             Q = torch.relu(q[:, s]) / math.sqrt(dh)
             K = torch.relu(k[:, s]) / math.sqrt(dh)
-            V = v[:, s] / math.sqrt(n)
+            V = v[:, s] / math.sqrt(n - 3 + 1e-6 if port else n)
             ret = Q @ (K.T @ V)
             rms = (ret.norm(dim=-1, keepdim=True) / math.sqrt(dh)).clamp_min(1e-12)
             outs.append(ret / rms * torch.nn.functional.silu(u[:, s]))
@@ -209,6 +164,60 @@ def test_reader_returns_released_tensors_by_name(model_dir, weights):
         model_dir / "CellFM_80M_weight.ckpt", keep=lambda k: not k.startswith("moment")
     )
     assert "moment1.gene_emb" not in kept and "gene_emb" in kept
+
+
+def _tensor_entry(name: str, dtype: str, dims: tuple[int, ...], content: bytes) -> bytes:
+    proto = b"".join(_varint(1 << 3 | 0) + _varint(d) for d in dims)
+    proto += _field(2, dtype.encode()) + _field(3, content)
+    return _field(1, _field(1, name.encode()) + _field(2, proto))
+
+
+def _with_crc(payload: bytes) -> bytes:
+    """MindSpore's crc_check=True trailer: b"crc_num" + 10-byte big-endian CRC-32."""
+    return payload + b"crc_num" + zlib.crc32(payload).to_bytes(10, "big")
+
+
+def test_crc_trailer_is_verified(tmp_path):
+    arr = np.arange(6, dtype=np.float32).reshape(2, 3)
+    payload = _tensor_entry("w", "Float32", (2, 3), arr.tobytes())
+    good = tmp_path / "crc.ckpt"
+    good.write_bytes(_with_crc(payload))
+    np.testing.assert_array_equal(read_mindspore_checkpoint(good)["w"].numpy(), arr)
+    # One flipped bit in a tensor value: the stored CRC no longer matches.
+    damaged = bytearray(good.read_bytes())
+    damaged[len(payload) - 3] ^= 0x01
+    bad = tmp_path / "damaged.ckpt"
+    bad.write_bytes(bytes(damaged))
+    with pytest.raises(CheckpointError, match=r"CRC-32 .* does not match"):
+        read_mindspore_checkpoint(bad)
+
+
+def test_append_dict_strings_are_returned_apart(tmp_path):
+    text = "epoch 3, naïve"
+    raw = np.array(text).tobytes()  # numpy <U text, as MindSpore stores it
+    payload = _tensor_entry("w", "Float32", (1,), np.float32(2.5).tobytes())
+    payload += _tensor_entry("note", "str", (0,), raw)
+    payload += _tensor_entry("step", "Int64", (0,), np.int64(7).tobytes())  # dims [0]: scalar
+    (tmp_path / "s.ckpt").write_bytes(_with_crc(payload))
+    tensors, strings = read_mindspore_entries(tmp_path / "s.ckpt")
+    assert strings == {"note": text}
+    assert set(tensors) == {"w", "step"} and tensors["step"].shape == () and tensors["step"] == 7
+    assert set(read_mindspore_checkpoint(tmp_path / "s.ckpt")) == {"w", "step"}
+
+
+def test_bfloat16_tensors_are_read_exactly(tmp_path):
+    values = torch.tensor([1.5, -2.25, 3.0e-3, 65280.0], dtype=torch.bfloat16)
+    raw = values.view(torch.int16).numpy().astype("<i2").tobytes()
+    (tmp_path / "b.ckpt").write_bytes(_tensor_entry("w", "BFloat16", (2, 2), raw))
+    got = read_mindspore_checkpoint(tmp_path / "b.ckpt")["w"]
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, values.reshape(2, 2))
+
+
+def test_unknown_tensor_type_names_the_readable_ones(tmp_path):
+    (tmp_path / "q.ckpt").write_bytes(_tensor_entry("w", "Int4", (2,), b"\0"))
+    with pytest.raises(CheckpointError, match=r"unsupported type 'Int4'.*BFloat16"):
+        read_mindspore_checkpoint(tmp_path / "q.ckpt")
 
 
 def test_not_a_checkpoint_fails(tmp_path):
@@ -416,6 +425,45 @@ def test_cls_matches_naive_forward_per_sample(model_dir, weights, ensembl):
     assert len(ids[1]) == 3 and len(ids[0]) > 10  # padding really happens in the batch
     for i in range(adata.n_obs):
         np.testing.assert_allclose(got[i], naive_cls(weights, ids[i], vals[i]), atol=2e-5)
+
+
+def _port_release(tmp_path, weights, seed: int = 5):
+    rng = np.random.default_rng(seed)
+    w = {**weights, "ST_emb": (0.5 * rng.standard_normal((1, 2, DIMS))).astype(np.float32)}
+    folder = tmp_path / "with_st"
+    folder.mkdir()
+    write_ms_ckpt(folder / "CellFM_80M_weight.ckpt", w)
+    write_gene_file(folder / "expand_gene_info.csv")
+    return folder, w
+
+
+def test_pytorch_port_matches_naive_forward_and_differs_from_mindspore(tmp_path, weights, ensembl):
+    folder, w = _port_release(tmp_path, weights)
+    adata = make_adata(ensembl, drop=("KIT",))
+    adata = adata[[0, 2, 3, 4]].copy()  # the port needs more than 3 genes per sample
+    emb = CellFMEmbedder(folder, num_heads=HEADS, implementation="pytorch_port", batch_size=3)
+    got = emb.transform(adata)
+    ids, vals, _ = emb.tokens(adata, slice(0, adata.n_obs), None)
+    for i in range(adata.n_obs):
+        ref = naive_cls(w, ids[i], vals[i], port=True)
+        np.testing.assert_allclose(got[i], ref, atol=2e-5)
+    assert emb.coverage_["implementation"] == "pytorch_port"
+    default = CellFMEmbedder(folder, num_heads=HEADS)
+    assert np.abs(default.transform(adata) - got).max() > 1e-2  # the two paths really differ
+    assert default.fingerprint() != emb.fingerprint()
+    one = CellFMEmbedder(folder, num_heads=HEADS, implementation="pytorch_port", batch_size=1)
+    np.testing.assert_allclose(one.transform(adata), got, atol=1e-5)
+
+
+def test_pytorch_port_needs_st_emb_and_enough_genes(tmp_path, model_dir, weights, ensembl):
+    with pytest.raises(CheckpointError, match="no ST_emb tensor"):
+        CellFMEmbedder(model_dir, num_heads=HEADS, implementation="pytorch_port").load()
+    folder, _ = _port_release(tmp_path, weights)
+    emb = CellFMEmbedder(folder, num_heads=HEADS, implementation="pytorch_port")
+    with pytest.raises(ExpressionValueError, match="3 or fewer expressed genes"):
+        emb.transform(make_adata(ensembl))  # sample 1 has three genes
+    with pytest.raises(ConfigError, match="implementation='torch'"):
+        CellFMEmbedder(folder, implementation="torch")
 
 
 def test_deterministic_and_batch_size_invariant(model_dir, ensembl):

@@ -177,6 +177,8 @@ def test_rank_value_encoding_is_invariant_to_sample_scaling() -> None:
         ("V1", "cell", 0, "v1", 2),
         ("V2", "cell", -1, "v2", 1),
         ("V2", "cls", -1, "cls", 1),
+        ("V2", "auto", -1, "cls", 1),  # the official extractor's default for V2: <cls>
+        ("V1", "auto", -1, "v1", 1),  # V1 has no <cls>: the mean, as its users run it
     ],
 )
 def test_pooling_matches_naive_loop(
@@ -192,6 +194,7 @@ def test_pooling_matches_naive_loop(
     assert got.shape == (3, 16) and got.dtype == np.float32
     np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-4)
     assert emb.coverage_ is not None and emb.coverage_["version"] == version
+    assert emb.coverage_["emb_mode"] == ("cls" if mode == "cls" else "cell")
 
 
 @pytest.mark.parametrize("dir_name", ["v1_dir", "v2_dir"])
@@ -203,6 +206,84 @@ def test_batch_size_invariance_and_determinism(dir_name: str, request) -> None:
     np.testing.assert_allclose(one, three, atol=1e-5)
     np.testing.assert_array_equal(three, GeneformerEmbedder(folder, batch_size=3).transform(adata))
     assert not np.allclose(three[0], three[1])  # samples differ, so the test can fail
+
+
+def test_v2_default_differs_from_the_mean(v2_dir: Path) -> None:
+    """The default changed from the mean to <cls>: the two must not coincide by accident."""
+    cls = GeneformerEmbedder(v2_dir).transform(make_adata())
+    mean = GeneformerEmbedder(v2_dir, emb_mode="cell").transform(make_adata())
+    assert not np.allclose(cls, mean, atol=1e-3)
+    assert (
+        GeneformerEmbedder(v2_dir).fingerprint()
+        != GeneformerEmbedder(v2_dir, emb_mode="cell").fingerprint()
+    )
+
+
+# --------------------------------------------------------------------------- gene-id collapsing
+
+# Released format: old (or duplicate) Ensembl id -> the id in the token dictionary. X is a
+# retired id merged into A; E is left out of the dictionary, so the tokenizer drops it.
+MAPPING = {A: A, B: B, C: C, D: D, F: F, X: A}
+# By hand: A and X summed, E dropped, totals still over every gene of the sample.
+# s1: A (10+35)/100*1e4/1 = 4500, B 500, C 1000          -> A C B   -> 2 4 3
+# s2: B 2500, C 625, D 3750                             -> D B C   -> 5 3 4
+# s3: A 1002/1010*1e4 = 9920.8, B 9.9, C 4.95, D 39.6   -> A D B C -> 2 5 3 4
+EXPECTED_COLLAPSED = [[2, 4, 3], [5, 3, 4], [2, 5, 3, 4]]
+
+
+def test_gene_ids_collapse_through_the_released_mapping(tmp_path: Path) -> None:
+    folder = write_model(tmp_path / "map", mapping=MAPPING)
+    with pytest.raises(CheckpointError, match="trust_pickle"):
+        GeneformerEmbedder(folder).tokenize(make_adata())
+    emb = GeneformerEmbedder(folder, trust_pickle=True)
+    tokens, report = emb.tokenize(make_adata())
+    assert [t.tolist() for t in tokens] == EXPECTED_COLLAPSED
+    assert report["gene_ids_collapsed"] is True
+    collapse = report["gene_id_collapsing"]
+    assert collapse["mapping_dictionary"] == "ensembl_mapping_dict_gc104M.pkl"
+    assert collapse["n_data_genes_not_mapped"] == 1  # E
+    assert collapse["n_vocabulary_genes_summed_from_several"] == 1  # A <- A, X
+    assert report["n_found"] == 4 and report["n_data_genes_used"] == 5
+    json.dumps(report)
+    # Turned off, the one-column-per-id path is back (and the cache key says so).
+    off = GeneformerEmbedder(folder, trust_pickle=True, collapse_gene_ids=False)
+    assert [t.tolist() for t in off.tokenize(make_adata())[0]] == EXPECTED_V1
+    assert off.fingerprint() != emb.fingerprint()
+
+
+def test_collapsing_matches_summed_columns_on_random_data(tmp_path: Path) -> None:
+    """Against a naive reference: sum the mapped columns by hand, then the plain path."""
+    rng = np.random.default_rng(3)
+    counts = rng.poisson(4.0, size=(5, 6)).astype(np.float32)
+    folder = write_model(tmp_path / "map", mapping=MAPPING)
+    got, _ = GeneformerEmbedder(folder, trust_pickle=True).tokenize(make_adata(counts))
+    merged = counts[:, :5].copy()
+    merged[:, 0] += counts[:, 5]  # X -> A
+    merged[:, 4] = 0.0  # E unmapped: dropped
+    totals = counts.sum(axis=1)
+    medians = np.array([MEDIANS[g] for g in (A, B, C, D, E)])
+    expected = rank_value_encoding(merged, medians, np.arange(2, 7), input_size=8, totals=totals)
+    assert [t.tolist() for t in got] == [t.tolist() for t in expected]
+
+
+def test_versioned_ids_are_looked_up_without_their_version(tmp_path: Path) -> None:
+    folder = write_model(tmp_path / "map", mapping=MAPPING, dict_format="pkl")
+    genes = [f"{g}.7" for g in DATA_GENES]
+    tokens, _ = GeneformerEmbedder(folder, trust_pickle=True).tokenize(make_adata(genes=genes))
+    assert [t.tolist() for t in tokens] == EXPECTED_COLLAPSED
+
+
+def test_mapping_dictionary_that_is_not_id_to_id_fails(tmp_path: Path) -> None:
+    folder = write_model(tmp_path / "map", mapping=MAPPING)
+    (folder / "ensembl_mapping_dict_gc104M.pkl").write_bytes(pickle.dumps({A: 1.5}))
+    with pytest.raises(CheckpointError, match="collapse_gene_ids=False"):
+        GeneformerEmbedder(folder, trust_pickle=True).tokenize(make_adata())
+
+
+def test_mapping_dictionary_from_another_release_fails_on_coverage(tmp_path: Path) -> None:
+    folder = write_model(tmp_path / "map", mapping={X: "ENSG00000000777"})
+    with pytest.raises(GeneMappingError, match="collapse_gene_ids=False"):
+        GeneformerEmbedder(folder, trust_pickle=True).tokenize(make_adata())
 
 
 def test_pickle_weights_need_opt_in_and_match_safetensors(tmp_path: Path) -> None:

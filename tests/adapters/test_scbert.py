@@ -217,6 +217,59 @@ def test_tokens_match_a_hand_example():
     assert scbert_tokens(np.array([[1.0, 1.0]])).tolist() == [[5, 5, 0]]  # 5,000 each -> capped
 
 
+def _values_on_powers_of_two() -> np.ndarray:
+    """Rows whose first gene lands on 2^k - 1 after normalisation to 1e4 (up to float32
+    rounding of the input), the values where the token's truncation is decided by the
+    last bit of the arithmetic."""
+    rows = []
+    for k in range(1, 6):
+        for total in (7.0, 13.0, 37.0, 123.0, 777.0, 3000.0, 12345.0, 99999.0, 1e6 / 3):
+            t = np.float32(total)
+            first = np.float32((2**k - 1) * float(t) / 1e4)
+            rest = t - first
+            rows.append([first, rest * 0.3, rest * 0.7])
+    return np.asarray(rows, dtype=np.float32)
+
+
+def _published_arithmetic(values: np.ndarray) -> np.ndarray:
+    """scanpy 1.11's float32 steps written out: sequential total, x / (total / 1e4),
+    log1p / ln 2; predict.py's cap at 5 and truncation."""
+    x = np.asarray(values, dtype=np.float32)
+    total = np.zeros(len(x), dtype=np.float32)
+    for j in range(x.shape[1]):
+        total += x[:, j]
+    scaled = x / (total / np.float32(1e4))[:, None]
+    logged = (np.log1p(scaled).astype(np.float64) / np.log(2.0)).astype(np.float32)
+    return np.minimum(logged, 5).astype(np.int64)
+
+
+def test_tokens_follow_the_published_arithmetic_at_powers_of_two():
+    values = _values_on_powers_of_two()
+    got = scbert_tokens(values)[:, :-1]
+    np.testing.assert_array_equal(got, _published_arithmetic(values))
+    # The old expression x / total * 1e4 (float64) puts some of these one token lower:
+    old = np.minimum(
+        np.log2(1 + values / values.sum(1, keepdims=True).astype(np.float64) * 1e4), 5
+    ).astype(np.int64)
+    assert (old != got).any()
+
+
+def test_tokens_equal_scanpys_normalize_total_and_log1p():
+    sc = pytest.importorskip("scanpy", reason="scanpy not installed: the cross-check needs it")
+    rng = np.random.default_rng(0)
+    random = rng.gamma(0.5, 50.0, size=(40, 300)).astype(np.float32)
+    random[rng.random(random.shape) < 0.3] = 0.0
+    for values in (_values_on_powers_of_two(), random):
+        # The published preprocess.py: a float32 CSR matrix, then the two scanpy calls.
+        adata = ad.AnnData(sp.csr_matrix(values))
+        sc.pp.normalize_total(adata, target_sum=1e4)
+        sc.pp.log1p(adata, base=2)
+        published = adata.X.toarray()
+        published[published > 5] = 5  # predict.py: full_seq[full_seq > CLASS - 2] = CLASS - 2
+        expected = torch.from_numpy(published).long().numpy()  # predict.py: .long()
+        np.testing.assert_array_equal(scbert_tokens(values)[:, :-1], expected)
+
+
 def test_tokens_reject_negative_and_empty_rows():
     with pytest.raises(ExpressionValueError, match="negative expression"):
         scbert_tokens(np.array([[1.0, -0.5]]))

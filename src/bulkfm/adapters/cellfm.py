@@ -10,8 +10,7 @@ MindSpore; and github.com/biomed-AI/CellFM-torch, their PyTorch port):
   (ReLU feature maps on Q and K, no softmax, no decay, V scaled by 1/sqrt(#genes),
   a parameter-free RMS norm per head, output gated by SiLU(U)) and a gated bilinear
   feed-forward o(u(x) * v(x)), with DeepNorm residual scaling (2L)^(1/4).
-  MindSpore defaults apply (LayerNorm epsilon 1e-7, LeakyReLU slope 0.2; the
-  PyTorch port's LeakyReLU uses 0.01, a deviation we do not copy).
+  MindSpore defaults apply (LayerNorm epsilon 1e-7, LeakyReLU slope 0.2).
   Released sizes: 80M = width 1536, 2 layers, 48 heads, 27,855 genes
   (``expand_gene_info.csv``; about 81.0M encoder parameters); the 800M model of the
   paper = width 1536, 40 layers, 48 heads (``config.py``), with ``gene_info.csv``
@@ -29,6 +28,18 @@ MindSpore; and github.com/biomed-AI/CellFM-torch, their PyTorch port):
   retention keys in every layer (as the ``Backbone`` does), which also makes the
   output independent of the batch.
 
+Two official forward passes (``implementation``):
+
+* ``"mindspore"`` (default): the authors' MindSpore ``Backbone.encode`` as their
+  tutorials embed with it: CLS + genes. Default because the released weights were
+  trained by that code, under MindSpore's LayerNorm epsilon and LeakyReLU slope.
+* ``"pytorch_port"``: ``FinetuneModel.encode`` of CellFM-torch, the authors' PyTorch
+  port: CLS, then the two learned ``ST_emb`` tokens, then genes, with PyTorch's
+  defaults (LayerNorm epsilon 1e-5, LeakyReLU slope 0.01) and V scaled by
+  1/sqrt(#genes - 3 + 1e-6). In pre-training the ST tokens carried the sample's
+  depth features through ``ST_enc``; the port's eval path feeds ``ST_emb`` alone.
+  It needs ``ST_emb`` in the checkpoint. The CLS output is the embedding in both.
+
 Bulk-specific choices (published behaviour kept as options):
 
 * ``gene_selection="top"`` (default): the ``max_genes`` (2,048) most expressed
@@ -44,10 +55,11 @@ Bulk-specific choices (published behaviour kept as options):
   (length-normalised instead of raw). The coverage record names the source.
 
 Checkpoint formats: the released MindSpore ``.ckpt`` (a protocol-buffer file, read
-here without MindSpore and without unpickling; optimiser moments and decoders it
-may carry are skipped) and ``.safetensors`` with the same tensor names. A PyTorch
-pickle (``.pt``/``.pth``/``.bin``, e.g. written from the CellFM-torch port, whose
-LayerNorm tensors are ``post_norm*.weight/bias``) is read only with
+here without MindSpore and without unpickling; optimiser moments, decoders and
+``append_dict`` strings it may carry are skipped; a ``crc_check`` trailer is
+verified; BFloat16 tensors are read exactly) and ``.safetensors`` with the same
+tensor names. A PyTorch pickle (``.pt``/``.pth``/``.bin``, e.g. written from the
+CellFM-torch port, whose LayerNorm tensors are ``post_norm*.weight/bias``) is read only with
 ``trust_pickle=True``. The gene file (``expand_gene_info.csv`` for the 80M release;
 its first column holds HGNC symbols, id = row + 1) must lie next to the weights.
 Not verified: the exact tensor list of the released file (decoder and optimiser
@@ -93,6 +105,8 @@ WEIGHT_FILES = ("CellFM_80M_weight.ckpt", "CellFM_800M_weight.ckpt", "model.safe
 WEIGHT_SUFFIXES = (".ckpt", ".safetensors", ".pt", ".pth", ".bin")
 GENE_FILES = ("expand_gene_info.csv", "gene_info.csv")
 TARGET_SUM = 1e4
+# The two official forward passes (cellfm_net.VARIANTS holds what differs between them).
+IMPLEMENTATIONS = ("mindspore", "pytorch_port")
 # Tensors a released checkpoint may carry that the encoder never uses: the
 # pre-training decoders, embeddings of the unused zero/ST modes, optimiser state.
 UNUSED_PREFIXES = (
@@ -283,6 +297,7 @@ class CellFMEmbedder(FoundationEmbedder):
         *,
         max_genes: int | None = 2048,
         gene_selection: Literal["top", "random"] = "top",
+        implementation: Literal["mindspore", "pytorch_port"] = "mindspore",
         depth_cap: float | None = 1e5,
         layer: str | None = "auto",
         num_heads: int = 48,
@@ -311,6 +326,13 @@ class CellFMEmbedder(FoundationEmbedder):
                 "default) or 'random' (the published random draw)"
             )
         self.gene_selection = gene_selection
+        if implementation not in IMPLEMENTATIONS:
+            raise ConfigError(
+                f"{MODEL}: implementation={implementation!r}; choose 'mindspore' (the "
+                "authors' MindSpore forward pass the weights were trained with, default) or "
+                "'pytorch_port' (CellFM-torch's encode, with the two ST_emb tokens)"
+            )
+        self.implementation = implementation
         if depth_cap is not None:
             hint = "published: 1e5; null skips the cap"
             depth_cap = check_number(
@@ -327,6 +349,7 @@ class CellFMEmbedder(FoundationEmbedder):
         out: dict[str, Any] = {
             "max_genes": self.max_genes,
             "gene_selection": self.gene_selection,
+            "implementation": self.implementation,
             "depth_cap": self.depth_cap,
             "num_heads": self.num_heads,
             "weights": self.weights,
@@ -362,7 +385,13 @@ class CellFMEmbedder(FoundationEmbedder):
             dims=int(state["cls_token"].shape[-1]),
             n_layers=_n_layers(state),
             n_heads=self.num_heads,
+            variant=self.implementation,
         )
+        if config.st_tokens and "ST_emb" not in state:
+            raise CheckpointError(
+                f"{MODEL}: implementation='pytorch_port' feeds the two ST_emb tokens, but "
+                f"{path.name} has no ST_emb tensor; use implementation='mindspore' (default)"
+            )
         rows = int(state["gene_emb"].shape[0])
         if rows != config.embedding_rows:
             raise CheckpointError(
@@ -371,7 +400,8 @@ class CellFMEmbedder(FoundationEmbedder):
                 "released with these weights (80M: expand_gene_info.csv, 27,855 genes)"
             )
         net = CellFMNet(config)
-        load_state_dict_strict(net, state, model=MODEL, ignore=UNUSED_PREFIXES)
+        ignore = tuple(p for p in UNUSED_PREFIXES if not (config.st_tokens and p == "ST_emb"))
+        load_state_dict_strict(net, state, model=MODEL, ignore=ignore)
         logger.info(
             "%s: %s, width %d, %d layers, %d heads, %d genes",
             MODEL,
@@ -436,12 +466,19 @@ class CellFMEmbedder(FoundationEmbedder):
             "input": "counts" if layer == keys.COUNTS else (f"layers[{layer!r}]" if layer else "X"),
             "max_genes": self.max_genes,
             "gene_selection": self.gene_selection,
+            "implementation": self.implementation,
             "tokens_per_sample_mean": float(np.mean(lengths)),
             "n_samples_truncated": int(sum(n == self.max_genes for n in lengths)),
         }
         return np.concatenate(out, axis=0)
 
     def _forward(self, net: Any, ids: list[np.ndarray], vals: list[np.ndarray], torch: Any):
+        if self.implementation == "pytorch_port" and min(len(i) for i in ids) <= 3:
+            raise ExpressionValueError(
+                f"{MODEL}: a sample has 3 or fewer expressed genes, and the PyTorch port scales "
+                "by 1/sqrt(#genes - 3), which is undefined there; drop such samples or use "
+                "implementation='mindspore'"
+            )
         width = max(len(i) for i in ids)
         genes = np.zeros((len(ids), width), dtype=np.int64)
         values = np.zeros((len(ids), width), dtype=np.float32)

@@ -16,7 +16,27 @@ The MindSpore checkpoint is a protocol-buffer file (``checkpoint.proto``, proto2
 
 It is parsed here from the wire format directly (no MindSpore, no ``protobuf``
 package, and nothing in it can execute code). A tensor split over several ``Value``
-entries with one tag has its contents concatenated, as MindSpore does.
+entries with one tag has its contents concatenated, as MindSpore does. What else
+``mindspore.save_checkpoint`` writes, and how it is read here (MindSpore 2.x
+``train/serialization.py``):
+
+* ``crc_check=True`` appends a 17-byte trailer, ``b"crc_num"`` and the CRC-32 of all
+  bytes before it as a 10-byte big-endian integer. The CRC is verified; a mismatch
+  is an error (a damaged download).
+* ``append_dict`` strings are entries of type ``"str"`` with dims ``[0]`` whose
+  content is the numpy UTF-32 text. They are decoded and returned apart from the
+  tensors (:func:`read_mindspore_entries`).
+* ``BFloat16`` tensors (no numpy dtype) are read bit-exactly as ``torch.bfloat16``.
+* dims ``[0]`` on a tensor means a scalar, as MindSpore's loader reads it.
+
+Two official forward passes exist, and :class:`CellFMConfig` selects one:
+``variant="mindspore"`` is the authors' MindSpore ``Backbone`` as the released
+weights were trained and as their tutorials embed (CLS + genes; LayerNorm epsilon
+1e-7, LeakyReLU slope 0.2, the MindSpore defaults; V scaled by 1/sqrt(#genes)).
+``variant="pytorch_port"`` is ``FinetuneModel.encode`` of the authors' port
+(github.com/biomed-AI/CellFM-torch): CLS, then the two learned ``ST_emb`` tokens,
+then genes; PyTorch defaults (epsilon 1e-5, slope 0.01); V scaled by
+1/sqrt(#genes - 3 + 1e-6), as the port computes it.
 """
 
 from __future__ import annotations
@@ -24,6 +44,7 @@ from __future__ import annotations
 import math
 import mmap
 import os
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +56,13 @@ from torch import nn
 from bulkfm.config import check_int
 from bulkfm.errors import CheckpointError, ConfigError
 
-__all__ = ["CellFMConfig", "CellFMNet", "read_mindspore_checkpoint"]
+__all__ = [
+    "VARIANTS",
+    "CellFMConfig",
+    "CellFMNet",
+    "read_mindspore_checkpoint",
+    "read_mindspore_entries",
+]
 
 # MindSpore's nn.LayerNorm default epsilon (the release never overrides it).
 LAYER_NORM_EPS = 1e-7
@@ -43,6 +70,15 @@ LAYER_NORM_EPS = 1e-7
 VALUE_HIDDEN = 256
 # MindSpore's nn.LeakyReLU default slope (0.2, not PyTorch's 0.01; MindSpore 2.2 as released).
 LEAKY_SLOPE = 0.2
+# The two official forward passes: (LayerNorm eps, LeakyReLU slope, ST tokens, V-scale offset).
+VARIANTS: dict[str, tuple[float, float, bool, float]] = {
+    "mindspore": (LAYER_NORM_EPS, LEAKY_SLOPE, False, 0.0),
+    # CellFM-torch: nn.LayerNorm / nn.LeakyReLU defaults; rsqrt(n - 3 + 1e-6) in encode.
+    "pytorch_port": (1e-5, 0.01, True, 3.0 - 1e-6),
+}
+# crc_check=True trailer: b"crc_num" + CRC-32 of everything before, 10 bytes big-endian.
+_CRC_MARK = b"crc_num"
+_CRC_TRAILER = len(_CRC_MARK) + 10
 
 _MS_DTYPES: dict[str, np.dtype] = {
     "Float32": np.dtype("<f4"),
@@ -53,7 +89,12 @@ _MS_DTYPES: dict[str, np.dtype] = {
     "Int32": np.dtype("<i4"),
     "Int64": np.dtype("<i8"),
     "UInt8": np.dtype("u1"),
+    "UInt16": np.dtype("<u2"),
+    "UInt32": np.dtype("<u4"),
+    "UInt64": np.dtype("<u8"),
     "Bool": np.dtype("?"),
+    # No numpy bfloat16: the raw 16-bit words are reinterpreted in torch (_materialise).
+    "BFloat16": np.dtype("<i2"),
 }
 
 
@@ -130,9 +171,29 @@ def _tensor_proto(buf: memoryview, pos: int, end: int) -> tuple[list[int], str, 
     return dims, dtype, start, length
 
 
+def _payload_end(buf: memoryview) -> int:
+    """End of the protobuf message: before a verified ``crc_check`` trailer, if any."""
+    end = len(buf)
+    if end < _CRC_TRAILER or bytes(buf[end - _CRC_TRAILER : end - 10]) != _CRC_MARK:
+        return end
+    stored = int.from_bytes(bytes(buf[end - 10 :]), "big")
+    payload = end - _CRC_TRAILER
+    actual = zlib.crc32(buf[:payload])
+    if actual != stored:
+        raise _CrcError(
+            f"the CRC-32 the file stores ({stored}) does not match its contents ({actual}): "
+            "the file is damaged or incomplete; download the checkpoint again"
+        )
+    return payload
+
+
+class _CrcError(ValueError):
+    """A checkpoint whose crc_check trailer does not match its contents."""
+
+
 def _index(buf: memoryview) -> dict[str, _Entry]:
     entries: dict[str, _Entry] = {}
-    pos, end = 0, len(buf)
+    pos, end = 0, _payload_end(buf)
     while pos < end:
         key, pos = _varint(buf, pos, end)
         if key != (1 << 3 | 2):  # anything but Checkpoint.value
@@ -169,8 +230,16 @@ def read_mindspore_checkpoint(
     """Tensors of a MindSpore ``.ckpt`` whose name passes ``keep``.
 
     Only the kept tensors are copied out of the (memory-mapped) file, so optimiser
-    moments stored beside the weights cost nothing.
+    moments stored beside the weights cost nothing. String entries (``append_dict``)
+    are left out; :func:`read_mindspore_entries` returns them too.
     """
+    return read_mindspore_entries(path, keep=keep)[0]
+
+
+def read_mindspore_entries(
+    path: str | os.PathLike, *, keep: Callable[[str], bool] = lambda _: True
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and string entries of a MindSpore ``.ckpt`` whose name passes ``keep``."""
     path = Path(path)
     try:
         with path.open("rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
@@ -178,10 +247,19 @@ def read_mindspore_checkpoint(
             try:
                 entries = _index(buf)
                 out = {
-                    name: _materialise(buf, name, e) for name, e in entries.items() if keep(name)
+                    name: _materialise(buf, name, e)
+                    for name, e in entries.items()
+                    if keep(name) and e.dtype != "str"
+                }
+                strings = {
+                    name: _string(buf, name, e)
+                    for name, e in entries.items()
+                    if keep(name) and e.dtype == "str"
                 }
             finally:
                 buf.release()
+    except _CrcError as exc:
+        raise CheckpointError(f"CellFM: {path}: {exc}") from exc
     except (ValueError, UnicodeDecodeError, OSError) as exc:
         raise CheckpointError(
             f"CellFM: {path} is not a readable MindSpore checkpoint ({exc}); pass the released "
@@ -192,24 +270,34 @@ def read_mindspore_checkpoint(
             f"CellFM: {path} holds no tensors; it is not a MindSpore checkpoint. Pass the "
             "released CellFM .ckpt or a .safetensors file with the same tensor names"
         )
-    return out
+    return out, strings
+
+
+def _string(buf: memoryview, name: str, entry: _Entry) -> str:
+    """An ``append_dict`` string: numpy ``<U`` text, i.e. UTF-32-LE code points."""
+    raw = b"".join(bytes(buf[s : s + n]) for s, n in entry.chunks)
+    if len(raw) % 4:
+        raise ValueError(f"string entry {name!r} has {len(raw)} bytes, not a multiple of 4")
+    return raw.decode("utf-32-le").rstrip("\x00")
 
 
 def _materialise(buf: memoryview, name: str, entry: _Entry) -> torch.Tensor:
     dtype = _MS_DTYPES.get(entry.dtype)
     if dtype is None:
-        raise ValueError(f"tensor {name!r} has unsupported type {entry.dtype!r}")
+        raise ValueError(
+            f"tensor {name!r} has unsupported type {entry.dtype!r} (readable: {sorted(_MS_DTYPES)})"
+        )
+    # MindSpore's loader reads dims [0] as a scalar.
+    dims = () if entry.dims == (0,) else entry.dims
     # Check the size the header promises before copying anything.
     n_bytes = sum(n for _, n in entry.chunks)
-    expected = math.prod(entry.dims) * dtype.itemsize
+    expected = math.prod(dims) * dtype.itemsize
     if n_bytes != expected:
-        raise ValueError(
-            f"tensor {name!r}: {n_bytes} bytes for shape {entry.dims} of {entry.dtype}"
-        )
+        raise ValueError(f"tensor {name!r}: {n_bytes} bytes for shape {dims} of {entry.dtype}")
     raw = b"".join(bytes(buf[s : s + n]) for s, n in entry.chunks)
-    arr = np.frombuffer(raw, dtype=dtype)
-    arr = arr.reshape(entry.dims) if entry.dims else arr
-    return torch.from_numpy(arr.astype(dtype.newbyteorder("="), copy=True))
+    arr = np.frombuffer(raw, dtype=dtype).reshape(dims)
+    tensor = torch.from_numpy(arr.astype(dtype.newbyteorder("="), copy=True))
+    return tensor.view(torch.bfloat16) if entry.dtype == "BFloat16" else tensor
 
 
 # --------------------------------------------------------------------------- network
@@ -223,10 +311,16 @@ class CellFMConfig:
     dims: int
     n_layers: int
     n_heads: int
+    variant: str = "mindspore"
 
     def __post_init__(self) -> None:
         for name in ("n_genes", "dims", "n_layers", "n_heads"):
             check_int(f"CellFM: {name}", getattr(self, name), 1)
+        if self.variant not in VARIANTS:
+            raise ConfigError(
+                f"CellFM: variant={self.variant!r}; choose 'mindspore' (the released weights' "
+                "own forward pass, default) or 'pytorch_port' (CellFM-torch's encode)"
+            )
         if self.dims % self.n_heads:
             raise ConfigError(
                 f"CellFM: width {self.dims} is not divisible by num_heads={self.n_heads}; the "
@@ -238,6 +332,24 @@ class CellFMConfig:
         """Rows of ``gene_emb``: genes + the padding id 0, rounded up to a multiple of 8."""
         return self.n_genes + 1 + (-self.n_genes - 1) % 8
 
+    @property
+    def layer_norm_eps(self) -> float:
+        return VARIANTS[self.variant][0]
+
+    @property
+    def leaky_slope(self) -> float:
+        return VARIANTS[self.variant][1]
+
+    @property
+    def st_tokens(self) -> bool:
+        """Whether the two ``ST_emb`` tokens follow the CLS token (the PyTorch port)."""
+        return VARIANTS[self.variant][2]
+
+    @property
+    def v_scale_offset(self) -> float:
+        """V is scaled by 1 / sqrt(#genes - offset)."""
+        return VARIANTS[self.variant][3]
+
 
 def _srms(x: torch.Tensor) -> torch.Tensor:
     """Parameter-free RMS scaling over the last axis (CellFM's SRMSNorm)."""
@@ -247,15 +359,16 @@ def _srms(x: torch.Tensor) -> torch.Tensor:
 
 
 class _LayerNorm(nn.Module):
-    """LayerNorm with MindSpore's parameter names (gamma, beta) and epsilon."""
+    """LayerNorm with MindSpore's parameter names (gamma, beta) and the variant's epsilon."""
 
-    def __init__(self, dims: int) -> None:
+    def __init__(self, dims: int, eps: float = LAYER_NORM_EPS) -> None:
         super().__init__()
         self.gamma = nn.Parameter(torch.ones(dims))
         self.beta = nn.Parameter(torch.zeros(dims))
+        self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.layer_norm(x, x.shape[-1:], self.gamma, self.beta, LAYER_NORM_EPS)
+        return nn.functional.layer_norm(x, x.shape[-1:], self.gamma, self.beta, self.eps)
 
 
 def _dense(d_in: int, d_out: int) -> nn.Linear:
@@ -265,23 +378,24 @@ def _dense(d_in: int, d_out: int) -> nn.Linear:
 class _ValueFFN(nn.Module):
     """Scalar expression -> vector: a soft lookup into a learned table."""
 
-    def __init__(self, dims: int) -> None:
+    def __init__(self, dims: int, slope: float = LEAKY_SLOPE) -> None:
         super().__init__()
         self.w1 = _dense(1, VALUE_HIDDEN)
         self.w3 = _dense(VALUE_HIDDEN, VALUE_HIDDEN)
         self.table = _dense(VALUE_HIDDEN, dims)
         self.a = nn.Parameter(torch.zeros(1, 1))
+        self.slope = slope
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = nn.functional.leaky_relu(self.w1(x), LEAKY_SLOPE)
+        h = nn.functional.leaky_relu(self.w1(x), self.slope)
         h = self.w3(h) + h * self.a
         return self.table(torch.softmax(h, dim=-1))
 
 
 class _ValueEncoder(nn.Module):
-    def __init__(self, dims: int) -> None:
+    def __init__(self, dims: int, slope: float = LEAKY_SLOPE) -> None:
         super().__init__()
-        self.value_enc = _ValueFFN(dims)
+        self.value_enc = _ValueFFN(dims, slope)
         # Embedding of masked values in pre-training; unused for embedding (nothing masked).
         self.mask_emb = nn.Parameter(torch.zeros(1, 1, dims))
 
@@ -332,12 +446,12 @@ class _GatedBilinear(nn.Module):
 class _RetentionLayer(nn.Module):
     """Post-norm block with DeepNorm-style residual scaling alpha = (2 L)^(1/4)."""
 
-    def __init__(self, dims: int, heads: int, n_layers: int) -> None:
+    def __init__(self, dims: int, heads: int, n_layers: int, eps: float = LAYER_NORM_EPS) -> None:
         super().__init__()
         self.attn = _Retention(dims, heads)
         self.ffn = _GatedBilinear(dims)
-        self.post_norm1 = _LayerNorm(dims)
-        self.post_norm2 = _LayerNorm(dims)
+        self.post_norm1 = _LayerNorm(dims, eps)
+        self.post_norm2 = _LayerNorm(dims, eps)
         self.alpha = (2 * n_layers) ** 0.25
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, v_scale: torch.Tensor) -> torch.Tensor:
@@ -354,27 +468,36 @@ class CellFMNet(nn.Module):
         d = config.dims
         self.gene_emb = nn.Parameter(torch.zeros(config.embedding_rows, d))
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
-        self.value_enc = _ValueEncoder(d)
+        if config.st_tokens:
+            self.ST_emb = nn.Parameter(torch.zeros(1, 2, d))
+        self.value_enc = _ValueEncoder(d, config.leaky_slope)
         self.encoder = nn.ModuleList(
-            _RetentionLayer(d, config.n_heads, config.n_layers) for _ in range(config.n_layers)
+            _RetentionLayer(d, config.n_heads, config.n_layers, config.layer_norm_eps)
+            for _ in range(config.n_layers)
         )
+        # Leading tokens before the genes: CLS (and the two ST tokens in the port).
+        self.n_lead = 3 if config.st_tokens else 1
 
     def forward(
         self, genes: torch.Tensor, values: torch.Tensor, valid: torch.Tensor
     ) -> torch.Tensor:
-        """Hidden states [batch, 1 + length, dims]; position 0 is the CLS token.
+        """Hidden states [batch, n_lead + length, dims]; position 0 is the CLS token.
 
         ``genes`` are 1-based vocabulary ids (0 = padding), ``values`` the normalised
         expression, ``valid`` marks real genes. Padding is zeroed and excluded from the
         retention keys in every layer, so a sample's output does not depend on how
-        much padding its batch needs.
+        much padding its batch needs. In the PyTorch-port variant the two ``ST_emb``
+        tokens follow the CLS token, as its ``encode`` places them.
         """
         b = genes.shape[0]
         n_valid = valid.sum(dim=1).to(values.dtype)
-        v_scale = torch.rsqrt(n_valid).view(b, 1, 1, 1)
+        v_scale = torch.rsqrt(n_valid - self.config.v_scale_offset).view(b, 1, 1, 1)
         x = self.gene_emb[genes] + self.value_enc(values)
-        x = torch.cat([self.cls_token.expand(b, -1, -1).to(x.dtype), x], dim=1)
-        keep = torch.cat([valid.new_ones(b, 1), valid], dim=1).to(x.dtype)
+        lead = [self.cls_token.expand(b, -1, -1)]
+        if self.config.st_tokens:
+            lead.append(self.ST_emb.expand(b, -1, -1))
+        x = torch.cat([t.to(x.dtype) for t in lead] + [x], dim=1)
+        keep = torch.cat([valid.new_ones(b, self.n_lead), valid], dim=1).to(x.dtype)
         x = x * keep.unsqueeze(-1)
         mask = keep.view(b, 1, -1, 1)
         for layer in self.encoder:

@@ -20,9 +20,24 @@ Published preprocessing, as in ``geneformer/tokenizer.py`` (``TranscriptomeToken
 Published embedding, as in ``geneformer/emb_extractor.py`` (``EmbExtractor``):
 ``emb_layer=-1`` (default) is ``hidden_states[n_layers - 1]``, the output of the
 second-to-last encoder layer (``hidden_states[0]`` is the embedding layer);
-``emb_layer=0`` is the last layer. ``emb_mode="cell"`` is the mean over the
-sample's non-pad tokens (V2: ``<cls>`` and ``<eos>`` are excluded from that mean);
-``emb_mode="cls"`` (V2 only) is the ``<cls>`` token's output.
+``emb_layer=0`` is the last layer. ``emb_mode="cls"`` is the ``<cls>`` token's output
+and has been the extractor's default since the V2 models (October 2024);
+``emb_mode="cell"`` is the mean over the sample's non-pad tokens (V2: ``<cls>`` and
+``<eos>`` are excluded from that mean). V1 has no ``<cls>`` token, so its users pass
+``cell``. Here ``emb_mode="auto"`` (the default) does what the authors do: ``cls``
+for V2, ``cell`` for V1; ``cell`` keeps the mean for V2.
+
+Gene-id collapsing, as in ``TranscriptomeTokenizer(collapse_gene_ids=True)`` (the
+default): every data gene id (upper-cased, version stripped) is looked up in the
+release's Ensembl mapping dictionary (``ensembl_mapping_dict*.pkl``, old id -> id in
+the token dictionary); genes the dictionary does not map are dropped, and genes
+mapped to one id are summed before normalisation. The sample total used for the
+scaling is still the total over all of the sample's genes (the tokenizer's
+``n_counts``). It is applied whenever the mapping dictionary sits in the model folder
+(or is passed as ``gene_mapping_dictionary=``); ``collapse_gene_ids=False`` turns it
+off. Without the file each vocabulary gene takes the one data column with its
+unversioned Ensembl id, which is the collapsed result whenever the data has no
+retired or duplicate ids.
 
 Bulk-specific choices (the published recipe is kept where it is right for bulk):
 
@@ -37,26 +52,24 @@ Bulk-specific choices (the published recipe is kept where it is right for bulk):
   its batch.
 - Version: V2 when the token dictionary holds ``<cls>`` and ``<eos>`` (the published
   test), else V1; ``version="V1"|"V2"`` overrides it.
-- V2's tokenizer can also merge duplicate Ensembl ids through
-  ``ensembl_mapping_dict_gc104M.pkl``; that map is not applied here, because the data
-  layer already gives one column per unversioned Ensembl id.
 
 Files: the released model folder (``config.json`` and ``model.safetensors``, or the
 pickle ``pytorch_model.bin`` with ``trust_pickle=True``), loaded into a
 ``transformers`` ``BertModel`` under the released ``bert.`` key names with a strict
 key check. The masked-LM head (``cls.predictions.*``), an unused pooler and the
-``position_ids`` buffer older transformers versions saved are ignored. The two
-dictionaries are looked up in the model folder (``token_dictionary*`` and
-``gene_median_dictionary*``, ``.json``, ``.pkl`` or ``.pickle``) or passed as
-``token_dictionary=`` / ``gene_median_dictionary=``. JSON needs no opt-in; the
+``position_ids`` buffer older transformers versions saved are ignored. The
+dictionaries are looked up in the model folder (``token_dictionary*``,
+``gene_median_dictionary*`` and, optionally, ``ensembl_mapping_dict*``, each
+``.json``, ``.pkl`` or ``.pickle``) or passed as ``token_dictionary=`` /
+``gene_median_dictionary=`` / ``gene_mapping_dictionary=``. JSON needs no opt-in; the
 released pickles need ``trust_pickle=True`` and even then are read by an
 unpickler that admits only plain containers, strings, numbers and numpy scalars,
 so a tampered dictionary cannot run code.
 
 Not verified here (no released weights offline): the exact released state-dict key
 set (the HF ``BertForMaskedLM`` names are assumed, as the released config.json
-declares that architecture) and numerical equality with the official
-``EmbExtractor`` output.
+declares that architecture). The tokenisation and pooling are checked against the
+published rules on hand-made dictionaries in the released format.
 """
 
 from __future__ import annotations
@@ -67,7 +80,7 @@ import logging
 import math
 import os
 import pickle
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -78,6 +91,7 @@ import scipy.sparse as sp
 from bulkfm import schema as keys
 from bulkfm.adapters.base import (
     FoundationEmbedder,
+    GeneInput,
     batch_slices,
     file_digest,
     find_file,
@@ -89,7 +103,7 @@ from bulkfm.adapters.base import (
 )
 from bulkfm.config import check_int
 from bulkfm.embedders.registry import register_embedder
-from bulkfm.errors import CheckpointError, ConfigError, ExpressionValueError
+from bulkfm.errors import CheckpointError, ConfigError, ExpressionValueError, GeneMappingError
 
 if TYPE_CHECKING:
     import anndata as ad
@@ -99,8 +113,10 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "GeneformerEmbedder",
     "GeneformerVocabulary",
+    "gene_mapping_matrix",
     "rank_value_encoding",
     "read_dictionary",
+    "read_gene_mapping",
 ]
 
 MODEL = "Geneformer"
@@ -187,6 +203,21 @@ def _find_dictionary(
     folder: Path, stem: str, explicit: str | os.PathLike | None, option: str
 ) -> Path:
     """The explicit file, or the one ``<stem>*.json|pkl|pickle`` file in the model folder."""
+    found = _find_optional_dictionary(folder, stem, explicit, option)
+    if found is None:
+        patterns = ", ".join(f"{stem}*{s}" for s in DICTIONARY_SUFFIXES)
+        raise CheckpointError(
+            f"{MODEL}: no {stem.replace('_', ' ')} in {folder} (looked for {patterns}). Copy "
+            f"the release's file next to the weights (V1: {stem}.pkl or {stem}_gc30M.pkl; V2: "
+            f"{stem}_gc104M.pkl) or pass {option}=PATH"
+        )
+    return found
+
+
+def _find_optional_dictionary(
+    folder: Path, stem: str, explicit: str | os.PathLike | None, option: str
+) -> Path | None:
+    """Like :func:`_find_dictionary`, but ``None`` when the folder has no such file."""
     if explicit is not None:
         path = Path(explicit).expanduser()
         if not path.is_file():
@@ -203,13 +234,8 @@ def _find_dictionary(
         by_stem.setdefault(p.stem, p)
     if len(by_stem) == 1:
         return next(iter(by_stem.values()))
-    patterns = ", ".join(f"{stem}*{s}" for s in DICTIONARY_SUFFIXES)
     if not by_stem:
-        raise CheckpointError(
-            f"{MODEL}: no {stem.replace('_', ' ')} in {folder} (looked for {patterns}). Copy "
-            f"the release's file next to the weights (V1: {stem}.pkl or {stem}_gc30M.pkl; V2: "
-            f"{stem}_gc104M.pkl) or pass {option}=PATH"
-        )
+        return None
     raise CheckpointError(
         f"{MODEL}: several {stem.replace('_', ' ')} files in {folder}: "
         f"{sorted(p.name for p in by_stem.values())}; pass the one that belongs to these "
@@ -348,6 +374,43 @@ def rank_value_encoding(
     return out
 
 
+def read_gene_mapping(path: str | os.PathLike, *, trust_pickle: bool = False) -> dict[str, str]:
+    """The release's Ensembl mapping dictionary (``ensembl_mapping_dict*.pkl``) as str -> str."""
+    raw = read_dictionary(path, trust_pickle=trust_pickle, what="gene mapping dictionary")
+    bad = [k for k, v in raw.items() if not isinstance(v, str)]
+    if bad:
+        raise CheckpointError(
+            f"{MODEL}: the gene mapping dictionary {Path(path).name} must map Ensembl ids to "
+            f"Ensembl ids; {len(bad)} entries do not (e.g. {bad[:3]}). Use the release's "
+            "ensembl_mapping_dict*.pkl, or pass collapse_gene_ids=False"
+        )
+    return {k: str(v) for k, v in raw.items()}
+
+
+def gene_mapping_matrix(
+    data_genes: Sequence[str], mapping: Mapping[str, str], vocabulary: Sequence[str]
+) -> sp.csr_matrix:
+    """Data columns -> vocabulary genes, collapsed as the published tokenizer does.
+
+    Entry (j, k) is 1 when data gene j (version stripped, upper-cased, as the tokenizer
+    upper-cases it) maps to vocabulary gene k. A gene the dictionary does not map, or
+    maps outside the vocabulary, has an empty row: the tokenizer drops it. ``data @ M``
+    therefore sums the genes that share a target id, which is what the tokenizer's
+    ``sum_ensembl_ids`` does before normalising.
+    """
+    from bulkfm.data.genes import strip_version
+
+    column = {g: k for k, g in enumerate(vocabulary)}
+    targets = [
+        column.get(mapping.get(str(g).upper(), ""), -1) for g in strip_version(list(data_genes))
+    ]
+    rows = np.flatnonzero(np.asarray(targets) >= 0)
+    cols = np.asarray(targets, dtype=np.int64)[rows]
+    return sp.csr_matrix(
+        (np.ones(len(rows)), (rows, cols)), shape=(len(data_genes), len(vocabulary))
+    )
+
+
 def _row_sums(M: Any) -> np.ndarray:
     return np.asarray(M.sum(axis=1), dtype=np.float64).ravel()
 
@@ -357,31 +420,38 @@ def _row_sums(M: Any) -> np.ndarray:
 
 @register_embedder("geneformer")
 class GeneformerEmbedder(FoundationEmbedder):
-    """Frozen Geneformer: rank value encoding of counts (or TPM), mean of a layer's tokens.
+    """Frozen Geneformer: rank value encoding of counts (or TPM), pooled as the authors do.
 
-    Options: ``version`` ("auto", "V1", "V2"), ``emb_mode`` ("cell": mean over gene
-    tokens, "cls": the <cls> output, V2 only), ``emb_layer`` (-1: second-to-last
-    layer, as published; 0: last), ``layer`` (data source: "auto" = counts layer when
-    present else X; "X"; or a layer name), ``model_input_size`` (default the config's
-    max_position_embeddings), ``token_dictionary`` / ``gene_median_dictionary`` (files;
-    default: found in the model folder), ``min_coverage`` (fraction of the vocabulary
-    the data must have).
+    Options: ``version`` ("auto", "V1", "V2"), ``emb_mode`` ("auto": the official
+    extractor's choice, ``cls`` for V2 and ``cell`` for V1; "cls": the <cls> output, V2
+    only; "cell": mean over gene tokens), ``emb_layer`` (-1: second-to-last layer, as
+    published; 0: last), ``layer`` (data source: "auto" = counts layer when present else
+    X; "X"; or a layer name), ``model_input_size`` (default the config's
+    max_position_embeddings), ``token_dictionary`` / ``gene_median_dictionary`` /
+    ``gene_mapping_dictionary`` (files; default: found in the model folder),
+    ``collapse_gene_ids`` (merge ids through the mapping dictionary when there is one,
+    as the official tokenizer does; default True), ``min_coverage`` (fraction of the
+    vocabulary the data must have).
     """
 
     model_name: ClassVar[str] = MODEL
     extra: ClassVar[str] = "geneformer"
+    # 2: V2 pools the <cls> token by default; ids collapse through the mapping dictionary.
+    version: ClassVar[int] = 2
 
     def __init__(
         self,
         model_dir: str | os.PathLike | None = None,
         *,
         version: Literal["auto", "V1", "V2"] = "auto",
-        emb_mode: Literal["cell", "cls"] = "cell",
+        emb_mode: Literal["auto", "cell", "cls"] = "auto",
         emb_layer: int = -1,
         layer: str | None = "auto",
         model_input_size: int | None = None,
         token_dictionary: str | os.PathLike | None = None,
         gene_median_dictionary: str | os.PathLike | None = None,
+        gene_mapping_dictionary: str | os.PathLike | None = None,
+        collapse_gene_ids: bool = True,
         min_coverage: float = 0.05,
         batch_size: int = 8,
         device: str = "cpu",
@@ -399,10 +469,11 @@ class GeneformerEmbedder(FoundationEmbedder):
         )
         if version not in ("auto", "V1", "V2"):
             raise ConfigError(f"version={version!r}: choose 'auto', 'V1' or 'V2'")
-        if emb_mode not in ("cell", "cls"):
+        if emb_mode not in ("auto", "cell", "cls"):
             raise ConfigError(
-                f"emb_mode={emb_mode!r}: choose 'cell' (mean over gene tokens) or 'cls' "
-                "(the <cls> token, V2 models only)"
+                f"emb_mode={emb_mode!r}: choose 'auto' (the official extractor's choice: cls "
+                "for V2, cell for V1), 'cell' (mean over gene tokens) or 'cls' (the <cls> "
+                "token, V2 models only)"
             )
         if emb_mode == "cls" and version == "V1":
             raise ConfigError("emb_mode='cls' needs a V2 model: V1 has no <cls> token; use 'cell'")
@@ -426,6 +497,16 @@ class GeneformerEmbedder(FoundationEmbedder):
         self.gene_median_dictionary_path = _find_dictionary(
             folder, "gene_median_dictionary", gene_median_dictionary, "gene_median_dictionary"
         )
+        self.collapse_gene_ids = self._bool_setting("collapse_gene_ids", collapse_gene_ids)
+        self.gene_mapping_dictionary_path = (
+            _find_optional_dictionary(
+                folder, "ensembl_mapping_dict", gene_mapping_dictionary, "gene_mapping_dictionary"
+            )
+            if self.collapse_gene_ids
+            else None
+        )
+        self._gene_mapping: dict[str, str] | None = None
+        self._mapping_matrix: tuple[tuple[str, ...], sp.csr_matrix] | None = None
         self._vocabulary: GeneformerVocabulary | None = None
         self._bert_config: dict[str, Any] | None = None
 
@@ -436,11 +517,14 @@ class GeneformerEmbedder(FoundationEmbedder):
             "token_dictionary": file_digest(self.token_dictionary_path),
             "gene_median_dictionary": file_digest(self.gene_median_dictionary_path),
         }
+        if self.gene_mapping_dictionary_path is not None:
+            files["gene_mapping_dictionary"] = file_digest(self.gene_mapping_dictionary_path)
         if self.path.is_file():  # the folder's config is not in the checkpoint digest
             files["config"] = file_digest(self._config_path())
         return {
             "version": self.model_version,
             "emb_mode": self.emb_mode,
+            "collapse_gene_ids": self.collapse_gene_ids,
             "emb_layer": self.emb_layer,
             "model_input_size": self.model_input_size,
             "files": files,
@@ -529,6 +613,24 @@ class GeneformerEmbedder(FoundationEmbedder):
         return resolved
 
     @property
+    def resolved_emb_mode(self) -> str:
+        """``cls`` or ``cell``: ``auto`` follows the official extractor (cls for V2)."""
+        if self.emb_mode != "auto":
+            return self.emb_mode
+        return "cls" if self.resolved_version == "V2" else "cell"
+
+    @property
+    def gene_mapping(self) -> dict[str, str] | None:
+        """The release's Ensembl mapping dictionary when collapsing applies, else None."""
+        if self.gene_mapping_dictionary_path is None:
+            return None
+        if self._gene_mapping is None:
+            self._gene_mapping = read_gene_mapping(
+                self.gene_mapping_dictionary_path, trust_pickle=self.trust_pickle
+            )
+        return self._gene_mapping
+
+    @property
     def input_size(self) -> int:
         limit = self.bert_config["max_position_embeddings"]
         size = self.model_input_size if self.model_input_size is not None else limit
@@ -577,14 +679,17 @@ class GeneformerEmbedder(FoundationEmbedder):
         source = adata.layers[layer] if layer is not None else adata.X
         for start in range(0, adata.n_obs, TOKENIZE_CHUNK):
             rows = slice(start, min(start + TOKENIZE_CHUNK, adata.n_obs))
-            gi = gene_input(
-                adata,
-                list(vocab.genes),
-                layer=layer,
-                model=MODEL,
-                min_fraction=self.min_coverage,
-                rows=rows,
-            )
+            if self.gene_mapping is None:
+                gi = gene_input(
+                    adata,
+                    list(vocab.genes),
+                    layer=layer,
+                    model=MODEL,
+                    min_fraction=self.min_coverage,
+                    rows=rows,
+                )
+            else:
+                gi = self._collapsed_input(adata, layer, rows)
             report = gi.report
             totals = _row_sums(source[rows])
             if not np.isfinite(totals).all():
@@ -620,6 +725,60 @@ class GeneformerEmbedder(FoundationEmbedder):
         report.update(self._report_extra(layer, version, size, n_genes))
         return tokens, report
 
+    def _collapsed_input(self, adata: ad.AnnData, layer: str | None, rows: slice) -> GeneInput:
+        """The data summed onto vocabulary genes through the mapping dictionary.
+
+        Values flagged in ``layers["missing"]`` count as zero (Geneformer drops zeros, so
+        a missing value and an unexpressed gene both leave the gene out of the ranking).
+        """
+        vocab = self.vocabulary
+        mapping = self.gene_mapping or {}
+        genes = tuple(adata.var_names.astype(str))
+        if self._mapping_matrix is None or self._mapping_matrix[0] != genes:
+            # tokenize() asks once per chunk of rows for the same genes: build it once.
+            self._mapping_matrix = (genes, gene_mapping_matrix(genes, mapping, list(vocab.genes)))
+        matrix = self._mapping_matrix[1]
+        used = np.asarray(matrix.getnnz(axis=1) > 0)
+        per_gene = np.asarray(matrix.getnnz(axis=0)).ravel()
+        hit = per_gene > 0
+        n_found = int(hit.sum())
+        source = adata.layers[layer] if layer is not None else adata.X
+        block = source[rows]
+        if keys.MISSING in adata.layers:
+            flagged = adata.layers[keys.MISSING][rows]
+            flagged = flagged.toarray() if sp.issparse(flagged) else np.asarray(flagged)
+            block = np.where(flagged.astype(bool), 0.0, _dense(block))
+        summed = sp.csr_matrix(block, dtype=np.float64) @ matrix
+        values = np.asarray(summed.toarray(), dtype=np.float64)
+        report: dict[str, Any] = {
+            "model": MODEL,
+            "id_type": "ensembl",
+            "source": f"layers[{layer!r}]" if layer else "X",
+            "n_vocabulary": len(vocab.genes),
+            "n_found": n_found,
+            "fraction_found": n_found / len(vocab.genes),
+            "n_data_genes": int(adata.n_vars),
+            "n_data_genes_used": int(used.sum()),
+            "examples_missing": [str(g) for g in vocab.genes[~hit][:N_EXAMPLES]],
+            "gene_id_collapsing": {
+                "mapping_dictionary": self.gene_mapping_dictionary_path.name
+                if self.gene_mapping_dictionary_path is not None
+                else None,
+                "n_data_genes_not_mapped": int((~used).sum()),
+                "n_vocabulary_genes_summed_from_several": int((per_gene > 1).sum()),
+            },
+        }
+        if report["fraction_found"] < self.min_coverage:
+            raise GeneMappingError(
+                f"{MODEL}: after collapsing gene ids through "
+                f"{report['gene_id_collapsing']['mapping_dictionary']}, the data has only "
+                f"{n_found} of the model's "
+                f"{len(vocab.genes)} genes ({report['fraction_found']:.1%}); harmonise gene "
+                "ids to Ensembl (bulkfm data build), check that the mapping dictionary belongs "
+                "to these weights, or pass collapse_gene_ids=False"
+            )
+        return GeneInput(values=values, present=values > 0, report=report)
+
     def _report_extra(
         self, layer: str | None, version: str, size: int, n_genes: np.ndarray
     ) -> dict[str, Any]:
@@ -638,8 +797,9 @@ class GeneformerEmbedder(FoundationEmbedder):
             "source": source,
             "version": version,
             "input_size": size,
-            "emb_mode": self.emb_mode,
+            "emb_mode": self.resolved_emb_mode,
             "emb_layer": self.emb_layer,
+            "gene_ids_collapsed": self.gene_mapping is not None,
             "n_token_dictionary": vocab.n_tokens,
             "n_vocabulary_genes": len(vocab.genes),
             "expressed_genes_per_sample_mean": float(n_genes.mean()),
@@ -673,13 +833,17 @@ class GeneformerEmbedder(FoundationEmbedder):
                 attention_mask=valid.long().to(self.device),
                 output_hidden_states=True,
             ).hidden_states[index]
-            if self.emb_mode == "cls":
+            if report["emb_mode"] == "cls":
                 pooled = hidden[:, 0]
             else:
                 genes = valid & (positions >= 1) & (positions < lengths[:, None] - 1)
                 pooled = masked_mean(hidden, (genes if version == "V2" else valid).to(self.device))
             out.append(pooled.float().cpu().numpy())
         return np.concatenate(out, axis=0)
+
+
+def _dense(M: Any) -> np.ndarray:
+    return np.asarray(M.toarray() if sp.issparse(M) else M, dtype=np.float64)
 
 
 def _has_negative(M: Any) -> bool:

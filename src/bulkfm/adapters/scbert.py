@@ -8,10 +8,15 @@ Published recipe (TencentAILabHealthcare/scBERT: ``preprocess.py``, ``pretrain.p
   ``preprocess.py`` does. The symbols are mapped to the data's Ensembl ids through
   the data layer (approved, previous and alias symbols), with a coverage report.
 - Values: raw counts -> ``normalize_total(target_sum=1e4)`` over the vocabulary genes
-  -> ``log2(1 + x)``; then per gene ``min(value, 5)`` truncated to an integer, giving
+  -> ``log1p(x, base=2)``; then per gene ``min(value, 5)`` truncated to an integer, giving
   tokens 0-5 (``bin_num`` 5, ``CLASS`` = bin_num + 2 = 7 token ids, 6 being the
   pre-training mask token), and one token 0 appended at the end (position 16,907,
-  whose Gene2Vec row is zero). Counts are taken from ``layers["counts"]`` when the
+  whose Gene2Vec row is zero). The arithmetic is scanpy's on the float32 matrix
+  ``preprocess.py`` builds, step for step: the total is a sequential float32 sum, the
+  values are divided by ``total / 1e4`` (not multiplied by ``1e4 / total``), then
+  ``log1p`` and division by ``ln 2``. Because the token truncates, values that land
+  exactly on ``2^k - 1`` after normalisation would otherwise come out one token lower.
+  Counts are taken from ``layers["counts"]`` when the
   data has that layer; otherwise the TPM in X are normalised the same way (TPM are
   length-corrected, so the values differ from counts; the coverage report's
   ``expression`` entry records which was used). ``layer`` overrides this.
@@ -88,10 +93,13 @@ _CHUNK_ROWS = 512
 def scbert_tokens(values: np.ndarray, *, n_bins: int = 5) -> np.ndarray:
     """scBERT's input tokens for each row of raw expression on the model's genes.
 
-    Per row: scale to a total of 1e4, ``log2(1 + x)``, cap at ``n_bins``, truncate to
-    an integer, and append the end token 0. Returns int64 [rows, genes + 1].
+    Per row, as ``sc.pp.normalize_total(target_sum=1e4)`` then ``sc.pp.log1p(base=2)``
+    compute it on the float32 CSR matrix of the published ``preprocess.py``: the total
+    as a sequential float32 sum, ``x / (total / 1e4)``, ``log1p`` divided by ``ln 2``;
+    then ``predict.py``'s cap at ``n_bins`` and ``.long()`` truncation, and the end
+    token 0 appended. Returns int64 [rows, genes + 1].
     """
-    values = np.asarray(values, dtype=np.float64)
+    values = np.asarray(values, dtype=np.float32)
     if values.ndim != 2:
         raise ExpressionValueError(
             f"scBERT: expected a 2-D samples x genes array, got {values.ndim}-D"
@@ -101,14 +109,21 @@ def scbert_tokens(values: np.ndarray, *, n_bins: int = 5) -> np.ndarray:
             "scBERT: negative expression values; scBERT expects raw counts or TPM "
             "(not log-transformed or centred data): pass un-logged values"
         )
-    totals = values.sum(axis=1, keepdims=True)
+    # scanpy's CSR kernel adds a row's entries one by one in float32; cumsum does the
+    # same (zeros add nothing), where a pairwise .sum() could differ in the last bit.
+    if values.shape[1]:
+        totals = np.cumsum(values, axis=1, dtype=np.float32)[:, -1:]
+    else:
+        totals = np.zeros((len(values), 1), dtype=np.float32)
     empty = np.flatnonzero(totals[:, 0] <= 0)
     if empty.size:
         raise ExpressionValueError(
             f"scBERT: {empty.size} sample(s) (row(s) {empty[:5].tolist()}) have no expression "
             "on any of the model's genes; drop them or check the gene ids"
         )
-    logged = np.log2(1.0 + values / totals * TARGET_SUM)
+    normalised = values / (totals / np.float32(TARGET_SUM))
+    logged = np.log1p(normalised)
+    np.divide(logged, np.log(2.0), out=logged)  # float64 divisor, float32 result, as scanpy
     tokens = np.minimum(logged, n_bins).astype(np.int64)
     return np.concatenate([tokens, np.zeros((len(tokens), 1), dtype=np.int64)], axis=1)
 
@@ -181,6 +196,8 @@ class ScbertEmbedder(FoundationEmbedder):
 
     model_name: ClassVar[str] = "scBERT"
     extra: ClassVar[str] = "scbert"
+    # 2: scanpy's normalisation arithmetic (tokens at exactly 2^k - 1 no longer one lower).
+    version: ClassVar[int] = 2
 
     def __init__(
         self,

@@ -4,9 +4,14 @@ Released checkpoint folder (e.g. ``scGPT_human``, from the links in the README o
 github.com/bowang-lab/scGPT): ``args.json`` (model config), ``best_model.pt`` (a
 plain state dict, a pickle: loading it needs ``trust_pickle=True``; a
 ``model.safetensors`` with the same keys is read without it) and ``vocab.json``
-(gene symbol -> token id). The ``scgpt`` package cannot run here (its torchtext
-dependency does not work with our torch), so the network is re-implemented in
-:mod:`bulkfm.adapters.scgpt_net` from the public code (scgpt 0.2.4).
+(gene symbol -> token id). The network is re-implemented in
+:mod:`bulkfm.adapters.scgpt_net` from the public code (scgpt 0.2.4), so bulkfm does
+not depend on the ``scgpt`` package, whose ``__init__`` imports scvi-tools and scib.
+The package's own model and ``cell_emb`` code do run on current torch once that
+``__init__`` is kept from running (torchtext is needed only by 0.2.4's tokenizer,
+which the embedding does not use, and no longer by 0.2.5):
+``tests/adapters/test_scgpt_official.py`` builds a tiny ``TransformerModel`` and
+checks that this adapter reproduces ``get_batch_cell_embeddings`` (to 1.5e-6).
 
 Published embedding procedure (``scgpt.tasks.cell_emb.embed_data`` and
 ``get_batch_cell_embeddings``, ``DataCollator``, ``preprocess.binning``), as verified
