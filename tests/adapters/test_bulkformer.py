@@ -1,4 +1,4 @@
-"""BulkFormer adapter: a tiny random model written in the released file layout.
+"""BulkFormer adapter, superseded epoch-29 release: a tiny random model in its file layout.
 
 The checkpoint's key names are spelled out here from the authors' module layout (and
 performer_pytorch's own key names), not taken from the adapter, and the forward pass
@@ -354,12 +354,12 @@ def test_fingerprint_follows_options_and_files(tmp_path: Path, release: Path) ->
 
 
 def test_high_var_list_as_indices_or_as_a_01_mask(release: Path) -> None:
-    by_index = embedder(release, gene_set="high_var").high_var_mask()
+    by_index = embedder(release, gene_set="high_var").gene_list_mask()
     assert np.flatnonzero(by_index).tolist() == [1, 4, 7, 20, 29]
     mask01 = np.zeros(N_GENES, dtype=np.int64)
     mask01[[1, 4, 7, 20, 29]] = 1
     torch.save(mask01.tolist(), release / "high_var_gene_list.pt")
-    as_mask = embedder(release, gene_set="high_var").high_var_mask()
+    as_mask = embedder(release, gene_set="high_var").gene_list_mask()
     np.testing.assert_array_equal(as_mask, by_index)
 
 
@@ -465,3 +465,15 @@ def test_sample_without_genes_fails(release: Path) -> None:
     )
     with pytest.raises(ExpressionValueError, match=r"samples \['s0'\] have none"):
         embedder(release).transform(adata)
+
+
+def test_generation_comes_from_the_keys(tmp_path: Path, release: Path) -> None:
+    """A renamed epoch-29 file is still epoch 29: no summary features, G_gtex graph."""
+    write_release(tmp_path)
+    (tmp_path / "Bulkformer_ckpt_epoch_29.pt").rename(tmp_path / "bulkformer_147M.pt")
+    emb = embedder(tmp_path)
+    adata = make_adata(2)
+    out = emb.transform(adata)
+    assert emb.generation() == "epoch29" and out.shape == (2, DIM)
+    assert emb.coverage_["release"] == "Bulkformer_ckpt_epoch_29"
+    np.testing.assert_array_equal(out, embedder(release).transform(adata))

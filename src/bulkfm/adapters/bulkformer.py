@@ -1,45 +1,55 @@
-"""BulkFormer (Kang et al., "BulkFormer: a large-scale foundation model for human bulk
-transcriptomes"; github.com/KangBoming/BulkFormer, MIT) as a frozen benchmark model.
+"""BulkFormer (Kang et al., "BulkFormer: a large-scale foundation model for bulk
+transcriptomes", Cell Systems 2026; github.com/KangBoming/BulkFormer, MIT) as a frozen
+benchmark model.
 
-Input, as published: the model's 20,010 genes (Ensembl ids, ``ensg_id`` column of
+Two generations of released weights are supported; which one a file is comes from
+its keys (:func:`bulkfm.adapters.bulkformer_net.detect_generation`), never from its name:
+
+- **The current release** (December 2025 onwards), five sizes: BulkFormer-37M, -50M,
+  -93M, -127M and -147M (``bulkformer_147M.pt`` etc., Google Drive links in the
+  repository's ``model/README.md``), with ``G_tcga.pt`` / ``G_tcga_weight.pt``,
+  ``bulkformer_gene_info.csv`` and ``interested_gene_list.pt`` from Zenodo record
+  10.5281/zenodo.15744294. A one-hot gene embedding; the extractor appends three
+  per-sample summary features (missing rate, mean observed value, non-zero fraction)
+  to every gene state, so an embedding is dim + 3 wide (e.g. 643).
+- **The superseded** ``Bulkformer_ckpt_epoch_29.pt`` (Zenodo 10.5281/zenodo.15559368)
+  with ``G_gtex.pt`` / ``G_gtex_weight.pt`` and ``high_var_gene_list.pt``: 1,280-d
+  ESM2 gene features stored in the checkpoint; an embedding is dim (640) wide.
+
+Input, as published for both: the model's 20,010 genes (``ensg_id`` column of
 ``bulkformer_gene_info.csv``, in file order), value = log1p(TPM); a gene the sample
-lacks gets -10, which the model masks (zero value embedding). Here X (TPM) is used;
-genes absent from the data *and* genes flagged in ``layers["missing"]`` get -10 (the
-published alignment only knows absent columns). TPM is not renormalised over the
-model's genes, as in the authors' code.
+lacks gets -10, which the model masks. Here X (TPM) is used; genes absent from the
+data *and* genes flagged in ``layers["missing"]`` get -10. TPM is not renormalised
+over the model's genes, as in the authors' code.
 
-Network: ESM2 protein features per gene (``gene_emb``, stored in the checkpoint) through
-an MLP, plus the sin/cos value embedding, plus an MLP of the whole profile; then graph
-(GCN over the GTEx gene graph) + Performer blocks and a final LayerNorm, whose per-gene
-output the authors pool. The release ships no config file, so the sizes are read from
-the checkpoint's tensor shapes (released: dim 640, 3 blocks of 4 Performer layers with
-8 heads, 1,280-d gene features; about 148.6M parameters). See
-:mod:`bulkfm.adapters.bulkformer_net`.
-
-Pooling. Published (``extract_features``, transcriptome level): the genes listed in
-``high_var_gene_list.pt``, *including* masked ones, reduced by max (their CLI's
-default), mean, median or "all" (max + mean + median, summed). Default here:
-``gene_set="present"``, ``pooling="mean"``: only genes the sample has, so an
-embedding reflects measured genes, not how many -10 placeholders it got. The
-published recipe is ``gene_set="high_var"`` (needs that file) with any ``pooling``;
+Pooling. Published: the genes of the release's list (``interested_gene_list.pt``,
+``high_var_gene_list.pt``), *including* masked ones, reduced by mean (the current
+notebook), max (the epoch-29 CLI default), median or "all" (max + mean + median,
+summed). Default here: ``gene_set="present"``, ``pooling="mean"``: only genes the
+sample has, so an embedding reflects measured genes, not how many -10 placeholders
+it got. ``gene_set="listed"`` (alias ``"high_var"``) is the published recipe;
 ``gene_set="all"`` pools all 20,010 genes.
 
-Files, in the folder passed as ``model_dir`` (or its ``model/`` and ``data/``
-subfolders, the repository's layout): ``Bulkformer_ckpt_epoch_29.pt`` (state dict,
-``module.`` prefixes allowed), ``G_gtex.pt`` (edge list [2, E]), ``G_gtex_weight.pt``
-(edge weights [E]), ``bulkformer_gene_info.csv``, and for ``gene_set="high_var"``
-``high_var_gene_list.pt``. ``.safetensors`` files with the same stem (one tensor each
-for the graph files) are accepted instead of the pickles; a converted checkpoint may
-keep only one of each Performer's two names for a tensor (``net.*`` /
-``proj_updater.instance.*``), since safetensors refuses shared tensors.
-``esm2_feature_concat.pt`` is not read: the model's copy of those features is a trained
-parameter in the checkpoint.
+Other differences from the authors' extractor, each equal to it where stated:
+the missing rate is computed per sample (the authors pass one rate for the whole
+input file; equal when every sample lacks the same genes); the network runs in
+float32 (the notebook runs under CUDA fp16 autocast); the summary features can be
+left out (``summary_features=False``).
 
-Not verifiable here (no released files offline): that the Zenodo checkpoint's keys
-carry no other prefix than ``module.``, that the graph files hold plain tensors, and
-the exact contents of ``high_var_gene_list.pt`` (read as indices or a boolean mask).
-The later "five-scale" BulkFormer family (``BulkFormer_147M.pt`` etc., a different
-layout with a one-hot gene embedding) is not supported.
+Files, in the folder passed as ``model_dir`` (or its ``model/`` and ``data/``
+subfolders, the repository's layout), or the checkpoint file itself. A folder must
+hold one checkpoint; with several sizes side by side, pass the file.
+``.safetensors`` files with the same stem (one tensor each for the graph files) are
+accepted instead of the pickles; a converted checkpoint may keep only one of each
+Performer's two names for a tensor (``net.*`` / ``proj_updater.instance.*``), since
+safetensors refuses shared tensors. ``esm2_feature_concat.pt`` is not read: the
+current model does not use it, and epoch 29 keeps a trained copy in its checkpoint.
+
+Not verifiable here (no released files offline): the Drive file names of the sizes
+other than 147M (``bulkformer_<size>.pt`` is assumed; any name works when the file is
+passed), that the checkpoints carry no other prefix than ``module.``, and whether
+``interested_gene_list.pt`` holds indices (as the notebook uses it) or Ensembl ids (as
+its comment says); both, and a 0/1 mask, are accepted.
 """
 
 from __future__ import annotations
@@ -47,6 +57,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -74,20 +85,46 @@ __all__ = ["BULKFORMER_FILES", "BulkFormerEmbedder"]
 MODEL = "BulkFormer"
 MASK_VALUE = -10.0
 POOLINGS = ("mean", "max", "median", "all")
-GENE_SETS = ("present", "high_var", "all")
-RELEASE = (
-    "the BulkFormer release: Zenodo 10.5281/zenodo.15559368 (checkpoint, graph, "
-    "high_var_gene_list.pt) and bulkformer_gene_info.csv from the GitHub repository "
-    "KangBoming/BulkFormer data/ folder (also in Zenodo 10.5281/zenodo.15744294)"
-)
-# Role -> accepted file names, first found wins.
-BULKFORMER_FILES: dict[str, tuple[str, ...]] = {
-    "checkpoint": ("Bulkformer_ckpt_epoch_29.safetensors", "Bulkformer_ckpt_epoch_29.pt"),
-    "graph": ("G_gtex.safetensors", "G_gtex.pt"),
-    "graph_weight": ("G_gtex_weight.safetensors", "G_gtex_weight.pt"),
-    "gene_info": ("bulkformer_gene_info.csv",),
-    "high_var": ("high_var_gene_list.safetensors", "high_var_gene_list.pt"),
+GENE_SETS = ("present", "listed", "all")
+# Names accepted for gene_set that mean another (kept so older configs still run).
+GENE_SET_ALIASES = {"high_var": "listed"}
+FAMILY, EPOCH29 = "family", "epoch29"  # as in bulkformer_net, which imports torch
+RELEASES = {
+    FAMILY: (
+        "the current BulkFormer release: bulkformer_37M/50M/93M/127M/147M.pt from the Google "
+        "Drive links in model/README.md of github.com/KangBoming/BulkFormer, and G_tcga.pt, "
+        "G_tcga_weight.pt, bulkformer_gene_info.csv, interested_gene_list.pt from Zenodo "
+        "10.5281/zenodo.15744294"
+    ),
+    EPOCH29: (
+        "the superseded BulkFormer release: Zenodo 10.5281/zenodo.15559368 "
+        "(Bulkformer_ckpt_epoch_29.pt, G_gtex.pt, G_gtex_weight.pt, high_var_gene_list.pt) "
+        "and bulkformer_gene_info.csv from the repository's data/ folder"
+    ),
 }
+# Generation -> role -> accepted file names, first found wins.
+BULKFORMER_FILES: dict[str, dict[str, tuple[str, ...]]] = {
+    FAMILY: {
+        "graph": ("G_tcga.safetensors", "G_tcga.pt"),
+        "graph_weight": ("G_tcga_weight.safetensors", "G_tcga_weight.pt"),
+        "gene_info": ("bulkformer_gene_info.csv",),
+        "gene_list": ("interested_gene_list.safetensors", "interested_gene_list.pt"),
+    },
+    EPOCH29: {
+        "graph": ("G_gtex.safetensors", "G_gtex.pt"),
+        "graph_weight": ("G_gtex_weight.safetensors", "G_gtex_weight.pt"),
+        "gene_info": ("bulkformer_gene_info.csv",),
+        "gene_list": ("high_var_gene_list.safetensors", "high_var_gene_list.pt"),
+    },
+}
+# Checkpoint names a folder is searched for: the family's bulkformer_<size>.pt and epoch 29.
+_CHECKPOINT_NAME = re.compile(
+    r"^(bulkformer_\d+(?:\.\d+)?[mb]|bulkformer_ckpt_epoch_29)\.(safetensors|pt)$", re.I
+)
+_CHECKPOINT_HELP = (
+    "bulkformer_<size>.pt (current release: 37M, 50M, 93M, 127M, 147M) or "
+    "Bulkformer_ckpt_epoch_29.pt (superseded), or the same stem as .safetensors"
+)
 
 
 _ALIAS = (".net.", ".proj_updater.instance.")
@@ -112,13 +149,30 @@ def _with_performer_aliases(state: dict[str, Any], own: Mapping[str, Any]) -> di
     return state
 
 
+def _unwrap(state: Any, path: Path) -> dict[str, Any]:
+    """The bare state dict: out of a checkpoint dict, without DataParallel's ``module.``."""
+    if not isinstance(state, dict):
+        raise CheckpointError(
+            f"{MODEL}: {path} holds a {type(state).__name__}, not a state dict; pass the "
+            f"released checkpoint ({_CHECKPOINT_HELP})"
+        )
+    for key in ("state_dict", "model_state_dict", "model"):
+        if isinstance(state.get(key), dict):
+            state = state[key]
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module.") :]: v for k, v in state.items()}
+    return state
+
+
 @register_embedder("bulkformer")
 class BulkFormerEmbedder(FoundationEmbedder):
-    """Frozen BulkFormer: log1p(TPM) with -10 for absent genes, pooled gene embeddings.
+    """Frozen BulkFormer (current five-size release or epoch 29): pooled gene states.
 
     ``pooling``: mean (default), max, median, or all (max + mean + median summed, as
-    published). ``gene_set``: present (default; genes the sample has), high_var (the
-    release's gene list, masked genes included, as published) or all.
+    published). ``gene_set``: present (default; genes the sample has), listed (the
+    release's gene list, masked genes included, as published; alias high_var) or all.
+    ``summary_features``: append the current release's three per-sample features, as
+    its extractor does (default; ignored for epoch 29, which has none).
     ``layer``: the values to read, TPM in X by default (BulkFormer was trained on TPM;
     "auto" would take counts). ``min_coverage``: smallest fraction of the model's genes
     the data must have.
@@ -133,6 +187,7 @@ class BulkFormerEmbedder(FoundationEmbedder):
         *,
         pooling: str = "mean",
         gene_set: str = "present",
+        summary_features: bool = True,
         layer: str | None = "X",
         min_coverage: float = 0.05,
         batch_size: int = 8,
@@ -151,12 +206,19 @@ class BulkFormerEmbedder(FoundationEmbedder):
         )
         if pooling not in POOLINGS:
             raise ConfigError(f"{MODEL}: pooling={pooling!r}; choose one of {list(POOLINGS)}")
+        gene_set = GENE_SET_ALIASES.get(gene_set, gene_set)
         if gene_set not in GENE_SETS:
-            raise ConfigError(f"{MODEL}: gene_set={gene_set!r}; choose one of {list(GENE_SETS)}")
+            raise ConfigError(
+                f"{MODEL}: gene_set={gene_set!r}; choose one of {list(GENE_SETS)} "
+                "(listed = the release's gene list, as published)"
+            )
         self.pooling = pooling
         self.gene_set = gene_set
+        self.summary_features = self._bool_setting("summary_features", summary_features)
         self._genes: list[str] | None = None
-        self._high_var: np.ndarray | None = None
+        self._gene_list: np.ndarray | None = None
+        self._checkpoint: Path | None = None
+        self._generation: str | None = None
 
     # ------------------------------------------------------------------ files
 
@@ -165,11 +227,80 @@ class BulkFormerEmbedder(FoundationEmbedder):
         """Folder holding the release's files (the checkpoint file's folder if given one)."""
         return self.path.parent if self.path.is_file() else self.path
 
+    def checkpoint(self) -> Path:
+        """The weights file: ``model_dir`` itself, or the one checkpoint in it or its model/."""
+        if self._checkpoint is None:
+            if self.path.is_file():
+                self._checkpoint = self.path
+            else:
+                self._checkpoint = self._find_checkpoint()
+        return self._checkpoint
+
+    def _find_checkpoint(self) -> Path:
+        folders = [self.path, self.path / "model"]
+        for folder in folders:
+            if not folder.is_dir():
+                continue
+            found = sorted(p for p in folder.iterdir() if _CHECKPOINT_NAME.match(p.name))
+            stems = sorted({p.stem for p in found})
+            if len(stems) > 1:
+                raise CheckpointError(
+                    f"{MODEL}: {folder} holds several checkpoints ({[p.name for p in found]}); "
+                    f"pass the one to use as the model path, e.g. --model-dir "
+                    f"bulkformer={found[-1]}"
+                )
+            if stems:
+                # safetensors first: it needs no trust_pickle.
+                return min(found, key=lambda p: p.suffix != ".safetensors")
+        raise CheckpointError(
+            f"{MODEL}: no checkpoint found: looked for {_CHECKPOINT_HELP} in "
+            f"{', '.join(str(f) for f in folders)}. Get {RELEASES[FAMILY]}; or pass the "
+            "checkpoint file itself"
+        )
+
+    def _state(self) -> dict[str, Any]:
+        """The checkpoint's state dict (read lazily: memory-mapped where torch can)."""
+        import torch
+
+        path = self.checkpoint()
+        state: Any = None
+        if path.suffix != ".safetensors" and self.trust_pickle:
+            try:  # zip-format .pt files map without reading every tensor
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except Exception:  # old pickle format or a bad file: the full reader says which
+                state = None
+        if state is None:
+            state = read_state_dict(path, trust_pickle=self.trust_pickle, model=MODEL)
+        return _unwrap(state, path)
+
+    def generation(self) -> str:
+        """``"family"`` (current five-size release) or ``"epoch29"``, from the keys."""
+        if self._generation is None:
+            from bulkfm.adapters.bulkformer_net import detect_generation
+
+            path = self.checkpoint()
+            if path.suffix == ".safetensors":  # the keys alone, without reading tensors
+                from safetensors import safe_open
+
+                try:
+                    with safe_open(str(path), framework="pt") as f:
+                        keys: dict[str, Any] = dict.fromkeys(f.keys())
+                except Exception as exc:  # any parse failure means a bad file
+                    raise CheckpointError(
+                        f"{MODEL}: {path} is not a readable safetensors file: {exc}"
+                    ) from exc
+                state = _unwrap(keys, path)
+            else:
+                state = self._state()
+            self._generation = detect_generation(state)
+        return self._generation
+
     def asset(self, role: str) -> Path:
         """Path of one release file: in the folder, its model/ or data/, or a sibling data/."""
-        names = BULKFORMER_FILES[role]
-        if role == "checkpoint" and self.path.is_file():
-            return self.path
+        if role == "checkpoint":
+            return self.checkpoint()
+        generation = self.generation()
+        names = BULKFORMER_FILES[generation][role]
         # The repository layout: weights in model/, graph and gene files in data/.
         folders = [self.root, self.root / "model", self.root / "data", self.root.parent / "data"]
         for folder in folders:
@@ -178,13 +309,14 @@ class BulkFormerEmbedder(FoundationEmbedder):
                     return folder / name
         raise CheckpointError(
             f"{MODEL}: {role} file not found: looked for {' or '.join(names)} in "
-            f"{', '.join(str(f) for f in folders)}. It is part of {RELEASE}; put it in the "
-            "model folder"
+            f"{', '.join(str(f) for f in folders)}. The checkpoint "
+            f"{self.checkpoint().name} is of {RELEASES[generation]}; put that release's "
+            "files in the model folder (files of the other release do not fit it)"
         )
 
     def _roles(self) -> list[str]:
         roles = ["checkpoint", "graph", "graph_weight", "gene_info"]
-        return [*roles, "high_var"] if self.gene_set == "high_var" else roles
+        return [*roles, "gene_list"] if self.gene_set == "listed" else roles
 
     def config(self) -> dict[str, Any]:
         # Hash the files actually used: the release spreads them over model/ and data/.
@@ -197,16 +329,25 @@ class BulkFormerEmbedder(FoundationEmbedder):
         return super().config()  # adds layer, min_coverage and settings()
 
     def settings(self) -> dict[str, Any]:
-        return {"pooling": self.pooling, "gene_set": self.gene_set}
+        return {
+            "pooling": self.pooling,
+            "gene_set": self.gene_set,
+            "summary_features": self.summary_features,
+        }
+
+    def _load_file(self, role: str) -> Any:
+        path = self.asset(role)
+        obj = read_state_dict(path, trust_pickle=self.trust_pickle, model=MODEL)
+        if isinstance(obj, dict) and len(obj) == 1:
+            obj = next(iter(obj.values()))
+        return obj
 
     def _tensor(self, role: str) -> torch.Tensor:
         """The single tensor a graph or gene-list file holds."""
         import torch
 
+        obj = self._load_file(role)
         path = self.asset(role)
-        obj = read_state_dict(path, trust_pickle=self.trust_pickle, model=MODEL)
-        if isinstance(obj, dict) and len(obj) == 1:
-            obj = next(iter(obj.values()))
         if isinstance(obj, list | tuple):
             try:
                 obj = torch.as_tensor(obj)
@@ -215,7 +356,7 @@ class BulkFormerEmbedder(FoundationEmbedder):
         if not isinstance(obj, torch.Tensor):
             raise CheckpointError(
                 f"{MODEL}: {path} should hold one tensor, found {type(obj).__name__}; use the "
-                f"file from {RELEASE}"
+                f"file from {RELEASES[self.generation()]}"
             )
         return obj
 
@@ -229,7 +370,7 @@ class BulkFormerEmbedder(FoundationEmbedder):
             if "ensg_id" not in table.columns:
                 raise CheckpointError(
                     f"{MODEL}: {path} has no 'ensg_id' column (columns: {list(table.columns)}); "
-                    f"use bulkformer_gene_info.csv from {RELEASE}"
+                    f"use bulkformer_gene_info.csv from {RELEASES[self.generation()]}"
                 )
             genes = table["ensg_id"].astype(str).tolist()
             if len(set(genes)) != len(genes):
@@ -258,30 +399,46 @@ class BulkFormerEmbedder(FoundationEmbedder):
             )
         return edges.long(), weights.float()
 
-    def high_var_mask(self) -> np.ndarray:
-        """Boolean mask over the model's genes of the release's pooling gene list."""
-        if self._high_var is None:
-            n = len(self.genes())
-            raw = self._tensor("high_var").cpu().numpy().ravel()
+    def gene_list_mask(self) -> np.ndarray:
+        """Boolean mask over the model's genes of the release's pooling gene list.
+
+        The file may hold gene indices, a 0/1 or boolean mask over the model's genes, or
+        Ensembl ids (the current notebook indexes with it but calls it a list of ids).
+        """
+        if self._gene_list is None:
+            genes = self.genes()
+            n = len(genes)
+            name = self.asset("gene_list").name
+            obj = self._load_file("gene_list")
+            if isinstance(obj, list | tuple | np.ndarray) and any(isinstance(v, str) for v in obj):
+                position = {g: i for i, g in enumerate(genes)}
+                unknown = [str(v) for v in obj if str(v).split(".")[0] not in position]
+                if unknown:
+                    raise CheckpointError(
+                        f"{MODEL}: {name} lists {len(unknown)} gene ids the model does not have "
+                        f"(e.g. {unknown[:5]}); use the list of the same release"
+                    )
+                obj = [position[str(v).split(".")[0]] for v in obj]
+            values = _as_array(obj, name).ravel()
             # A 0/1 vector over all genes is a mask too, not the indices {0, 1}.
-            if raw.dtype != bool and raw.size == n and set(np.unique(raw).tolist()) <= {0, 1}:
-                raw = raw.astype(bool)
-            if raw.dtype == bool:
-                if raw.size != n:
-                    raise CheckpointError(
-                        f"{MODEL}: high_var mask has {raw.size} entries for {n} genes"
-                    )
-                mask = raw
+            if (
+                values.dtype != bool
+                and values.size == n
+                and set(np.unique(values).tolist()) <= {0, 1}
+            ):
+                values = values.astype(bool)
+            if values.dtype == bool:
+                if values.size != n:
+                    raise CheckpointError(f"{MODEL}: {name} masks {values.size} genes, not {n}")
+                mask = values
             else:
-                idx = raw.astype(np.int64)
+                idx = values.astype(np.int64)
                 if idx.size == 0 or idx.min() < 0 or idx.max() >= n:
-                    raise CheckpointError(
-                        f"{MODEL}: high_var_gene_list indices must lie in 0..{n - 1}"
-                    )
+                    raise CheckpointError(f"{MODEL}: {name} indices must lie in 0..{n - 1}")
                 mask = np.zeros(n, dtype=bool)
                 mask[idx] = True
-            self._high_var = mask
-        return self._high_var
+            self._gene_list = mask
+        return self._gene_list
 
     # ------------------------------------------------------------------ model
 
@@ -289,20 +446,9 @@ class BulkFormerEmbedder(FoundationEmbedder):
         from bulkfm.adapters.base import load_state_dict_strict
         from bulkfm.adapters.bulkformer_net import BulkFormerConfig, BulkFormerNet
 
-        state = read_state_dict(
-            self.asset("checkpoint"), trust_pickle=self.trust_pickle, model=MODEL
-        )
-        if not isinstance(state, dict):
-            raise CheckpointError(
-                f"{MODEL}: {self.asset('checkpoint')} holds a {type(state).__name__}, not a "
-                "state dict; pass the released Bulkformer_ckpt_epoch_29.pt"
-            )
-        for key in ("state_dict", "model_state_dict", "model"):
-            if isinstance(state.get(key), dict):
-                state = state[key]
-        if state and all(k.startswith("module.") for k in state):
-            state = {k[len("module.") :]: v for k, v in state.items()}
+        state = self._state()
         config = BulkFormerConfig.from_state_dict(state)
+        self._generation = config.generation
         n_genes = len(self.genes())
         if n_genes != config.gene_length:
             raise CheckpointError(
@@ -312,7 +458,7 @@ class BulkFormerEmbedder(FoundationEmbedder):
         edges, weights = self._graph(n_genes)
         net = BulkFormerNet(config, edges, weights)
         load_state_dict_strict(net, _with_performer_aliases(state, net.state_dict()), model=MODEL)
-        logger.info("%s: loaded %s (%s)", MODEL, self.asset("checkpoint"), config)
+        logger.info("%s: loaded %s (%s)", MODEL, self.checkpoint(), config.release)
         return net
 
     # ------------------------------------------------------------------ data
@@ -322,7 +468,7 @@ class BulkFormerEmbedder(FoundationEmbedder):
     ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
         """The published input for ``rows``: log1p(TPM) in model gene order, -10 where absent.
 
-        Returns (values [n, 20010] float32, present [n, 20010] bool, coverage report).
+        Returns (values [n, genes] float32, present [n, genes] bool, coverage report).
         """
         gi = gene_input(
             adata,
@@ -350,7 +496,7 @@ class BulkFormerEmbedder(FoundationEmbedder):
             return present
         if self.gene_set == "all":
             return np.ones_like(present)
-        return np.broadcast_to(self.high_var_mask(), present.shape)
+        return np.broadcast_to(self.gene_list_mask(), present.shape)
 
     def pool(self, hidden: torch.Tensor, mask: np.ndarray) -> np.ndarray:
         """Reduce per-gene states [n, genes, dim] over ``mask`` [n, genes] as configured."""
@@ -375,11 +521,16 @@ class BulkFormerEmbedder(FoundationEmbedder):
     def embed(self, adata: ad.AnnData) -> np.ndarray:
         import torch
 
+        from bulkfm.adapters.bulkformer_net import summary_features
+
         net = self.network
+        with_summary = self.summary_features and net.config.generation == FAMILY
+        # "all" sums three reductions of the same per-gene constant: 3x the feature.
+        summary_scale = 3.0 if self.pooling == "all" else 1.0
         out = []
         for rows in batch_slices(adata.n_obs, self.batch_size, desc=MODEL):
             values, present, report = self.model_input(adata, rows)
-            self.coverage_ = report
+            self.coverage_ = {**report, "release": net.config.release}
             mask = self._pool_mask(present)
             empty = np.flatnonzero(~mask.any(axis=1))
             if empty.size:
@@ -388,6 +539,24 @@ class BulkFormerEmbedder(FoundationEmbedder):
                     f"{MODEL}: samples {names} have none of the genes to pool over "
                     f"(gene_set={self.gene_set!r}); drop them or choose gene_set='all'"
                 )
-            hidden = net(torch.as_tensor(values, device=self.device))
-            out.append(self.pool(hidden, mask))
+            x = torch.as_tensor(values, device=self.device)
+            pooled = self.pool(net(x), mask)
+            if with_summary:
+                extra = summary_features(x).float().cpu().numpy() * np.float32(summary_scale)
+                pooled = np.concatenate([pooled, extra], axis=1)
+            out.append(pooled)
         return np.concatenate(out, axis=0)
+
+
+def _as_array(obj: Any, name: str) -> np.ndarray:
+    """A gene list file's content as a numeric array."""
+    if hasattr(obj, "cpu"):
+        return np.asarray(obj.cpu().numpy())
+    try:
+        return np.asarray(obj, dtype=np.int64 if not _is_bool_list(obj) else bool)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{MODEL}: {name} holds no list of genes: {exc}") from exc
+
+
+def _is_bool_list(obj: Any) -> bool:
+    return isinstance(obj, list | tuple) and bool(obj) and all(isinstance(v, bool) for v in obj)
