@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -56,3 +57,23 @@ def test_damaged_cache_entry_is_recomputed_not_trusted(sim, tmp_path) -> None:
     npy = cache.save(model, fp, np.zeros((sim.n_obs, 5), np.float32))
     npy.write_bytes(b"not an array")
     assert cache.load(model, fp, sim.n_obs) is None
+
+
+def test_cache_hit_restores_the_gene_coverage_record(sim, tmp_path, tiny_model) -> None:
+    """run.json lists a checkpoint's coverage whether its embedding was computed or cached."""
+    from bulkfm.embedders.bulkrnabert import BulkRNABertEmbedder
+    from bulkfm.tokenize import BinTokenizer
+
+    genes = [*map(str, sim.var_names[:20]), "ENSG99999999999"]  # one gene the data lacks
+    tokenizer = BinTokenizer.fit(np.asarray(sim[:, :20].X), genes[:20])
+    tokenizer = BinTokenizer(dataclasses.replace(tokenizer.config, genes=genes))
+    model = tiny_model(n_genes=len(genes))
+    model.save_pretrained(tmp_path / "ckpt", tokenizer=tokenizer)
+    cache = EmbeddingCache(tmp_path / "cache")
+    fp = data_fingerprint(sim)
+    first = BulkRNABertEmbedder(tmp_path / "ckpt")
+    cache.save(first, fp, first.transform(sim))
+    assert first.coverage_ is not None and first.coverage_["n_absent"] == 1
+    again = BulkRNABertEmbedder(tmp_path / "ckpt")
+    assert cache.load(again, fp, sim.n_obs) is not None
+    assert again.describe()["coverage"] == json.loads(json.dumps(first.coverage_))

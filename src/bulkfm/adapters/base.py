@@ -403,6 +403,11 @@ class FoundationEmbedder(Embedder):
             return keys.COUNTS if keys.COUNTS in adata.layers else None
         return None if self.layer in (None, "X") else self.layer
 
+    def restore(self, described: dict[str, Any]) -> None:
+        coverage = described.get("coverage")
+        if isinstance(coverage, dict):
+            self.coverage_ = coverage
+
     def describe(self) -> dict[str, Any]:
         out = {**super().describe(), "model_dir": str(self.path)}
         if self.coverage_ is not None:

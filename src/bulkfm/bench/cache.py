@@ -64,6 +64,9 @@ class EmbeddingCache:
             logger.warning("cache entry %s does not match this model/data; recomputing", npy)
             return None
         logger.info("%s: embeddings loaded from cache %s", model.label, npy)
+        described = meta.get("model")
+        if isinstance(described, dict):
+            model.restore(described)  # e.g. the gene coverage the embedding was made with
         return emb
 
     def save(self, model: Embedder, data_fingerprint: str, emb: np.ndarray) -> Path:

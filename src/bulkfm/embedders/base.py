@@ -84,6 +84,10 @@ class Embedder(abc.ABC):
                 f"embedder {self.label!r} learns from data: call fit(adata_train) before transform"
             )
 
+    def restore(self, described: dict[str, Any]) -> None:
+        """Take back what :meth:`describe` recorded when the output was computed (e.g. a
+        gene-coverage record), for an embedding read from a cache. Default: nothing."""
+
     def describe(self) -> dict[str, Any]:
         """Record for run metadata."""
         return {

@@ -95,6 +95,11 @@ class BulkRNABertEmbedder(Embedder):
             "exclude_missing": self.exclude_missing,
         }
 
+    def restore(self, described: dict[str, Any]) -> None:
+        coverage = described.get("coverage")
+        if isinstance(coverage, dict):
+            self.coverage_ = coverage
+
     def describe(self) -> dict[str, Any]:
         out = {**super().describe(), "model_dir": str(self.model_dir)}
         if self.coverage_ is not None:
