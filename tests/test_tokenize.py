@@ -342,7 +342,9 @@ def test_gene_coverage_below_minimum_names_the_option(tokenizer: BinTokenizer) -
     adata = _lacking(tokenizer, 30)  # 20 of 50 genes: 40%
     with pytest.raises(GeneMappingError, match=r"40\.0% on average.*lower --min-gene-coverage"):
         tk.gene_coverage(tokenizer, adata)
-    assert tk.gene_coverage(tokenizer, adata, min_coverage=0.4).fraction_measured == pytest.approx(0.4)
+    assert tk.gene_coverage(tokenizer, adata, min_coverage=0.4).fraction_measured == pytest.approx(
+        0.4
+    )
     with pytest.raises(GeneMappingError, match=r"model\.min_gene_coverage"):
         tk.gene_coverage(tokenizer, adata, min_coverage=0.5, option="model.min_gene_coverage")
 

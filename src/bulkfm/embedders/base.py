@@ -87,6 +87,7 @@ class Embedder(abc.ABC):
     def restore(self, described: dict[str, Any]) -> None:
         """Take back what :meth:`describe` recorded when the output was computed (e.g. a
         gene-coverage record), for an embedding read from a cache. Default: nothing."""
+        return None
 
     def describe(self) -> dict[str, Any]:
         """Record for run metadata."""
