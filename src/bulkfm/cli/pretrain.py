@@ -8,8 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import sys
 
 from bulkfm.cli.common import add_config_arguments, load_config
+
+#: Exit status after Ctrl-C (128 + SIGINT), the shell's convention.
+EXIT_SIGINT = 130
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -18,8 +23,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="masked-LM pre-training of BulkRNABert",
         description=(
             "Pre-train BulkRNABert with the BERT masking recipe on an .h5ad (X = TPM). "
-            "Checkpoints, log.csv, summary.json and the final model (final/) go to the "
-            "config's output_dir. Multi-GPU: launch with torchrun or accelerate launch."
+            "Checkpoints, log.csv, genes_excluded.tsv, summary.json and the final model "
+            "(final/) go to the config's output_dir. A progress line (step, loss, tokens/s, "
+            "ETA) is logged every progress_every_s seconds. Ctrl-C or SIGTERM finishes the "
+            "current step, writes a checkpoint, prints the command that resumes the run and "
+            "exits with 130 (SIGINT) or 143 (SIGTERM). Multi-GPU: launch with torchrun or "
+            "accelerate launch."
         ),
     )
     add_config_arguments(parser, "YAML config file", "--set optim.lr=3e-4 --set data.path=x.h5ad")
@@ -31,6 +40,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=_pretrain)
 
 
+def resume_command(args: argparse.Namespace, output_dir: str) -> str:
+    """The command line that continues this run: the same config and overrides, the
+    output folder spelled out, and ``--resume``."""
+    words = ["bulkfm", "pretrain", "--config", str(args.config)]
+    overrides = list(args.overrides)
+    if not any(o.split("=", 1)[0].strip() == "output_dir" for o in overrides):
+        overrides.append(f"output_dir={output_dir}")
+    for override in overrides:
+        words += ["--set", override]
+    return shlex.join([*words, "--resume"])
+
+
 def _pretrain(args: argparse.Namespace) -> int:
     from bulkfm.io import check_output_dir
     from bulkfm.train.config import PretrainConfig
@@ -40,10 +61,29 @@ def _pretrain(args: argparse.Namespace) -> int:
 
     import torch.distributed as dist
 
-    from bulkfm.train.pretrain import pretrain
+    from bulkfm.train.pretrain import TrainingInterrupted, find_latest_checkpoint, pretrain
 
+    resume = resume_command(args, config.output_dir)
     try:
         result = pretrain(config, resume=args.resume)
+    except TrainingInterrupted as exc:
+        # What stopped and where the checkpoint is has been logged; add the command.
+        if _is_rank_zero():
+            print(f"resume with:\n  {resume}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        # Ctrl-C before training started, or a second Ctrl-C: nothing new was saved.
+        if _is_rank_zero():
+            latest = find_latest_checkpoint(config.output_dir)
+            if latest is None:
+                print("interrupted before any checkpoint was written", file=sys.stderr)
+            else:
+                print(
+                    f"interrupted; the newest complete checkpoint is {latest}\n"
+                    f"resume with:\n  {resume}",
+                    file=sys.stderr,
+                )
+        return EXIT_SIGINT
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()

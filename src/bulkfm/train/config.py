@@ -45,11 +45,23 @@ _SET_BY_THE_RUN = exclude(
 
 @dataclass
 class DataSection:
-    """Where the expression matrix comes from and which part of it is used."""
+    """Where the expression matrix comes from and which part of it is used.
+
+    ``top_k_variable_genes`` keeps the genes with the largest variance of log10(1 + TPM)
+    over the training samples. Only genes measured (not in ``missing_layer``) in at
+    least ``min_measured_fraction`` of the training samples are ranked: on a union of
+    sources, a gene measured by one pipeline only looks highly variable because its
+    few values come from one source (on the shared data, immunoglobulin genes that
+    the other cohorts lack), so ranking it would spend model capacity on a gene most
+    samples feed as [MASK]. The genes this rule drops are logged and written to
+    ``genes_excluded.tsv`` in the output folder. With ``top_k_variable_genes: null``
+    every gene is kept and absent values are fed as [MASK].
+    """
 
     path: str | None = None
     layer: str | None = None
     top_k_variable_genes: int | None = None
+    min_measured_fraction: float = 0.95
     holdout_fraction: float = 0.05
     group_key: str | None = keys.PATIENT
     missing_layer: str | None = keys.MISSING
@@ -59,6 +71,14 @@ class DataSection:
             check_nonempty_str("data.path", self.path, hint="give the path of a .h5ad (X = TPM)")
         if self.top_k_variable_genes is not None:
             check_int("data.top_k_variable_genes", self.top_k_variable_genes, 1)
+        check_number(
+            "data.min_measured_fraction",
+            self.min_measured_fraction,
+            low=0.0,
+            high=1.0,
+            hint="the share of training samples a gene must be measured in to be ranked "
+            "by variance (0.95 by default; 1 = measured everywhere)",
+        )
         check_number(
             "data.holdout_fraction",
             self.holdout_fraction,
@@ -166,6 +186,7 @@ class PretrainConfig(ConfigMixin):
     eval_every: int = 500
     eval_batch_size: int | None = None
     log_every: int = 1
+    progress_every_s: float = 30.0
     tensorboard: bool = False
     num_workers: int = 0
     num_threads: int | None = None
@@ -180,6 +201,12 @@ class PretrainConfig(ConfigMixin):
             check_int(name, getattr(self, name), 1)
         if self.eval_batch_size is not None:
             check_int("eval_batch_size", self.eval_batch_size, 1)
+        check_number(
+            "progress_every_s",
+            self.progress_every_s,
+            low=0.0,
+            hint="seconds between progress lines (0: one line per optimiser step)",
+        )
         check_int("num_workers", self.num_workers, 0)
         if self.num_threads is not None:
             check_int("num_threads", self.num_threads, 1)

@@ -19,10 +19,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 import torch
 from torch.utils.data import Dataset
 
+from bulkfm import schema as keys
 from bulkfm.errors import ConfigError, ExpressionValueError, InputFileError, SplitError
 from bulkfm.tokenize import BinTokenizer, check_missing_mask
 from bulkfm.train.config import DataSection, MaskingConfig
@@ -55,6 +57,7 @@ class PretrainData:
     gene_mode: np.ndarray
     gene_log_prob: np.ndarray
     info: dict[str, Any] = field(default_factory=dict)
+    gene_selection: GeneSelection | None = None
 
     @property
     def n_genes(self) -> int:
@@ -166,8 +169,24 @@ def sample_groups(adata: ad.AnnData, group_key: str | None) -> np.ndarray | None
 
 
 # ---------------------------------------------------------------------- genes
-def log_tpm_variance(matrix: Any, rows: np.ndarray, missing: Any = None) -> np.ndarray:
-    """Per-gene variance of log10(1 + TPM) over ``rows``, ignoring missing entries.
+EXCLUDED_GENES_FILE = "genes_excluded.tsv"
+"""Written to the run's output folder: the genes the measured-fraction rule left out."""
+
+_EXCLUDED_COLUMNS = (
+    "gene",
+    "symbol",
+    "measured_fraction",
+    "log_tpm_variance",
+    "variance_rank",
+    "reason",
+)
+
+
+def log_tpm_moments(
+    matrix: Any, rows: np.ndarray, missing: Any = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-gene variance of log10(1 + TPM) over ``rows`` with missing entries ignored, and
+    the number of those rows in which each gene is measured.
 
     Chunked in float64 so a 11k x 19k matrix never needs a second full-size copy.
     """
@@ -189,19 +208,184 @@ def log_tpm_variance(matrix: Any, rows: np.ndarray, missing: Any = None) -> np.n
         mean = total / count
         var = total_sq / count - mean**2
     var = np.where(count > 1, np.maximum(var, 0.0), 0.0)
-    return var
+    return var, count.astype(np.int64)
 
 
-def select_variable_genes(variance: np.ndarray, k: int | None) -> np.ndarray:
-    """Column indices of the ``k`` most variable genes, kept in their original order.
+def log_tpm_variance(matrix: Any, rows: np.ndarray, missing: Any = None) -> np.ndarray:
+    """Per-gene variance of log10(1 + TPM) over ``rows``, ignoring missing entries."""
+    return log_tpm_moments(matrix, rows, missing)[0]
 
-    Ties are broken by position (stable sort) so the subset is reproducible.
+
+def select_variable_genes(
+    variance: np.ndarray, k: int | None, eligible: np.ndarray | None = None
+) -> np.ndarray:
+    """Column indices of the ``k`` most variable ``eligible`` genes, in their original order.
+
+    Ties are broken by position (stable sort) so the subset is reproducible. Genes
+    outside ``eligible`` (a boolean mask; all genes when None) are never chosen.
     """
     n = len(variance)
-    if k is None or k >= n:
-        return np.arange(n)
-    top = np.argsort(-variance, kind="stable")[:k]
-    return np.sort(top)
+    candidates = np.arange(n) if eligible is None else np.flatnonzero(eligible)
+    if k is None or k >= len(candidates):
+        return candidates
+    order = np.argsort(-variance[candidates], kind="stable")[:k]
+    return np.sort(candidates[order])
+
+
+@dataclass
+class GeneSelection:
+    """Which genes pre-training uses, and the genes the measured-fraction rule left out.
+
+    ``excluded`` has one row per gene measured in fewer than ``min_measured_fraction``
+    of the training samples (columns ``gene``, ``symbol`` (empty when the AnnData has
+    no ``var["symbol"]``), ``measured_fraction``,
+    ``log_tpm_variance``, ``variance_rank`` = its rank by variance among all genes, as a
+    ranking without the rule would have placed it, and ``reason``), most variable first.
+    """
+
+    columns: np.ndarray
+    top_k: int | None
+    min_measured_fraction: float
+    n_input: int
+    n_rankable: int
+    excluded: pd.DataFrame
+    n_excluded_from_top_k: int = 0
+
+    @property
+    def rule(self) -> str:
+        if self.top_k is None:
+            return "every gene (data.top_k_variable_genes is null); absent values fed as [MASK]"
+        return (
+            f"the {self.top_k} genes with the largest variance of log10(1 + TPM) over the "
+            f"training samples, among genes measured in >= {self.min_measured_fraction:g} of "
+            "them (data.min_measured_fraction)"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The plain summary that goes into ``PretrainData.info`` and ``summary.json``."""
+        top = self.excluded.head(10)
+        return {
+            "rule": self.rule,
+            "top_k_variable_genes": self.top_k,
+            "min_measured_fraction": self.min_measured_fraction,
+            "n_genes_input": self.n_input,
+            "n_genes_rankable": self.n_rankable,
+            "n_genes_selected": len(self.columns),
+            "n_genes_excluded": len(self.excluded),
+            "n_excluded_from_top_k": self.n_excluded_from_top_k,
+            "excluded_examples": [str(g) for g in top["gene"]],
+        }
+
+    def write_excluded(self, directory: str | Path) -> Path:
+        """``genes_excluded.tsv`` in ``directory`` (a header only when none was excluded)."""
+        from bulkfm.io import write_text
+
+        return write_text(
+            self.excluded.to_csv(sep="\t", index=False, float_format="%.6g"),
+            Path(directory) / EXCLUDED_GENES_FILE,
+        )
+
+
+def choose_genes(
+    matrix: Any,
+    genes: np.ndarray,
+    train_idx: np.ndarray,
+    missing: Any,
+    config: DataSection,
+    symbols: np.ndarray | None = None,
+) -> GeneSelection:
+    """Apply the gene rule of :class:`~bulkfm.train.config.DataSection` on the training rows.
+
+    Ranking by variance runs only over genes measured in at least
+    ``config.min_measured_fraction`` of the training samples: a gene one source lacks has
+    its variance computed from the other source alone, which on a mixed union ranks
+    pipeline artefacts above biology. Fewer such genes than ``top_k_variable_genes`` is a
+    warning (training goes on with all of them); none at all is an error.
+    """
+    n_all = matrix.shape[1]
+    top_k = config.top_k_variable_genes
+    empty = pd.DataFrame({c: [] for c in _EXCLUDED_COLUMNS})
+    if top_k is None:
+        return GeneSelection(
+            np.arange(n_all), None, config.min_measured_fraction, n_all, n_all, empty
+        )
+
+    variance, measured = log_tpm_moments(matrix, train_idx, missing)
+    fraction = measured / max(len(train_idx), 1)
+    eligible = fraction >= config.min_measured_fraction
+    n_rankable = int(eligible.sum())
+    if n_rankable == 0:
+        raise ConfigError(
+            f"no gene is measured in >= {config.min_measured_fraction:g} of the "
+            f"{len(train_idx)} training samples (the best is measured in "
+            f"{fraction.max():.1%}); lower data.min_measured_fraction, or set "
+            "data.top_k_variable_genes=null to train on every gene with absent values "
+            "fed as [MASK]"
+        )
+    cols = select_variable_genes(variance, top_k, eligible)
+    rank = np.empty(n_all, dtype=np.int64)
+    rank[np.argsort(-variance, kind="stable")] = np.arange(1, n_all + 1)
+    out = np.flatnonzero(~eligible)
+    out = out[np.argsort(rank[out], kind="stable")]
+    excluded = pd.DataFrame(
+        {
+            "gene": np.asarray(genes)[out].astype(str),
+            "symbol": [""] * len(out) if symbols is None else np.asarray(symbols)[out].astype(str),
+            "measured_fraction": fraction[out],
+            "log_tpm_variance": variance[out],
+            "variance_rank": rank[out],
+            "reason": [
+                f"measured in {fraction[i]:.1%} of training samples "
+                f"< data.min_measured_fraction {config.min_measured_fraction:g}"
+                for i in out
+            ],
+        },
+        columns=list(_EXCLUDED_COLUMNS),
+    )
+    selection = GeneSelection(
+        cols,
+        top_k,
+        config.min_measured_fraction,
+        n_all,
+        n_rankable,
+        excluded,
+        n_excluded_from_top_k=int((rank[out] <= min(top_k, n_all)).sum()),
+    )
+    _log_selection(selection)
+    return selection
+
+
+def _log_selection(selection: GeneSelection) -> None:
+    logger.info("gene selection: %s", selection.rule)
+    n_out = len(selection.excluded)
+    if n_out:
+        examples = ", ".join(
+            f"{row.symbol or row.gene} ({row.measured_fraction:.0%} measured, variance rank "
+            f"{row.variance_rank})"
+            for row in selection.excluded.head(5).itertuples()
+        )
+        logger.info(
+            "gene selection: %d of %d genes left out as measured in too few training samples, "
+            "%d of them among the %d most variable (e.g. %s); the list is written to %s",
+            n_out,
+            selection.n_input,
+            selection.n_excluded_from_top_k,
+            selection.top_k,
+            examples,
+            EXCLUDED_GENES_FILE,
+        )
+    top_k = selection.top_k
+    if top_k is not None and selection.n_rankable < top_k and n_out:
+        logger.warning(
+            "data.top_k_variable_genes=%d but only %d of %d genes are measured in >= %g of "
+            "the training samples; training on those %d. Lower data.min_measured_fraction "
+            "to rank more genes, or set data.top_k_variable_genes=null to keep every gene",
+            top_k,
+            selection.n_rankable,
+            selection.n_input,
+            selection.min_measured_fraction,
+            selection.n_rankable,
+        )
 
 
 # ---------------------------------------------------------------------- trivial
@@ -244,12 +428,11 @@ def prepare_pretrain_data(
         n_samples, config.holdout_fraction, seed=seed, groups=groups
     )
 
-    variance = None
-    if config.top_k_variable_genes is not None and config.top_k_variable_genes < n_all_genes:
-        variance = log_tpm_variance(matrix, train_idx, missing)
-    cols = select_variable_genes(
-        variance if variance is not None else np.zeros(n_all_genes), config.top_k_variable_genes
+    symbols = adata.var[keys.SYMBOL].astype(str).to_numpy() if keys.SYMBOL in adata.var else None
+    selection = choose_genes(
+        matrix, np.asarray(adata.var_names), train_idx, missing, config, symbols=symbols
     )
+    cols = selection.columns
     genes = [str(g) for g in np.asarray(adata.var_names)[cols]]
 
     subset = matrix[:, cols] if len(cols) < n_all_genes else matrix
@@ -262,7 +445,8 @@ def prepare_pretrain_data(
     tokens = tokenizer.encode(subset, missing=sub_missing)
     tokens = tokens.astype(np.int16 if n_bins < np.iinfo(np.int16).max else np.int32)
     mode, log_prob = gene_bin_statistics(tokens, train_idx, n_bins)
-    info = {
+    missing_fraction = float((tokens == tokenizer.mask_token_id).mean())
+    info: dict[str, Any] = {
         "n_samples": int(n_samples),
         "n_train": len(train_idx),
         "n_eval": len(eval_idx),
@@ -270,15 +454,18 @@ def prepare_pretrain_data(
         "n_genes": len(genes),
         "grouped_by": config.group_key if groups is not None else None,
         "normalization_factor": tokenizer.normalization_factor,
-        "missing_fraction": float((tokens == tokenizer.mask_token_id).mean()),
+        "missing_fraction": missing_fraction,
+        "gene_selection": selection.to_dict(),
     }
     logger.info(
-        "pre-training data: %d train / %d held-out samples, %d genes (of %d), factor %.4f",
+        "pre-training data: %d train / %d held-out samples, %d genes (of %d), factor %.4f, "
+        "%.1f%% of values missing (fed as [MASK])",
         info["n_train"],
         info["n_eval"],
         info["n_genes"],
         n_all_genes,
         tokenizer.normalization_factor,
+        100 * missing_fraction,
     )
     return PretrainData(
         tokens=tokens,
@@ -290,6 +477,7 @@ def prepare_pretrain_data(
         gene_mode=mode,
         gene_log_prob=log_prob,
         info=info,
+        gene_selection=selection,
     )
 
 

@@ -30,8 +30,10 @@ import os
 import random
 import re
 import shutil
+import signal
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from bulkfm.errors import CheckpointError, ConfigError
+from bulkfm.errors import BulkfmError, CheckpointError, ConfigError
 from bulkfm.io import check_output_dir, write_text
 from bulkfm.train.config import PretrainConfig
 from bulkfm.train.data import (
@@ -86,6 +88,8 @@ LOG_COLUMNS = (
     "elapsed_s",
 )
 _CHECKPOINT_RE = re.compile(r"^step_(\d+)$")
+#: Signals that stop a run at the next optimiser-step boundary with a checkpoint.
+STOP_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM)
 # Config entries that may change between a run and its resumption without changing
 # what is being trained.
 _RESUMABLE_CHANGES = {
@@ -95,6 +99,7 @@ _RESUMABLE_CHANGES = {
     "eval_every",
     "eval_batch_size",
     "log_every",
+    "progress_every_s",
     "tensorboard",
     "num_workers",
     "optim.max_steps",
@@ -123,14 +128,146 @@ class PretrainResult:
     mixed_precision: str = "no"
     resumed_from: int | None = None
     stopped_early: bool = False
+    interrupted_by: str | None = None
     elapsed_s: float = 0.0
     log_path: Path | None = None
+    gene_selection: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         for key in ("output_dir", "final_dir", "log_path"):
             out[key] = None if out[key] is None else str(out[key])
         return out
+
+
+class TrainingInterrupted(BulkfmError):
+    """SIGINT (Ctrl-C) or SIGTERM stopped pre-training at an optimiser-step boundary.
+
+    Raised after the checkpoint of that step is written, so nothing trained is lost:
+    ``pretrain(config, resume=True)`` (``bulkfm pretrain ... --resume``) continues where
+    the run stopped and ends where an uninterrupted one would. ``exit_code`` is the
+    shell's convention for death by that signal (128 + number: 130 for SIGINT, 143 for
+    SIGTERM), so a scheduler sees the run was stopped rather than that it failed.
+    """
+
+    def __init__(
+        self, signal_name: str, exit_code: int, step: int, checkpoint: Path | None
+    ) -> None:
+        self.signal_name = signal_name
+        self.exit_code = exit_code
+        self.step = step
+        self.checkpoint = checkpoint
+        if checkpoint is None:
+            saved = "no checkpoint was written yet (stopped before the first step)"
+        else:
+            saved = f"checkpoint of step {step} in {checkpoint}"
+        super().__init__(
+            f"pre-training stopped by {signal_name} after step {step}; {saved}; continue "
+            "with --resume (pretrain(config, resume=True))"
+        )
+
+
+class _StopOnSignal:
+    """Turns SIGINT/SIGTERM into a request to stop at the next step boundary.
+
+    A training step is never cut in half: the loop polls :attr:`requested` between
+    optimiser steps, writes a checkpoint and raises :class:`TrainingInterrupted`. A
+    second signal of the same kind gives up on the clean stop and acts as the previous
+    handler would (Ctrl-C twice raises ``KeyboardInterrupt`` at once). Handlers are
+    installed only in the main thread (Python allows no other) and the previous ones
+    are restored on exit, so the Python API leaves the process as it found it.
+    """
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.requested: signal.Signals | None = None
+        self._previous: dict[signal.Signals, Any] = {}
+
+    def __enter__(self) -> _StopOnSignal:
+        if self.enabled:
+            for sig in STOP_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        sig = signal.Signals(signum)
+        if self.requested == sig:
+            previous = self._previous.pop(sig, None)
+            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
+            logger.warning("%s again: stopping now, without a checkpoint", sig.name)
+            signal.raise_signal(sig)
+            return
+        self.requested = sig
+        logger.warning(
+            "%s received: finishing this optimiser step, then writing a checkpoint and "
+            "stopping (send it again to stop at once, without saving)",
+            sig.name,
+        )
+
+
+def format_duration(seconds: float) -> str:
+    """``3725`` -> ``"1h02m"``, ``250`` -> ``"4m10s"``, ``9.4`` -> ``"9s"``."""
+    if not math.isfinite(seconds):
+        return "?"
+    total = max(0, round(seconds))
+    hours, rest = divmod(total, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m{secs:02d}s"
+    return f"{secs}s"
+
+
+class ProgressReporter:
+    """One plain progress line now and then, readable on any console or log file.
+
+    tqdm draws a bar only on a terminal; a job whose output goes to a file or a
+    scheduler's log would otherwise say nothing for hours. A line is due on the first
+    step of this session, the last step, and whenever ``every_s`` seconds have passed
+    since the previous line. Speed and ETA use this session's wall time per step,
+    evaluations and checkpoints included, so the ETA is what the user will wait.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_steps: int,
+        start_step: int,
+        tokens_per_step: int,
+        every_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.max_steps = max_steps
+        self.start_step = start_step
+        self.tokens_per_step = tokens_per_step
+        self.every_s = every_s
+        self.clock = clock
+        self.started = clock()
+        self._last: float | None = None
+
+    def line(self, step: int, loss: float) -> str | None:
+        """The progress line for ``step`` if one is due, else None."""
+        now = self.clock()
+        due = self._last is None or step >= self.max_steps or now - self._last >= self.every_s
+        if not due:
+            return None
+        self._last = now
+        elapsed = now - self.started
+        done = step - self.start_step
+        per_step = elapsed / done if done > 0 else math.nan
+        speed = self.tokens_per_step / per_step if per_step > 0 else math.nan
+        eta = per_step * (self.max_steps - step)
+        return (
+            f"step {step}/{self.max_steps} ({step / self.max_steps:.0%}) | loss {loss:.4f} | "
+            f"{speed:,.0f} tokens/s | elapsed {format_duration(elapsed)} | "
+            f"ETA {format_duration(eta)}"
+        )
 
 
 # ---------------------------------------------------------------------- schedule
@@ -402,7 +539,9 @@ def save_checkpoint(
 
     Weights are saved unwrapped (safetensors) and the optimiser state as plain tensors,
     so a DDP checkpoint resumes on any number of processes. FSDP shards are saved with
-    accelerate's ``save_state`` (resume with the same layout).
+    accelerate's ``save_state`` (resume with the same layout). A non-FSDP checkpoint is
+    also a model folder (config.json + model.safetensors + tokenizer.json), loadable like
+    ``final/``.
     """
     from safetensors.torch import save_file
 
@@ -425,6 +564,13 @@ def save_checkpoint(
                 {k: v.contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors")
             )
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            # config.json beside the weights (and tokenizer.json below) make every
+            # checkpoint a model folder: BulkRNABert.from_pretrained, `bulkfm embed
+            # --model checkpoints/step_N`, ... load it like final/.
+            from bulkfm.models.bulkrnabert import CONFIG_FILE
+
+            model_config = accelerator.unwrap_model(model).config.to_dict()
+            (tmp / CONFIG_FILE).write_text(json.dumps(model_config, indent=1) + "\n")
     rng_tensors, rng_plain = _rng_state()
     rank = accelerator.process_index
     save_file(rng_tensors, str(tmp / f"rng_rank{rank}.safetensors"))
@@ -868,8 +1014,21 @@ def _train_loader(
         collate_fn=collate,
         num_workers=config.num_workers,
         pin_memory=accelerator.device.type == "cuda",
+        worker_init_fn=_ignore_stop_signals if config.num_workers else None,
     )
     return iter(loader)
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Data-loader workers leave SIGINT/SIGTERM to the main process.
+
+    Ctrl-C in a terminal and a scheduler's SIGTERM reach the whole process group; a
+    worker that died of it would make the main process fail with "DataLoader worker
+    exited unexpectedly" instead of stopping cleanly. The main process shuts the
+    workers down when it is done.
+    """
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def _optimizer_step(
@@ -1071,6 +1230,8 @@ class _Run:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             write_text(self.config.to_yaml(), self.output_dir / "config.yaml")
             self.data.tokenizer.save(self.output_dir)
+            if self.data.gene_selection is not None:
+                self.data.gene_selection.write_excluded(self.output_dir)
         self.log.start(keep_until_step=self.resumed_from)
         logger.info(
             "pre-training: %d genes, %d process(es) x micro batch %d x %d accumulation = %d "
@@ -1087,12 +1248,49 @@ class _Run:
             self.initial_eval = self.last_eval = self.evaluate()
             self.log_row(lr=self.scheduler.get_last_lr()[0], **self.initial_eval)
 
-    def train(self, stop_after: int | None) -> bool:
-        """Optimiser steps up to ``max_steps``; True when stopped early by ``stop_after``."""
-        from tqdm.auto import tqdm
+    def stop_requested(self, stop: _StopOnSignal) -> signal.Signals | None:
+        """The signal that asked this run to stop, agreed by every process.
 
+        Ranks may receive a signal a step apart; the flag is reduced over processes so
+        all of them stop after the same step and write one checkpoint together.
+        """
+        local = stop.requested
+        if self.world == 1:
+            return local
+        flag = torch.tensor([0 if local is None else int(local)], device=self.accelerator.device)
+        agreed = int(self.accelerator.reduce(flag, reduction="sum")[0])
+        if agreed == 0:
+            return None
+        return local or signal.SIGTERM
+
+    def interrupted(self, sig: signal.Signals, saved_now: bool) -> TrainingInterrupted:
+        """Write the checkpoint of the current step (unless just written) and describe it."""
+        step = self.progress.step
+        checkpoint = None
+        if step > 0:
+            if not saved_now:
+                self.checkpoint()
+            checkpoint = self.output_dir / CHECKPOINT_DIR / f"step_{step:07d}"
+        elif (latest := find_latest_checkpoint(self.output_dir)) is not None:
+            checkpoint = latest
+        exc = TrainingInterrupted(sig.name, 128 + int(sig), step, checkpoint)
+        logger.warning("%s", exc)
+        return exc
+
+    def train(self, stop_after: int | None, stop: _StopOnSignal | None = None) -> bool:
+        """Optimiser steps up to ``max_steps``; True when stopped early by ``stop_after``.
+
+        Raises :class:`TrainingInterrupted` (after a checkpoint) when ``stop`` saw SIGINT
+        or SIGTERM.
+        """
+        from tqdm.auto import tqdm
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        stop = stop or _StopOnSignal(enabled=False)
         config, progress = self.config, self.progress
         max_steps = config.optim.max_steps
+        if progress.step < max_steps and (sig := self.stop_requested(stop)) is not None:
+            raise self.interrupted(sig, saved_now=True)
         batches = _train_loader(self.data, config, self.accelerator, progress.samples_seen)
         bar = tqdm(
             total=max_steps,
@@ -1101,8 +1299,17 @@ class _Run:
             unit="step",
             disable=None if self.main else True,
         )
+        reporter = ProgressReporter(
+            max_steps=max_steps,
+            start_step=progress.step,
+            tokens_per_step=self.global_batch * self.data.n_genes,
+            every_s=config.progress_every_s,
+        )
+        # On a terminal the bar and the log lines share stderr: route log lines
+        # through tqdm.write so they print above the bar instead of through it.
+        redirect = logging_redirect_tqdm() if not bar.disable else contextlib.nullcontext()
         self.model.train()
-        with contextlib.closing(bar):
+        with contextlib.closing(bar), redirect:
             while progress.step < max_steps:
                 micro_batches = [next(batches) for _ in range(self.accum)]
                 lr = self.scheduler.get_last_lr()[0]
@@ -1127,16 +1334,41 @@ class _Run:
                     self.last_eval = metrics
                 if metrics or progress.step % config.log_every == 0:
                     self.log_row(loss=self.loss, lr=lr, grad_norm=grad_norm, **metrics)
+                self.report(reporter, metrics)
                 bar.update(1)
                 postfix = {"loss": f"{self.loss:.4f}"}
                 if "eval_acc" in metrics:
                     postfix["acc"] = f"{metrics['eval_acc']:.3f}"
                 bar.set_postfix(postfix)
-                if last or progress.step % config.checkpoint_every == 0:
+                saved = last or progress.step % config.checkpoint_every == 0
+                if saved:
                     self.checkpoint()
+                if not last and (sig := self.stop_requested(stop)) is not None:
+                    raise self.interrupted(sig, saved_now=saved)
                 if stop_after is not None and progress.step >= stop_after and not last:
                     return True
         return False
+
+    def report(self, reporter: ProgressReporter, metrics: dict[str, float]) -> None:
+        """The periodic progress line, and every held-out evaluation (main process)."""
+        if not self.main:
+            return
+        assert self.loss is not None
+        line = reporter.line(self.progress.step, self.loss)
+        if line is not None:
+            logger.info("%s", line)
+        if "eval_acc" in metrics:
+            logger.info(
+                "step %d held-out masked genes: loss %.4f (trivial %.4f), accuracy %.3f "
+                "(trivial %.3f), within one bin %.3f (trivial %.3f)",
+                self.progress.step,
+                metrics["eval_loss"],
+                metrics["trivial_loss"],
+                metrics["eval_acc"],
+                metrics["trivial_acc"],
+                metrics["eval_acc_1bin"],
+                metrics["trivial_acc_1bin"],
+            )
 
     def result(self, final_dir: Path | None, stopped: bool) -> PretrainResult:
         data, progress = self.data, self.progress
@@ -1160,6 +1392,7 @@ class _Run:
             stopped_early=stopped,
             elapsed_s=round(time.perf_counter() - self.started, 3),
             log_path=self.log.path,
+            gene_selection=dict(data.info.get("gene_selection", {})),
         )
 
 
@@ -1175,6 +1408,7 @@ def pretrain(
     resume: bool = False,
     stop_after: int | None = None,
     adata: ad.AnnData | None = None,
+    handle_signals: bool = True,
 ) -> PretrainResult:
     """Run (or resume) MLM pre-training as configured; returns a summary.
 
@@ -1182,6 +1416,12 @@ def pretrain(
     start when there is none). ``stop_after``: stop right after that optimiser step, as
     if the process were killed there (no final save); used to test resumption.
     ``adata``: use this AnnData instead of reading ``config.data.path``.
+    ``handle_signals``: while training, SIGINT (Ctrl-C, a notebook's interrupt) and
+    SIGTERM finish the current optimiser step, write a checkpoint and raise
+    :class:`TrainingInterrupted`; the previous handlers are restored on return.
+
+    Progress (step, loss, tokens/s, ETA) is logged at INFO on the ``bulkfm.train.pretrain``
+    logger every ``config.progress_every_s`` seconds, on any console.
     """
     if config.num_threads is not None:
         torch.set_num_threads(config.num_threads)
@@ -1202,15 +1442,17 @@ def pretrain(
     run = _Run(config, data, cpu=_distributed_without_gpu())
     if resume:
         run.resume()
-    run.start()
-    stopped = run.train(stop_after)
-
-    final_dir = None
-    if not stopped:
-        if not run.last_eval:  # resumed from the last step: nothing evaluated yet
-            run.last_eval = run.evaluate()
-        final_dir = _save_final(run.accelerator, run.model, config, data, output_dir)
-    run.log.close()
+    with _StopOnSignal(enabled=handle_signals) as stop:
+        run.start()
+        try:
+            stopped = run.train(stop_after, stop)
+        finally:
+            run.log.close()
+        final_dir = None
+        if not stopped:
+            if not run.last_eval:  # resumed from the last step: nothing evaluated yet
+                run.last_eval = run.evaluate()
+            final_dir = _save_final(run.accelerator, run.model, config, data, output_dir)
     result = run.result(final_dir, stopped)
     if run.main and not stopped:
         write_text(json.dumps(result.to_dict(), indent=1) + "\n", output_dir / "summary.json")
