@@ -1,12 +1,21 @@
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 from bulkfm.errors import ConfigError, ExpressionValueError, GeneMappingError, InputFileError
 from bulkfm.models import init_gene_embeddings
-from bulkfm.models.gene_init import coexpression_matrix, gene2vec_matrix, read_gene2vec
+from bulkfm.models.gene_init import (
+    cache_dir,
+    coexpression_matrix,
+    gene2vec_matrix,
+    read_gene2vec,
+    resolve_gene2vec,
+)
 
 DIM = 8
 # Six genes, as in the vector files below; depth and width are BulkRNABertConfig's own
@@ -223,3 +232,142 @@ def test_gene2vec_without_path_is_config_error(tiny_model) -> None:
     model = tiny_model(**SIZES, init_gene_embed_dim=200)
     with pytest.raises(ConfigError, match=r"needs genes="):
         init_gene_embeddings(model, "gene2vec")
+
+
+# --------------------------------------------------------------------------- release files
+# The published Gene2Vec release (jingcheng-du/Gene2vec, pre_trained_emb/) ships two text
+# files: gene2vec_dim_200_iter_9.txt, one "SYMBOL<tab>v1 v2 ... vD " line per gene (tab
+# after the symbol, a space after every value, no header), and
+# gene2vec_dim_200_iter_9_w2v.txt, gensim's word2vec text format ("N D" header line, then
+# "SYMBOL v1 ... vD"). Both are written here byte for byte in those layouts.
+# Release symbols as in the file: DARS is the old symbol of DARS1, C1orf27 of ODR4.
+RELEASE_SYMBOLS = ["TP53", "DARS", "C1orf27", "CD2AP", "NOTAGENE"]
+RELEASE_ENSEMBL = {
+    "TP53": "ENSG00000141510",
+    "DARS": "ENSG00000115866",
+    "C1orf27": "ENSG00000157181",
+    "CD2AP": "ENSG00000198087",
+}
+RELEASE_DIM = 200
+
+
+def write_release_txt(path, keys, vectors) -> None:
+    with open(path, "w") as out:
+        for key, row in zip(keys, vectors, strict=True):
+            out.write(key + "\t" + "".join(f"{float(v)} " for v in row) + "\n")
+
+
+def write_release_w2v(path, keys, vectors) -> None:
+    lines = [f"{len(keys)} {vectors.shape[1]}"]
+    lines += [
+        f"{k} " + " ".join(str(float(v)) for v in row) for k, row in zip(keys, vectors, strict=True)
+    ]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def release_vectors() -> np.ndarray:
+    rng = np.random.default_rng(9)
+    return rng.normal(0, 0.003, size=(len(RELEASE_SYMBOLS), RELEASE_DIM)).astype(np.float32)
+
+
+@pytest.mark.parametrize("writer", [write_release_txt, write_release_w2v])
+def test_read_gene2vec_reads_both_release_files(tmp_path, writer) -> None:
+    vectors = release_vectors()
+    path = tmp_path / "gene2vec_dim_200_iter_9.txt"
+    writer(path, RELEASE_SYMBOLS, vectors)
+    keys, got = read_gene2vec(path)
+    assert keys == RELEASE_SYMBOLS
+    np.testing.assert_array_equal(got, vectors)  # str(float32 -> float) round-trips exactly
+
+
+def test_release_symbols_map_through_the_gene_table_with_a_coverage_report(tmp_path) -> None:
+    from bulkfm.data.genes import GeneTable
+
+    vectors = release_vectors()
+    path = tmp_path / "gene2vec_dim_200_iter_9.txt"
+    write_release_txt(path, RELEASE_SYMBOLS, vectors)
+    keys, got = read_gene2vec(path)
+    absent = "ENSG00000012048"  # BRCA1: in the vocabulary, not in this file
+    genes = [RELEASE_ENSEMBL["CD2AP"], absent, RELEASE_ENSEMBL["DARS"], RELEASE_ENSEMBL["TP53"]]
+    matrix, report = gene2vec_matrix(genes, keys, got, table=GeneTable.default())
+    np.testing.assert_array_equal(matrix[0], vectors[3])
+    np.testing.assert_array_equal(matrix[2], vectors[1])  # old symbol DARS found DARS1
+    np.testing.assert_array_equal(matrix[3], vectors[0])
+    assert report["n_found"] == 3 and report["n_missing"] == 1
+    assert report["missing_examples"] == [absent]
+    assert report["n_keys_unmapped"] == 1  # NOTAGENE
+    assert report["fraction_found"] == pytest.approx(3 / 4)
+    assert report["dim"] == RELEASE_DIM and report["n_vectors"] == len(RELEASE_SYMBOLS)
+
+
+def _release_server(body: bytes):
+    from tests.data.local_http import local_server, serve_bytes
+
+    def app(request):
+        from tests.data.local_http import Reply
+
+        if request.path.endswith("/gene2vec_dim_200_iter_9.txt"):
+            return serve_bytes(body, request)
+        return Reply(404, b"Not Found")
+
+    return local_server(app)
+
+
+def test_init_gene_embeddings_from_a_url_downloads_once_into_the_cache(
+    tmp_path, monkeypatch, tiny_model
+) -> None:
+    vectors = vectors_for(SYMBOLS, seed=5)
+    local = tmp_path / "release.txt"
+    write_release_txt(local, SYMBOLS, vectors)
+    monkeypatch.setenv("BULKFM_CACHE", str(tmp_path / "cache"))
+    model = tiny_model(**SIZES, init_gene_embed_dim=DIM)
+    with _release_server(local.read_bytes()) as server:
+        url = f"{server.url}/pre_trained_emb/gene2vec_dim_200_iter_9.txt"
+        report = init_gene_embeddings(
+            model,
+            "gene2vec",
+            genes=ENSEMBL,
+            gene2vec_path=url,
+            symbol_to_ensembl=SYMBOL_TO_ENSEMBL,
+            gene2vec_md5=hashlib.md5(local.read_bytes()).hexdigest(),
+        )
+        assert len(server.paths("/pre_trained_emb/")) == 1
+    np.testing.assert_array_equal(model.gene_embedding_layer.weight.detach().numpy(), vectors)
+    cached = Path(report["file"])
+    assert report["source"] == url
+    assert cached.is_relative_to(tmp_path / "cache" / "gene2vec")
+    assert cached.name == "gene2vec_dim_200_iter_9.txt"
+    assert cached.read_bytes() == local.read_bytes()
+    # server gone: the cached file is used without any network
+    again = init_gene_embeddings(
+        model, "gene2vec", genes=ENSEMBL, gene2vec_path=url, symbol_to_ensembl=SYMBOL_TO_ENSEMBL
+    )
+    assert again["file"] == report["file"] and again["n_found"] == len(SYMBOLS)
+
+
+def test_gene2vec_url_errors_are_clear(tmp_path, monkeypatch, tiny_model) -> None:
+    from bulkfm.errors import DownloadError
+
+    local = tmp_path / "release.txt"
+    write_release_txt(local, SYMBOLS, vectors_for(SYMBOLS))
+    monkeypatch.setenv("BULKFM_CACHE", str(tmp_path / "cache"))
+    model = tiny_model(**SIZES, init_gene_embed_dim=DIM)
+    with _release_server(local.read_bytes()) as server:
+        with pytest.raises(DownloadError, match="404") as missing:
+            resolve_gene2vec(f"{server.url}/nope/gene2vec.txt", progress=False)
+        assert "gene2vec_dim_200_iter_9.txt" in str(missing.value)  # names the real release
+        url = f"{server.url}/pre_trained_emb/gene2vec_dim_200_iter_9.txt"
+        with pytest.raises(DownloadError, match="md5"):
+            init_gene_embeddings(
+                model, "gene2vec", genes=ENSEMBL, gene2vec_path=url, gene2vec_md5="0" * 32
+            )
+    assert not list((tmp_path / "cache").rglob("gene2vec_dim_200_iter_9.txt"))
+
+
+def test_resolve_gene2vec_keeps_paths_and_names_the_cache(tmp_path, monkeypatch) -> None:
+    assert resolve_gene2vec(tmp_path / "g.txt") == tmp_path / "g.txt"
+    assert resolve_gene2vec("relative/https.txt") == Path("relative/https.txt")
+    monkeypatch.setenv("BULKFM_CACHE", str(tmp_path / "c"))
+    assert cache_dir() == tmp_path / "c"
+    monkeypatch.delenv("BULKFM_CACHE")
+    assert cache_dir() == Path.home() / ".cache" / "bulkfm"

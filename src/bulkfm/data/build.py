@@ -23,7 +23,9 @@ import pandas as pd
 import scipy.sparse as sp
 
 from bulkfm.config import ConfigMixin, check_bool, check_choice, check_number
+from bulkfm.config import build as build_config
 from bulkfm.data import clinical, genes, readers, units
+from bulkfm.data.archs4 import Archs4Selection
 from bulkfm.errors import ConfigError, DuplicateIdError, InputFileError
 from bulkfm.io import plain_record
 from bulkfm.schema import (
@@ -50,7 +52,11 @@ _ENDPOINTS = ("OS", "DSS", "DFI", "PFI")
 
 @dataclass
 class ExpressionInput:
-    """One expression source and how to read it (every field has an ``auto`` default)."""
+    """One expression source and how to read it (every field has an ``auto`` default).
+
+    ``archs4`` selects samples and genes of an ARCHS4 ``.h5`` file (needed there: the
+    file holds far more samples than memory), e.g. ``{series: [GSE...], source: liver}``.
+    """
 
     path: Path
     format: str = "auto"
@@ -60,11 +66,14 @@ class ExpressionInput:
     unit: InputUnit = "auto"
     id_type: genes.IdType | Literal["auto"] = "auto"
     cohort: str | None = None
+    archs4: Archs4Selection | None = None
 
     def __post_init__(self) -> None:
         self.path = Path(self.path)
         if self.sample_sheet is not None:
             self.sample_sheet = Path(self.sample_sheet)
+        if isinstance(self.archs4, dict):
+            self.archs4 = build_config(Archs4Selection, self.archs4, section="archs4")
         if not self.path.exists():
             raise InputFileError(
                 f"expression input {self.path} does not exist: check the path (globs are "
@@ -225,6 +234,7 @@ def _prepare_source(
         orientation=spec.orientation,
         value_column=spec.value_column,
         sample_sheet=spec.sample_sheet,
+        archs4_select=spec.archs4,
     )
     name = _source_name(spec.path)
     if SAMPLE_ID not in adata.obs:

@@ -33,6 +33,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
+from bulkfm.data import archs4
 from bulkfm.data.units import check_tpm
 from bulkfm.data.validate import check_expression_values, check_unique
 from bulkfm.errors import (
@@ -48,7 +49,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["FORMATS", "ORIENTATIONS", "read_expression", "read_h5ad"]
 
-FORMATS = ("auto", "gdc", "wide", "bulkrnabert_csv", "h5ad")
+FORMATS = ("auto", "gdc", "wide", "bulkrnabert_csv", "h5ad", "archs4")
 ORIENTATIONS = ("auto", "samples_x_genes", "genes_x_samples")
 SXG, GXS = "samples_x_genes", "genes_x_samples"
 
@@ -134,6 +135,7 @@ def read_expression(
     gene_column: str | None = None,
     sample_column: str | None = None,
     annotation_columns: Sequence[str] | None = None,
+    archs4_select: archs4.Archs4Selection | None = None,
 ) -> ad.AnnData:
     """Read one expression source into a samples x genes float32 AnnData.
 
@@ -145,7 +147,9 @@ def read_expression(
     ``sample_sheet`` maps GDC file names to sample barcodes. ``gene_column`` /
     ``sample_column`` name the label column of a wide table (and so imply its
     orientation); ``annotation_columns`` replaces the automatic detection of
-    non-expression columns.
+    non-expression columns. ``archs4_select`` picks the samples and genes of an ARCHS4
+    ``.h5`` file (:mod:`bulkfm.data.archs4`; required there, the file is too large to read
+    whole).
     """
     if format not in FORMATS:
         raise ConfigError(
@@ -177,10 +181,18 @@ def read_expression(
             "per-sample files). Fix: pass the path of the matrix file itself, or --format gdc."
         )
 
+    if archs4_select is not None and fmt != "archs4":
+        raise ConfigError(
+            f"an ARCHS4 selection (--archs4-*, archs4: in the config) was given for {path}, "
+            f"which is read as {fmt}, not archs4. Fix: give the selection only to ARCHS4 .h5 "
+            "inputs (or pass --format archs4 if this is one)."
+        )
     if fmt == "gdc":
         parsed = _read_gdc(path, value_column=value_column, sample_sheet=sample_sheet)
     elif fmt == "h5ad":
         parsed = _read_h5ad(path, orientation=orientation)
+    elif fmt == "archs4":
+        parsed = _read_archs4(path, archs4_select)
     elif fmt == "bulkrnabert_csv":
         parsed = _read_bulkrnabert_csv(path)
     else:
@@ -290,14 +302,17 @@ def _detect_format(path: Path) -> str:
     suffix = _compression_free_suffix(path)
     if suffix == ".h5ad":
         return "h5ad"
+    if suffix in (".h5", ".hdf5"):
+        return "archs4"  # the one plain-HDF5 expression layout read; checked on opening
     if suffix in _PARQUET_SUFFIXES:
         return "wide"
     if suffix not in _TEXT_SUFFIXES:
         raise InputFileError(
             f"unknown file type '{suffix or path.name}' for {path}; bulkfm reads a GDC folder, "
             f"{', '.join(_TEXT_SUFFIXES)} (optionally .gz), {', '.join(_PARQUET_SUFFIXES)} and "
-            ".h5ad. Fix: convert the file to one of those, or pass --format "
-            "wide|gdc|bulkrnabert_csv|h5ad (format= in Python) if the content already is one."
+            ".h5ad (and ARCHS4 .h5). Fix: convert the file to one of those, or pass --format "
+            "wide|gdc|bulkrnabert_csv|h5ad|archs4 (format= in Python) if the content already "
+            "is one."
         )
     lines = _peek_lines(path, max_lines=3)
     if _gdc_header_columns(lines) is not None:
@@ -1530,3 +1545,21 @@ def _first_difference(a: pa.ChunkedArray, b: pa.ChunkedArray) -> str:
     left, right = a.to_pylist(), b.to_pylist()
     i = next(k for k, (x, y) in enumerate(zip(left, right, strict=True)) if x != y)
     return f"row {i + 1} is '{left[i]}' instead of '{right[i]}'"
+
+
+# ----------------------------------------------------------------------------- ARCHS4
+
+
+def _read_archs4(path: Path, selection: archs4.Archs4Selection | None) -> _Parsed:
+    """ARCHS4 counts of the selected samples; genes x samples in the file."""
+    got = archs4.read_archs4(path, selection)
+    return _Parsed(
+        X=got.X,
+        obs=got.obs,
+        var=got.var,
+        format="archs4",
+        orientation=GXS if got.info["archs4_layout"] == GXS else SXG,
+        orientation_detected=True,
+        annotation_columns=[],
+        extra={k: v for k, v in got.info.items() if v is not None},
+    )

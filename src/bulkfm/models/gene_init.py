@@ -1,8 +1,10 @@
 """Starting values for the gene embedding (the model's only notion of gene identity).
 
 The paper initialises it from Gene2Vec (200-d, symbol keyed). Gene2Vec vectors are
-not shipped with the data, so two fallbacks exist: a co-expression embedding computed
-on the training matrix (genes that move together start close together), and random.
+not shipped with the data: :func:`init_gene_embeddings` takes the published release file
+by path or URL (:data:`GENE2VEC_URL`; downloaded once into the bulkfm cache). Two
+fallbacks exist: a co-expression embedding computed on the training matrix (genes that
+move together start close together), and random.
 Every method returns a JSON-able report (coverage, what was filled randomly) for
 ``uns``/checkpoint provenance.
 """
@@ -10,12 +12,14 @@ Every method returns a JSON-able report (coverage, what was filled randomly) for
 from __future__ import annotations
 
 import codecs
+import hashlib
 import logging
 import os
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import urlsplit
 
 import numpy as np
 import scipy.sparse as sp
@@ -33,6 +37,14 @@ InitMethod = Literal["gene2vec", "coexpression", "random"]
 _N_EXAMPLES = 10
 # Above this many samples or genes the exact SVD gets slow; use a randomized one.
 _EXACT_SVD_LIMIT = 3000
+#: The published 200-d Gene2Vec release (Du et al. 2019, BMC Genomics), the file the
+#: BulkRNABert paper initialises from: ``SYMBOL<tab>v1 ... v200`` per line, no header.
+#: Its word2vec-format twin is ``gene2vec_dim_200_iter_9_w2v.txt`` (``N D`` header).
+GENE2VEC_URL = (
+    "https://github.com/jingcheng-du/Gene2vec/raw/master/pre_trained_emb/"
+    "gene2vec_dim_200_iter_9.txt"
+)
+_URL_SCHEMES = ("http", "https")
 
 
 # --------------------------------------------------------------------------- Gene2Vec files
@@ -136,6 +148,53 @@ def _read_text(
     if not keys:
         raise InputFileError(f"{source} holds no vectors")
     return keys, np.stack(rows)
+
+
+def cache_dir() -> Path:
+    """bulkfm's download cache: ``$BULKFM_CACHE``, else ``~/.cache/bulkfm``."""
+    root = os.environ.get("BULKFM_CACHE")
+    return Path(root).expanduser() if root else Path.home() / ".cache" / "bulkfm"
+
+
+def is_url(source: str | os.PathLike) -> bool:
+    """True for an http(s) URL (a ``str``; paths are never URLs)."""
+    return isinstance(source, str) and urlsplit(source).scheme.lower() in _URL_SCHEMES
+
+
+def resolve_gene2vec(
+    source: str | os.PathLike,
+    *,
+    md5: str | None = None,
+    cache: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> Path:
+    """A local Gene2Vec file for ``source``: a path as it is, a URL downloaded once.
+
+    URLs go through :func:`bulkfm.data.download.download_file` (resume, retries, md5
+    when given) into ``<cache>/gene2vec/<url hash>/<file name>`` (``cache`` defaults to
+    :func:`cache_dir`), so a second call finds the file without network; the hash keeps
+    two URLs with one file name apart.
+    """
+    if not is_url(source):
+        return Path(source)
+    url = str(source)
+    name = Path(urlsplit(url).path).name or "gene2vec.txt"
+    key = hashlib.sha256(url.encode()).hexdigest()[:16]
+    dest = Path(cache) if cache is not None else cache_dir()
+    dest = dest / "gene2vec" / key / name
+    from bulkfm.data.download import download_file
+
+    result = download_file(
+        url,
+        dest,
+        md5=md5,
+        progress=progress,
+        not_found_hint=(
+            f"check the URL; the published release is {GENE2VEC_URL}, or pass a local path"
+        ),
+    )
+    logger.info("Gene2Vec %s: %s (%s)", url, result.path, result.status)
+    return result.path
 
 
 # --------------------------------------------------------------------------- Gene2Vec -> vocab
@@ -328,10 +387,20 @@ def init_gene_embeddings(
     X_tpm: Any = None,
     missing: Any = None,
     seed: int = 0,
+    gene2vec_md5: str | None = None,
 ) -> dict[str, Any]:
     """Overwrite ``model.gene_embedding_layer`` and return the report of what was done.
 
-    - ``gene2vec``: needs ``genes`` (model order) and ``gene2vec_path``.
+    - ``gene2vec``: needs ``genes`` (model order) and ``gene2vec_path``: the published
+      Gene2Vec release file as distributed, either ``gene2vec_dim_200_iter_9.txt``
+      (``SYMBOL<tab>v1 ... v200`` per line, no header) or
+      ``gene2vec_dim_200_iter_9_w2v.txt`` (word2vec text: an ``N D`` header line), or any
+      word2vec binary file; a local path, or an http(s) URL such as
+      :data:`GENE2VEC_URL`, downloaded once into ``$BULKFM_CACHE`` (default
+      ``~/.cache/bulkfm``) and checked against ``gene2vec_md5`` when given. Symbols map
+      to the vocabulary's Ensembl ids through ``symbol_to_ensembl`` or the gene table;
+      the report says how many genes got a vector (``n_found``, ``fraction_found``) and
+      gives examples of those that start random.
     - ``coexpression``: needs ``X_tpm`` (training samples x model genes, TPM).
     - ``random``: N(0, 0.02).
     """
@@ -345,7 +414,8 @@ def init_gene_embeddings(
                 "method='gene2vec' needs genes= (the tokenizer's gene list) and gene2vec_path="
             )
         _check_gene_count(genes, n_genes)
-        keys, vectors = read_gene2vec(gene2vec_path)
+        local = resolve_gene2vec(gene2vec_path, md5=gene2vec_md5)
+        keys, vectors = read_gene2vec(local)
         if vectors.shape[1] != dim:
             raise ConfigError(
                 f"Gene2Vec vectors are {vectors.shape[1]}-d but the model has "
@@ -355,6 +425,7 @@ def init_gene_embeddings(
             genes, keys, vectors, symbol_to_ensembl=symbol_to_ensembl, table=table, seed=seed
         )
         report["source"] = str(gene2vec_path)
+        report["file"] = str(local)
     elif method == "coexpression":
         if X_tpm is None:
             raise ConfigError("method='coexpression' needs X_tpm= (training TPM, model genes)")
