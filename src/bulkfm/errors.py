@@ -51,6 +51,16 @@ class ConfigError(BulkfmError):
     """A configuration value is invalid."""
 
 
+class DownloadError(BulkfmError):
+    """A download or a remote query failed: not found, access denied, a corrupted file
+    (md5 mismatch), or a server that kept failing after the retries. ``status`` is the
+    last HTTP status code (``None`` when no response came)."""
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 class CheckpointError(BulkfmError):
     """A checkpoint does not match its config, gene list or the model."""
 

@@ -37,7 +37,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--set endpoint=DSS --set sample_types=[tumor]",
         required=False,
     )
-    build.add_argument("--format", help="gdc | wide | bulkrnabert_csv | h5ad (default auto)")
+    build.add_argument(
+        "--format", help="gdc | wide | bulkrnabert_csv | h5ad | archs4 (default auto)"
+    )
     build.add_argument(
         "--orientation", help="auto | samples_x_genes | genes_x_samples (default auto)"
     )
@@ -84,7 +86,87 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="keep raw read counts in layers['counts'] (count inputs only): the published "
         "recipes of Geneformer, scGPT, scFoundation, CellFM, scBERT and scLong start from counts",
     )
+    archs4 = build.add_argument_group(
+        "ARCHS4 selection",
+        "samples and genes to read from an ARCHS4 .h5 input (filters combine with AND; "
+        "one is needed: the file holds far more samples than memory)",
+    )
+    archs4.add_argument(
+        "--archs4-series", metavar="GSE,...", help="GEO series ids, comma-separated or a file"
+    )
+    archs4.add_argument(
+        "--archs4-source",
+        metavar="REGEX",
+        help="case-insensitive regex on source_name_ch1, title and characteristics_ch1",
+    )
+    archs4.add_argument(
+        "--archs4-samples", metavar="GSM,...", help="GEO sample ids, comma-separated or a file"
+    )
+    archs4.add_argument(
+        "--archs4-genes", metavar="GENES", help="Ensembl ids or symbols (default all genes)"
+    )
+    archs4.add_argument(
+        "--archs4-max-singlecell",
+        type=float,
+        metavar="P",
+        help="drop samples whose ARCHS4 single-cell probability is above P (e.g. 0.5)",
+    )
     build.set_defaults(handler=_build)
+
+    dl = sub.add_parser(
+        "download",
+        help="download expression files, a sample sheet and survival from the NCI GDC",
+        description=(
+            "Find files on the NCI GDC (default: STAR gene counts of the given projects), "
+            "download them in parallel (resuming partial files, skipping complete ones after "
+            "an md5 check, retrying 429/5xx), and write OUT/gdc_sample_sheet.tsv and "
+            "OUT/clinical.tsv for `bulkfm data build OUT --sample-sheet "
+            "OUT/gdc_sample_sheet.tsv --survival OUT/clinical.tsv -o data.h5ad`."
+        ),
+    )
+    dl.add_argument("-o", "--output", required=True, type=Path, help="output folder")
+    dl.add_argument(
+        "--project",
+        action="append",
+        required=True,
+        help="GDC project id(s), comma-separated or repeated, e.g. TCGA-BRCA,TCGA-LUAD",
+    )
+    dl.add_argument(
+        "--data-type", default=None, help="GDC data_type (default 'Gene Expression Quantification')"
+    )
+    dl.add_argument(
+        "--workflow-type",
+        default=None,
+        help="GDC analysis.workflow_type (default 'STAR - Counts'; '' for any)",
+    )
+    dl.add_argument(
+        "--sample-types",
+        help="comma-separated GDC sample types to keep, e.g. 'Primary Tumor,Solid Tissue "
+        "Normal' (default all)",
+    )
+    dl.add_argument("--workers", type=int, default=4, help="parallel downloads (default 4)")
+    dl.add_argument(
+        "--retries", type=int, default=5, help="retries per request on 429/5xx (default 5)"
+    )
+    dl.add_argument(
+        "--token-file", type=Path, help="GDC token file, for controlled-access files only"
+    )
+    dl.add_argument(
+        "--api-url", help="GDC API address (default $BULKFM_GDC_URL or https://api.gdc.cancer.gov)"
+    )
+    dl.add_argument(
+        "--clinical-table",
+        type=Path,
+        help="TCGA-CDR table: write its rows for the downloaded patients as clinical.tsv "
+        "instead of survival from the GDC",
+    )
+    dl.add_argument("--no-clinical", action="store_true", help="do not write clinical.tsv")
+    dl.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print file counts and total size per project; download and write nothing",
+    )
+    dl.set_defaults(handler=_download)
 
     sim = sub.add_parser("simulate", help="write the built-in simulated data set")
     sim.add_argument("-o", "--output", required=True, type=Path, help="output .h5ad")
@@ -160,7 +242,50 @@ def _input_entries(args: argparse.Namespace) -> list[dict[str, Any]] | None:
             value = getattr(args, dest)
             if value is not None:
                 entry[dest] = str(value) if isinstance(value, Path) else value
+    _add_archs4_selection(args, entries)
     return entries or None
+
+
+#: ``data build`` flags (argparse dest) -> fields of an ARCHS4 input's ``archs4`` selection.
+_ARCHS4_FLAGS = {
+    "archs4_series": "series",
+    "archs4_source": "source",
+    "archs4_samples": "samples",
+    "archs4_genes": "genes",
+    "archs4_max_singlecell": "max_singlecell_probability",
+}
+
+
+def _add_archs4_selection(args: argparse.Namespace, entries: list[dict[str, Any]]) -> None:
+    """Put the --archs4-* flags into the ``archs4`` selection of every .h5 input."""
+    from bulkfm.data.archs4 import read_id_list
+
+    given = {
+        key: getattr(args, dest)
+        for dest, key in _ARCHS4_FLAGS.items()
+        if getattr(args, dest, None) is not None
+    }
+    if not given:
+        return
+    for key in ("series", "samples", "genes"):
+        if key in given:
+            given[key] = read_id_list(given[key])
+    targets = [
+        e
+        for e in entries
+        if e.get("format") == "archs4" or Path(str(e["path"])).suffix.lower() in (".h5", ".hdf5")
+    ]
+    if not targets:
+        flags = ", ".join(
+            "--" + d.replace("_", "-") for d, k in _ARCHS4_FLAGS.items() if k in given
+        )
+        raise ConfigError(
+            f"{flags} select samples of an ARCHS4 .h5 file, but no input is one (inputs: "
+            f"{[str(e['path']) for e in entries][:3]}). Fix: pass the ARCHS4 .h5 file as an "
+            "input, or drop the --archs4-* flags."
+        )
+    for entry in targets:
+        entry["archs4"] = {**dict(entry.get("archs4") or {}), **given}
 
 
 def _name_input_flag(exc: ConfigError, args: argparse.Namespace) -> ConfigError | None:
@@ -201,6 +326,62 @@ def _build(args: argparse.Namespace) -> int:
     write_h5ad(adata, args.output, flag="--output")
     print(format_summary(adata))
     print(f"\nwrote {args.output}")
+    return 0
+
+
+def _download(args: argparse.Namespace) -> int:
+    from bulkfm.data.download import RetryPolicy
+    from bulkfm.data.gdc import (
+        CLINICAL_FILE,
+        SAMPLE_SHEET_FILE,
+        STAR_DATA_TYPE,
+        STAR_WORKFLOW,
+        GDCClient,
+        GDCQuery,
+        download_gdc,
+        format_plan,
+        plan_download,
+        read_token,
+    )
+    from bulkfm.io import check_output_dir
+
+    if args.retries < 0:
+        raise ConfigError(f"--retries must be >= 0, got {args.retries}")
+    if args.workers < 1:
+        raise ConfigError(f"--workers must be >= 1, got {args.workers}")
+    if not args.dry_run:
+        check_output_dir(args.output, flag="--output")
+    projects = [p for text in args.project for p in (_split(text) or [])]
+    query = GDCQuery(
+        projects=tuple(projects),
+        data_type=STAR_DATA_TYPE if args.data_type is None else args.data_type,
+        workflow_type=STAR_WORKFLOW if args.workflow_type is None else (args.workflow_type or None),
+        sample_types=tuple(_split(args.sample_types) or ()),
+    )
+    token = read_token(args.token_file) if args.token_file is not None else None
+    client = GDCClient(args.api_url, token=token, retry=RetryPolicy(attempts=args.retries + 1))
+    plan = plan_download(query, client)
+    print(format_plan(plan))
+    if args.dry_run:
+        print("dry run: nothing downloaded or written")
+        return 0
+    done = download_gdc(
+        plan,
+        args.output,
+        client,
+        workers=args.workers,
+        clinical=not args.no_clinical,
+        clinical_table_path=args.clinical_table,
+    )
+    counts = ", ".join(f"{n} {status}" for status, n in sorted(done.counts().items()))
+    print(f"files: {counts}; {done.n_bytes} bytes transferred")
+    written = [done.sample_sheet, done.manifest] + ([done.clinical] if done.clinical else [])
+    print("wrote " + ", ".join(str(p) for p in written))
+    survival = f" --survival {args.output / CLINICAL_FILE}" if done.clinical else ""
+    print(
+        f"next: bulkfm data build {args.output} --sample-sheet "
+        f"{args.output / SAMPLE_SHEET_FILE}{survival} -o data.h5ad"
+    )
     return 0
 
 
