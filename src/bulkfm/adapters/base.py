@@ -1,8 +1,9 @@
 """What every published-model adapter shares: genes onto the model's vocabulary,
 checkpoint files read safely, pooling that ignores padding, lazy optional imports.
 
-An adapter is a frozen :class:`~bulkfm.embedders.Embedder`: it needs a local
-path to the released weights (nothing is downloaded), maps the AnnData's genes onto
+An adapter is a frozen :class:`~bulkfm.embedders.Embedder`: it needs the released
+weights, a local path or a Hugging Face repo ``owner/name[@revision][:subfolder]``
+(fetched into the standard cache; a local path of that name wins), maps the AnnData's genes onto
 the model's own vocabulary through the data layer and reports how many of the
 model's genes the data has (``coverage_``), then embeds in batches. Pooling never
 averages over padding, so a sample's embedding does not depend on its batch.
@@ -33,6 +34,8 @@ from bulkfm.fingerprint import path_digest as file_digest
 if TYPE_CHECKING:
     import anndata as ad
     import torch
+
+    from bulkfm.models.hub import HubSnapshot
 
 logger = logging.getLogger(__name__)
 
@@ -363,21 +366,58 @@ class FoundationEmbedder(Embedder):
         self.min_coverage = float(min_coverage)
         if model_dir is None:
             raise ConfigError(
-                f"the {self.model_name} adapter needs the released weights on disk: "
-                f"--model-dir {self.name}=PATH (or model_dir= in Python); nothing is downloaded"
+                f"the {self.model_name} adapter needs the released weights on disk or on the "
+                f"Hugging Face Hub: --model-dir {self.name}=PATH or {self.name}=OWNER/NAME"
+                "[:SUBFOLDER] (or model_dir= in Python)"
             )
-        self.path = Path(model_dir).expanduser()
+        self.trust_pickle = self._bool_setting("trust_pickle", trust_pickle)
+        self.hub: HubSnapshot | None = None
+        #: companion files fetched with Hub weights, by the option that names them
+        self.hub_files: dict[str, Path] = {}
+        self.path = self._locate(model_dir)
         if not self.path.exists():
             raise CheckpointError(
                 f"{self.model_name}: {self.path} does not exist; pass the folder (or file) of "
-                "the released weights"
+                "the released weights, or a Hugging Face repo id OWNER/NAME[:SUBFOLDER]"
             )
         self.batch_size = check_int("batch_size", batch_size, 1)
         self.device = str(device)
-        self.trust_pickle = self._bool_setting("trust_pickle", trust_pickle)
         self.coverage_: dict[str, Any] | None = None
         self._digest: str | None = None
         self._network: Any = None
+
+    @classmethod
+    def hub_companions(cls, repo_id: str, subfolder: str | None) -> dict[str, str]:
+        """Files a Hub release keeps outside the weights' folder, by the option naming them.
+
+        Repo paths; fetched with the weights and offered as defaults (``hub_files``).
+        """
+        return {}
+
+    def _locate(self, model_dir: str | os.PathLike) -> Path:
+        """A local path as is; a Hub repo id resolved to its cached snapshot folder.
+
+        From the Hub, the files directly in the weights' folder are fetched, except
+        pickle-based ones unless ``trust_pickle`` (they could not be loaded anyway), plus
+        :meth:`hub_companions`.
+        """
+        from bulkfm.models.hub import local_or_spec, resolve_snapshot
+
+        target = local_or_spec(model_dir)
+        if isinstance(target, Path):
+            return target
+        companions = self.hub_companions(target.repo_id, target.subfolder)
+
+        def wanted(name: str) -> bool:
+            return self.trust_pickle or Path(name).suffix.lower() not in PICKLE_SUFFIXES
+
+        self.hub = resolve_snapshot(target, select=wanted, extra=list(companions.values()))
+        self.hub_files = {
+            option: self.hub.root / rel
+            for option, rel in companions.items()
+            if (self.hub.root / rel).is_file()
+        }
+        return self.hub.path
 
     def settings(self) -> dict[str, Any]:
         """Options that change the embedding (beyond the weights)."""
@@ -410,6 +450,8 @@ class FoundationEmbedder(Embedder):
 
     def describe(self) -> dict[str, Any]:
         out = {**super().describe(), "model_dir": str(self.path)}
+        if self.hub is not None:
+            out["hub"] = self.hub.describe()
         if self.coverage_ is not None:
             out["coverage"] = self.coverage_
         return out

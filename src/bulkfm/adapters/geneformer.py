@@ -491,6 +491,14 @@ class GeneformerEmbedder(FoundationEmbedder):
         self.model_input_size = model_input_size
         folder = self.path if self.path.is_dir() else self.path.parent
         self.folder = folder
+        # From the Hub the dictionaries sit in the repo's geneformer/ folder (hub_companions).
+        token_dictionary = token_dictionary or self.hub_files.get("token_dictionary")
+        gene_median_dictionary = gene_median_dictionary or self.hub_files.get(
+            "gene_median_dictionary"
+        )
+        gene_mapping_dictionary = gene_mapping_dictionary or self.hub_files.get(
+            "gene_mapping_dictionary"
+        )
         self.token_dictionary_path = _find_dictionary(
             folder, "token_dictionary", token_dictionary, "token_dictionary"
         )
@@ -511,6 +519,22 @@ class GeneformerEmbedder(FoundationEmbedder):
         self._bert_config: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ settings, files
+
+    @classmethod
+    def hub_companions(cls, repo_id: str, subfolder: str | None) -> dict[str, str]:
+        """ctheodoris/Geneformer keeps the dictionaries in its geneformer/ package folder:
+        V1 models (Geneformer-V1-10M, gf-*-30M*) the gc30M set, V2 models the gc104M set."""
+        if repo_id.lower() != "ctheodoris/geneformer":
+            return {}
+        v1 = subfolder is not None and ("V1" in subfolder or "30M" in subfolder)
+        folder, tag = (
+            ("geneformer/gene_dictionaries_30m", "gc30M") if v1 else ("geneformer", "gc104M")
+        )
+        return {
+            "token_dictionary": f"{folder}/token_dictionary_{tag}.pkl",
+            "gene_median_dictionary": f"{folder}/gene_median_dictionary_{tag}.pkl",
+            "gene_mapping_dictionary": f"{folder}/ensembl_mapping_dict_{tag}.pkl",
+        }
 
     def settings(self) -> dict[str, Any]:
         files = {

@@ -94,7 +94,10 @@ def register(subparsers: Any) -> None:
         default=[],
         metavar="[NAME=]PATH",
         help="weights of a model: NAME=PATH adds the model NAME (e.g. geneformer=gf-6L-30M/, "
-        "scgpt=scGPT_human/); a bare PATH is a BulkRNABert checkpoint (repeatable)",
+        "scgpt=scGPT_human/); PATH may be a Hugging Face repo OWNER/NAME[@REVISION]"
+        "[:SUBFOLDER] fetched into the HF cache (geneformer=ctheodoris/Geneformer:"
+        "Geneformer-V1-10M; a bare InstaDeepAI/BulkRNABert needs no --gene-list); a bare "
+        "PATH is a BulkRNABert checkpoint (repeatable)",
     )
     p.add_argument("--gene-list", help="gene id file of an official-format checkpoint")
     p.add_argument("--normalization-factor", type=float, help="of an official checkpoint")

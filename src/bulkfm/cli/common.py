@@ -110,7 +110,18 @@ def _mentions(message: str, key: str) -> bool:
 
 def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
     """--model and the extras an official-format checkpoint needs, plus --device."""
-    parser.add_argument("--model", required=True, type=Path, help="checkpoint directory")
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="checkpoint directory, or a Hugging Face repo id owner/name[:subfolder] (e.g. "
+        "InstaDeepAI/BulkRNABert: its genes and normalisation factor are known), fetched "
+        "into the Hugging Face cache; a local folder of that name wins",
+    )
+    parser.add_argument(
+        "--revision",
+        default=None,
+        help="branch, tag or commit of a --model repo id to pin (default: main)",
+    )
     parser.add_argument(
         "--genes", type=Path, default=None, help="gene list file (official-format checkpoints)"
     )
@@ -143,5 +154,6 @@ def load_checkpoint_and_input(args: argparse.Namespace) -> tuple[Any, Any, Any]:
         genes=args.genes,
         normalization_factor=args.normalization_factor,
         device=args.device,
+        revision=args.revision,
     )
     return model, tokenizer, adata

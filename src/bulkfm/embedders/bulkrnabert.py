@@ -2,7 +2,8 @@
 
 Any checkpoint directory works: a bulkfm one (config.json, model.safetensors,
 tokenizer.json) or an official-format one (then ``genes`` and
-``normalization_factor`` are required, see ``bulkfm.models.bulkrnabert.load_pretrained``).
+``normalization_factor`` are required, see ``bulkfm.models.bulkrnabert.load_pretrained``),
+and so does a Hugging Face repo id (``InstaDeepAI/BulkRNABert``: genes and factor known).
 The fingerprint hashes the checkpoint's files, so retraining into the same
 directory never reuses stale cached embeddings. torch is imported only on use.
 """
@@ -12,7 +13,6 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -49,6 +49,7 @@ class BulkRNABertEmbedder(Embedder):
         exclude_missing: bool = True,
         min_gene_coverage: float = DEFAULT_MIN_GENE_COVERAGE,
         device: str = "cpu",
+        revision: str | None = None,
         label: str | None = None,
     ) -> None:
         super().__init__(label=label)
@@ -57,15 +58,25 @@ class BulkRNABertEmbedder(Embedder):
                 "the bulkrnabert model needs a checkpoint directory: --model-dir DIR (or "
                 "model_dir= in Python)"
             )
-        self.model_dir = Path(model_dir)
+        from bulkfm.models.hub import resolve_bulkrnabert
+
+        # A local folder as is; a Hub repo id (owner/name[@revision][:subfolder]) fetched
+        # now, so that the fingerprint hashes the files it will embed with.
+        source = resolve_bulkrnabert(model_dir, revision=revision)
+        self.model_dir = source.path
+        self.hub = source.snapshot
         if not self.model_dir.is_dir():
             raise CheckpointError(
                 f"checkpoint directory {self.model_dir} not found; pass the folder holding "
-                "config.json and model.safetensors"
+                "config.json and model.safetensors, or a Hugging Face repo id owner/name"
             )
         check_int("layer", layer, hint="-1 = last block")
-        self.genes = genes
-        self.normalization_factor = normalization_factor
+        self.genes = genes if genes is not None else source.genes
+        self.normalization_factor = (
+            normalization_factor
+            if normalization_factor is not None
+            else source.normalization_factor
+        )
         self.layer = layer
         self.batch_size = check_int("batch_size", batch_size, 1)
         self.exclude_missing = self._bool_setting("exclude_missing", exclude_missing)
@@ -102,6 +113,8 @@ class BulkRNABertEmbedder(Embedder):
 
     def describe(self) -> dict[str, Any]:
         out = {**super().describe(), "model_dir": str(self.model_dir)}
+        if self.hub is not None:
+            out["hub"] = self.hub.describe()
         if self.coverage_ is not None:
             out["coverage"] = self.coverage_
         return out

@@ -673,14 +673,20 @@ def load_pretrained(
     normalization_factor: float | None = None,
     strict: bool = True,
     device: str | torch.device = "cpu",
+    revision: str | None = None,
 ) -> tuple[BulkRNABert, BinTokenizer]:
-    """Model and tokenizer of a checkpoint directory.
+    """Model and tokenizer of a checkpoint directory or a Hugging Face Hub repo.
 
-    A bulkfm checkpoint carries tokenizer.json. An official-format one does not: then
-    ``genes`` (a list or a file with one id a line, model order) and
-    ``normalization_factor`` (5.547176906585117 for the official TCGA model) are required.
-    Given alongside a tokenizer.json they must agree with it.
+    ``directory`` is a local folder (it wins when it exists) or a repo id
+    ``owner/name[@revision][:subfolder]`` fetched into the standard Hugging Face cache
+    (``revision`` pins a branch, tag or commit; ``HF_HUB_OFFLINE=1`` uses the cache only),
+    see :mod:`bulkfm.models.hub`. A bulkfm checkpoint carries tokenizer.json. An
+    official-format one does not: then ``genes`` (a list or a file with one id a line,
+    model order) and ``normalization_factor`` (5.547176906585117 for the official TCGA
+    model) are required, except from an official repo (``InstaDeepAI/BulkRNABert``), whose
+    genes and factor are known. Given alongside a tokenizer.json they must agree with it.
     """
+    from bulkfm.models.hub import resolve_bulkrnabert
     from bulkfm.tokenize import (
         TOKENIZER_FILE,
         BinTokenizer,
@@ -689,7 +695,12 @@ def load_pretrained(
         gene_overlap_report,
     )
 
-    directory = Path(directory)
+    source = resolve_bulkrnabert(directory, revision=revision)
+    directory = source.path
+    if genes is None and source.genes is not None:
+        genes = source.genes
+    if normalization_factor is None:
+        normalization_factor = source.normalization_factor
     model = BulkRNABert.from_pretrained(directory, strict=strict, device=device)
     gene_list = as_gene_list(genes) if genes is not None else None
     if (directory / TOKENIZER_FILE).exists():
