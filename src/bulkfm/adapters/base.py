@@ -27,7 +27,7 @@ import scipy.sparse as sp
 
 from bulkfm import schema as keys
 from bulkfm.config import check_int, check_number
-from bulkfm.embedders.base import Embedder
+from bulkfm.embedders.base import CheckpointEmbedder
 from bulkfm.errors import CheckpointError, ConfigError, GeneMappingError
 from bulkfm.fingerprint import path_digest as file_digest
 
@@ -35,7 +35,6 @@ if TYPE_CHECKING:
     import anndata as ad
     import torch
 
-    from bulkfm.models.hub import HubSnapshot
 
 logger = logging.getLogger(__name__)
 
@@ -329,7 +328,7 @@ def batch_slices(n: int, batch_size: int, *, desc: str | None = None) -> Iterato
 # --------------------------------------------------------------------------- the embedder
 
 
-class FoundationEmbedder(Embedder):
+class FoundationEmbedder(CheckpointEmbedder):
     """A released foundation model as a frozen benchmark embedder.
 
     Subclasses set ``model_name`` and ``extra`` and implement :meth:`load` (build the
@@ -371,7 +370,6 @@ class FoundationEmbedder(Embedder):
                 "[:SUBFOLDER] (or model_dir= in Python)"
             )
         self.trust_pickle = self._bool_setting("trust_pickle", trust_pickle)
-        self.hub: HubSnapshot | None = None
         #: companion files fetched with Hub weights, by the option that names them
         self.hub_files: dict[str, Path] = {}
         self.path = self._locate(model_dir)
@@ -382,7 +380,6 @@ class FoundationEmbedder(Embedder):
             )
         self.batch_size = check_int("batch_size", batch_size, 1)
         self.device = str(device)
-        self.coverage_: dict[str, Any] | None = None
         self._digest: str | None = None
         self._network: Any = None
 
@@ -443,18 +440,8 @@ class FoundationEmbedder(Embedder):
             return keys.COUNTS if keys.COUNTS in adata.layers else None
         return None if self.layer in (None, "X") else self.layer
 
-    def restore(self, described: dict[str, Any]) -> None:
-        coverage = described.get("coverage")
-        if isinstance(coverage, dict):
-            self.coverage_ = coverage
-
     def describe(self) -> dict[str, Any]:
-        out = {**super().describe(), "model_dir": str(self.path)}
-        if self.hub is not None:
-            out["hub"] = self.hub.describe()
-        if self.coverage_ is not None:
-            out["coverage"] = self.coverage_
-        return out
+        return {**super().describe(), "model_dir": str(self.path)}
 
     @property
     def network(self) -> Any:

@@ -22,9 +22,11 @@ from bulkfm.fingerprint import stable_hash
 if TYPE_CHECKING:
     import anndata as ad
 
+    from bulkfm.models.hub import HubSnapshot
+
 logger = logging.getLogger(__name__)
 
-__all__ = ["Embedder"]
+__all__ = ["CheckpointEmbedder", "Embedder"]
 
 
 class Embedder(abc.ABC):
@@ -101,3 +103,32 @@ class Embedder(abc.ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(label={self.label!r}, config={self.config()!r})"
+
+
+class CheckpointEmbedder(Embedder):
+    """A frozen model read from saved weights (BulkRNABert or a published model).
+
+    It records where the weights came from (``hub``: the Hub snapshot, when resolved from
+    a repo id) and how much of its gene list the data measured (``coverage_``, set by
+    ``transform``); :meth:`describe` reports both and :meth:`restore` takes the coverage
+    back from a cache entry, so run.json lists it whether the embedding was computed or
+    cached.
+    """
+
+    def __init__(self, *, label: str | None = None) -> None:
+        super().__init__(label=label)
+        self.hub: HubSnapshot | None = None
+        self.coverage_: dict[str, Any] | None = None
+
+    def restore(self, described: dict[str, Any]) -> None:
+        coverage = described.get("coverage")
+        if isinstance(coverage, dict):
+            self.coverage_ = coverage
+
+    def describe(self) -> dict[str, Any]:
+        out = super().describe()
+        if self.hub is not None:
+            out["hub"] = self.hub.describe()
+        if self.coverage_ is not None:
+            out["coverage"] = self.coverage_
+        return out

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from bulkfm.config import check_int, check_number
-from bulkfm.embedders.base import Embedder
+from bulkfm.embedders.base import CheckpointEmbedder
 from bulkfm.embedders.registry import register_embedder
 from bulkfm.errors import CheckpointError, ConfigError
 from bulkfm.fingerprint import path_digest, stable_hash
@@ -33,7 +33,7 @@ __all__ = ["BulkRNABertEmbedder"]
 
 
 @register_embedder("bulkrnabert")
-class BulkRNABertEmbedder(Embedder):
+class BulkRNABertEmbedder(CheckpointEmbedder):
     """Frozen BulkRNABert: ``bulkfm.embed.embed_adata`` of a checkpoint directory."""
 
     learns = False
@@ -84,7 +84,6 @@ class BulkRNABertEmbedder(Embedder):
             "min_gene_coverage", min_gene_coverage, low=0.0, high=1.0
         )
         self.device = str(device)
-        self.coverage_: dict[str, Any] | None = None
         self._digest: str | None = None
 
     def config(self) -> dict[str, Any]:
@@ -106,18 +105,8 @@ class BulkRNABertEmbedder(Embedder):
             "exclude_missing": self.exclude_missing,
         }
 
-    def restore(self, described: dict[str, Any]) -> None:
-        coverage = described.get("coverage")
-        if isinstance(coverage, dict):
-            self.coverage_ = coverage
-
     def describe(self) -> dict[str, Any]:
-        out = {**super().describe(), "model_dir": str(self.model_dir)}
-        if self.hub is not None:
-            out["hub"] = self.hub.describe()
-        if self.coverage_ is not None:
-            out["coverage"] = self.coverage_
-        return out
+        return {**super().describe(), "model_dir": str(self.model_dir)}
 
     def transform(self, adata: ad.AnnData) -> np.ndarray:
         from bulkfm.embed import embed_adata
