@@ -403,6 +403,40 @@ def _huge_config(inp: Inputs, d: Path) -> None:
     path.write_text(json.dumps(config))
 
 
+def _h5ad_without_model_genes(n_dropped: int, name: str = "lacking.h5ad"):
+    """The simulated .h5ad without the first ``n_dropped`` of the model's 32 genes."""
+
+    def setup(inp: Inputs, d: Path) -> None:
+        import anndata as ad
+
+        adata = ad.read_h5ad(inp.sim_h5ad)
+        adata[:, n_dropped:].copy().write_h5ad(d / name)
+
+    return setup
+
+
+def _conflicting_counts(name: str = "conflict.tsv"):
+    """The counts table with gene 0's symbol replaced by gene 1's: its id columns
+    (Ensembl id, symbol) now name two different genes."""
+
+    def setup(inp: Inputs, d: Path) -> None:
+        counts = inp.counts.copy()
+        counts.loc[0, "gene_name"] = counts.loc[1, "gene_name"]
+        _table(counts, d / name)
+
+    return setup
+
+
+def _not_archs4(name: str = "compendium.h5"):
+    def setup(inp: Inputs, d: Path) -> None:
+        import h5py
+
+        with h5py.File(d / name, "w") as handle:
+            handle.create_dataset("matrix", data=np.zeros((3, 4)))
+
+    return setup
+
+
 # --------------------------------------------------------------------------- argv
 def _words(text: str) -> list[str]:
     return text.split()
@@ -1834,6 +1868,80 @@ CASES: list[Case] = [
             lambda inp, d: _evaluate_cfg(inp, d, d / "log.h5ad"),
         ),
         issue=True,
+    ),
+    # ------------------------------------------------------------ a cohort the model never saw
+    Case(
+        "embed-lacks-most-model-genes",
+        "embed",
+        "an .h5ad holding 12 of the checkpoint's 32 genes",
+        "GeneMappingError: 37.5% of the model's genes measured, below --min-gene-coverage",
+        _embed("lacking.h5ad"),
+        error="GeneMappingError",
+        what=r"measures too few",
+        fix=r"--min-gene-coverage",
+        setup=_h5ad_without_model_genes(20),
+    ),
+    Case(
+        "embed-lacks-some-model-genes",
+        "embed",
+        "an .h5ad holding 28 of the checkpoint's 32 genes",
+        "handled: absent genes are [MASK]; coverage printed per cohort and stored",
+        _embed("lacking.h5ad"),
+        expect="ok",
+        setup=_h5ad_without_model_genes(4),
+        check=_both_checks(_embedding_rows(N_SAMPLES), _stderr_says(r"gene coverage by cohort")),
+    ),
+    Case(
+        "impute-hide-fraction-out-of-range",
+        "impute",
+        "--hide-fraction 1.5",
+        "ConfigError naming --hide-fraction, before the checkpoint loads",
+        _impute("{sim}", "--hide-fraction", "1.5"),
+        error="ConfigError",
+        what=r"1\.5|between|fraction",
+        fix=r"--hide-fraction",
+    ),
+    Case(
+        "impute-hide-unknown-gene",
+        "impute",
+        "--hide-genes NOTAGENE",
+        "ConfigError: not a gene of the data, with examples of valid ids",
+        _impute("{sim}", "--hide-genes", "NOTAGENE"),
+        error="ConfigError",
+        what=r"NOTAGENE",
+        fix=r"--hide-genes",
+    ),
+    Case(
+        "build-id-columns-conflict-error",
+        "data build",
+        "a row whose Ensembl id and symbol name different genes, with --id-conflicts error",
+        "GeneMappingError listing the row and the rules to choose from",
+        _build("conflict.tsv", "--id-conflicts", "error"),
+        error="GeneMappingError|ConfigError",
+        what=r"different genes|conflict",
+        fix=r"--id-conflicts",
+        setup=_conflicting_counts(),
+    ),
+    Case(
+        "build-archs4-not-archs4",
+        "data build",
+        "an .h5 file that is not an ARCHS4 compendium",
+        "InputFileError: not the ARCHS4 layout, naming what is missing",
+        _build("compendium.h5", "--archs4-series", "GSE1"),
+        error="InputFileError|ConfigError",
+        what=r"ARCHS4",
+        fix=r"compendium\.h5|--format",
+        setup=_not_archs4(),
+    ),
+    Case(
+        "evaluate-without-config",
+        "evaluate",
+        "`bulkfm evaluate` with neither --config nor a template",
+        "ConfigError pointing to --write-template",
+        _cmd("evaluate", "--data", "{sim}", "--model", "{model}"),
+        error="ConfigError",
+        what=r"config",
+        fix=r"--write-template|--config",
     ),
 ]
 
