@@ -229,6 +229,19 @@ def test_embed_speed_smoke_in_fresh_processes() -> None:
 
 
 @pytest.mark.slow
+def test_embed_memory_smoke() -> None:
+    """Two files of 20 and 60 samples, each embedded by the real command in a child."""
+    embed_memory = load("embed_memory")
+    args = "--samples 60 20 --genes 32 --threads 1 --batch-size 8"
+    report = embed_memory.main(args.split())
+    rows = report["rows"]
+    assert [r["samples"] for r in rows] == [20, 60]
+    assert all("error" not in r for r in rows), rows
+    assert all(r["peak_rss_mb"] > 0 and r["wall_s"] > 0 for r in rows)
+    assert report["peak_ratio"] == pytest.approx(rows[1]["peak_rss_mb"] / rows[0]["peak_rss_mb"])
+
+
+@pytest.mark.slow
 def test_train_speed_smoke(keep_torch_threads) -> None:
     train_speed = load("train_speed")
     args = "--smoke --inline --device cpu --threads 1 --genes 48 --ia3-genes 48 --loader-genes 48"
@@ -304,3 +317,29 @@ def test_split_ci_coverage_smoke() -> None:
     assert 0 <= c["naive"] <= c["nadeau_bengio"] <= c["calibrated"] <= 1
     assert row["rho_assumed"]["calibrated"] == pytest.approx(1 - 0.8**2)
     assert abs(row["bias"]) < 0.1
+
+
+def test_adapter_deviations_compare_against_sklearn() -> None:
+    from sklearn.metrics.pairwise import cosine_similarity
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(6, 5)), rng.normal(size=(6, 5))
+    rel, cos = load("adapter_deviations").compare(a, b)
+    assert cos == pytest.approx(np.diag(cosine_similarity(a, b)).mean(), abs=1e-12)
+    pairs = zip(a, b, strict=True)
+    naive = np.mean([np.sqrt(((y - x) ** 2).sum() / (x**2).sum()) for x, y in pairs])
+    assert rel == pytest.approx(naive, abs=1e-12)
+
+
+def test_adapter_deviations_smoke(keep_torch_threads) -> None:
+    report = load("adapter_deviations").main(["--samples", "10"])
+    rows = {(r["model"], r["option"]): r for r in report["rows"]}
+    assert "tiny random" in report["note"]
+    # Options that change what is computed must move the embedding on any random model.
+    for key in [("geneformer", "emb_mode"), ("scfoundation", "recipe"), ("sclong", "pooling")]:
+        assert rows[key]["mean_relative_l2"] > 1e-3, key
+    for row in report["rows"]:
+        if row["mean_cosine"] is not None:
+            assert row["mean_relative_l2"] >= 0 and -1 <= row["mean_cosine"] <= 1 + 1e-9
+        else:
+            assert row["note"], row  # every row without numbers says why

@@ -75,3 +75,37 @@ def make_adata(ensembl, n=5, seed=0, *, drop=("KIT",), extra=2) -> ad.AnnData:
         obs=pd.DataFrame(index=[f"s{i}" for i in range(n)]),
         var=pd.DataFrame(index=genes),
     )
+
+
+# --------------------------------------------------------------------------- .ckpt writer
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = n & 0x7F
+        n >>= 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+_MS_TYPE = {np.dtype("float32"): "Float32", np.dtype("int32"): "Int32"}
+
+
+def write_ms_ckpt(path, tensors: dict[str, np.ndarray], split: tuple[str, ...] = ()) -> None:
+    """MindSpore checkpoint.proto, proto2 encoding (dims unpacked); names in ``split``
+    are stored in two Value entries sharing the tag, as MindSpore slices large tensors."""
+    blob = bytearray()
+    for name, arr in tensors.items():
+        raw = np.ascontiguousarray(arr).tobytes()
+        chunks = [raw[: len(raw) // 2], raw[len(raw) // 2 :]] if name in split else [raw]
+        for chunk in chunks:
+            dims = b"".join(_varint(1 << 3 | 0) + _varint(d) for d in arr.shape)
+            proto = dims + _field(2, _MS_TYPE[arr.dtype].encode()) + _field(3, chunk)
+            blob += _field(1, _field(1, name.encode()) + _field(2, proto))
+    path.write_bytes(bytes(blob))
