@@ -171,7 +171,18 @@ _CLI = ("bulkfm.cli",)
 LAYERS: dict[str, tuple[str, ...]] = {
     "bulkfm.schema": ("bulkfm",),
     "bulkfm.errors": ("bulkfm",),
-    # a foundation: the console and log-once helpers every stage may use
+    # foundations: the console and log-once helpers, and the process-group helpers
+    "bulkfm.distributed": (
+        "bulkfm.data",
+        "bulkfm.tokenize",
+        "bulkfm.models",
+        "bulkfm.train",
+        "bulkfm.tasks",
+        "bulkfm.impute",
+        *_EMBED,
+        *_ORCHESTRATORS,
+        *_CLI,
+    ),
     "bulkfm.logs": (
         "bulkfm.data",
         "bulkfm.tokenize",

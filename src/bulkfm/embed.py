@@ -7,10 +7,13 @@ is no padding either (every sample has the full gene vocabulary), so a sample's
 embedding never depends on which other samples share its batch.
 
 Memory stays bounded: samples are tokenised one batch at a time and only the [batch,
-embed_dim] result is kept.
+embed_dim] result is kept; a backed AnnData (``backed="r"``, what ``bulkfm embed`` reads)
+is read from disk one batch of rows at a time. Under ``torchrun``/``accelerate launch``
+:func:`embed_sharded` gives each process a contiguous block of samples and gathers the
+blocks, in order, on process 0.
 
 CLI (:mod:`bulkfm.cli.embed`): ``bulkfm embed --model DIR --input X.h5ad --output
-OUT.(h5ad|parquet|npy)``.
+OUT.(h5ad|parquet|npy)``, or ``torchrun --nproc_per_node N -m bulkfm.cli embed ...``.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_KEY", "embed_adata", "read_embeddings", "write_embeddings"]
+__all__ = ["DEFAULT_KEY", "embed_adata", "embed_sharded", "read_embeddings", "write_embeddings"]
 
 DEFAULT_KEY = "X_bulkrnabert"
 OUTPUT_SUFFIXES = (".h5ad", ".parquet", ".npy")
@@ -61,6 +64,7 @@ def embed_adata(
     progress: bool | None = None,
     min_gene_coverage: float = DEFAULT_MIN_GENE_COVERAGE,
     coverage: GeneCoverage | None = None,
+    rows: tuple[int, int] | None = None,
 ) -> np.ndarray:
     """float32 [n_obs, embed_dim] embeddings in ``adata.obs_names`` order.
 
@@ -73,6 +77,13 @@ def embed_adata(
     flagged in ``layers["missing"]``. Coverage is measured and logged first
     (:func:`bulkfm.tokenize.gene_coverage`); below ``min_gene_coverage`` it is an error.
     A caller that already measured it (to record it) passes ``coverage``.
+
+    ``adata`` may be backed (``anndata.read_h5ad(path, backed="r")``): X is then read
+    from disk one batch of rows at a time and never whole. ``rows=(start, stop)`` embeds
+    only those rows (the result has ``stop - start`` rows); it is how a process of a
+    sharded run (:func:`embed_sharded`) takes its block, since a backed AnnData cannot be
+    sliced twice. The input checks still cover every row, so all processes of a launch
+    agree on whether the data is usable.
     """
     import torch
     from tqdm.auto import tqdm
@@ -90,15 +101,16 @@ def embed_adata(
     # The whole input is checked before the first batch, so an error counts every bad
     # sample (not those of one batch) and names samples and genes.
     tokenizer.check_adata(adata, allow_all_missing=not exclude_missing)
+    first, last = _check_rows(rows, adata.n_obs)
     if device is not None:
         model.to(device)
-    out = np.empty((adata.n_obs, model.config.embed_dim), dtype=np.float32)
-    starts = range(0, adata.n_obs, batch_size)
+    out = np.empty((last - first, model.config.embed_dim), dtype=np.float32)
+    starts = range(first, last, batch_size)
     was_training = model.training
     model.eval()
     try:
         for start in tqdm(starts, desc="embedding", unit="batch", disable=_disable(progress)):
-            stop = min(start + batch_size, adata.n_obs)
+            stop = min(start + batch_size, last)
             tokens = tokenizer.encode_adata(adata[start:stop])
             with torch.inference_mode():
                 emb = model.embed(
@@ -106,10 +118,55 @@ def embed_adata(
                     layer=layer,
                     exclude_mask=exclude_missing,
                 )
-            out[start:stop] = emb.float().cpu().numpy()
+            out[start - first : stop - first] = emb.float().cpu().numpy()
     finally:
         model.train(was_training)
     return out
+
+
+def _check_rows(rows: tuple[int, int] | None, n_obs: int) -> tuple[int, int]:
+    """``rows`` as a checked (start, stop) range of ``n_obs`` rows (None: all of them)."""
+    if rows is None:
+        return 0, n_obs
+    start, stop = (int(r) for r in rows)
+    if not 0 <= start <= stop <= n_obs:
+        raise ConfigError(
+            f"rows={rows} is not a range of the {n_obs} samples; pass (start, stop) with "
+            f"0 <= start <= stop <= {n_obs}"
+        )
+    return start, stop
+
+
+def embed_sharded(
+    model: BulkRNABert,
+    tokenizer: BinTokenizer,
+    adata: ad.AnnData,
+    **kwargs: Any,
+) -> np.ndarray | None:
+    """:func:`embed_adata` split over the processes of a ``torchrun`` / ``accelerate
+    launch``: every process embeds its contiguous block of rows, and process 0 receives
+    all of them in ``adata.obs_names`` order (the others get None).
+
+    Call it on every process with the same arguments. Each sample's embedding depends
+    on that sample alone (no padding, no batch statistics), so the result equals the
+    one-process one; it is bit-identical when the processes run the same kernels (same
+    device type, threads and batch size). Without a launcher this is
+    :func:`embed_adata`. A process that fails makes every process raise (no hang).
+    """
+    from bulkfm.distributed import gather_rows, process_group, row_block, share_error
+
+    rank, world = process_group()
+    if world == 1:
+        return embed_adata(model, tokenizer, adata, **kwargs)
+    try:
+        block = embed_adata(
+            model, tokenizer, adata, rows=row_block(adata.n_obs, rank, world), **kwargs
+        )
+    except Exception as exc:  # every process must hear of it, whatever it is
+        share_error(f"{type(exc).__name__}: {exc}", rank, world)
+        raise
+    share_error(None, rank, world)
+    return gather_rows(block, rank, world)
 
 
 def _disable(progress: bool | None) -> bool | None:

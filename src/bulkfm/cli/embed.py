@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from bulkfm.cli.common import add_checkpoint_arguments, load_checkpoint_and_input
-from bulkfm.embed import DEFAULT_KEY, OUTPUT_SUFFIXES, embed_adata, write_embeddings
+from bulkfm.cli.common import add_checkpoint_arguments
+from bulkfm.embed import DEFAULT_KEY, OUTPUT_SUFFIXES, embed_sharded, write_embeddings
 from bulkfm.io import check_output_file
 from bulkfm.tokenize import gene_coverage
 
@@ -46,10 +46,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    """Embed, sharded over the processes of a torchrun / accelerate launch if there is one.
+
+    The input is opened backed (X stays on disk and is read a batch of rows at a time),
+    so memory does not grow with the number of samples. Every process checks the input
+    and coverage; process 0 alone writes the output, once, atomically.
+    """
+    from bulkfm.data.readers import read_h5ad
+    from bulkfm.distributed import local_device, process_group
+    from bulkfm.models.bulkrnabert import load_pretrained
+
     check_output_file(args.output, flag="--output", suffixes=OUTPUT_SUFFIXES)
-    model, tokenizer, adata = load_checkpoint_and_input(args)
-    coverage = gene_coverage(tokenizer, adata, min_coverage=args.min_gene_coverage)
-    emb = embed_adata(
+    rank, world = process_group()
+    adata = read_h5ad(args.input, flag="--input", backed=True)  # checked before the model
+    model, tokenizer = load_pretrained(
+        args.model,
+        genes=args.genes,
+        normalization_factor=args.normalization_factor,
+        device=local_device(args.device),
+        revision=args.revision,
+    )
+    coverage = gene_coverage(tokenizer, adata, min_coverage=args.min_gene_coverage, log=rank == 0)
+    emb = embed_sharded(
         model,
         tokenizer,
         adata,
@@ -57,14 +75,20 @@ def _run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         exclude_missing=not args.include_missing,
         coverage=coverage,
+        progress=None if rank == 0 else False,
     )
+    if emb is None:  # not process 0: it writes
+        return 0
     metadata = {
         "model": str(args.model),
         "layer": args.layer,
         "exclude_missing": not args.include_missing,
         "pooling": "mean over genes",
         "gene_coverage": coverage.to_dict(),
+        "processes": world,
     }
+    if args.output.suffix.lower() == ".h5ad":
+        adata = adata.to_memory()  # the output is the input plus obsm: it is written whole
     write_embeddings(emb, adata, args.output, key=args.key, metadata=metadata)
     print(f"embedded {emb.shape[0]} samples -> {emb.shape[1]} dims -> {args.output}")
     return 0

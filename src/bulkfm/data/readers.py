@@ -1158,6 +1158,7 @@ def read_h5ad(
     layer: str | None = None,
     check_units: bool = True,
     expression: bool = True,
+    backed: bool = False,
 ) -> ad.AnnData:
     """Read the ``.h5ad`` a command was given, or say what is wrong with it.
 
@@ -1169,13 +1170,14 @@ def read_h5ad(
     ``check_units``, the matrix a model will read (``X``, or ``layers[layer]``) must not
     look log-transformed (:func:`bulkfm.data.units.check_tpm`). ``expression=False`` reads
     an ``.h5ad`` that holds no expression matrix (e.g. embeddings in ``obsm``): only the
-    file checks apply.
+    file checks apply. ``backed=True`` leaves X on disk (anndata ``backed="r"``), for
+    commands that read it in row blocks (``embed``); the unit check reads a row sample.
     """
     path = Path(path)
     what = f"{flag} {path}"
     hint = _BUILD_HINT if expression else "give an .h5ad written by anndata (`bulkfm embed`)"
     _check_h5ad_file(path, what, hint)
-    adata = _load_h5ad(path, what, hint)
+    adata = _load_h5ad(path, what, hint, backed=backed)
     if not expression:
         return adata
     if adata.n_obs == 0 or adata.n_vars == 0:
@@ -1264,9 +1266,11 @@ def _looks_like_text(head: bytes) -> bool:
     return all(32 <= b < 127 or b in (9, 10, 13) for b in head)
 
 
-def _load_h5ad(path: Path, what: str, hint: str = _BUILD_HINT) -> ad.AnnData:
+def _load_h5ad(
+    path: Path, what: str, hint: str = _BUILD_HINT, *, backed: bool = False
+) -> ad.AnnData:
     try:
-        return ad.read_h5ad(path)
+        return ad.read_h5ad(path, backed="r") if backed else ad.read_h5ad(path)
     except MemoryError:
         raise
     except Exception as err:  # h5py/anndata raise many types for damaged files

@@ -7,6 +7,7 @@ before anything heavy is loaded. Sections mirror the YAML layout::
     data: {...}       # which .h5ad, which layer, gene subset, held-out fraction
     optim: {...}      # AdamW, warm-up + cosine schedule, batch and accumulation
     masking: {...}    # BERT recipe (15% selected; 80/10/10)
+    loss: {...}       # MLM cross-entropy, optionally + an expected-value term
     seed, output_dir, mixed_precision, ...   # run-level settings
 
 Reading, ``--set`` overrides and unknown-key errors come from :mod:`bulkfm.config`.
@@ -21,6 +22,7 @@ from typing import Literal
 from bulkfm import schema as keys
 from bulkfm.config import (
     ConfigMixin,
+    check_bool,
     check_choice,
     check_int,
     check_nonempty_str,
@@ -30,7 +32,7 @@ from bulkfm.config import (
 from bulkfm.errors import ConfigError
 from bulkfm.models.config import BulkRNABertConfig
 
-__all__ = ["DataSection", "MaskingConfig", "OptimSection", "PretrainConfig"]
+__all__ = ["DataSection", "LossSection", "MaskingConfig", "OptimSection", "PretrainConfig"]
 
 MixedPrecision = Literal["no", "bf16"]
 MIXED_PRECISION_CHOICES: tuple[str, ...] = ("no", "bf16")
@@ -165,6 +167,28 @@ class MaskingConfig:
             )
 
 
+@dataclass
+class LossSection:
+    """What pre-training minimises: the masked-LM cross-entropy over the bins (the paper)
+    plus ``value_weight`` x the squared error of the expected bin at the same targets
+    (:func:`bulkfm.train.losses.masked_value_loss`, on the [0, 1] normalised scale).
+
+    ``value_weight: 0`` (default) is the paper's recipe. A positive weight adds an
+    order-aware term (bin 11 for a true 10 is a near miss, not a full miss) without new
+    parameters, so checkpoints keep the official format.
+    """
+
+    value_weight: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_number(
+            "loss.value_weight",
+            self.value_weight,
+            low=0.0,
+            hint="0 = the paper's cross-entropy only; e.g. 1.0 adds the expected-value loss",
+        )
+
+
 def _default_model() -> BulkRNABertConfig:
     return BulkRNABertConfig()
 
@@ -177,8 +201,13 @@ class PretrainConfig(ConfigMixin):
     data: DataSection = field(default_factory=DataSection)
     optim: OptimSection = field(default_factory=OptimSection)
     masking: MaskingConfig = field(default_factory=MaskingConfig)
+    loss: LossSection = field(default_factory=LossSection)
     mixed_precision: MixedPrecision = "no"
     gradient_checkpointing: bool = False
+    # Shard weights, gradients and optimiser state over the processes of a launch with
+    # PyTorch FSDP2 (``fully_shard``), which runs on CPU gloo and on GPUs alike; bulkfm
+    # applies it itself because accelerate keeps DDP on CPU even when asked for FSDP.
+    fsdp: bool = False
     seed: int = 0
     output_dir: str = "runs/pretrain"
     checkpoint_every: int = 500
@@ -193,6 +222,7 @@ class PretrainConfig(ConfigMixin):
 
     def __post_init__(self) -> None:
         check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISION_CHOICES)
+        check_bool("fsdp", self.fsdp)
         check_int("seed", self.seed, 0)
         check_nonempty_str(
             "output_dir", self.output_dir, hint="give a folder for checkpoints and logs"

@@ -1,8 +1,10 @@
 """Masked-LM pre-training of BulkRNABert, one code path from one CPU to many GPUs.
 
 Distribution goes through HuggingFace accelerate: the same script runs as a plain
-process, under ``torchrun`` or under ``accelerate launch`` (DDP by default, FSDP
-when the accelerate config asks for it).
+process, under ``torchrun`` or under ``accelerate launch`` (DDP by default). With
+``fsdp: true`` the model is sharded with PyTorch FSDP2 (``fully_shard``) by this module,
+on CPU gloo and GPUs alike: accelerate itself keeps DDP when there is no GPU, even when
+its config asks for FSDP (that combination is an error here, not a silent DDP run).
 
 Reproducibility is by construction rather than by luck:
 
@@ -33,6 +35,7 @@ import shutil
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +60,7 @@ from bulkfm.train.data import (
     load_adata,
     prepare_pretrain_data,
 )
+from bulkfm.train.losses import masked_value_loss
 from bulkfm.train.masking import IGNORE_INDEX, masked_lm_loss
 
 if TYPE_CHECKING:
@@ -489,6 +493,145 @@ def _is_fsdp(accelerator: Accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.FSDP
 
 
+FSDP_DIR = "fsdp"  # torch.distributed.checkpoint shards of an FSDP2 run, in a checkpoint
+CONSOLIDATED_DIR = "consolidated"
+
+
+def _is_fsdp2(model: torch.nn.Module) -> bool:
+    """Sharded by :func:`shard_model` (PyTorch FSDP2), not by accelerate."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def _fsdp_requested_from_accelerate() -> bool:
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes")
+
+
+def _check_fsdp_launch(config: PretrainConfig, accelerator: Accelerator) -> None:
+    """Refuse the launches where the FSDP asked for is not the one that would run."""
+    if _fsdp_requested_from_accelerate() and not _is_fsdp(accelerator):
+        raise ConfigError(
+            "accelerate was asked for FSDP (accelerate launch --use_fsdp, or an accelerate "
+            f"config with distributed_type: FSDP) but it runs {accelerator.distributed_type.value} "
+            "here: accelerate keeps DDP without GPUs. Launch without accelerate's FSDP and set "
+            "fsdp: true (--set fsdp=true): bulkfm then shards the model with PyTorch FSDP2"
+        )
+    if config.fsdp and _is_fsdp(accelerator):
+        raise ConfigError(
+            "FSDP was asked for twice: by accelerate's config (distributed_type: FSDP) and by "
+            "fsdp: true. Keep one: drop --use_fsdp from accelerate launch, or set fsdp: false"
+        )
+
+
+def shard_model(model: torch.nn.Module, device: torch.device, precision: str) -> None:
+    """Shard ``model`` in place over the default process group with FSDP2.
+
+    Each transformer block is its own unit (its weights are gathered only while it runs),
+    the embeddings and the LM head are the root unit. Gradients are reduce-scattered
+    and averaged over processes like DDP's all-reduce, so the loss scaling of
+    :func:`_optimizer_step` gives the same update as one process. With ``bf16`` the
+    weights are cast for compute and gradients reduced in float32.
+    """
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    policy = (
+        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        if precision == "bf16"
+        else MixedPrecisionPolicy()
+    )
+    for block in model.transformer_layers:  # type: ignore[union-attr]
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+
+
+def _plain_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The torch optimiser inside accelerate's wrapper (what torch.distributed reads)."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+def _full_state_dict(accelerator: Accelerator, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Unsharded weights on the main process (FSDP2: gathered, others get an empty dict)."""
+    if _is_fsdp2(model):
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+        )
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        weights: dict[str, torch.Tensor] = get_model_state_dict(model, options=options)  # type: ignore[assignment]
+        return weights
+    return accelerator.get_state_dict(model)
+
+
+def _save_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
+    """Every process writes its shards of weights and optimiser state (torch DCP)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, _plain_optimizer(optimizer))
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(folder))
+
+
+def _load_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
+    """Read DCP shards into an FSDP2 model and its optimiser; DCP reshards, so the
+    process count may differ from the run that wrote them."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    plain = _plain_optimizer(optimizer)
+    model_sd, optim_sd = get_state_dict(model, plain)
+    dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(folder))  # in place
+    set_state_dict(model, plain, model_state_dict=model_sd, optim_state_dict=optim_sd)
+
+
+def consolidate_checkpoint(checkpoint: str | Path, output_dir: str | Path | None = None) -> Path:
+    """A plain model folder (config.json, model.safetensors, tokenizer.json) from the
+    FSDP2 shards of ``checkpoint``, in one process without a process group.
+
+    Only the weights are read (not the optimiser state). ``output_dir`` defaults to
+    ``<checkpoint>/consolidated``; it is written beside and renamed into place. The
+    result loads with :func:`bulkfm.models.bulkrnabert.load_pretrained` and ``bulkfm
+    embed --model``. A checkpoint that is already a model folder (a DDP run's) is
+    returned as it is.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    from bulkfm.models.bulkrnabert import WEIGHTS_FILE, BulkRNABert, read_config
+    from bulkfm.tokenize import BinTokenizer
+
+    path = Path(checkpoint)
+    shards = path / FSDP_DIR
+    if not shards.is_dir():
+        if (path / WEIGHTS_FILE).is_file():
+            return path
+        raise CheckpointError(
+            f"{path} holds neither FSDP shards ({FSDP_DIR}/) nor {WEIGHTS_FILE}; give a "
+            f"folder under {CHECKPOINT_DIR}/ of a pre-training run"
+        )
+    if not (shards / ".metadata").is_file():
+        raise DamagedCheckpointError(path, f"{FSDP_DIR}/.metadata", "missing")
+    model = BulkRNABert(read_config(path))
+    state = {"model": model.state_dict()}
+    with warnings.catch_warnings():  # "assuming ... a single process": that is the intent
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(shards), no_dist=True)
+    model.load_state_dict(state["model"])
+    out = Path(output_dir) if output_dir is not None else path / CONSOLIDATED_DIR
+    tmp = out.with_name(f".{out.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp, tokenizer=BinTokenizer.load(path))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    logger.info("consolidated %s into %s", path, out)
+    return out
+
+
 def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     tensors = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -538,10 +681,12 @@ def save_checkpoint(
     is renamed only once complete, so a kill leaves either the old set or the new one.
 
     Weights are saved unwrapped (safetensors) and the optimiser state as plain tensors,
-    so a DDP checkpoint resumes on any number of processes. FSDP shards are saved with
-    accelerate's ``save_state`` (resume with the same layout). A non-FSDP checkpoint is
-    also a model folder (config.json + model.safetensors + tokenizer.json), loadable like
-    ``final/``.
+    so a DDP checkpoint resumes on any number of processes. FSDP2 (``fsdp: true``)
+    shards go to ``fsdp/`` through torch.distributed.checkpoint, one file per process,
+    and resume on any number of processes; :func:`consolidate_checkpoint` turns them
+    into a model folder. accelerate's own FSDP (GPUs) uses its ``save_state``. A
+    non-FSDP checkpoint is also a model folder (config.json + model.safetensors +
+    tokenizer.json), loadable like ``final/``.
     """
     from safetensors.torch import save_file
 
@@ -557,6 +702,13 @@ def save_checkpoint(
 
     if _is_fsdp(accelerator):
         accelerator.save_state(str(tmp / "accelerate"))
+    elif _is_fsdp2(model):
+        _save_sharded(model, optimizer, tmp / FSDP_DIR)
+        if accelerator.is_main_process:  # config.json: what consolidate_checkpoint builds
+            from bulkfm.models.bulkrnabert import CONFIG_FILE
+
+            model_config = accelerator.unwrap_model(model).config.to_dict()
+            (tmp / CONFIG_FILE).write_text(json.dumps(model_config, indent=1) + "\n")
     else:
         weights = accelerator.get_state_dict(model)
         if accelerator.is_main_process:
@@ -823,6 +975,19 @@ def read_checkpoint(
             raise CheckpointError(
                 f"{path} holds FSDP shards; resume it under the same FSDP accelerate config"
             )
+    elif (path / FSDP_DIR).is_dir():
+        if not _is_fsdp2(model):
+            raise CheckpointError(
+                f"{path} holds FSDP2 shards (fsdp: true); resume it with --set fsdp=true "
+                "under a launch of 2 or more processes (any number), or make a model folder "
+                "of it with bulkfm.train.pretrain.consolidate_checkpoint"
+            )
+        if not (path / FSDP_DIR / ".metadata").is_file():
+            raise DamagedCheckpointError(path, f"{FSDP_DIR}/.metadata", "missing")
+    elif _is_fsdp2(model):
+        raise CheckpointError(
+            f"{path} was written without FSDP; resume it with fsdp: false (--set fsdp=false)"
+        )
     else:
         weights = _read_weights(path, accelerator.unwrap_model(model))
         optim = _read_optimizer(path, optimizer, step)
@@ -844,7 +1009,9 @@ def _apply_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
 ) -> None:
-    if loaded.weights is None:
+    if loaded.weights is None and _is_fsdp2(model):
+        _load_sharded(model, optimizer, loaded.path / FSDP_DIR)
+    elif loaded.weights is None:
         accelerator.load_state(str(loaded.path / "accelerate"))
     else:
         accelerator.unwrap_model(model).load_state_dict(loaded.weights)
@@ -1038,6 +1205,7 @@ def _optimizer_step(
     micro_batches: list[dict[str, torch.Tensor]],
     accelerator: Accelerator,
     max_grad_norm: float | None,
+    value_weight: float = 0.0,
 ) -> tuple[float, float | None]:
     """One optimiser step over this process's micro-batches; returns (global loss, grad norm).
 
@@ -1055,12 +1223,17 @@ def _optimizer_step(
     for mb in micro_batches:
         with accelerator.accumulate(model):
             logits = model(mb["input_ids"].to(device, non_blocking=True)).logits
-            ce = masked_lm_loss(logits, mb["labels"].to(device, non_blocking=True), "sum")
+            labels = mb["labels"].to(device, non_blocking=True)
+            ce = masked_lm_loss(logits, labels, "sum")
+            if value_weight:  # loss.value_weight: 0 = the paper's cross-entropy only
+                ce = ce + value_weight * masked_value_loss(logits, labels, "sum")
             accelerator.backward(ce * scale)
             loss_sum += ce.detach().double()
             if accelerator.sync_gradients:
                 if max_grad_norm is not None:
                     norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+                    if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor, reduce it
+                        norm = norm.full_tensor()
                     grad_norm = float(norm)
                 optimizer.step()
                 scheduler.step()
@@ -1088,11 +1261,22 @@ class _Run:
 
         set_seed(config.seed)
         model = build_model(config, data.n_genes)
+        _check_fsdp_launch(config, self.accelerator)
+        # Every process built the same weights from the seed; FSDP2 keeps its shard of them.
+        self.sharded = config.fsdp and self.world > 1
+        if config.fsdp and not self.sharded:
+            logger.info("fsdp: true in one process: nothing to shard, training unsharded")
+        if self.sharded:
+            model.to(self.accelerator.device)
+            shard_model(model, self.accelerator.device, self.precision)
         optimizer = build_optimizer(model, config)
         # Stepped by hand: accelerate's scheduler wrapper steps once per process, which
         # would make the schedule depend on the process count.
         self.scheduler = build_scheduler(optimizer, config)
-        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        if self.sharded:  # accelerate would wrap it in DDP on CPU: only the optimiser
+            self.model, self.optimizer = model, self.accelerator.prepare(optimizer)
+        else:
+            self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.progress = _Progress()
         self.resumed_from: int | None = None
         self.initial_eval: dict[str, float] = {}
@@ -1320,6 +1504,7 @@ class _Run:
                     micro_batches,
                     self.accelerator,
                     config.optim.max_grad_norm,
+                    config.loss.value_weight,
                 )
                 progress.step += 1
                 progress.samples_seen += self.global_batch
@@ -1469,7 +1654,7 @@ def _save_final(
 ) -> Path:
     """``model.save_pretrained(out/final, tokenizer=...)`` from a full (gathered) copy,
     written beside and renamed into place."""
-    weights = accelerator.get_state_dict(model)
+    weights = _full_state_dict(accelerator, model)
     final = output_dir / FINAL_DIR
     if accelerator.is_main_process:
         fresh = build_model(config, data.n_genes)
