@@ -305,6 +305,14 @@ def test_tokenize_reference_is_the_official_recipe() -> None:
     assert got.tolist() == [[0, 1, 32, 63, 63]]
 
 
+def test_bench_parallel_smoke() -> None:
+    args = ["--samples", "120", "--genes", "200", "--splits", "2", "--min-patients", "8"]
+    row = load("bench_parallel").main([*args, "--models", "random"])
+    assert row["scores_identical"] is True and row["workers"] == 2
+    assert row["speedup"] == pytest.approx(row["wall_s_1"] / row["wall_s_n"])
+    assert row["tasks"] and row["samples"] == 120
+
+
 def test_split_ci_coverage_smoke() -> None:
     rows = load("split_ci_coverage").main(
         ["--replicates", "30", "--splits", "5", "--samples", "60", "--test-size", "0.2"]
@@ -343,3 +351,84 @@ def test_adapter_deviations_smoke(keep_torch_threads) -> None:
             assert row["mean_relative_l2"] >= 0 and -1 <= row["mean_cosine"] <= 1 + 1e-9
         else:
             assert row["note"], row  # every row without numbers says why
+
+
+def test_train_speed_projection_arithmetic(capsys) -> None:
+    """The --device cuda projection, checked by hand: time = tokens / (rate x GPUs x eff)."""
+    train_speed = load("train_speed")
+    rows = train_speed.projection(1000.0, [1, 8], total_tokens=86_400_000.0, efficiency=0.5)
+    assert rows[0]["seconds"] == pytest.approx(86_400.0) and rows[0]["days"] == pytest.approx(1)
+    assert rows[1]["tokens_per_s"] == pytest.approx(4000.0)  # 8 x 1000 x 0.5
+    assert rows[1]["seconds"] == pytest.approx(21_600.0)
+    with pytest.raises(ValueError, match="rate"):
+        train_speed.projection(0.0, [1])
+    report = {
+        "rows": [
+            {"kind": "mlm", "genes": 1024, "ckpt": "off", "batch_size": 8, "tokens_per_s": 9e4},
+            {"kind": "mlm", "genes": 19062, "ckpt": "on", "batch_size": 8, "tokens_per_s": 1e4},
+            {"kind": "mlm", "genes": 19062, "ckpt": "off", "batch_size": 8, "tokens_per_s": 2e4},
+        ],
+        "processes": [
+            {"processes": 1, "efficiency": 1.0},
+            {"processes": 2, "efficiency": 0.9},
+        ],
+    }
+    proj = train_speed.projection_for(report, [1, 64])
+    assert proj["genes"] == 19062 and proj["checkpointing"] == "off"
+    assert proj["efficiency"] == 0.9 and proj["efficiency_measured_with"] == 2
+    assert proj["rows"][1]["seconds"] == pytest.approx(12e9 / (2e4 * 64 * 0.9))
+    train_speed.print_projection(proj)
+    out = capsys.readouterr().out
+    assert "measured with 2 processes" in out and f"{12e9 / 2e4 / 86400:.2f} days" in out
+    # The budget is the paper's, as the shared notes state it.
+    notes = Path("/work/shared/docs/bulkrnabert.md")
+    if notes.exists():
+        assert "12B tokens" in notes.read_text() and train_speed.PAPER_TOKENS == 12e9
+
+
+def test_train_speed_rate_from_the_training_log() -> None:
+    train_speed = load("train_speed")
+    log = [
+        {"step": 0, "loss": None, "tokens": 0, "elapsed_s": 0.5},  # initial evaluation row
+        {"step": 1, "loss": 4.0, "tokens": 100, "elapsed_s": 3.0},  # warm-up step: left out
+        {"step": 2, "loss": 3.9, "tokens": 200, "elapsed_s": 4.0},
+        {"step": 3, "loss": 3.8, "tokens": 300, "elapsed_s": 5.0},
+    ]
+    assert train_speed.tokens_per_second(log) == pytest.approx(100.0)
+    with pytest.raises(ValueError, match="2 logged"):
+        train_speed.tokens_per_second(log[:2])
+
+
+@pytest.mark.slow
+def test_train_speed_processes_and_streamed_loader_smoke(keep_torch_threads) -> None:
+    """1 and 2 gloo processes of the real `bulkfm pretrain`; the loader reading from disk."""
+    train_speed = load("train_speed")
+    args = "--smoke --inline --device cpu --threads 1 --genes 48 --ia3-genes 0"
+    args += " --loader-genes 48 --loader-source stream --processes 1 2 --scaling-genes 48"
+    report = train_speed.main(args.split())
+    rows = {r["processes"]: r for r in report["processes"]}
+    assert set(rows) == {1, 2} and all("error" not in r for r in rows.values()), rows
+    assert rows[1]["efficiency"] == 1.0 and rows[2]["efficiency"] > 0
+    assert rows[2]["tokens_per_s_per_process"] == pytest.approx(rows[2]["tokens_per_s"] / 2)
+    loader = report["loader"]
+    assert "error" not in loader and loader["source"] == "stream"
+    assert 0.0 <= loader["data_fraction"] <= 1.0 and loader["data_s_per_sample"] > 0
+    assert report["projection"] is None  # CPU: no projection
+
+
+@pytest.mark.slow
+def test_pretrain_memory_smoke() -> None:
+    """Streamed and in-memory pre-training on 20 and 60 samples, each in a child."""
+    pretrain_memory = load("pretrain_memory")
+    args = "--samples 60 20 --genes 32 --steps 2 --threads 1 --in-memory"
+    report = pretrain_memory.main(args.split())
+    rows = report["rows"]
+    assert [(r["samples"], r["streaming"]) for r in rows] == [
+        (20, True),
+        (20, False),
+        (60, True),
+        (60, False),
+    ]
+    assert all("error" not in r for r in rows), rows
+    assert all(r["peak_rss_mb"] > 0 and r["steps"] == 2 and r["n_genes"] == 32 for r in rows)
+    assert report["peak_ratio"] == pytest.approx(rows[2]["peak_rss_mb"] / rows[0]["peak_rss_mb"])

@@ -7,6 +7,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from bulkfm.bench.cache import EmbeddingCache
+from bulkfm.embedders.base import Embedder
 from bulkfm.embedders.classical import PCAEmbedder, RawEmbedder
 from bulkfm.fingerprint import array_checksum, data_fingerprint
 
@@ -77,3 +78,78 @@ def test_cache_hit_restores_the_gene_coverage_record(sim, tmp_path, tiny_model) 
     again = BulkRNABertEmbedder(tmp_path / "ckpt")
     assert cache.load(again, fp, sim.n_obs) is not None
     assert again.describe()["coverage"] == json.loads(json.dumps(first.coverage_))
+
+
+# --------------------------------------------------------------------------- concurrency
+class Noted(Embedder):
+    """A frozen model whose cache record carries a note, taken back on a cache hit: a hit
+    that returns one writer's array with another writer's record is then visible."""
+
+    name = "noted"
+
+    def __init__(self, note: str) -> None:
+        super().__init__()
+        self.note = note
+        self.restored: str | None = None
+
+    def transform(self, adata):  # type: ignore[no-untyped-def]
+        raise AssertionError("the concurrency test never embeds")
+
+    def describe(self) -> dict:
+        return {**super().describe(), "note": self.note}
+
+    def restore(self, described: dict) -> None:
+        self.restored = described.get("note")
+
+
+N_ROWS = 300
+
+
+def _writer_arrays() -> dict[str, np.ndarray]:
+    """What each writer saves under the same key (same model and data fingerprints)."""
+    rng = np.random.default_rng(7)
+    return {w: rng.normal(size=(N_ROWS, 64)).astype(np.float32) for w in ("a", "b")}
+
+
+def _hammer(directory: str, note: str, rounds: int) -> tuple[int, int, list[str]]:
+    """Save this writer's array and load the entry back, ``rounds`` times; returns hits,
+    misses and every load that was not one writer's full array with its own record."""
+    cache = EmbeddingCache(directory)
+    arrays = _writer_arrays()
+    hits, misses, bad = 0, 0, []
+    for i in range(rounds):
+        cache.save(Noted(note), "data", arrays[note])
+        reader = Noted("reader")
+        got = cache.load(reader, "data", N_ROWS)
+        if got is None:
+            misses += 1
+        elif reader.restored in arrays and np.array_equal(got, arrays[reader.restored]):
+            hits += 1
+        else:
+            bad.append(f"round {i}: record of {reader.restored!r}, array of neither/other")
+    return hits, misses, bad
+
+
+def test_concurrent_writers_and_readers_never_see_a_mixed_entry(tmp_path) -> None:
+    """Two processes save different arrays under one key and read it back, many times:
+    each read is a miss or one writer's complete array with that writer's record."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(2, mp_context=ctx) as pool:
+        jobs = [pool.submit(_hammer, str(tmp_path), note, 300) for note in ("a", "b")]
+        results = [job.result(timeout=600) for job in jobs]
+    bad = [b for _, _, found in results for b in found]
+    assert not bad, bad[:5]
+    assert sum(hits for hits, _, _ in results) > 0  # the reads did find entries
+    assert not list(tmp_path.glob(".*.tmp"))  # every temporary file renamed or removed
+
+
+def test_an_array_that_does_not_match_its_record_is_a_miss(sim, tmp_path) -> None:
+    cache = EmbeddingCache(tmp_path)
+    model = RawEmbedder(n_top_genes=5)
+    fp = data_fingerprint(sim)
+    npy = cache.save(model, fp, np.zeros((sim.n_obs, 5), np.float32))
+    np.save(npy, np.ones((sim.n_obs, 5), np.float32))  # a whole array, another writer's
+    assert cache.load(model, fp, sim.n_obs) is None

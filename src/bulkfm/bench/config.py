@@ -59,6 +59,11 @@ class BenchConfig(ConfigMixin):
     ``CI_METHODS``). A task whose test sets hold fewer than ``min_test_cases`` patients
     of a class (or with an event / censored) in some split is flagged in the log and the
     leaderboard: its scores rest on a handful of cases.
+
+    Speed (never the numbers): ``workers`` processes share the (model, task, split)
+    units of a run (1: all in this process); each caps its BLAS and torch threads at
+    ``blas_threads`` (``None``: the cores divided among the workers). ``cache_dir`` keeps
+    frozen models' embeddings between runs.
     """
 
     n_splits: int = 10
@@ -84,6 +89,7 @@ class BenchConfig(ConfigMixin):
     seed: int = 0
     blas_threads: int | None = 1
     cache_dir: str | None = None
+    workers: int = 1
 
     def __post_init__(self) -> None:
         check_int("n_splits", self.n_splits, 1)
@@ -100,6 +106,9 @@ class BenchConfig(ConfigMixin):
         check_int("seed", self.seed, 0)
         if self.blas_threads is not None:
             check_int("blas_threads", self.blas_threads, 1)
+        check_int(
+            "workers", self.workers, 1, hint="--workers N / bench.workers=N; 1 runs in-process"
+        )
         for name in ("cohort_key", "patient_key", "time_key", "event_key"):
             check_nonempty_str(name, getattr(self, name), hint="name an obs column")
         if self.ci_method in _REMOVED_CI:

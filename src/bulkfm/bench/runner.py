@@ -12,15 +12,25 @@ labels over the same splits (model :data:`COHORT_REFERENCE`, rows marked ``refer
 what cohort identity alone achieves, printed beside every model's score with the
 model's cohort-adjusted AUROC (pairs within one cohort only). Warnings a run raises
 (few test cases, a model's own warnings repeated per split) are said once per run.
+
+A run is a list of (model, task, split) units in a fixed order. ``workers=1`` runs them
+here; ``workers=N`` runs them on a pool of N spawned processes (the standard library's
+``ProcessPoolExecutor``, as scikit-learn users expect of ``n_jobs``: the units are
+independent CPU fits, so no collective launcher such as torchrun is needed) and puts the
+rows back in that order, so both give the same tables.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import pickle
+import sys
 import time
 import warnings
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -40,6 +50,7 @@ from bulkfm.errors import (
 )
 from bulkfm.fingerprint import data_fingerprint
 from bulkfm.io import check_output_dir
+from bulkfm.logs import LOGGER, log_once
 from bulkfm.tasks.data import TaskData, prepare_task
 from bulkfm.tasks.probes import run_probe
 from bulkfm.tasks.spec import TaskSelection, TaskSpec
@@ -338,17 +349,273 @@ def _score_split(
     ]
 
 
-def _cohort_reference(
-    td: TaskData, splits: Sequence[Split], config: BenchConfig
-) -> list[dict[str, Any]]:
-    """The same probe on one-hot cohort labels over the task's splits: what cohort
-    identity alone achieves on a pan-cancer mutation task."""
+def _cohort_features(td: TaskData) -> np.ndarray:
+    """One-hot cohort labels: the features of the cohort-identity probe (what cohort
+    identity alone achieves on a pan-cancer mutation task)."""
     cohorts = td.cohort_labels
-    X = (cohorts[:, None] == np.unique(cohorts)[None, :]).astype(np.float64)
-    rows: list[dict[str, Any]] = []
-    for i, split in enumerate(splits):
-        rows += _score_split(COHORT_REFERENCE, td, i, split, X, config, [], reference=True)
-    return rows
+    return (cohorts[:, None] == np.unique(cohorts)[None, :]).astype(np.float64)
+
+
+# --------------------------------------------------------------------------- units of work
+
+
+@dataclass(frozen=True)
+class _Unit:
+    """One probe fit: a model (index into the run's models, or :data:`_REFERENCE`) on one
+    split of one task. The units of a run in :func:`_units` order fix the row order of
+    ``scores``, whichever process ran them."""
+
+    model: int
+    task: str
+    split: int
+
+
+#: ``_Unit.model`` of the cohort-identity probe.
+_REFERENCE = -1
+
+
+@dataclass
+class _Shared:
+    """What every unit reads: made once per run (and sent once to each worker)."""
+
+    config: BenchConfig
+    prepared: dict[str, TaskData]
+    splits: dict[str, list[Split]]
+    labels: list[str]
+    #: Learning models, refitted on each split's training samples.
+    learners: dict[int, Embedder] = field(default_factory=dict)
+    #: Frozen models' embeddings of every sample (computed once per model, by the parent).
+    frozen: dict[int, np.ndarray] = field(default_factory=dict)
+    #: The samples learning models fit on (None when no model learns).
+    bench: ad.AnnData | None = None
+
+
+@dataclass
+class _Done:
+    """A unit's rows and what it said (warnings and log lines, replayed by the parent)."""
+
+    rows: list[dict[str, Any]]
+    per_class: list[dict[str, Any]]
+    seconds: float
+    described: dict[str, Any] | None = None
+    warned: list[tuple[type[Warning], str]] = field(default_factory=list)
+    logged: list[tuple[str, int, str]] = field(default_factory=list)
+
+
+def _units(tasks: Sequence[TaskSpec], splits: dict[str, list[Split]], n_models: int) -> list[_Unit]:
+    """Every unit in the single-process order: the cohort-identity probes of the pan-cancer
+    mutation tasks, then per model, per task, per split."""
+    units = [
+        _Unit(_REFERENCE, t.name, i)
+        for t in tasks
+        if _pan_cancer_mutation(t)
+        for i in range(len(splits[t.name]))
+    ]
+    for m in range(n_models):
+        units += [_Unit(m, t.name, i) for t in tasks for i in range(len(splits[t.name]))]
+    return units
+
+
+def _run_unit(shared: _Shared, unit: _Unit) -> _Done:
+    """One probe fit and its scores; the same code in this process and in a worker, so the
+    rows cannot depend on where a unit ran."""
+    t0 = time.perf_counter()
+    td = shared.prepared[unit.task]
+    split = shared.splits[unit.task][unit.split]
+    config = shared.config
+    if unit.model == _REFERENCE:
+        X = _cohort_features(td)
+        rows = _score_split(COHORT_REFERENCE, td, unit.split, split, X, config, [], reference=True)
+        return _Done(rows, [], time.perf_counter() - t0)
+    learner = shared.learners.get(unit.model)
+    if learner is not None:
+        assert shared.bench is not None
+        X = _embedding_for_split(learner, shared.bench, td, split, None)
+    else:
+        X = shared.frozen[unit.model][td.index]
+    per_class: list[dict[str, Any]] = []
+    label = shared.labels[unit.model]
+    rows = _score_split(label, td, unit.split, split, X, config, per_class)
+    described = _describe(learner) if learner is not None else None
+    return _Done(rows, per_class, time.perf_counter() - t0, described)
+
+
+def _ends_group(units: Sequence[_Unit], k: int) -> bool:
+    """Whether unit ``k`` is the last split of its (model, task)."""
+    return k + 1 == len(units) or (units[k + 1].model, units[k + 1].task) != (
+        units[k].model,
+        units[k].task,
+    )
+
+
+def _log_model_task(shared: _Shared, units: Sequence[_Unit], done: Sequence[_Done], k: int) -> None:
+    """The mean ± SD of the headline metric of the (model, task) whose last unit is ``k``."""
+    unit = units[k]
+    primary: list[float] = []
+    j = k
+    while j >= 0 and (units[j].model, units[j].task) == (unit.model, unit.task):
+        primary[:0] = [r["value"] for r in done[j].rows if r["primary"]]
+        j -= 1
+    task = shared.prepared[unit.task].spec
+    logger.info(
+        "%s / %s: %s %.3f ± %.3f",
+        shared.labels[unit.model],
+        task.name,
+        task.metric,
+        np.mean(primary),
+        np.std(primary, ddof=1) if len(primary) > 1 else float("nan"),
+    )
+
+
+def _run_here(
+    shared: _Shared,
+    units: Sequence[_Unit],
+    embed: Any,
+    bar: Any,
+) -> list[_Done]:
+    """Run the units one after another in this process (``workers=1``). A frozen model is
+    embedded (``embed(m)``) before its first unit and dropped after its last, so one
+    model's embedding is held at a time."""
+    done: list[_Done] = []
+    for k, unit in enumerate(units):
+        m = unit.model
+        if m != _REFERENCE:
+            if m not in shared.learners and m not in shared.frozen:
+                shared.frozen.clear()
+                shared.frozen[m] = embed(m)
+            bar.set_postfix_str(f"{shared.labels[m]} {unit.task}", refresh=False)
+        done.append(_run_unit(shared, unit))
+        if m != _REFERENCE:
+            bar.update()
+            if _ends_group(units, k):
+                _log_model_task(shared, units, done, k)
+    shared.frozen.clear()
+    return done
+
+
+# --------------------------------------------------------------------------- worker processes
+
+#: A worker process's copy of the run's shared data (set by :func:`_start_worker`).
+_WORKER: _Shared | None = None
+#: A worker's BLAS thread limit, kept for the worker's lifetime.
+_WORKER_LIMITS: Any = None
+#: Log lines of bulkfm said in a worker during the current unit.
+_WORKER_LOG: list[tuple[str, int, str]] = []
+
+
+class _Collect(logging.Handler):
+    """Keeps a worker's log lines for the parent to say (once) on its console."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        _WORKER_LOG.append((record.name, record.levelno, record.getMessage()))
+
+
+def _worker_threads(config: BenchConfig) -> int:
+    """BLAS/torch threads of one worker: ``blas_threads``, else the cores shared out."""
+    if config.blas_threads is not None:
+        return config.blas_threads
+    return max(1, (os.cpu_count() or 1) // config.workers)
+
+
+def _start_worker(payload: str, threads: int, level: int) -> None:
+    """Pool initializer: cap threads before anything heavy loads, then read the run's
+    shared data from the file ``payload`` (a file, not the pipe: a worker that dies while
+    starting then breaks the pool with an error instead of blocking the parent's write)."""
+    global _WORKER, _WORKER_LIMITS
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(threads)  # torch or an OpenMP library imported later reads it
+    from threadpoolctl import threadpool_limits
+
+    _WORKER_LIMITS = threadpool_limits(limits=threads)  # libraries already loaded
+    with open(payload, "rb") as fh:
+        _WORKER = pickle.load(fh)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(threads)
+    ours = logging.getLogger(LOGGER)
+    ours.setLevel(level)
+    ours.propagate = False  # no console here: the parent says what the workers said
+    ours.addHandler(_Collect())
+
+
+def _work(unit: _Unit) -> _Done:
+    """Run one unit in a worker; its warnings and log lines travel back with its rows."""
+    assert _WORKER is not None, "worker not started"
+    _WORKER_LOG.clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        done = _run_unit(_WORKER, unit)
+    done.warned = [(w.category, str(w.message)) for w in caught]
+    done.logged = list(_WORKER_LOG)
+    return done
+
+
+def _payload(shared: _Shared) -> bytes:
+    """The shared data, pickled once for every worker; a model that cannot be pickled is
+    named with the way out."""
+    try:
+        return pickle.dumps(shared, protocol=pickle.HIGHEST_PROTOCOL)
+    except (pickle.PicklingError, TypeError, AttributeError) as exc:
+        culprit = "the run's data"
+        for model in shared.learners.values():
+            try:
+                pickle.dumps(model)
+            except (pickle.PicklingError, TypeError, AttributeError):
+                culprit = f"model {model.label!r}"
+                break
+        raise ConfigError(
+            f"{culprit} cannot be sent to worker processes ({exc}); define the model in an "
+            "importable module, or run in one process: --workers 1 (bench.workers=1)"
+        ) from exc
+
+
+def _run_pool(shared: _Shared, units: Sequence[_Unit], bar: Any) -> list[_Done]:
+    """Run the units on ``config.workers`` spawned processes; results come back in unit
+    order, so the rows are those of the single-process run."""
+    import multiprocessing
+    import tempfile
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures.process import BrokenProcessPool
+
+    config = shared.config
+    level = logging.getLogger(LOGGER).getEffectiveLevel()
+    done: list[_Done | None] = [None] * len(units)
+    with tempfile.TemporaryDirectory(prefix="bulkfm-bench-") as tmp:
+        payload = os.path.join(tmp, "shared.pkl")
+        with open(payload, "wb") as fh:
+            fh.write(_payload(shared))
+        pool = ProcessPoolExecutor(
+            max_workers=min(config.workers, len(units)),
+            mp_context=multiprocessing.get_context("spawn"),  # no forked locks or CUDA state
+            initializer=_start_worker,
+            initargs=(payload, _worker_threads(config), level),
+        )
+        try:
+            futures = {pool.submit(_work, unit): k for k, unit in enumerate(units)}
+            for future in as_completed(futures):
+                k = futures[future]
+                try:
+                    done[k] = future.result()
+                except BrokenProcessPool as exc:
+                    raise ConfigError(
+                        "a benchmark worker process died (its error is printed above); a "
+                        "script that runs the benchmark with workers > 1 must keep its main "
+                        "code under `if __name__ == '__main__':` (each spawned worker imports "
+                        "the script), and a worker needs the memory of the run's data; or run "
+                        "in one process: --workers 1 (bench.workers=1)"
+                    ) from exc
+                if units[k].model != _REFERENCE:
+                    bar.update()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+    out = [d for d in done if d is not None]
+    for k, d in enumerate(out):  # say what the workers said, in unit order
+        for category, message in d.warned:
+            warnings.warn(message, category, stacklevel=2)
+        for name, lvl, text in d.logged:
+            log_once(logging.getLogger(name), lvl, "%s", text)
+        if units[k].model != _REFERENCE and _ends_group(units, k):
+            _log_model_task(shared, units, out, k)
+    return out
 
 
 def _summarise(scores: pd.DataFrame, config: BenchConfig) -> pd.DataFrame:
@@ -414,6 +681,15 @@ def run_benchmark(
 
     ``models``: :class:`Embedder` instances or registered names. ``progress=None``
     shows a bar only on a terminal.
+
+    With ``config.workers`` > 1 the (model, task, split) units run on that many spawned
+    processes (:class:`concurrent.futures.ProcessPoolExecutor`): frozen models are
+    embedded once here (or read from the cache) and sent to every worker with the splits,
+    learning models are refitted per split in the workers, and the rows come back in the
+    single-process order, so ``scores`` equals the ``workers=1`` table (the default
+    ``blas_threads=1`` keeps every worker's arithmetic that of one thread). A learning
+    model must not depend on its earlier fits, which the :class:`Embedder` contract asks.
+    Warnings and log lines of the workers are said here, each once.
     """
     from tqdm.auto import tqdm
 
@@ -441,43 +717,50 @@ def run_benchmark(
     data_fp = data_fingerprint(bench)
     cache = EmbeddingCache(config.cache_dir) if config.cache_dir else None
     timings: dict[str, float] = {"setup": time.perf_counter() - t_start}
-    n_steps = len(embedders) * sum(len(s) for s in splits.values())
-    rows: list[dict[str, Any]] = []
-    per_class: list[dict[str, Any]] = []
+    learners = {m: model for m, model in enumerate(embedders) if model.learns}
+    shared = _Shared(
+        config=config,
+        prepared=prepared,
+        splits=splits,
+        labels=[m.label for m in embedders],
+        learners=learners,
+        bench=bench if learners else None,
+    )
+    units = _units(selection.tasks, splits, len(embedders))
+    embed_s: dict[int, float] = {}
+
+    def embed(m: int) -> np.ndarray:
+        t0 = time.perf_counter()
+        emb = _frozen_embedding(embedders[m], bench, data_fp, cache)
+        embed_s[m] = time.perf_counter() - t0
+        return emb
+
+    n_steps = sum(u.model != _REFERENCE for u in units)
     with (
         _warnings_once(),
         _blas_threads(config.blas_threads),
         tqdm(total=n_steps, desc="bench", unit="split", disable=_no_bar(progress)) as bar,
     ):
-        t0 = time.perf_counter()
-        for task in selection.tasks:
-            if _pan_cancer_mutation(task):
-                rows += _cohort_reference(prepared[task.name], splits[task.name], config)
-        timings["cohort_reference"] = time.perf_counter() - t0
-        for model in embedders:
+        if config.workers == 1:
+            done = _run_here(shared, units, embed, bar)
+        else:
+            # Each frozen model is embedded once, here, and shared with every worker.
+            shared.frozen = {m: embed(m) for m in range(len(embedders)) if m not in learners}
             t0 = time.perf_counter()
-            frozen = None if model.learns else _frozen_embedding(model, bench, data_fp, cache)
-            timings[f"{model.label}/embed"] = time.perf_counter() - t0
-            t1 = time.perf_counter()
-            for task in selection.tasks:
-                td = prepared[task.name]
-                primary = []
-                for i, split in enumerate(splits[task.name]):
-                    bar.set_postfix_str(f"{model.label} {task.name}", refresh=False)
-                    X = _embedding_for_split(model, bench, td, split, frozen)
-                    split_rows = _score_split(model.label, td, i, split, X, config, per_class)
-                    primary += [r["value"] for r in split_rows if r["primary"]]
-                    rows.extend(split_rows)
-                    bar.update()
-                logger.info(
-                    "%s / %s: %s %.3f ± %.3f",
-                    model.label,
-                    task.name,
-                    task.metric,
-                    np.mean(primary),
-                    np.std(primary, ddof=1) if len(primary) > 1 else float("nan"),
-                )
-            timings[f"{model.label}/probe"] = time.perf_counter() - t1
+            done = _run_pool(shared, units, bar)
+            timings["workers_wall"] = time.perf_counter() - t0
+    rows = [row for d in done for row in d.rows]
+    per_class = [row for d in done for row in d.per_class]
+    timings["cohort_reference"] = sum(
+        d.seconds for u, d in zip(units, done, strict=True) if u.model == _REFERENCE
+    )
+    described = {m: _describe(model) for m, model in enumerate(embedders)}
+    for m, model in enumerate(embedders):
+        mine = [d for u, d in zip(units, done, strict=True) if u.model == m]
+        timings[f"{model.label}/embed"] = embed_s.get(m, 0.0)
+        timings[f"{model.label}/probe"] = sum(d.seconds for d in mine)
+        if m in learners and mine and mine[-1].described is not None:
+            described[m] = mine[-1].described  # the state after its last fit, as in-process
     scores = pd.DataFrame(rows)
     summary = _summarise(scores, config)
     _log_cohort_reference(summary)
@@ -491,7 +774,7 @@ def run_benchmark(
         skipped=dict(selection.skipped),
         config=config,
         data_fingerprint=data_fp,
-        models=[_describe(m) for m in embedders],
+        models=[described[m] for m in range(len(embedders))],
         endpoint=endpoint,
         n_samples=int(bench.n_obs),
         timings=timings,

@@ -6,6 +6,7 @@ Examples::
     bulkfm bench --data tcga.h5ad --models pca,bulkrnabert --model-dir ckpt/ --out bench/
     bulkfm bench --data tcga.h5ad --models pca --embeddings scgpt=scgpt.parquet --out bench/
     bulkfm bench --data tcga.h5ad --tasks cancer_type,mutation:TP53,survival@* --out bench/
+    bulkfm bench --data tcga.h5ad --models pca,nmf,raw --workers 4 --out bench/
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ _CONFIG_FLAGS = {
     "endpoint": "bench.endpoint",
     "ci": "bench.ci_method",
     "seed": "bench.seed",
+    "workers": "bench.workers",
     "models": "models",
     "tasks": "tasks",
     "genes": "genes",
@@ -88,6 +90,12 @@ def register(subparsers: Any) -> None:
         "split correlation calibrated (default) or Nadeau & Bengio's (narrower)",
     )
     p.add_argument("--seed", type=int, help="seed of the inner CV (0)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        help="processes that share the (model, task, split) probe fits (1: this process); "
+        "the scores equal those of one process",
+    )
     p.add_argument(
         "--model-dir",
         action="append",
