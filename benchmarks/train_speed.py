@@ -20,8 +20,21 @@ same process, and peak RSS. Gradient checkpointing recomputes the forward in the
 backward; its FLOP/s still count model FLOPs only (the usual MFU convention), so its
 ratio shows what the recomputation costs.
 
+- ``scale`` (``--processes 1 2``): the real ``bulkfm pretrain`` under ``torchrun`` with 1,
+  then 2, ... processes (gloo on CPU, NCCL on GPUs), streaming a simulated ``.h5ad``
+  (``data.streaming: true``) with the same micro batch per process; reported: tokens/s
+  per process from ``log.csv`` (first step left out as warm-up) and the scaling
+  efficiency, per-process rate with N processes over the rate of one.
+
+With ``--device cuda`` the report ends with the projected wall time of the paper's token
+budget (12e9 tokens, ``PAPER_TOKENS``) on ``--gpus`` GPUs from the measured per-GPU
+MLM rate at the largest gene count. ``--loader-source stream`` feeds the loader from an
+``.h5ad`` on disk (``StreamingTokens``: read, tokenise and mask per sample).
+
 CPU:
     python benchmarks/train_speed.py                       # 1,024 .. 19,062 genes
+    python benchmarks/train_speed.py --genes 1024 --ia3-genes 0 --loader-genes 0 \
+        --processes 1 2 --threads 1                        # scaling 1 -> 2 processes
     python benchmarks/train_speed.py --genes 4096 --checkpointing on
 GPU (bf16 autocast, flash attention via SDPA, MFU against the bf16 peak):
     python benchmarks/train_speed.py --device cuda --batch-size 8 [--compile]
@@ -30,7 +43,10 @@ GPU (bf16 autocast, flash attention via SDPA, MFU against the bf16 peak):
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -43,6 +59,9 @@ SCRIPT = Path(__file__).resolve()
 DEFAULT_GENES = (1024, 4096, 8192, 19062)
 SMOKE_GENES = (48, 96)
 WARM_GENES = 256
+#: The paper's pre-training budget: "12B tokens in all" (/work/shared/docs/bulkrnabert.md).
+PAPER_TOKENS = 12e9
+DEFAULT_GPUS = (1, 8, 64)
 
 
 # --------------------------------------------------------------------------- child side
@@ -244,7 +263,17 @@ def child_loader(payload: dict[str, Any]) -> dict[str, Any]:
     tpm[rng.random(tpm.shape) < 0.3] = 0.0
     genes = [f"G{i}" for i in range(n_genes)]
     tokenizer = BinTokenizer(TokenizerConfig(genes=genes, normalization_factor=5.547))
-    tokens = tokenizer.encode(tpm).astype(np.int16)  # as prepare_pretrain_data stores them
+    folder = tempfile.TemporaryDirectory()
+    if payload.get("source") == "stream":  # read and tokenised per sample from disk
+        import anndata as ad
+
+        from bulkfm.train.stream import DiskMatrix, StreamingTokens
+
+        path = Path(folder.name) / "loader.h5ad"
+        ad.AnnData(tpm).write_h5ad(path)
+        tokens: Any = StreamingTokens(DiskMatrix(path, "X"), None, np.arange(n_genes), tokenizer)
+    else:
+        tokens = tokenizer.encode(tpm).astype(np.int16)  # as prepare_pretrain_data stores them
     del tpm
     dataset = MaskedTokenDataset(tokens, np.arange(n_samples), n_bins=64, mask_token_id=64, seed=0)
     sampler = StepBatchSampler(n_samples, seed=0, micro_batch_size=batch)
@@ -276,11 +305,13 @@ def child_loader(payload: dict[str, Any]) -> dict[str, Any]:
         if i:
             data_s.append(fetched - start)
             compute_s.append(done - fetched)
+    folder.cleanup()
     return {
         **common.device_info(device),
         "data_s": data_s,
         "compute_s": compute_s,
         "data_fraction": sum(data_s) / (sum(data_s) + sum(compute_s)),
+        "data_s_per_sample": sum(data_s) / (len(data_s) * batch),
     }
 
 
@@ -305,6 +336,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--loader-steps", type=int, default=4)
     p.add_argument("--loader-batch-size", type=int, default=2)
     p.add_argument("--workers", type=int, default=None, help="loader workers (cpu 0, gpu 4)")
+    p.add_argument(
+        "--loader-source", choices=("memory", "stream"), default="memory", help="loader tokens"
+    )
+    p.add_argument("--processes", type=int, nargs="+", default=None, help="scaling mode: e.g. 1 2")
+    p.add_argument("--scaling-genes", type=int, default=1024, help="genes of the scaling runs")
+    p.add_argument("--scaling-steps", type=int, default=6, help="optimiser steps per run")
+    p.add_argument("--gpus", type=int, nargs="+", default=list(DEFAULT_GPUS), help="projection")
     common.add_run_arguments(
         p, budget_s=30.0, max_reps=3, timeout_s=3600.0, compile_help="torch.compile the model"
     )
@@ -317,6 +355,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.loader_genes = SMOKE_GENES[-1] if args.smoke else 4096
     if args.smoke:
         args.budget_s, args.max_reps, args.loader_steps = 0.0, 1, 2
+        args.scaling_steps = min(args.scaling_steps, 3)
     return args
 
 
@@ -381,6 +420,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "steps": args.loader_steps,
                 "workers": workers,
                 "checkpointing": False,
+                "source": args.loader_source,
             },
             inline=args.inline,
             timeout=args.timeout_s,
@@ -389,6 +429,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report = {"device": device, "args": vars(args) | {"json": str(args.json)}, "rows": rows}
     report["loader"] = loader
     report["scaling"] = scaling(rows)
+    report["processes"] = process_scaling(args, device) if args.processes else []
+    report["projection"] = projection_for(report, args.gpus) if device == "cuda" else None
     print_report(report, device)
     common.write_json(args.json, report)
     return report
@@ -455,6 +497,158 @@ def scaling(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+# --------------------------------------------------------------------------- processes
+def _scaling_config(args: argparse.Namespace, data: Path, out: Path, threads: int) -> str:
+    """The pre-training config of one scaling run (no held-out split: steps only)."""
+    from bulkfm.train.config import PretrainConfig
+
+    model: dict[str, Any] = {}
+    if args.smoke:
+        model = dict(embed_dim=32, num_attention_heads=4, ffn_embed_dim=64, num_layers=2)
+        model.update(init_gene_embed_dim=24)
+    config = PretrainConfig.from_dict(
+        {
+            "model": model,
+            "data": {"path": str(data), "streaming": True, "holdout_fraction": 0.0},
+            "optim": {
+                "max_steps": args.scaling_steps,
+                "warmup_steps": 1,
+                "micro_batch_size": args.batch_size,
+            },
+            "output_dir": str(out),
+            "checkpoint_every": args.scaling_steps,
+            "eval_every": args.scaling_steps,
+            "progress_every_s": 3600.0,
+            "num_threads": threads,
+            "seed": args.seed,
+        }
+    )
+    return config.to_yaml()
+
+
+def tokens_per_second(log: list[dict[str, Any]]) -> float:
+    """Tokens per second of the whole launch over the logged steps after the first."""
+    steps = [r for r in log if r.get("loss") is not None]
+    if len(steps) < 2:
+        raise ValueError("need at least 2 logged training steps to time them")
+    first, last = steps[0], steps[-1]
+    return float((last["tokens"] - first["tokens"]) / (last["elapsed_s"] - first["elapsed_s"]))
+
+
+def process_scaling(args: argparse.Namespace, device: str) -> list[dict[str, Any]]:
+    """``bulkfm pretrain`` under ``torchrun --nproc_per_node P`` for each P in ``--processes``.
+
+    Each process keeps ``--batch-size`` samples per micro-step and ``--threads`` torch
+    threads (weak scaling: the global batch grows with P), so with perfect scaling every
+    process keeps the one-process rate; efficiency = per-process rate / one-process rate.
+    """
+    from embed_memory import write_h5ad
+
+    from bulkfm.train.pretrain import read_log
+
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        data = folder / "scaling.h5ad"
+        n_samples = max(64, 2 * max(args.processes) * args.batch_size * args.scaling_steps)
+        write_h5ad(data, n_samples, args.scaling_genes, seed=args.seed)
+        for procs in sorted(set(args.processes)):
+            out = folder / f"p{procs}"
+            yaml = folder / f"p{procs}.yaml"
+            yaml.write_text(_scaling_config(args, data, out, args.threads))
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+            cmd += ["--nproc_per_node", str(procs), "-m", "bulkfm.cli", "pretrain"]
+            cmd += ["--config", str(yaml)]
+            env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+            if device != "cuda":
+                env["CUDA_VISIBLE_DEVICES"] = ""
+            proc = subprocess.run(
+                cmd, env=env, capture_output=True, text=True, timeout=args.timeout_s
+            )
+            row: dict[str, Any] = {"processes": procs, "genes": args.scaling_genes}
+            if proc.returncode != 0:
+                row["error"] = proc.stderr[-2000:]
+            else:
+                rate = tokens_per_second(read_log(out / "log.csv"))
+                row.update(tokens_per_s=rate, tokens_per_s_per_process=rate / procs)
+            rows.append(row)
+            print(f"  done: pretrain x {procs} process(es): {_short_scale(row)}", flush=True)
+    base = next((r for r in rows if r["processes"] == 1 and "error" not in r), None)
+    for row in rows:
+        if base is not None and "error" not in row:
+            row["efficiency"] = row["tokens_per_s_per_process"] / base["tokens_per_s_per_process"]
+    return rows
+
+
+def _short_scale(row: dict[str, Any]) -> str:
+    if "error" in row:
+        return "failed: " + row["error"].strip().splitlines()[-1]
+    return f"{row['tokens_per_s_per_process']:.4g} tokens/s per process"
+
+
+def projection(
+    tokens_per_s_per_gpu: float,
+    gpus: list[int] | tuple[int, ...],
+    *,
+    total_tokens: float = PAPER_TOKENS,
+    efficiency: float = 1.0,
+) -> list[dict[str, float]]:
+    """Wall time of ``total_tokens`` on each GPU count from a one-GPU rate.
+
+    ``efficiency`` is the per-GPU rate with many GPUs over the one-GPU rate (1: perfect
+    scaling, which is an assumption unless it was measured); one GPU runs at the rate.
+    """
+    if tokens_per_s_per_gpu <= 0:
+        raise ValueError(f"the measured rate must be > 0 tokens/s, got {tokens_per_s_per_gpu}")
+    if not 0 < efficiency <= 1.5:
+        raise ValueError(f"scaling efficiency must be in (0, 1.5], got {efficiency}")
+    out = []
+    for n in gpus:
+        rate = tokens_per_s_per_gpu * n * (1.0 if n == 1 else efficiency)
+        seconds = total_tokens / rate
+        out.append({"gpus": n, "tokens_per_s": rate, "seconds": seconds, "days": seconds / 86400})
+    return out
+
+
+def projection_for(report: dict[str, Any], gpus: list[int]) -> dict[str, Any] | None:
+    """The projection from the MLM row at the most genes (checkpointing off if run), with
+    the efficiency measured by ``--processes`` when it ran with 2+ processes."""
+    mlm = [r for r in report["rows"] if r.get("kind") == "mlm" and "error" not in r]
+    if not mlm:
+        return None
+    top = max(r["genes"] for r in mlm)
+    rows = sorted((r for r in mlm if r["genes"] == top), key=lambda r: r["ckpt"] != "off")
+    row = rows[0]
+    scaled = [r for r in report.get("processes", []) if "efficiency" in r and r["processes"] > 1]
+    efficiency = scaled[-1]["efficiency"] if scaled else 1.0
+    return {
+        "genes": top,
+        "checkpointing": row["ckpt"],
+        "batch_size": row["batch_size"],
+        "tokens_per_s_per_gpu": row["tokens_per_s"],
+        "efficiency": efficiency,
+        "efficiency_measured_with": scaled[-1]["processes"] if scaled else None,
+        "total_tokens": PAPER_TOKENS,
+        "rows": projection(row["tokens_per_s"], gpus, efficiency=efficiency),
+    }
+
+
+def print_projection(proj: dict[str, Any]) -> None:
+    source = (
+        f"measured with {proj['efficiency_measured_with']} processes"
+        if proj["efficiency_measured_with"]
+        else "assumed: perfect scaling, not measured"
+    )
+    print(
+        f"\nprojected time for the paper's {proj['total_tokens']:.3g} tokens at {proj['genes']} "
+        f"genes (batch {proj['batch_size']} per GPU, checkpointing {proj['checkpointing']}), "
+        f"from {proj['tokens_per_s_per_gpu']:,.0f} tokens/s measured on one GPU; scaling "
+        f"efficiency {proj['efficiency']:.2f} ({source}):"
+    )
+    for r in proj["rows"]:
+        print(f"  {r['gpus']:>4} GPU(s): {r['days']:.2f} days ({r['seconds'] / 3600:,.1f} h)")
+
+
 def print_report(report: dict[str, Any], device: str) -> None:
     columns = [
         ("kind", "kind"),
@@ -480,18 +674,35 @@ def print_report(report: dict[str, Any], device: str) -> None:
             f"genes: step time grows as genes^{sc['measured']:.3f} (CPU time: "
             f"genes^{sc['measured_cpu']:.3f}); FLOPs predict genes^{sc['flops']:.3f}"
         )
-    loader = report["loader"]
+    _print_loader(report["loader"])
+    for row in report.get("processes", []):
+        if "error" in row:
+            print(f"FAILED pretrain x {row['processes']} process(es): {_short_scale(row)}")
+            continue
+        eff = f", scaling efficiency {row['efficiency']:.2f}" if "efficiency" in row else ""
+        print(
+            f"pretrain x {row['processes']} process(es) ({row['genes']} genes, streamed): "
+            f"{row['tokens_per_s']:,.0f} tokens/s, {row['tokens_per_s_per_process']:,.0f} per "
+            f"process{eff}"
+        )
+    if report.get("projection"):
+        print_projection(report["projection"])
+
+
+def _print_loader(loader: dict[str, Any] | None) -> None:
     if loader is None:
         return
     if "error" in loader:
         print(f"FAILED loader: {loader['error']}")
         return
     data, compute = sum(loader["data_s"]), sum(loader["compute_s"])
+    source = "streamed from disk" if loader.get("source") == "stream" else "in memory"
     print(
         f"\ndata loader ({loader['genes']} genes, batch {loader['batch_size']}, "
-        f"{loader['workers']} workers, {len(loader['data_s'])} steps): waiting for data "
-        f"{data:.3f} s vs compute {compute:.3f} s -> {100 * loader['data_fraction']:.2f}% of "
-        "the loop in data loading"
+        f"{loader['workers']} workers, {len(loader['data_s'])} steps, tokens {source}): "
+        f"waiting for data {data:.3f} s vs compute {compute:.3f} s -> "
+        f"{100 * loader['data_fraction']:.2f}% of the loop in data loading "
+        f"({1000 * loader['data_s_per_sample']:.2f} ms per sample)"
     )
 
 
