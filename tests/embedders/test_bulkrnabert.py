@@ -50,3 +50,22 @@ def test_bulkrnabert_needs_a_checkpoint(tmp_path) -> None:
 def test_bulkrnabert_exclude_missing_must_be_a_real_bool(tmp_path) -> None:
     with pytest.raises(ConfigError, match=r"exclude_missing must be true or false.*--model-arg"):
         get_embedder("bulkrnabert", model_dir=tmp_path, exclude_missing="flase")
+
+
+def test_bulkrnabert_embedder_layers_concatenate_like_the_model(sim, tmp_path) -> None:
+    import torch
+
+    from bulkfm.models.bulkrnabert import load_pretrained
+
+    ckpt = _tiny_checkpoint(sim, tmp_path / "ckpt")
+    small = sim[:6].copy()
+    got = get_embedder("bulkrnabert", model_dir=ckpt, layers="0,-1").transform(small)
+    net, tok = load_pretrained(ckpt)
+    tokens = torch.from_numpy(tok.encode_adata(small))
+    want = net.embed(tokens, layers=[0, -1]).numpy()
+    assert got.shape == (6, 32)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    plain = get_embedder("bulkrnabert", model_dir=ckpt)
+    assert get_embedder("bulkrnabert", model_dir=ckpt, layers=[0, -1]).config() != plain.config()
+    with pytest.raises(ConfigError, match="layers must name"):
+        get_embedder("bulkrnabert", model_dir=ckpt, layers="a,b")

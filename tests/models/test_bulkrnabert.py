@@ -565,3 +565,29 @@ def test_an_unavailable_device_is_named_before_the_file_is_read(
         load_pretrained(tmp_path, device=device)
     message = str(info.value)
     assert "this machine has cpu" in message and "damaged" not in message
+
+
+def test_embed_concatenates_layers_and_max_pools_over_unmasked_genes(model: BulkRNABert) -> None:
+    tokens = random_tokens(seed=6)
+    tokens[1, :7] = 64
+    out = model(tokens, output_hidden_states=True)
+    keep = tokens != 64
+    h = out.hidden_states
+    mean = {i: torch.stack([h[i][b][keep[b]].mean(0) for b in range(3)]) for i in (0, 1, 2)}
+    got = model.embed(tokens, layers=[0, -1, 1])
+    torch.testing.assert_close(got, torch.cat([mean[0], mean[2], mean[1]], 1), atol=1e-5, rtol=0)
+    maxed = torch.stack([h[2][b][keep[b]].max(0).values for b in range(3)])
+    torch.testing.assert_close(model.embed(tokens, pooling="max"), maxed, atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        model.embed(tokens, pooling="max", exclude_mask=False), h[2].max(1).values
+    )
+    torch.testing.assert_close(model.embed(tokens, layers=[1]), model.embed(tokens, layer=1))
+
+
+def test_embed_rejects_unknown_pooling_and_bad_layers(model: BulkRNABert) -> None:
+    with pytest.raises(ConfigError, match="pooling must be one of"):
+        model.embed(random_tokens(), pooling="median")
+    with pytest.raises(ConfigError, match="layers is empty"):
+        model.embed(random_tokens(), layers=[])
+    with pytest.raises(ConfigError, match="does not exist"):
+        model.embed(random_tokens(), layers=[0, 5])

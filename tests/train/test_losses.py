@@ -7,7 +7,7 @@ import torch
 from lifelines import CoxPHFitter
 
 from bulkfm.errors import ClinicalMatchError, ConfigError
-from bulkfm.train.losses import cox_ph_loss
+from bulkfm.train.losses import cox_ph_loss, expected_bin, masked_value_loss
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -150,3 +150,78 @@ def test_rejects_two_column_log_risk():
 def test_rejects_unknown_ties():
     with pytest.raises(ConfigError, match="ties must be"):
         cox_ph_loss(torch.zeros(2), [1.0, 2.0], [1, 0], ties="exact")
+
+
+# --------------------------------------------------------------------------- value loss
+def naive_value_loss(logits: np.ndarray, labels: np.ndarray) -> tuple[float, int]:
+    """Loop over positions: (sum of squared errors of the expected bin, target count)."""
+    n_bins = logits.shape[-1]
+    total, count = 0.0, 0
+    for pos in np.ndindex(labels.shape):
+        if labels[pos] == -100:
+            continue
+        z = logits[pos] - logits[pos].max()
+        p = np.exp(z) / np.exp(z).sum()
+        expected = sum(b * p[b] for b in range(n_bins))
+        total += (expected / (n_bins - 1) - labels[pos] / (n_bins - 1)) ** 2
+        count += 1
+    return total, count
+
+
+def _value_batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(3, 7, 16, generator=gen, dtype=torch.float64) * 3
+    labels = torch.randint(0, 16, (3, 7), generator=gen)
+    labels[torch.rand(3, 7, generator=gen) < 0.5] = -100
+    return logits, labels
+
+
+def test_value_loss_matches_a_naive_loop() -> None:
+    logits, labels = _value_batch()
+    total, count = naive_value_loss(logits.numpy(), labels.numpy())
+    assert count > 0
+    got_sum = masked_value_loss(logits, labels, "sum")
+    got_mean = masked_value_loss(logits, labels)
+    assert got_sum.item() == pytest.approx(total, rel=1e-6)
+    assert got_mean.item() == pytest.approx(total / count, rel=1e-6)
+
+
+def test_value_loss_is_zero_for_a_sure_correct_prediction_and_ordered() -> None:
+    labels = torch.tensor([[5, -100]])
+    sure = torch.full((1, 2, 16), -1e4)
+    sure[0, 0, 5] = 0.0
+    assert masked_value_loss(sure, labels).item() == pytest.approx(0.0, abs=1e-12)
+    near, far = sure.clone(), sure.clone()
+    near[0, 0], far[0, 0] = -1e4, -1e4
+    near[0, 0, 6], far[0, 0, 15] = 0.0, 0.0
+    # unlike the cross-entropy (equal for both), a near miss costs less than a far one
+    assert masked_value_loss(near, labels) < masked_value_loss(far, labels)
+    assert expected_bin(sure)[0, 0].item() == pytest.approx(5.0)
+
+
+def test_value_loss_gradient_only_at_targets_and_zero_without_targets() -> None:
+    logits, labels = _value_batch(seed=1)
+    logits.requires_grad_(True)
+    masked_value_loss(logits, labels).backward()
+    assert logits.grad is not None
+    assert torch.all(logits.grad[labels == -100] == 0)
+    assert torch.any(logits.grad[labels != -100] != 0)
+    none = torch.full((2, 3), -100)
+    assert masked_value_loss(torch.randn(2, 3, 8), none).item() == 0.0
+
+
+def test_value_loss_rejects_bad_shapes_and_reductions() -> None:
+    logits, labels = _value_batch()
+    with pytest.raises(ConfigError, match="disagree"):
+        masked_value_loss(logits, labels[:, :3])
+    with pytest.raises(ConfigError, match="reduction"):
+        masked_value_loss(logits, labels, "max")
+
+
+def test_loss_value_weight_is_checked_and_defaults_to_the_paper() -> None:
+    from bulkfm.train.config import PretrainConfig
+
+    assert PretrainConfig().loss.value_weight == 0.0
+    assert PretrainConfig.from_dict({"loss": {"value_weight": 1.5}}).loss.value_weight == 1.5
+    with pytest.raises(ConfigError, match=r"loss\.value_weight"):
+        PretrainConfig.from_dict({"loss": {"value_weight": -1}})

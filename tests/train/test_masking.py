@@ -248,3 +248,17 @@ def test_fractions_summing_above_one_are_rejected():
 def test_negative_fraction_is_rejected():
     with pytest.raises(ConfigError, match="random_fraction"):
         MaskingConfig(random_fraction=-0.1)
+
+
+@pytest.mark.parametrize("mask_prob", [0.3, 0.5])
+def test_80_10_10_holds_at_higher_mask_ratios(mask_prob: float) -> None:
+    """The ablation's higher ratios change how many genes are selected, not the recipe."""
+    tokens = _tokens(2000, 100, missing_fraction=0.0)
+    out = _mask(tokens, seed=11, config=MaskingConfig(mask_prob=mask_prob))
+    sel = out.selected
+    assert (sel.sum(dim=1) == round(100 * mask_prob)).all()
+    n = int(sel.sum())
+    inp, orig = out.input_ids[sel], tokens[sel]
+    assert _within(int((inp == MASK_ID).sum()), n, 0.8)
+    assert _within(int(((inp != MASK_ID) & (inp != orig)).sum()), n, 0.1 * 63 / 64)
+    assert _within(int((inp == orig).sum()), n, 0.1 + 0.1 / 64)

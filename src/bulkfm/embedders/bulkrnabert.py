@@ -1,4 +1,5 @@
-"""A BulkRNABert checkpoint as a frozen benchmark model (mean over genes of one layer).
+"""A BulkRNABert checkpoint as a frozen benchmark model (mean over genes of one layer, or
+the concatenated means of several layers with ``layers``).
 
 Any checkpoint directory works: a bulkfm one (config.json, model.safetensors,
 tokenizer.json) or an official-format one (then ``genes`` and
@@ -45,6 +46,7 @@ class BulkRNABertEmbedder(CheckpointEmbedder):
         genes: Sequence[str] | str | os.PathLike | None = None,
         normalization_factor: float | None = None,
         layer: int = -1,
+        layers: Sequence[int] | str | None = None,
         batch_size: int = 8,
         exclude_missing: bool = True,
         min_gene_coverage: float = DEFAULT_MIN_GENE_COVERAGE,
@@ -71,6 +73,7 @@ class BulkRNABertEmbedder(CheckpointEmbedder):
                 "config.json and model.safetensors, or a Hugging Face repo id owner/name"
             )
         check_int("layer", layer, hint="-1 = last block")
+        self.layers = _layer_list(layers)
         self.genes = genes if genes is not None else source.genes
         self.normalization_factor = (
             normalization_factor
@@ -102,6 +105,7 @@ class BulkRNABertEmbedder(CheckpointEmbedder):
             "genes": genes_repr,
             "normalization_factor": self.normalization_factor,
             "layer": self.layer,
+            **({"layers": list(self.layers)} if self.layers is not None else {}),
             "exclude_missing": self.exclude_missing,
         }
 
@@ -127,14 +131,37 @@ class BulkRNABertEmbedder(CheckpointEmbedder):
             f"{self.label}:min_gene_coverage=FRACTION)",
         )
         self.coverage_ = coverage.to_dict()
-        emb = embed_adata(
-            model,
-            tokenizer,
-            adata,
-            layer=self.layer,
-            batch_size=self.batch_size,
-            exclude_missing=self.exclude_missing,
-            device=self.device,
-            coverage=coverage,
+        # ``layers``: one pass per layer, concatenated (= model.embed(layers=...)); each
+        # pass runs only the blocks up to its layer, so the cost is at most len(layers)
+        # times one embedding of the deepest layer.
+        parts = [
+            embed_adata(
+                model,
+                tokenizer,
+                adata,
+                layer=layer,
+                batch_size=self.batch_size,
+                exclude_missing=self.exclude_missing,
+                device=self.device,
+                coverage=coverage,
+            )
+            for layer in (self.layers if self.layers is not None else [self.layer])
+        ]
+        return np.concatenate([np.asarray(p) for p in parts], axis=1)
+
+
+def _layer_list(layers: Sequence[int] | str | None) -> tuple[int, ...] | None:
+    """``layers`` as a tuple of ints; a string "1,2" (from ``--model-arg``) is split."""
+    if layers is None:
+        return None
+    items: Sequence[Any] = layers.split(",") if isinstance(layers, str) else layers
+    try:
+        out = tuple(int(str(i).strip()) for i in items)
+    except ValueError:
+        out = ()
+    if not out:
+        raise ConfigError(
+            f"layers must name one or more layers, e.g. layers=[1, 2] or --model-arg "
+            f"NAME:layers=1,2 (0 = embeddings, -1 = last block); got {layers!r}"
         )
-        return np.asarray(emb)
+    return out

@@ -168,6 +168,25 @@ class BulkRNABertLayer(nn.Module):
         return x, weights
 
 
+POOLINGS = ("mean", "max")
+"""How :meth:`BulkRNABert.embed` pools one layer's genes into a sample vector."""
+
+
+def _pool(x: torch.Tensor, keep: torch.Tensor | None, pooling: str) -> torch.Tensor:
+    """[B, G, D] -> [B, D] over the genes where ``keep`` [B, G] is True (all if None)."""
+    if pooling == "max":
+        if keep is not None:
+            x = x.masked_fill(~keep.unsqueeze(-1), -torch.inf)
+        pooled = x.max(dim=1).values
+        return torch.where(torch.isfinite(pooled), pooled, torch.zeros_like(pooled))
+    if keep is None:
+        return x.mean(dim=1)
+    weights = keep.to(x.dtype)
+    # [B, 1, G] @ [B, G, D]: the masked sum without a [B, G, D] product tensor.
+    total = torch.bmm(weights.unsqueeze(1), x).squeeze(1)
+    return total / weights.sum(dim=1, keepdim=True).clamp(min=1.0)
+
+
 # --------------------------------------------------------------------------- model
 class BulkRNABert(nn.Module):
     """Encoder + MLM head over a fixed gene vocabulary (see module docstring)."""
@@ -251,20 +270,30 @@ class BulkRNABert(nn.Module):
         gene_index: torch.Tensor | None = None,
         layer: int = -1,
         exclude_mask: bool = True,
+        layers: Sequence[int] | None = None,
+        pooling: str = "mean",
     ) -> torch.Tensor:
-        """Sample embeddings [B, D]: mean over genes of one layer's output.
+        """Sample embeddings [B, D] (or [B, D x len(layers)]): genes pooled per layer.
 
         ``layer`` indexes [embeddings, block 1, ..., block L] (so -1 = last block, as in
-        the paper). [MASK] positions are left out of the mean by default because they
-        carry no measurement of the sample.
+        the paper). ``layers`` (overrides ``layer``) concatenates several layers' pooled
+        outputs in the order given: the last block alone keeps what the MLM head needs,
+        earlier blocks keep more of the input, so the concatenation tests whether a probe
+        gains from both. ``pooling`` is "mean" (the paper) or "max" (per dimension, the
+        strongest gene; it keeps a rare high-expression signal that a mean dilutes).
+        [MASK] positions are left out by default because they carry no measurement.
         """
-        x = self.hidden_state(tokens, gene_index=gene_index, layer=layer)
-        if not exclude_mask:
-            return x.mean(dim=1)
-        keep = (tokens != self.config.mask_token_id).to(x.dtype)
-        # [B, 1, G] @ [B, G, D]: the masked sum without a [B, G, D] product tensor.
-        total = torch.bmm(keep.unsqueeze(1), x).squeeze(1)
-        return total / keep.sum(dim=1, keepdim=True).clamp(min=1.0)
+        if pooling not in POOLINGS:
+            raise ConfigError(
+                f"pooling must be one of {list(POOLINGS)}, got {pooling!r} (--model-arg "
+                "NAME:pooling=mean / pooling= in Python)"
+            )
+        depths = [self._normalise_layer(i) for i in (layers if layers is not None else [layer])]
+        if not depths:
+            raise ConfigError("layers is empty; name at least one layer, e.g. layers=[-1]")
+        out = self._encode(tokens, gene_index, set(depths), False, max(depths))[1]
+        keep = (tokens != self.config.mask_token_id) if exclude_mask else None
+        return torch.cat([_pool(out[d], keep, pooling) for d in depths], dim=-1)
 
     def embed_inputs(self, tokens: torch.Tensor, gene_index: torch.Tensor | None) -> torch.Tensor:
         """Expression embedding + (projected) gene embedding: the input of block 1."""

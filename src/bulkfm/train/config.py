@@ -58,6 +58,10 @@ class DataSection:
     samples feed as [MASK]. The genes this rule drops are logged and written to
     ``genes_excluded.tsv`` in the output folder. With ``top_k_variable_genes: null``
     every gene is kept and absent values are fed as [MASK].
+
+    ``streaming: true`` leaves the matrix on disk (:mod:`bulkfm.train.stream`): the same
+    genes, tokenizer and batches, fitted in chunked passes, with memory flat in the
+    number of samples. The default reads the whole ``.h5ad`` into memory.
     """
 
     path: str | None = None
@@ -67,8 +71,10 @@ class DataSection:
     holdout_fraction: float = 0.05
     group_key: str | None = keys.PATIENT
     missing_layer: str | None = keys.MISSING
+    streaming: bool = False
 
     def __post_init__(self) -> None:
+        check_bool("data.streaming", self.streaming)
         if self.path is not None:
             check_nonempty_str("data.path", self.path, hint="give the path of a .h5ad (X = TPM)")
         if self.top_k_variable_genes is not None:

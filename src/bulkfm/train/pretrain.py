@@ -62,6 +62,7 @@ from bulkfm.train.data import (
 )
 from bulkfm.train.losses import masked_value_loss
 from bulkfm.train.masking import IGNORE_INDEX, masked_lm_loss
+from bulkfm.train.stream import prepare_streaming_data
 
 if TYPE_CHECKING:
     import anndata as ad
@@ -108,6 +109,7 @@ _RESUMABLE_CHANGES = {
     "num_workers",
     "optim.max_steps",
     "data.path",
+    "data.streaming",  # streamed and in-memory runs draw the same batches
 }
 
 
@@ -1616,13 +1618,21 @@ def pretrain(
             f"{output_dir} already holds checkpoints; pass --resume (resume=True) to continue "
             "that run, or choose another output_dir"
         )
-    if adata is None:
-        if config.data.path is None:
-            raise ConfigError("data.path is not set; point it at a .h5ad file with X = TPM")
-        adata = load_adata(config.data.path, layer=config.data.layer)
-    data = prepare_pretrain_data(
-        adata, config.data, seed=config.seed, n_bins=config.model.n_expressions_bins
-    )
+    if config.data.streaming:  # the matrix stays on disk; same genes, tokens and batches
+        data = prepare_streaming_data(
+            config.data,
+            seed=config.seed,
+            n_bins=config.model.n_expressions_bins,
+            path=_streamed_path(adata),
+        )
+    else:
+        if adata is None:
+            if config.data.path is None:
+                raise ConfigError("data.path is not set; point it at a .h5ad file with X = TPM")
+            adata = load_adata(config.data.path, layer=config.data.layer)
+        data = prepare_pretrain_data(
+            adata, config.data, seed=config.seed, n_bins=config.model.n_expressions_bins
+        )
 
     run = _Run(config, data, cpu=_distributed_without_gpu())
     if resume:
@@ -1643,6 +1653,19 @@ def pretrain(
         write_text(json.dumps(result.to_dict(), indent=1) + "\n", output_dir / "summary.json")
     run.accelerator.wait_for_everyone()
     return result
+
+
+def _streamed_path(adata: ad.AnnData | None) -> Path | None:
+    """The file a streamed run reads: ``data.path`` (None), or that of a backed ``adata``."""
+    if adata is None:
+        return None
+    if not adata.isbacked or adata.filename is None:
+        raise ConfigError(
+            "data.streaming reads samples from a file, but an in-memory AnnData was passed; "
+            "pass a backed one (anndata.read_h5ad(path, backed='r')) or none (data.path is "
+            "read), or set data.streaming=false"
+        )
+    return Path(adata.filename)
 
 
 def _save_final(
