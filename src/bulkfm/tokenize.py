@@ -696,10 +696,14 @@ def _check_coverage(coverage: GeneCoverage, option: str) -> None:
         [coverage.fraction_measured]
         + [float(e["fraction_measured"]) for g in coverage.by_group.values() for e in g.values()]
     )
+    where = f"{coverage.n_in_data} are data columns" + (
+        f"; absent e.g. {coverage.examples_absent}"
+        if coverage.n_absent
+        else f"; the rest are flagged in layers[{keys.MISSING!r}]"
+    )
     raise GeneMappingError(
         f"the data measures too few of the model's {coverage.n_model_genes} genes: "
-        f"{coverage.fraction_measured:.1%} on average ({coverage.n_in_data} are data columns; "
-        f"absent e.g. {coverage.examples_absent}), below the minimum "
+        f"{coverage.fraction_measured:.1%} on average ({where}), below the minimum "
         f"{coverage.min_coverage:.0%} in {', '.join(low[:6])} (lowest {worst:.1%}). "
         "Check that the gene ids are Ensembl ids without version (`bulkfm data build` "
         f"harmonises them; --id-type if they are symbols or Entrez ids), or lower {option} "

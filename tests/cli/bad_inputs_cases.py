@@ -1213,9 +1213,10 @@ CASES: list[Case] = [
     Case(
         "embed-all-samples-missing",
         "embed",
-        "an .h5ad of 40 samples whose every gene is recorded missing (batch size 8)",
+        "an .h5ad of 40 samples whose every gene is recorded missing (batch size 8), "
+        "--min-gene-coverage 0 (without it: the coverage error)",
         "ExpressionValueError counting all 40 samples (not one batch's 8)",
-        _embed("allmissing.h5ad"),
+        _embed("allmissing.h5ad", "--min-gene-coverage", "0"),
         error="ExpressionValueError",
         what=r"\b40\b",
         fix=r"--input|missing",
