@@ -82,11 +82,18 @@ def test_pipeline_stage_returns_a_summary_and_writes_the_report(
         "mlp",
         "svm",
         "ia3",
+        "random_frozen",  # the untrained encoder beside the pre-trained one
         "baseline_pca_svm",
         "baseline_nmf_svm",
         "baseline_mlp",
     }
-    assert set(summary["survival"]) == {"mlp", "ia3", "baseline_pca_cox", "baseline_mlp"}
+    assert set(summary["survival"]) == {
+        "mlp",
+        "ia3",
+        "random_frozen",
+        "baseline_pca_cox",
+        "baseline_mlp",
+    }
     mlp = summary["classification"]["mlp"]
     assert mlp["label"] == "BulkRNABert + MLP" and 0.0 <= mlp["macro_f1"]["mean"] <= 1.0
     assert Path(summary["paths"]["report_md"]).is_file()
