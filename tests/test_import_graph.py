@@ -168,32 +168,25 @@ _CLI = ("bulkfm.cli",)
 
 # stage -> later stages it must not import (docs/architecture.md: data -> tokenize ->
 # models -> train -> embed/embedders -> tasks -> evaluate/bench; the CLI over all).
+# Every stage: what a foundation module must not import.
+_STAGES: tuple[str, ...] = (
+    "bulkfm.data",
+    "bulkfm.tokenize",
+    "bulkfm.models",
+    "bulkfm.train",
+    "bulkfm.tasks",
+    "bulkfm.impute",
+    *_EMBED,
+    *_ORCHESTRATORS,
+    *_CLI,
+)
+
 LAYERS: dict[str, tuple[str, ...]] = {
     "bulkfm.schema": ("bulkfm",),
     "bulkfm.errors": ("bulkfm",),
     # foundations: the console and log-once helpers, and the process-group helpers
-    "bulkfm.distributed": (
-        "bulkfm.data",
-        "bulkfm.tokenize",
-        "bulkfm.models",
-        "bulkfm.train",
-        "bulkfm.tasks",
-        "bulkfm.impute",
-        *_EMBED,
-        *_ORCHESTRATORS,
-        *_CLI,
-    ),
-    "bulkfm.logs": (
-        "bulkfm.data",
-        "bulkfm.tokenize",
-        "bulkfm.models",
-        "bulkfm.train",
-        "bulkfm.tasks",
-        "bulkfm.impute",
-        *_EMBED,
-        *_ORCHESTRATORS,
-        *_CLI,
-    ),
+    "bulkfm.distributed": _STAGES,
+    "bulkfm.logs": _STAGES,
     "bulkfm.data": (
         "bulkfm.tokenize",
         "bulkfm.models",

@@ -412,6 +412,50 @@ def gene_bin_statistics(
 
 
 # ---------------------------------------------------------------------- pipeline
+def data_info(
+    shape: tuple[int, int],
+    split: tuple[np.ndarray, np.ndarray],
+    selection: GeneSelection,
+    tokenizer: BinTokenizer,
+    missing_fraction: float,
+    *,
+    grouped_by: str | None,
+    source: str | None = None,
+) -> dict[str, Any]:
+    """The record of what pre-training reads (``PretrainData.info``), logged once.
+
+    One home for the in-memory and the streamed path (:mod:`bulkfm.train.stream`), so
+    both report the same keys; ``source`` names the file a streamed run reads.
+    """
+    n_samples, n_all_genes = shape
+    train_idx, eval_idx = split
+    info: dict[str, Any] = {
+        "n_samples": int(n_samples),
+        "n_train": len(train_idx),
+        "n_eval": len(eval_idx),
+        "n_genes_input": int(n_all_genes),
+        "n_genes": len(selection.columns),
+        "grouped_by": grouped_by,
+        "normalization_factor": tokenizer.normalization_factor,
+        "missing_fraction": missing_fraction,
+        "gene_selection": selection.to_dict(),
+    }
+    if source is not None:
+        info["streamed_from"] = source
+    logger.info(
+        "pre-training data%s: %d train / %d held-out samples, %d genes (of %d), factor "
+        "%.4f, %.1f%% of values missing (fed as [MASK])",
+        f" (streamed from {source})" if source is not None else "",
+        info["n_train"],
+        info["n_eval"],
+        info["n_genes"],
+        n_all_genes,
+        tokenizer.normalization_factor,
+        100 * missing_fraction,
+    )
+    return info
+
+
 def prepare_pretrain_data(
     adata: ad.AnnData, config: DataSection, *, seed: int, n_bins: int = 64
 ) -> PretrainData:
@@ -446,26 +490,13 @@ def prepare_pretrain_data(
     tokens = tokens.astype(np.int16 if n_bins < np.iinfo(np.int16).max else np.int32)
     mode, log_prob = gene_bin_statistics(tokens, train_idx, n_bins)
     missing_fraction = float((tokens == tokenizer.mask_token_id).mean())
-    info: dict[str, Any] = {
-        "n_samples": int(n_samples),
-        "n_train": len(train_idx),
-        "n_eval": len(eval_idx),
-        "n_genes_input": int(n_all_genes),
-        "n_genes": len(genes),
-        "grouped_by": config.group_key if groups is not None else None,
-        "normalization_factor": tokenizer.normalization_factor,
-        "missing_fraction": missing_fraction,
-        "gene_selection": selection.to_dict(),
-    }
-    logger.info(
-        "pre-training data: %d train / %d held-out samples, %d genes (of %d), factor %.4f, "
-        "%.1f%% of values missing (fed as [MASK])",
-        info["n_train"],
-        info["n_eval"],
-        info["n_genes"],
-        n_all_genes,
-        tokenizer.normalization_factor,
-        100 * missing_fraction,
+    info = data_info(
+        (n_samples, n_all_genes),
+        (train_idx, eval_idx),
+        selection,
+        tokenizer,
+        missing_fraction,
+        grouped_by=config.group_key if groups is not None else None,
     )
     return PretrainData(
         tokens=tokens,

@@ -43,6 +43,7 @@ from bulkfm.train.config import DataSection
 from bulkfm.train.data import (
     PretrainData,
     choose_genes,
+    data_info,
     gene_bin_statistics,
     holdout_split,
     sample_groups,
@@ -356,28 +357,14 @@ def prepare_streaming_data(
     mode, log_prob = gene_bin_statistics(tokens, train_idx, n_bins)  # type: ignore[arg-type]
     missing_fraction = _missing_fraction(tokens)
     tokens.close()  # reopened by whichever process (or worker) reads next
-    info: dict[str, Any] = {
-        "n_samples": int(n_samples),
-        "n_train": len(train_idx),
-        "n_eval": len(eval_idx),
-        "n_genes_input": int(n_all_genes),
-        "n_genes": len(genes),
-        "grouped_by": config.group_key if groups is not None else None,
-        "normalization_factor": tokenizer.normalization_factor,
-        "missing_fraction": missing_fraction,
-        "gene_selection": selection.to_dict(),
-        "streamed_from": str(path),
-    }
-    logger.info(
-        "pre-training data (streamed from %s): %d train / %d held-out samples, %d genes "
-        "(of %d), factor %.4f, %.1f%% of values missing (fed as [MASK])",
-        path,
-        info["n_train"],
-        info["n_eval"],
-        info["n_genes"],
-        n_all_genes,
-        tokenizer.normalization_factor,
-        100 * missing_fraction,
+    info = data_info(
+        (n_samples, n_all_genes),
+        (train_idx, eval_idx),
+        selection,
+        tokenizer,
+        missing_fraction,
+        grouped_by=config.group_key if groups is not None else None,
+        source=str(path),
     )
     return PretrainData(
         tokens=tokens,  # type: ignore[arg-type]
