@@ -564,6 +564,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     frames = []
     baselines: set[str] = set()
     ref_rungs: dict[tuple[int, int], Rung] = {}
+
+    def score(rungs: list[Rung]) -> pd.DataFrame:
+        return score_rungs(
+            tumours,
+            rungs,
+            n_splits=args.splits,
+            cache_dir=out / "cache",
+            pca_components=args.pca_components,
+            baselines_done=baselines,
+        )
+
     for variant, steps, seed in runs:
         tag = f"{variant.name}_max{max(s for s in steps if s > 0)}"
         t1 = time.perf_counter()
@@ -581,16 +592,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for r in rungs:
                 ref_rungs.setdefault((r.seed, r.step), r)
         t1 = time.perf_counter()
-        frames.append(
-            score_rungs(
-                tumours,
-                rungs,
-                n_splits=args.splits,
-                cache_dir=out / "cache",
-                pca_components=args.pca_components,
-                baselines_done=baselines,
-            )
-        )
+        frames.append(score(rungs))
         timings[f"{tag}/seed{seed}/probe"] = time.perf_counter() - t1
     # Pooling-only variants re-pool the reference's checkpoints at v_step.
     for variant in (v for v in variants if not v.trains):
@@ -599,16 +601,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for s in v_seeds
         ]
         t1 = time.perf_counter()
-        frames.append(
-            score_rungs(
-                tumours,
-                rungs,
-                n_splits=args.splits,
-                cache_dir=out / "cache",
-                pca_components=args.pca_components,
-                baselines_done=baselines,
-            )
-        )
+        frames.append(score(rungs))
         timings[f"{variant.name}/probe"] = time.perf_counter() - t1
 
     scores = pd.concat(frames, ignore_index=True)

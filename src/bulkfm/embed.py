@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -58,6 +58,7 @@ def embed_adata(
     adata: ad.AnnData,
     *,
     layer: int = -1,
+    layers: Sequence[int] | None = None,
     batch_size: int = 8,
     exclude_missing: bool = True,
     device: str | torch.device | None = None,
@@ -69,7 +70,9 @@ def embed_adata(
     """float32 [n_obs, embed_dim] embeddings in ``adata.obs_names`` order.
 
     ``layer`` indexes [input embeddings, block 1, ..., block L] (-1 = last block, as in
-    the paper). ``exclude_missing=False`` averages over the [MASK] positions too.
+    the paper). ``layers`` (overrides ``layer``) concatenates several layers' means,
+    computed in one forward pass ([n_obs, embed_dim x len(layers)]).
+    ``exclude_missing=False`` averages over the [MASK] positions too.
     ``device=None`` runs where the model is; a device given moves the model there.
     ``progress=None`` shows a bar only on a terminal.
 
@@ -93,7 +96,9 @@ def embed_adata(
     check_int("batch_size", batch_size, 1, hint="pass --batch-size N (batch_size= in Python)")
     check_bool("exclude_missing", exclude_missing)
     check_tokenizer_matches(model.config, tokenizer)
-    model._normalise_layer(layer)  # fail before any work on a layer that does not exist
+    depths = list(layers) if layers is not None else [layer]
+    for depth in depths:  # fail before any work on a layer that does not exist
+        model._normalise_layer(depth)
     if adata.n_obs == 0:
         raise ExpressionValueError("the AnnData has no samples; nothing to embed")
     if coverage is None:
@@ -104,7 +109,7 @@ def embed_adata(
     first, last = _check_rows(rows, adata.n_obs)
     if device is not None:
         model.to(device)
-    out = np.empty((last - first, model.config.embed_dim), dtype=np.float32)
+    out = np.empty((last - first, model.config.embed_dim * len(depths)), dtype=np.float32)
     starts = range(first, last, batch_size)
     was_training = model.training
     model.eval()
@@ -115,7 +120,7 @@ def embed_adata(
             with torch.inference_mode():
                 emb = model.embed(
                     torch.from_numpy(tokens).to(model.device),
-                    layer=layer,
+                    layers=depths,
                     exclude_mask=exclude_missing,
                 )
             out[start - first : stop - first] = emb.float().cpu().numpy()

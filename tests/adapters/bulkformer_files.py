@@ -10,11 +10,29 @@ key names, not taken from the adapter.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+
+
+def add_performer_state(
+    s: dict[str, Any], prefix: str, own: dict[str, Any], rand: Callable[..., Any]
+) -> None:
+    """A saved Performer's keys under ``prefix``: random weights (norm weights near 1),
+    its own projection matrices, each tensor shared by ``net.*`` and
+    ``proj_updater.instance.*`` as ``torch.save`` of the module stores them."""
+    for key, value in own.items():
+        if key.startswith("net."):
+            new = value.clone() if key.endswith("projection_matrix") else rand(*value.shape)
+            if key.endswith("norm.weight"):
+                new = 1 + new * 0.1
+            s[prefix + key] = new
+            s[prefix + "proj_updater.instance." + key[len("net.") :]] = new
+        elif key == "proj_updater.calls_since_last_redraw":
+            s[prefix + key] = value.clone()
 
 
 def performer_keys(dim: int, heads: int) -> dict[str, Any]:
@@ -61,19 +79,7 @@ def family_state(
     own = performer_keys(dim, heads) if device != "meta" else _meta_performer(dim, heads)
 
     def performer(prefix: str) -> None:
-        # One tensor shared by net.* and proj_updater.instance.*, as in a saved Performer.
-        for key, value in own.items():
-            if key.startswith("net."):
-                if key.endswith("projection_matrix"):
-                    new = value.clone()
-                else:
-                    new = rand(*value.shape)
-                    if key.endswith("norm.weight"):
-                        new = 1 + new * 0.1
-                s[prefix + key] = new
-                s[prefix + "proj_updater.instance." + key[len("net.") :]] = new
-            elif key == "proj_updater.calls_since_last_redraw":
-                s[prefix + key] = value.clone()
+        add_performer_state(s, prefix, own, rand)
 
     s["gene_emb_onehot_layer.weight"] = rand(n_genes, dim, scale=1.0)
     linear("gene_emb_proj.0", dim, 4 * dim)

@@ -31,6 +31,23 @@ VOCAB["NOTAGENE1"] = len(VOCAB)
 
 # --------------------------------------------------------------------------- release writer
 
+# args.json of the released scGPT_human folder, at the tiny sizes above
+RELEASE_ARGS = {
+    "embsize": D,
+    "nheads": HEADS,
+    "d_hid": D_HID,
+    "nlayers": LAYERS,
+    "n_layers_cls": 3,
+    "dropout": 0.2,
+    "pad_token": "<pad>",
+    "pad_value": PAD_VALUE,
+    "mask_value": -1,
+    "input_emb_style": "continuous",
+    "n_bins": 51,
+    "max_seq_len": 1200,
+    "fast_transformer": True,
+}
+
 
 def release_state(ntoken: int, nlayers: int = LAYERS, seed: int = 0) -> dict[str, torch.Tensor]:
     """Random tensors under the key names and shapes of a released best_model.pt."""
@@ -86,22 +103,7 @@ def write_release(
     folder.mkdir(parents=True, exist_ok=True)
     vocab = VOCAB if vocab is None else vocab
     state = release_state(len(vocab)) if state is None else state
-    config = {
-        "embsize": D,
-        "nheads": HEADS,
-        "d_hid": D_HID,
-        "nlayers": LAYERS,
-        "n_layers_cls": 3,
-        "dropout": 0.2,
-        "pad_token": "<pad>",
-        "pad_value": PAD_VALUE,
-        "mask_value": -1,
-        "input_emb_style": "continuous",
-        "n_bins": 51,
-        "max_seq_len": 1200,
-        "fast_transformer": True,
-    }
-    (folder / "args.json").write_text(json.dumps(config if args is None else args))
+    (folder / "args.json").write_text(json.dumps(RELEASE_ARGS if args is None else args))
     (folder / "vocab.json").write_text(json.dumps(vocab))
     if fmt == "pt":
         torch.save(state, folder / "best_model.pt")

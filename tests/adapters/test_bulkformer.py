@@ -29,6 +29,7 @@ from bulkfm.errors import (  # noqa: E402
     ExpressionValueError,
     GeneMappingError,
 )
+from tests.adapters.bulkformer_files import add_performer_state  # noqa: E402
 
 N_GENES, DIM, FEAT, HEADS = 30, 16, 8, 2
 GENES = [f"ENSG{i:011d}" for i in range(N_GENES)]
@@ -59,17 +60,7 @@ def released_state(*, gb_repeat: int = 2, p_repeat: int = 1, bins: int = 0) -> d
         s[f"{name}.bias"] = rand(DIM, scale=0.1)
 
     def performer(prefix: str) -> None:
-        # One tensor shared by net.* and proj_updater.instance.*, as in a saved Performer.
-        own = _performer().state_dict()
-        for key, value in own.items():
-            if key.startswith("net."):
-                new = value.clone() if key.endswith("projection_matrix") else rand(*value.shape)
-                if key.endswith("norm.weight"):
-                    new = 1 + new * 0.1
-                s[prefix + key] = new
-                s[prefix + "proj_updater.instance." + key[len("net.") :]] = new
-            elif key == "proj_updater.calls_since_last_redraw":
-                s[prefix + key] = value.clone()
+        add_performer_state(s, prefix, _performer().state_dict(), rand)
 
     s["gene_emb"] = rand(N_GENES, FEAT, scale=1.0)
     linear("gene_emb_proj.0", FEAT, 4 * DIM)

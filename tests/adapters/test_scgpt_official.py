@@ -31,22 +31,21 @@ if importlib.util.find_spec("scgpt") is None:
     pytest.skip("scgpt not installed: pip install --no-deps scgpt", allow_module_level=True)
 
 from bulkfm.adapters.scgpt import ScGPTEmbedder  # noqa: E402
+from tests.adapters.scgpt_files import (  # noqa: E402
+    D_HID,
+    GENES,
+    HEADS,
+    LAYERS,
+    PAD_VALUE,
+    RELEASE_ARGS,
+    D,
+)
 
 # The authors' code warns about flash-attn, CUDA autocast and pinned memory on a CPU.
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
-GENES = {
-    "TP53": "ENSG00000141510",
-    "KRAS": "ENSG00000133703",
-    "EGFR": "ENSG00000146648",
-    "MYC": "ENSG00000136997",
-    "GAPDH": "ENSG00000111640",
-    "ACTB": "ENSG00000075624",
-    "PTEN": "ENSG00000171862",
-    "BRCA1": "ENSG00000012048",
-}
+# the vocabulary of the release writer's genes, without its deliberately absent symbol
 VOCAB = {"<pad>": 0, "<cls>": 1, "<eoc>": 2, **{g: i + 3 for i, g in enumerate(GENES)}}
-D, HEADS, D_HID, LAYERS, PAD_VALUE = 16, 2, 32, 2, -2
 
 
 @pytest.fixture(scope="module")
@@ -112,22 +111,7 @@ def _release(folder: Path, transformer_model: Any, seed: int = 0) -> Any:
     model.eval()
     folder.mkdir(parents=True)
     torch.save(model.state_dict(), folder / "best_model.pt")
-    args = {
-        "embsize": D,
-        "nheads": HEADS,
-        "d_hid": D_HID,
-        "nlayers": LAYERS,
-        "n_layers_cls": 3,
-        "dropout": 0.2,
-        "pad_token": "<pad>",
-        "pad_value": PAD_VALUE,
-        "mask_value": -1,
-        "input_emb_style": "continuous",
-        "n_bins": 51,
-        "max_seq_len": 1200,
-        "fast_transformer": True,
-    }
-    (folder / "args.json").write_text(json.dumps(args))
+    (folder / "args.json").write_text(json.dumps(RELEASE_ARGS))
     (folder / "vocab.json").write_text(json.dumps(VOCAB))
     return model
 

@@ -27,6 +27,7 @@ import pytest
 pytest.importorskip("huggingface_hub")
 
 from bulkfm.errors import CheckpointError, ConfigError, DownloadError
+from bulkfm.models.config import OFFICIAL_CONFIG_FIELDS
 from bulkfm.models.hub import (
     PUSH_FILES,
     HubSpec,
@@ -61,7 +62,7 @@ def official_files(genes: list[str], seed: int) -> dict[str, bytes]:
 
     torch.manual_seed(seed)
     model = BulkRNABert(tiny_config(n_genes=N_GENES))
-    config = {k: v for k, v in model.config.to_dict().items() if k in OFFICIAL_FIELDS} | {
+    config = {k: v for k, v in model.config.to_dict().items() if k in OFFICIAL_CONFIG_FIELDS} | {
         "architectures": ["BulkRNABert"],
         "model_type": "BulkRNABert",
     }
@@ -75,20 +76,6 @@ def official_files(genes: list[str], seed: int) -> dict[str, bytes]:
         "bulkrnabert.py": b"raise SystemExit('remote code must not be fetched')",
         "README.md": b"---\nlibrary_name: transformers\n---\n# BulkRNABert\n",
     }
-
-
-OFFICIAL_FIELDS = {
-    "n_genes",
-    "n_expressions_bins",
-    "embed_dim",
-    "init_gene_embed_dim",
-    "use_gene_embedding",
-    "project_gene_embedding",
-    "num_attention_heads",
-    "key_size",
-    "ffn_embed_dim",
-    "num_layers",
-}
 
 
 def write_folder(root: Path, files: dict[str, bytes]) -> Path:

@@ -131,23 +131,18 @@ class BulkRNABertEmbedder(CheckpointEmbedder):
             f"{self.label}:min_gene_coverage=FRACTION)",
         )
         self.coverage_ = coverage.to_dict()
-        # ``layers``: one pass per layer, concatenated (= model.embed(layers=...)); each
-        # pass runs only the blocks up to its layer, so the cost is at most len(layers)
-        # times one embedding of the deepest layer.
-        parts = [
-            embed_adata(
-                model,
-                tokenizer,
-                adata,
-                layer=layer,
-                batch_size=self.batch_size,
-                exclude_missing=self.exclude_missing,
-                device=self.device,
-                coverage=coverage,
-            )
-            for layer in (self.layers if self.layers is not None else [self.layer])
-        ]
-        return np.concatenate([np.asarray(p) for p in parts], axis=1)
+        emb = embed_adata(
+            model,
+            tokenizer,
+            adata,
+            layer=self.layer,
+            layers=self.layers,  # several layers: their means concatenated, one pass
+            batch_size=self.batch_size,
+            exclude_missing=self.exclude_missing,
+            device=self.device,
+            coverage=coverage,
+        )
+        return np.asarray(emb)
 
 
 def _layer_list(layers: Sequence[int] | str | None) -> tuple[int, ...] | None:
