@@ -32,3 +32,17 @@ def test_build_models_adds_named_files_and_passes_settings(tmp_path) -> None:
     assert isinstance(models[1], PrecomputedEmbedder)
     with pytest.raises(ConfigError):
         build_models(["no_such_model"])
+
+
+def test_an_embedding_file_named_like_a_registered_model_is_read_not_rebuilt(tmp_path) -> None:
+    """``--embeddings scgpt=f.parquet`` scores the file; it used to build scGPT and drop it."""
+    path = tmp_path / "scgpt.parquet"
+    values = np.arange(6, dtype=np.float32).reshape(2, 3)
+    pd.DataFrame(values, index=["s1", "s2"], columns=["a", "b", "c"]).to_parquet(path)
+    (model,) = build_models([], embeddings={"scgpt": path})
+    assert isinstance(model, PrecomputedEmbedder)
+    assert model.label == "scgpt"
+    (named,) = build_models(["scgpt"], embeddings={"scgpt": path})
+    assert isinstance(named, PrecomputedEmbedder)
+    with pytest.raises(ConfigError, match="both an embedding file"):
+        build_models([], embeddings={"scgpt": path}, model_dirs={"scgpt": tmp_path})

@@ -59,22 +59,29 @@ def build_models(
     """Embedder instances for model names, weights folders and embedding files.
 
     A model given weights (``model_dirs``) or an embedding file joins the list even
-    when ``names`` omits it: one flag adds a model. An embedding file is read under
-    ``precomputed`` or a name no registered model has (a registered name builds that
-    model). ``gene_list`` / ``normalization_factor`` go to BulkRNABert
-    (official-format checkpoints).
+    when ``names`` omits it: one flag adds a model. An embedding file is always read as
+    precomputed embeddings labelled with its name, also when the name is a registered
+    model's (``scgpt=scgpt.parquet`` scores the file, it does not run scGPT); a name
+    given both a file and weights is an error. ``gene_list`` / ``normalization_factor``
+    go to BulkRNABert (official-format checkpoints).
     """
-    from bulkfm.embedders import available_embedders, get_embedder
+    from bulkfm.embedders import get_embedder
     from bulkfm.embedders.precomputed import PrecomputedEmbedder
 
-    known = set(available_embedders())
     model_args = dict(model_args or {})
     embeddings = dict(embeddings or {})
     model_dirs = dict(model_dirs or {})
+    both = sorted(set(embeddings) & set(model_dirs))
+    if both:
+        raise ConfigError(
+            f"{both[0]!r} is given both an embedding file (--embeddings {both[0]}=...) and "
+            f"weights (--model-dir {both[0]}=...); keep one, or give the file another "
+            f"name (--embeddings {both[0]}_file=...) to score both"
+        )
     models: list[Embedder] = []
     for name in dict.fromkeys([*names, *embeddings, *model_dirs]):
         kw = dict(model_args.get(name, {}))
-        if name in embeddings and (name == "precomputed" or name not in known):
+        if name in embeddings:
             label = None if name == "precomputed" else name
             models.append(
                 PrecomputedEmbedder(embeddings[name], key=embeddings_key, label=label, **kw)
