@@ -65,6 +65,8 @@ def test_shipped_configs_are_valid(name):
         ({**MINIMAL, "heads": {"mlp": {"seed": 3}}}, r"heads\.mlp\.seed is set per split"),
         ({**MINIMAL, "heads": {"mlp": {"epochs": 3}}}, r"heads\.mlp: .*'epochs'"),
         ({**MINIMAL, "heads": {"cox": {"lr": -1}}}, r"heads\.cox: lr must be a positive"),
+        ({**MINIMAL, "heads": {"finetune": {"epoch": 3}}}, r"heads\.finetune: .*'epoch'"),
+        ({**MINIMAL, "heads": {"finetune": {"epochs": 0}}}, r"heads\.finetune: epochs must be"),
         ({}, "no model: set model.path"),
         (
             {**MINIMAL, "pretrain": {"optim": {"max_steps": 5}}},

@@ -333,8 +333,8 @@ class HeadsSection:
         self._check_estimators()
 
     def _check_estimators(self) -> None:
-        """Build each head once so a misspelt or bad hyper-parameter fails now, not after
-        pre-training (fine-tuning settings are checked when the run starts: torch)."""
+        """Build each head and the fine-tuning settings once, so a misspelt or bad
+        hyper-parameter fails now, not after pre-training."""
         from bulkfm.tasks.classification import MLPClassifier
         from bulkfm.tasks.survival import CoxMLP
 
@@ -345,6 +345,14 @@ class HeadsSection:
                 raise ConfigError(f"heads.{key}: {exc}; see {cls.__name__} for the keys") from exc
             except ConfigError as exc:
                 raise ConfigError(f"heads.{key}: {exc}") from exc
+        from bulkfm.train.finetune import FinetuneConfig
+
+        try:
+            FinetuneConfig(**{"progress": False, **self.finetune})
+        except TypeError as exc:
+            raise ConfigError(f"heads.finetune: {exc}; see FinetuneConfig for the keys") from exc
+        except ConfigError as exc:
+            raise ConfigError(f"heads.finetune: {exc}") from exc
 
 
 @dataclass
