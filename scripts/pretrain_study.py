@@ -20,11 +20,11 @@ What it does:
 3. each ``--variant NAME key=value ...`` is one ablation: keys of the pre-training config
    (``masking.mask_prob=0.3``, ``loss.value_weight=1``, ``optim.lr=5e-3`` ...) retrain
    at ``--variant-steps`` for each of ``--variant-seeds``; ``embed.*`` keys
-   (``embed.layers=0,1,2``, ``embed.layer=1``, ``embed.exclude_missing=false``) only
-   change how the reference's checkpoints are pooled, so they need no training. The
-   reference is trained with the same schedule (same ``max_steps``), and each variant
-   is reported as a paired delta (same pre-training seed, same probe split) with mean
-   +- std over pre-training seeds.
+   (``embed.layers=0,1,2``, ``embed.layer=1``, ``embed.exclude_missing=false``,
+   ``embed.pooling=max``) only change how the reference's checkpoints are pooled, so
+   they need no training. The reference is trained with the same schedule (same
+   ``max_steps``), and each variant is reported as a paired delta (same pre-training
+   seed, same probe split) with mean +- std over pre-training seeds.
 
 Outputs in ``--out`` (keep it outside the repository: results derive from shared data):
 ``scores.csv`` (one row per model, rung, seed, split and metric), ``summary.csv``
@@ -93,7 +93,7 @@ METRICS: dict[tuple[str, str], str] = {
     ("mutation", "auroc_within_cohort"): "mutation_auroc_within_cohort",
 }
 TASKS = ("cancer_type", "survival", "mutation")
-EMBED_KEYS = {"layer", "layers", "exclude_missing"}
+EMBED_KEYS = {"layer", "layers", "exclude_missing", "pooling"}
 
 
 # --------------------------------------------------------------------------- variants
@@ -150,6 +150,10 @@ def _embed_value(key: str, value: str) -> Any:
         return tuple(int(v) for v in value.split(","))
     if key == "layer":
         return int(value)
+    if key == "pooling":
+        if value not in ("mean", "max"):
+            raise SystemExit(f"error: embed.pooling must be mean or max, got {value!r}")
+        return value
     if value.lower() not in ("true", "false"):
         raise SystemExit(f"error: embed.{key} must be true or false, got {value!r}")
     return value.lower() == "true"

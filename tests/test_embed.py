@@ -194,6 +194,17 @@ def test_rejects_bad_batch_size(model, tokenizer, adata):
         embed_adata(model, tokenizer, adata, batch_size=0)
 
 
+def test_max_pooling_equals_the_models_and_bad_pooling_is_refused(model, tokenizer, adata):
+    import torch
+
+    tokens = torch.from_numpy(tokenizer.encode_adata(adata))
+    want = model.embed(tokens, layers=[1, -1], pooling="max").numpy()
+    got = embed_adata(model, tokenizer, adata, layers=[1, -1], pooling="max", batch_size=3)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ConfigError, match=r"pooling must be one of \['mean', 'max'\]"):
+        embed_adata(model, tokenizer, adata, pooling="median")
+
+
 def test_rejects_missing_layer(model, tokenizer, adata):
     with pytest.raises(ConfigError, match="layer 5 does not exist"):
         embed_adata(model, tokenizer, adata, layer=5)

@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from bulkfm import schema as keys
-from bulkfm.config import check_bool, check_int
+from bulkfm.config import check_bool, check_choice, check_int
 from bulkfm.errors import ConfigError, DuplicateIdError, ExpressionValueError, InputFileError
 from bulkfm.io import atomic_path, write_h5ad
 from bulkfm.tokenize import DEFAULT_MIN_GENE_COVERAGE, GeneCoverage, gene_coverage
@@ -66,12 +66,14 @@ def embed_adata(
     min_gene_coverage: float = DEFAULT_MIN_GENE_COVERAGE,
     coverage: GeneCoverage | None = None,
     rows: tuple[int, int] | None = None,
+    pooling: str = "mean",
 ) -> np.ndarray:
     """float32 [n_obs, embed_dim] embeddings in ``adata.obs_names`` order.
 
     ``layer`` indexes [input embeddings, block 1, ..., block L] (-1 = last block, as in
     the paper). ``layers`` (overrides ``layer``) concatenates several layers' means,
     computed in one forward pass ([n_obs, embed_dim x len(layers)]).
+    ``pooling`` over genes: "mean" (the paper) or "max" (per dimension).
     ``exclude_missing=False`` averages over the [MASK] positions too.
     ``device=None`` runs where the model is; a device given moves the model there.
     ``progress=None`` shows a bar only on a terminal.
@@ -91,9 +93,12 @@ def embed_adata(
     import torch
     from tqdm.auto import tqdm
 
-    from bulkfm.models.bulkrnabert import check_tokenizer_matches
+    from bulkfm.models.bulkrnabert import POOLINGS, check_tokenizer_matches
 
     check_int("batch_size", batch_size, 1, hint="pass --batch-size N (batch_size= in Python)")
+    check_choice(
+        "pooling", pooling, POOLINGS, hint="--pooling (bulkfm embed), --model-arg NAME:pooling="
+    )
     check_bool("exclude_missing", exclude_missing)
     check_tokenizer_matches(model.config, tokenizer)
     depths = list(layers) if layers is not None else [layer]
@@ -122,6 +127,7 @@ def embed_adata(
                     torch.from_numpy(tokens).to(model.device),
                     layers=depths,
                     exclude_mask=exclude_missing,
+                    pooling=pooling,
                 )
             out[start - first : stop - first] = emb.float().cpu().numpy()
     finally:

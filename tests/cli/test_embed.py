@@ -8,7 +8,7 @@ import pytest
 from bulkfm.cli import build_parser
 from bulkfm.cli import main as cli_main
 from bulkfm.embed import embed_adata
-from bulkfm.errors import InputFileError
+from bulkfm.errors import ConfigError, InputFileError
 from bulkfm.io import write_h5ad
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -72,3 +72,18 @@ def test_cli_embed_records_coverage_of_data_lacking_model_genes(
     measured = (n_genes - 3 - flagged) / n_genes
     assert record["fraction_measured"] == pytest.approx(np.mean(measured))
     assert "gene coverage: the data measures" in caplog.text
+
+
+def test_cli_embed_max_pooling_is_used_and_recorded(
+    model, tokenizer, checkpoint, adata, input_h5ad
+):
+    out = input_h5ad.parent / "m.h5ad"
+    base = ["embed", "--model", str(checkpoint), "--input", str(input_h5ad), "--output", str(out)]
+    assert run_cli([*base, "--pooling", "max", "--key", "M"]) == 0
+    back = ad.read_h5ad(out)
+    expected = embed_adata(model, tokenizer, adata, pooling="max")
+    np.testing.assert_allclose(back.obsm["M"], expected, atol=1e-5)
+    assert not np.allclose(expected, embed_adata(model, tokenizer, adata))
+    assert back.uns["bulkfm"]["embeddings"]["M"]["pooling"] == "max over genes"
+    with pytest.raises(ConfigError, match=r"--pooling must be one of \['mean', 'max'\]"):
+        run_cli([*base, "--pooling", "sum"])

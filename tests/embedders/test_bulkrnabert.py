@@ -69,3 +69,32 @@ def test_bulkrnabert_embedder_layers_concatenate_like_the_model(sim, tmp_path) -
     assert get_embedder("bulkrnabert", model_dir=ckpt, layers=[0, -1]).config() != plain.config()
     with pytest.raises(ConfigError, match="layers must name"):
         get_embedder("bulkrnabert", model_dir=ckpt, layers="a,b")
+
+
+def test_bulkrnabert_embedder_max_pooling_is_the_models(sim, tmp_path) -> None:
+    """--model-arg NAME:pooling=max reaches BulkRNABert.embed, alone and with layers."""
+    import torch
+
+    from bulkfm.models.bulkrnabert import load_pretrained
+
+    ckpt = _tiny_checkpoint(sim, tmp_path / "ckpt")
+    small = sim[:6].copy()
+    net, tok = load_pretrained(ckpt)
+    tokens = torch.from_numpy(tok.encode_adata(small))
+    got = get_embedder("bulkrnabert", model_dir=ckpt, pooling="max").transform(small)
+    np.testing.assert_allclose(got, net.embed(tokens, pooling="max").numpy(), rtol=1e-5, atol=1e-6)
+    mean = get_embedder("bulkrnabert", model_dir=ckpt).transform(small)
+    assert not np.allclose(got, mean)  # the option is not ignored
+    both = get_embedder("bulkrnabert", model_dir=ckpt, layers="0,-1", pooling="max")
+    want = net.embed(tokens, layers=[0, -1], pooling="max").numpy()
+    np.testing.assert_allclose(both.transform(small), want, rtol=1e-5, atol=1e-6)
+
+
+def test_bulkrnabert_embedder_pooling_is_recorded_and_checked(tmp_path) -> None:
+    (tmp_path / "config.json").write_text("{}")  # the fingerprint hashes the folder's files
+    plain = get_embedder("bulkrnabert", model_dir=tmp_path)
+    assert "pooling" not in plain.config()  # default: fingerprints of earlier runs unchanged
+    maxed = get_embedder("bulkrnabert", model_dir=tmp_path, pooling="max")
+    assert maxed.config()["pooling"] == "max" and maxed.fingerprint() != plain.fingerprint()
+    with pytest.raises(ConfigError, match=r"pooling must be one of \['mean', 'max'\].*model-arg"):
+        get_embedder("bulkrnabert", model_dir=tmp_path, pooling="median")

@@ -157,6 +157,28 @@ def test_init_coexpression_and_random_write_model(tiny_model) -> None:
     assert 0.01 < float(first.std()) < 0.04
 
 
+def test_rescale_std_multiplies_the_whole_matrix_by_one_factor(tiny_model) -> None:
+    from bulkfm.models.gene_init import rescale_gene_embeddings, rescale_matrix
+
+    model = tiny_model(**SIZES, init_gene_embed_dim=4)
+    x = np.random.default_rng(2).lognormal(1, 1, size=(40, 6))
+    report = init_gene_embeddings(model, "coexpression", X_tpm=x, rescale_std=0.05)
+    plain, _ = coexpression_matrix(x, 4)
+    got = model.gene_embedding_layer.weight.detach().numpy()
+    assert np.std(got, dtype=np.float64) == pytest.approx(0.05, rel=1e-5)
+    np.testing.assert_allclose(got, plain * (0.05 / np.std(plain, dtype=np.float64)), rtol=1e-5)
+    assert report["rescale_factor"] == pytest.approx(0.05 / np.std(plain, dtype=np.float64))
+    before = got.copy()
+    rescale_gene_embeddings(model, 0.1)
+    np.testing.assert_allclose(
+        model.gene_embedding_layer.weight.detach().numpy(), 2 * before, rtol=1e-5
+    )
+    with pytest.raises(ConfigError, match="constant"):
+        rescale_matrix(np.ones((3, 2)), 0.02)
+    with pytest.raises(ConfigError, match="rescale_std must be a positive number"):
+        rescale_matrix(plain, -1.0)
+
+
 # --------------------------------------------------------------------------- bad input
 def test_malformed_line_names_line_number(tmp_path) -> None:
     (tmp_path / "g.txt").write_text("TP53 0.1 0.2 0.3\nEGFR 0.1 0.2\n")

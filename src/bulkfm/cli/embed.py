@@ -35,6 +35,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--layer", type=int, default=-1, help="0 = input embeddings, i = block i, -1 = last"
     )
+    parser.add_argument(
+        "--pooling",
+        default="mean",
+        help="how a layer's gene vectors become one vector: mean (the paper) or max (per "
+        "dimension)",
+    )
     parser.add_argument("--batch-size", type=int, default=8, help="samples per forward pass")
     parser.add_argument("--key", default=DEFAULT_KEY, help="obsm key (.h5ad output)")
     parser.add_argument(
@@ -52,10 +58,12 @@ def _run(args: argparse.Namespace) -> int:
     so memory does not grow with the number of samples. Every process checks the input
     and coverage; process 0 alone writes the output, once, atomically.
     """
+    from bulkfm.config import check_choice
     from bulkfm.data.readers import read_h5ad
     from bulkfm.distributed import local_device, process_group
-    from bulkfm.models.bulkrnabert import load_pretrained
+    from bulkfm.models.bulkrnabert import POOLINGS, load_pretrained
 
+    check_choice("--pooling", args.pooling, POOLINGS)  # before any data or model is read
     check_output_file(args.output, flag="--output", suffixes=OUTPUT_SUFFIXES)
     rank, world = process_group()
     adata = read_h5ad(args.input, flag="--input", backed=True)  # checked before the model
@@ -72,6 +80,7 @@ def _run(args: argparse.Namespace) -> int:
         tokenizer,
         adata,
         layer=args.layer,
+        pooling=args.pooling,
         batch_size=args.batch_size,
         exclude_missing=not args.include_missing,
         coverage=coverage,
@@ -83,7 +92,7 @@ def _run(args: argparse.Namespace) -> int:
         "model": str(args.model),
         "layer": args.layer,
         "exclude_missing": not args.include_missing,
-        "pooling": "mean over genes",
+        "pooling": f"{args.pooling} over genes",
         "gene_coverage": coverage.to_dict(),
         "processes": world,
     }

@@ -1,5 +1,6 @@
 """A BulkRNABert checkpoint as a frozen benchmark model (mean over genes of one layer, or
-the concatenated means of several layers with ``layers``).
+the concatenated means of several layers with ``layers``; ``pooling="max"`` takes each
+dimension's maximum over genes instead of the mean).
 
 Any checkpoint directory works: a bulkfm one (config.json, model.safetensors,
 tokenizer.json) or an official-format one (then ``genes`` and
@@ -18,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from bulkfm.config import check_int, check_number
+from bulkfm.config import check_choice, check_int, check_number
 from bulkfm.embedders.base import CheckpointEmbedder
 from bulkfm.embedders.registry import register_embedder
 from bulkfm.errors import CheckpointError, ConfigError
@@ -47,6 +48,7 @@ class BulkRNABertEmbedder(CheckpointEmbedder):
         normalization_factor: float | None = None,
         layer: int = -1,
         layers: Sequence[int] | str | None = None,
+        pooling: str = "mean",
         batch_size: int = 8,
         exclude_missing: bool = True,
         min_gene_coverage: float = DEFAULT_MIN_GENE_COVERAGE,
@@ -74,6 +76,7 @@ class BulkRNABertEmbedder(CheckpointEmbedder):
             )
         check_int("layer", layer, hint="-1 = last block")
         self.layers = _layer_list(layers)
+        self.pooling = _pooling(pooling)
         self.genes = genes if genes is not None else source.genes
         self.normalization_factor = (
             normalization_factor
@@ -106,6 +109,8 @@ class BulkRNABertEmbedder(CheckpointEmbedder):
             "normalization_factor": self.normalization_factor,
             "layer": self.layer,
             **({"layers": list(self.layers)} if self.layers is not None else {}),
+            # the default is left out so that existing fingerprints (caches) stay valid
+            **({"pooling": self.pooling} if self.pooling != "mean" else {}),
             "exclude_missing": self.exclude_missing,
         }
 
@@ -137,12 +142,29 @@ class BulkRNABertEmbedder(CheckpointEmbedder):
             adata,
             layer=self.layer,
             layers=self.layers,  # several layers: their means concatenated, one pass
+            pooling=self.pooling,
             batch_size=self.batch_size,
             exclude_missing=self.exclude_missing,
             device=self.device,
             coverage=coverage,
         )
         return np.asarray(emb)
+
+
+def _pooling(pooling: Any) -> str:
+    """``pooling`` checked against the model's options; the default needs no torch."""
+    if pooling == "mean":  # the paper's, and the common case: no torch import to check it
+        return pooling
+    from bulkfm.models.bulkrnabert import POOLINGS
+
+    return str(
+        check_choice(
+            "pooling",
+            pooling,
+            POOLINGS,
+            hint="--model-arg NAME:pooling=mean|max (pooling= in Python)",
+        )
+    )
 
 
 def _layer_list(layers: Sequence[int] | str | None) -> tuple[int, ...] | None:
