@@ -22,7 +22,8 @@ official ``archs4py.ls``/``archs4r`` packages):
 The result is raw counts with Ensembl ids as gene names and symbols kept, the same
 shape of data a GDC count file gives, so ``bulkfm data build`` harmonises genes and
 converts to TPM exactly as for any count input. :func:`iter_archs4` streams the
-selection in sample blocks for pre-training.
+selection in sample blocks; pre-training reads the file directly (``data.format:
+archs4``, :class:`bulkfm.train.stream.Archs4Source`) through :func:`read_counts`.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ __all__ = [
     "is_archs4",
     "iter_archs4",
     "read_archs4",
+    "read_counts",
     "read_id_list",
 ]
 
@@ -445,18 +447,9 @@ class Archs4File:
             raise ConfigError("no gene selected: pass at least one gene position")
         if np.any(np.diff(genes) <= 0):
             raise ConfigError("gene positions must be strictly increasing (sorted, unique)")
-        lo, hi = int(genes[0]), int(genes[-1]) + 1
-        rows = genes - lo
         for start in range(0, samples.size, block):
             cols = samples[start : start + block]
-            picked = _as_selection(cols)
-            if self.genes_x_samples:
-                slab = np.asarray(self.expression[lo:hi, picked])
-                values = slab[rows, :].T
-            else:
-                slab = np.asarray(self.expression[picked, lo:hi])
-                values = slab[:, rows]
-            yield start, np.ascontiguousarray(values, dtype=np.float32)
+            yield start, read_counts(self.expression, cols, genes, self.genes_x_samples)
 
     def obs(self, sample_index: np.ndarray) -> pd.DataFrame:
         """Sample metadata of the selected samples (index = GSM ids)."""
@@ -473,6 +466,30 @@ class Archs4File:
         var = self.genes.iloc[gene_index].copy()
         var.index = pd.Index(var["raw_id"].astype(str).to_numpy(), dtype=object)
         return var
+
+
+def read_counts(
+    expression: Any, samples: np.ndarray, genes: np.ndarray, genes_x_samples: bool
+) -> np.ndarray:
+    """Counts [samples, genes] (float32, C order) of sorted, unique positions in ONE read.
+
+    ``expression`` is the ``data/expression`` dataset (an open h5py handle). The read
+    covers the selected sample columns over the span of the selected genes (h5py takes
+    one fancy axis with increasing indices), so each HDF5 chunk under the selection is
+    decompressed once per call: reading many samples in one call, sorted, is what makes
+    the column-chunked ARCHS4 layout affordable (:class:`Archs4File` reads blocks,
+    :class:`bulkfm.train.stream.Archs4Source` a micro-batch or a fitting block).
+    """
+    lo, hi = int(genes[0]), int(genes[-1]) + 1
+    rows = genes - lo
+    picked = _as_selection(samples)
+    if genes_x_samples:
+        slab = np.asarray(expression[lo:hi, picked])
+        values = slab[rows, :].T
+    else:
+        slab = np.asarray(expression[picked, lo:hi])
+        values = slab[:, rows]
+    return np.ascontiguousarray(values, dtype=np.float32)
 
 
 def _as_selection(cols: np.ndarray) -> slice | list[int]:

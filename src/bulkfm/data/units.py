@@ -343,6 +343,33 @@ def _per_sample_scale(X: Any, scale_rows: np.ndarray) -> Any:
     return X * scale_rows[:, None]
 
 
+def inverse_gene_lengths(var_names: pd.Index, lengths: pd.Series) -> np.ndarray:
+    """``1 / length`` per gene of ``var_names`` (float64; NaN or inf where no positive
+    length): what :func:`counts_to_tpm` divides by, for :func:`counts_block_to_tpm`."""
+    with np.errstate(divide="ignore"):
+        return 1.0 / _lengths_for(var_names, pd.Series(lengths))
+
+
+def counts_block_to_tpm(counts: Any, inv_len: np.ndarray) -> tuple[Any, int]:
+    """TPM of a samples x genes count block whose genes all have a length, and the number
+    of samples without counts (TPM all 0): the per-sample arithmetic of
+    :func:`counts_to_tpm`, shared with readers that convert a block at a time
+    (:class:`bulkfm.train.stream.Archs4Source`). Each row depends on itself only."""
+    if sp.issparse(counts):
+        rate = sp.csr_matrix(sp.csr_matrix(counts, dtype=np.float64) @ sp.diags(inv_len))
+    else:
+        # one float32 working copy, scaled in place: 11k x 60k is 2.6 GB already
+        rate = np.array(counts, dtype=np.float32)
+        rate *= inv_len.astype(np.float32)[None, :]
+    totals = np.asarray(rate.sum(axis=1, dtype=np.float64)).ravel()
+    n_empty = int((totals == 0).sum())
+    scale = np.divide(1e6, totals, out=np.zeros_like(totals), where=totals > 0)
+    if sp.issparse(rate):
+        return sp.csr_matrix(sp.diags(scale) @ rate, dtype=np.float32), n_empty
+    rate *= scale.astype(np.float32)[:, None]
+    return rate, n_empty
+
+
 def counts_to_tpm(
     adata: ad.AnnData,
     lengths: pd.Series,
@@ -386,23 +413,9 @@ def counts_to_tpm(
         )
     keep = np.flatnonzero(has_len)
     inv_len = 1.0 / gene_len[keep]
-    if sp.issparse(adata.X):
-        counts = sp.csr_matrix(adata.X[:, keep] if n_without else adata.X, dtype=np.float64)
-        rate = sp.csr_matrix(counts @ sp.diags(inv_len))
-    else:
-        # one float32 working copy, scaled in place: 11k x 60k is 2.6 GB already
-        rate = np.array(adata.X[:, keep] if n_without else adata.X, dtype=np.float32)
-        rate *= inv_len.astype(np.float32)[None, :]
-    totals = np.asarray(rate.sum(axis=1, dtype=np.float64)).ravel()
-    n_empty = int((totals == 0).sum())
+    tpm, n_empty = counts_block_to_tpm(adata.X[:, keep] if n_without else adata.X, inv_len)
     if n_empty:
         logger.warning("counts_to_tpm: %d samples have no counts; their TPM is all 0", n_empty)
-    scale = np.divide(1e6, totals, out=np.zeros_like(totals), where=totals > 0)
-    if sp.issparse(rate):
-        tpm = sp.csr_matrix(sp.diags(scale) @ rate, dtype=np.float32)
-    else:
-        rate *= scale.astype(np.float32)[:, None]
-        tpm = rate
 
     layers: dict[str, Any] = {}
     if keys.MISSING in adata.layers:
