@@ -65,6 +65,11 @@ class CheckpointError(BulkfmError):
     """A checkpoint does not match its config, gene list or the model."""
 
 
+class LockTimeoutError(BulkfmError):
+    """Waited longer than allowed for a lock that another (live) process holds, e.g. on a
+    bench cache entry that it is computing."""
+
+
 class OutputPathError(ConfigError):
     """An output path cannot be written: a folder where a file is expected (or the
     reverse), a place under a regular file or without write access, or a file suffix the

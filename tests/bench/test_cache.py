@@ -2,8 +2,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import signal
+import time
+from pathlib import Path
 
 import numpy as np
+import pytest
 import scipy.sparse as sp
 
 from bulkfm.bench.cache import EmbeddingCache
@@ -153,3 +158,117 @@ def test_an_array_that_does_not_match_its_record_is_a_miss(sim, tmp_path) -> Non
     npy = cache.save(model, fp, np.zeros((sim.n_obs, 5), np.float32))
     np.save(npy, np.ones((sim.n_obs, 5), np.float32))  # a whole array, another writer's
     assert cache.load(model, fp, sim.n_obs) is None
+
+
+# --------------------------------------------------------------------------- the entry lock
+class Counting(Embedder):
+    """A frozen model that notes each computation in a file (one line per call, from any
+    process) and takes long enough that two processes missing at once overlap."""
+
+    name = "counting"
+
+    def __init__(self, counter: str, seconds: float = 1.5) -> None:
+        super().__init__()
+        self.counter = counter
+        self.seconds = seconds
+
+    def transform(self, adata):  # type: ignore[no-untyped-def]
+        with open(self.counter, "a") as fh:  # O_APPEND: lines of two processes do not mix
+            fh.write(f"{os.getpid()}\n")
+        time.sleep(self.seconds)
+        x = np.log1p(np.asarray(adata.X, dtype=np.float64))
+        return x @ np.random.default_rng(0).normal(size=(x.shape[1], 4))
+
+
+def _small_adata():  # type: ignore[no-untyped-def]
+    import anndata as ad
+
+    x = np.random.default_rng(1).gamma(2.0, 10.0, size=(30, 12)).astype(np.float32)
+    return ad.AnnData(x, obs={"id": [f"S{i}" for i in range(30)]})
+
+
+def _wait_for(paths: list[Path], seconds: float = 120.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not all(p.exists() for p in paths):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the other process never became ready: {paths}")
+        time.sleep(0.01)
+
+
+def _embed_through_bench(cache_dir: str, counter: str, me: str, other: str) -> np.ndarray:
+    """One bench process: say it is ready, wait for the other, then embed the same data
+    with the same model through the runner's cache path."""
+    from bulkfm.bench.runner import _frozen_embedding
+
+    adata = _small_adata()
+    folder = Path(cache_dir).parent
+    (folder / me).touch()
+    _wait_for([folder / other])
+    return _frozen_embedding(
+        Counting(counter), adata, data_fingerprint(adata), EmbeddingCache(cache_dir)
+    )
+
+
+def test_two_processes_missing_one_entry_compute_it_once(tmp_path) -> None:
+    """Both miss at the same moment; one computes under the lock, the other waits and
+    reads that entry: one computation, the same array in both."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    cache_dir, counter = tmp_path / "cache", tmp_path / "calls.txt"
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(2, mp_context=ctx) as pool:
+        jobs = [
+            pool.submit(_embed_through_bench, str(cache_dir), str(counter), me, other)
+            for me, other in (("a", "b"), ("b", "a"))
+        ]
+        a, b = (job.result(timeout=600) for job in jobs)
+    calls = counter.read_text().split()
+    assert len(calls) == 1, f"computed {len(calls)} times, by processes {calls}"
+    np.testing.assert_array_equal(a, b)
+    # what was computed is what a third, independent computation gives (stored as float32)
+    adata = _small_adata()
+    direct = Counting(str(tmp_path / "direct.txt"), seconds=0).transform(adata)
+    np.testing.assert_allclose(a, direct.astype(np.float32), rtol=1e-6)
+    assert len(list(cache_dir.glob("*.npy"))) == 1
+
+
+def _hold_lock_until_killed(cache_dir: str, counter: str, ready: str) -> None:
+    adata = _small_adata()
+    cache = EmbeddingCache(cache_dir)
+    with cache.lock(Counting(counter), data_fingerprint(adata)):
+        Path(ready).touch()
+        time.sleep(600)
+
+
+def test_a_lock_held_by_a_killed_process_does_not_block(tmp_path) -> None:
+    """A live holder makes a short wait time out with a clear error; once the holder is
+    killed (SIGKILL: no clean-up of its own), the entry is computed at once."""
+    import multiprocessing
+
+    from bulkfm.bench.runner import _frozen_embedding
+    from bulkfm.errors import LockTimeoutError
+
+    cache_dir, counter, ready = tmp_path / "cache", tmp_path / "calls.txt", tmp_path / "ready"
+    holder = multiprocessing.get_context("spawn").Process(
+        target=_hold_lock_until_killed, args=(str(cache_dir), str(counter), str(ready))
+    )
+    holder.start()
+    try:
+        _wait_for([ready])
+        adata = _small_adata()
+        fp = data_fingerprint(adata)
+        model = Counting(str(counter), seconds=0)
+        with pytest.raises(LockTimeoutError, match=r"another live process holds its lock"):
+            EmbeddingCache(cache_dir, lock_timeout=0.3).load_or_compute(
+                model, fp, adata.n_obs, lambda: model.transform(adata)
+            )
+        assert not counter.exists()  # waiting is not computing
+    finally:
+        holder.kill()
+        holder.join(30)
+    assert holder.exitcode == -signal.SIGKILL
+    assert list(cache_dir.glob("*.lock"))  # the lock file stays; the lock does not
+    emb = _frozen_embedding(model, adata, fp, EmbeddingCache(cache_dir, lock_timeout=30))
+    assert emb.shape == (adata.n_obs, 4)
+    assert len(counter.read_text().split()) == 1

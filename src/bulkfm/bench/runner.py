@@ -215,15 +215,15 @@ def _checked_embedding(emb: Any, model: Embedder, ids: pd.Index) -> np.ndarray:
 def _frozen_embedding(
     model: Embedder, bench: ad.AnnData, data_fp: str, cache: EmbeddingCache | None
 ) -> np.ndarray:
-    store = cache if model.cacheable else None
-    if store is not None:
-        hit = store.load(model, data_fp, bench.n_obs)
-        if hit is not None:
-            return _checked_embedding(hit, model, bench.obs_names)
-    emb = _checked_embedding(model.transform(bench), model, bench.obs_names)
-    if store is not None:
-        store.save(model, data_fp, emb.astype(np.float32))
-    return emb
+    def compute() -> np.ndarray:
+        return _checked_embedding(model.transform(bench), model, bench.obs_names)
+
+    if cache is None or not model.cacheable:
+        return compute()
+    # A miss is computed under the entry's lock: another bench run sharing the cache
+    # folder that misses it too waits and reads this one's entry instead of recomputing.
+    emb = cache.load_or_compute(model, data_fp, bench.n_obs, compute, dtype=np.float32)
+    return _checked_embedding(emb, model, bench.obs_names)
 
 
 def _embedding_for_split(

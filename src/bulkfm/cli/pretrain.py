@@ -1,4 +1,5 @@
-"""``bulkfm pretrain``: masked-LM pre-training from a YAML config.
+"""``bulkfm pretrain``: masked-LM pre-training from a YAML config, and ``bulkfm pretrain
+consolidate``: one model folder from a checkpoint's FSDP shards.
 
 Runs the same way on one CPU, under ``torchrun --nproc_per_node N -m bulkfm.cli
 pretrain ...`` or ``accelerate launch -m bulkfm.cli pretrain ...``.
@@ -10,6 +11,7 @@ import argparse
 import json
 import shlex
 import sys
+from pathlib import Path
 
 from bulkfm.cli.common import add_config_arguments, load_config
 
@@ -20,6 +22,10 @@ EXIT_SIGINT = 130
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "pretrain",
+        usage=(
+            "bulkfm pretrain [-h] --config FILE [--set KEY=VALUE] [--resume]\n"
+            "       bulkfm pretrain consolidate [-h] [-o DIR] CHECKPOINT"
+        ),
         help="masked-LM pre-training of BulkRNABert",
         description=(
             "Pre-train BulkRNABert with the BERT masking recipe on an .h5ad (X = TPM). "
@@ -28,16 +34,46 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "ETA) is logged every progress_every_s seconds. Ctrl-C or SIGTERM finishes the "
             "current step, writes a checkpoint, prints the command that resumes the run and "
             "exits with 130 (SIGINT) or 143 (SIGTERM). Multi-GPU: launch with torchrun or "
-            "accelerate launch."
+            "accelerate launch. `bulkfm pretrain consolidate CHECKPOINT` turns a checkpoint "
+            "of an fsdp: true run into a model folder."
         ),
     )
-    add_config_arguments(parser, "YAML config file", "--set optim.lr=3e-4 --set data.path=x.h5ad")
+    # --config is checked by _pretrain, so that `pretrain consolidate` does not need it
+    add_config_arguments(
+        parser,
+        "YAML config file (required unless an action is given)",
+        "--set optim.lr=3e-4 --set data.path=x.h5ad",
+        required=False,
+    )
     parser.add_argument(
         "--resume",
         action="store_true",
         help="continue from the newest checkpoint in output_dir",
     )
-    parser.set_defaults(handler=_pretrain)
+    parser.set_defaults(handler=_pretrain, pretrain_parser=parser)
+    actions = parser.add_subparsers(dest="pretrain_action", metavar="ACTION")
+    consolidate = actions.add_parser(
+        "consolidate",
+        help="one model folder from a checkpoint's FSDP shards",
+        description=(
+            "Gather the FSDP shards of a pre-training checkpoint (checkpoints/step_N of an "
+            "fsdp: true run) into one model folder (config.json, model.safetensors, "
+            "tokenizer.json) that one process loads, e.g. with bulkfm embed --model. Runs "
+            "in one process on any machine; only the weights are read, not the optimiser."
+        ),
+    )
+    consolidate.add_argument(
+        "checkpoint", type=Path, metavar="CHECKPOINT", help="a checkpoints/step_N folder"
+    )
+    consolidate.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        metavar="DIR",
+        help="the model folder to write (default: CHECKPOINT/consolidated); an existing one "
+        "is replaced only if it is empty or a model folder",
+    )
+    consolidate.set_defaults(handler=_consolidate)
 
 
 def resume_command(args: argparse.Namespace, output_dir: str) -> str:
@@ -52,10 +88,44 @@ def resume_command(args: argparse.Namespace, output_dir: str) -> str:
     return shlex.join([*words, "--resume"])
 
 
+def _consolidate(args: argparse.Namespace) -> int:
+    from bulkfm.errors import CheckpointError, InputFileError
+    from bulkfm.models.bulkrnabert import WEIGHTS_FILE
+    from bulkfm.train.pretrain import FSDP_DIR, DamagedCheckpointError, consolidate_checkpoint
+
+    checkpoint: Path = args.checkpoint
+    if not checkpoint.exists():
+        raise InputFileError(f"checkpoint {checkpoint} does not exist; give CHECKPOINT a folder")
+    if not checkpoint.is_dir():
+        raise InputFileError(
+            f"checkpoint {checkpoint} is a file; give CHECKPOINT a checkpoint folder "
+            "(checkpoints/step_N of a pre-training run)"
+        )
+    if not (checkpoint / FSDP_DIR).is_dir() and (checkpoint / WEIGHTS_FILE).is_file():
+        raise CheckpointError(
+            f"{checkpoint} is already a plain checkpoint ({WEIGHTS_FILE}, no FSDP shards): "
+            f"there is nothing to consolidate; load it as it is, e.g. bulkfm embed --model "
+            f"{checkpoint}"
+        )
+    try:
+        out = consolidate_checkpoint(checkpoint, args.output)  # checks -o before reading
+    except DamagedCheckpointError as exc:
+        raise CheckpointError(
+            f"{exc}. The checkpoint is damaged; consolidate another one of the run (an "
+            "older step_N beside it), or use the run's final/ folder, a model folder already"
+        ) from exc
+    print(out)
+    return 0
+
+
 def _pretrain(args: argparse.Namespace) -> int:
     from bulkfm.io import check_output_dir
     from bulkfm.train.config import PretrainConfig
 
+    if args.config is None:
+        args.pretrain_parser.error(
+            "the following arguments are required: --config (or an action: consolidate)"
+        )
     config = load_config(PretrainConfig, args)
     check_output_dir(config.output_dir, flag="--set output_dir=")
 

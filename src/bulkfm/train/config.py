@@ -8,6 +8,7 @@ before anything heavy is loaded. Sections mirror the YAML layout::
     optim: {...}      # AdamW, warm-up + cosine schedule, batch and accumulation
     masking: {...}    # BERT recipe (15% selected; 80/10/10)
     loss: {...}       # MLM cross-entropy, optionally + an expected-value term
+    gene_init: {...}  # starting gene embedding: random (default), co-expression, Gene2Vec
     seed, output_dir, mixed_precision, ...   # run-level settings
 
 Reading, ``--set`` overrides and unknown-key errors come from :mod:`bulkfm.config`.
@@ -29,13 +30,26 @@ from bulkfm.config import (
     check_number,
     exclude,
 )
+from bulkfm.config import build as build_config
+from bulkfm.data.archs4 import Archs4Selection
 from bulkfm.errors import ConfigError
 from bulkfm.models.config import BulkRNABertConfig
 
-__all__ = ["DataSection", "LossSection", "MaskingConfig", "OptimSection", "PretrainConfig"]
+__all__ = [
+    "DataSection",
+    "GeneInitSection",
+    "LossSection",
+    "MaskingConfig",
+    "OptimSection",
+    "PretrainConfig",
+]
 
 MixedPrecision = Literal["no", "bf16"]
 MIXED_PRECISION_CHOICES: tuple[str, ...] = ("no", "bf16")
+DataFormat = Literal["auto", "h5ad", "archs4", "parquet"]
+DATA_FORMATS: tuple[str, ...] = ("auto", "h5ad", "archs4", "parquet")
+GeneInitMethod = Literal["random", "coexpression", "gene2vec"]
+GENE_INIT_METHODS: tuple[str, ...] = ("random", "coexpression", "gene2vec")
 
 #: The ``model:`` section is the model's own config; these of its keys the run decides.
 _SET_BY_THE_RUN = exclude(
@@ -62,6 +76,15 @@ class DataSection:
     ``streaming: true`` leaves the matrix on disk (:mod:`bulkfm.train.stream`): the same
     genes, tokenizer and batches, fitted in chunked passes, with memory flat in the
     number of samples. The default reads the whole ``.h5ad`` into memory.
+
+    ``format`` says what ``path`` is (``auto``: a folder, a glob or a ``.parquet`` file is
+    ``parquet``, an HDF5 file with ARCHS4's datasets ``archs4``, anything else ``h5ad``):
+    ``h5ad`` as ``bulkfm data build`` writes it; ``archs4``, an ARCHS4 gene-count file
+    (counts converted to TPM at read time as ``bulkfm data build`` converts them), with
+    ``archs4`` choosing samples (``series``, ``samples``, ``source``,
+    ``max_singlecell_probability``, ``genes``: the keys of a build config's ``archs4:``;
+    null = every sample); ``parquet``, TPM shards (samples x genes, ids in the index or a
+    ``sample_id`` column). ``layer`` applies to ``h5ad`` only.
     """
 
     path: str | None = None
@@ -72,11 +95,36 @@ class DataSection:
     group_key: str | None = keys.PATIENT
     missing_layer: str | None = keys.MISSING
     streaming: bool = False
+    format: DataFormat = "auto"
+    archs4: Archs4Selection | None = None
 
     def __post_init__(self) -> None:
         check_bool("data.streaming", self.streaming)
+        check_choice(
+            "data.format",
+            self.format,
+            DATA_FORMATS,
+            hint="auto detects: a folder/glob/.parquet = parquet shards, an ARCHS4 .h5 = "
+            "archs4, else h5ad",
+        )
+        if isinstance(self.archs4, dict):
+            self.archs4 = build_config(Archs4Selection, self.archs4, section="data.archs4")
+        if self.archs4 is not None and self.format in ("h5ad", "parquet"):
+            raise ConfigError(
+                f"data.archs4 selects samples of an ARCHS4 file but data.format is "
+                f"{self.format!r}; set data.format=archs4 (or auto), or data.archs4=null"
+            )
+        if self.layer is not None and self.format in ("archs4", "parquet"):
+            raise ConfigError(
+                f"data.layer {self.layer!r} names an AnnData layer, but data.format is "
+                f"{self.format!r}, which has one matrix; set data.layer=null"
+            )
         if self.path is not None:
-            check_nonempty_str("data.path", self.path, hint="give the path of a .h5ad (X = TPM)")
+            check_nonempty_str(
+                "data.path",
+                self.path,
+                hint="give a .h5ad (X = TPM), an ARCHS4 .h5 file or a folder of parquet shards",
+            )
         if self.top_k_variable_genes is not None:
             check_int("data.top_k_variable_genes", self.top_k_variable_genes, 1)
         check_number(
@@ -195,6 +243,87 @@ class LossSection:
         )
 
 
+@dataclass
+class GeneInitSection:
+    """Where the gene embedding (the model's only notion of gene identity) starts.
+
+    Applied once, when a run starts fresh (a resumed run keeps its checkpoint's weights),
+    by :func:`bulkfm.models.gene_init.init_gene_embeddings`; what was done is recorded in
+    ``summary.json`` and every checkpoint's ``trainer_state.json`` (``gene_init``).
+
+    - ``random`` (default): the model's own N(0, 0.02) draw, untouched.
+    - ``coexpression``: genes that move together start close together; computed on the
+      training samples only (at most
+      :data:`bulkfm.models.gene_init.COEXPRESSION_MAX_ROWS` of them, a seeded sample when
+      there are more; streamed runs read them in blocks).
+    - ``gene2vec``: the paper's choice; ``gene2vec_path`` is the published release file
+      (``gene2vec_dim_200_iter_9.txt``, symbol keyed) or any word2vec file, a local path
+      or an http(s) URL downloaded once into the bulkfm cache and, with
+      ``gene2vec_md5``, checked. ``model.init_gene_embed_dim`` must equal the file's
+      dimension (200 for the release).
+
+    ``rescale_std``: null keeps the vectors' own scale (co-expression rows have norms up
+    to 1, Gene2Vec's its own); a number multiplies the whole matrix by one factor so its
+    standard deviation over all entries is that number (0.02 = the random init's, which
+    separates the effect of the structure from that of the scale).
+    """
+
+    method: GeneInitMethod = "random"
+    gene2vec_path: str | None = None
+    gene2vec_md5: str | None = None
+    rescale_std: float | None = None
+
+    def __post_init__(self) -> None:
+        check_choice(
+            "gene_init.method",
+            self.method,
+            GENE_INIT_METHODS,
+            hint="random (default), coexpression or gene2vec",
+        )
+        if self.gene2vec_path is not None:
+            check_nonempty_str(
+                "gene_init.gene2vec_path",
+                self.gene2vec_path,
+                hint="a Gene2Vec file (local path or http(s) URL), or null",
+            )
+        if self.method == "gene2vec" and self.gene2vec_path is None:
+            raise ConfigError(
+                "gene_init.method is 'gene2vec' but gene_init.gene2vec_path is not set; set "
+                "it to the Gene2Vec release file, a local path or its URL "
+                "(bulkfm.models.gene_init.GENE2VEC_URL), e.g. --set "
+                "gene_init.gene2vec_path=PATH_OR_URL"
+            )
+        if self.method != "gene2vec" and self.gene2vec_path is not None:
+            raise ConfigError(
+                f"gene_init.gene2vec_path is set but gene_init.method is {self.method!r}, "
+                "which does not read it; set gene_init.method=gene2vec, or "
+                "gene_init.gene2vec_path=null"
+            )
+        if self.gene2vec_md5 is not None:
+            md5 = self.gene2vec_md5
+            if self.gene2vec_path is None:
+                raise ConfigError(
+                    "gene_init.gene2vec_md5 is set without gene_init.gene2vec_path; set "
+                    "both (method gene2vec) or gene_init.gene2vec_md5=null"
+                )
+            if not (
+                isinstance(md5, str)
+                and len(md5) == 32
+                and all(c in "0123456789abcdefABCDEF" for c in md5)
+            ):
+                raise ConfigError(
+                    f"gene_init.gene2vec_md5 must be 32 hex digits (an md5), got {md5!r}"
+                )
+        if self.rescale_std is not None:
+            check_number(
+                "gene_init.rescale_std",
+                self.rescale_std,
+                low=0.0,
+                low_open=True,
+                hint="null keeps the vectors' scale; 0.02 is the random init's",
+            )
+
+
 def _default_model() -> BulkRNABertConfig:
     return BulkRNABertConfig()
 
@@ -208,6 +337,7 @@ class PretrainConfig(ConfigMixin):
     optim: OptimSection = field(default_factory=OptimSection)
     masking: MaskingConfig = field(default_factory=MaskingConfig)
     loss: LossSection = field(default_factory=LossSection)
+    gene_init: GeneInitSection = field(default_factory=GeneInitSection)
     mixed_precision: MixedPrecision = "no"
     gradient_checkpointing: bool = False
     # Shard weights, gradients and optimiser state over the processes of a launch with

@@ -57,12 +57,11 @@ from bulkfm.train.data import (
     StepBatchSampler,
     collate,
     eval_batches,
-    load_adata,
     prepare_pretrain_data,
 )
 from bulkfm.train.losses import masked_value_loss
 from bulkfm.train.masking import IGNORE_INDEX, masked_lm_loss
-from bulkfm.train.stream import prepare_streaming_data
+from bulkfm.train.stream import prepare_streaming_data, read_into_memory
 
 if TYPE_CHECKING:
     import anndata as ad
@@ -138,6 +137,7 @@ class PretrainResult:
     elapsed_s: float = 0.0
     log_path: Path | None = None
     gene_selection: dict[str, Any] = field(default_factory=dict)
+    gene_init: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -388,6 +388,104 @@ def build_model(config: PretrainConfig, n_genes: int) -> BulkRNABert:
     return BulkRNABert(model_config)
 
 
+def init_gene_embedding(
+    model: BulkRNABert, config: PretrainConfig, data: PretrainData, adata: ad.AnnData | None
+) -> dict[str, Any]:
+    """Set a fresh model's gene embedding as ``config.gene_init`` says; returns the report.
+
+    ``random`` without ``rescale_std`` leaves the model's own draw untouched, so a config
+    without ``gene_init`` trains exactly the weights it always did. ``coexpression`` reads
+    training samples only (:func:`bulkfm.models.gene_init.coexpression_rows`: all of
+    them up to ``COEXPRESSION_MAX_ROWS``, else a seeded sample), over the model's genes in
+    tokenizer order, with the missing mask; a streamed run reads them from disk in blocks.
+    """
+    from bulkfm.models import gene_init
+
+    section = config.gene_init
+    if section.method == "random":
+        report: dict[str, Any] = {
+            "method": "random",
+            "n_genes": data.n_genes,
+            "dim": model.config.init_gene_embed_dim,
+            "std": 0.02,
+            "source": "the model's own initialisation (from seed)",
+        }
+        if section.rescale_std is not None:
+            report.update(gene_init.rescale_gene_embeddings(model, section.rescale_std))
+        return report
+    if section.method == "gene2vec":
+        return gene_init.init_gene_embeddings(
+            model,
+            "gene2vec",
+            genes=data.genes,
+            gene2vec_path=section.gene2vec_path,
+            gene2vec_md5=section.gene2vec_md5,
+            seed=config.seed,
+            rescale_std=section.rescale_std,
+        )
+    rows = gene_init.coexpression_rows(data.train_idx, seed=config.seed)
+    values, missing = _training_tpm(data, adata, config, rows)
+    report = gene_init.init_gene_embeddings(
+        model,
+        "coexpression",
+        X_tpm=values,
+        missing=missing,
+        seed=config.seed,
+        rescale_std=section.rescale_std,
+    )
+    report["samples"] = (
+        f"all {data.n_train} training samples"
+        if len(rows) == data.n_train
+        else f"{len(rows)} of {data.n_train} training samples (seeded sample)"
+    )
+    return report
+
+
+def _training_tpm(
+    data: PretrainData, adata: ad.AnnData | None, config: PretrainConfig, rows: np.ndarray
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """TPM and missing mask of ``rows`` x the model's genes, read a block at a time from
+    the file (streamed) or the AnnData (in memory)."""
+    import scipy.sparse as sp
+
+    from bulkfm.train.data import expression_matrix, missing_mask
+    from bulkfm.train.stream import StreamingTokens
+
+    tokens = data.tokens
+    if isinstance(tokens, StreamingTokens):
+        values, mask, cols = tokens.values, tokens.missing, tokens.columns
+    else:
+        if adata is None:
+            raise ConfigError(
+                "gene_init.method=coexpression reads the training TPM: pass the AnnData "
+                "pre-trained on (adata=), or set gene_init.method=random"
+            )
+        values = expression_matrix(adata, config.data.layer)
+        mask = missing_mask(adata, config.data.missing_layer)
+        if data.gene_selection is not None:
+            cols = data.gene_selection.columns
+        else:
+            cols = adata.var_names.get_indexer(data.genes)
+
+    def read(matrix: Any) -> np.ndarray:
+        blocks = []
+        for start in range(0, len(rows), 512):
+            chunk = rows[start : start + 512]
+            if isinstance(matrix, np.ndarray):  # only the model's genes are copied
+                blocks.append(matrix[np.ix_(chunk, cols)])
+                continue
+            block = matrix[chunk]
+            block = block.toarray() if sp.issparse(block) else np.asarray(block)
+            blocks.append(block[:, cols])
+        return np.concatenate(blocks)
+
+    try:
+        return read(values), None if mask is None else read(mask).astype(bool)
+    finally:
+        if isinstance(tokens, StreamingTokens):
+            tokens.close()  # reopened by whichever process (or worker) reads next
+
+
 # ---------------------------------------------------------------------- logging
 class RunLog:
     """CSV log (always) and TensorBoard (when asked for and installed); main process only."""
@@ -578,15 +676,113 @@ def _save_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer, fold
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(folder))
 
 
+def check_shards(checkpoint: Path, shapes: dict[str, tuple[int, ...]] | None = None) -> None:
+    """Check a checkpoint's FSDP2 shards (``fsdp/``) without loading them: the
+    ``.metadata`` index reads, every shard file it names is there and long enough for
+    the bytes it indexes, and (given ``shapes``: parameter name -> full shape) the
+    weights it holds are those of the model. Raises :class:`DamagedCheckpointError`
+    naming the file. Works in any process, with or without a process group.
+
+    torch.distributed.checkpoint keeps no checksums, so changed bytes inside a shard of
+    the right length are found only when loading (:func:`_load_sharded` reports them).
+    """
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    shards = checkpoint / FSDP_DIR
+    index = f"{FSDP_DIR}/.metadata"
+    if not (shards / ".metadata").is_file():
+        raise DamagedCheckpointError(checkpoint, index, "the file is missing")
+    try:
+        metadata = FileSystemReader(str(shards)).read_metadata()
+        stored = metadata.storage_data
+        entries = metadata.state_dict_metadata
+        needed: dict[str, int] = {}
+        for info in stored.values():
+            end = int(info.offset) + int(info.length)
+            needed[info.relative_path] = max(needed.get(info.relative_path, 0), end)
+    except Exception as exc:  # pickle, EOF, attribute errors: all mean an unreadable index
+        raise DamagedCheckpointError(
+            checkpoint, index, f"unreadable ({type(exc).__name__}: {str(exc)[:200]})"
+        ) from exc
+    for name, end in sorted(needed.items()):
+        file = shards / name
+        if not file.is_file():
+            raise DamagedCheckpointError(
+                checkpoint, f"{FSDP_DIR}/{name}", "the file is missing (one process's shards)"
+            )
+        size = file.stat().st_size
+        if size < end:
+            raise DamagedCheckpointError(
+                checkpoint,
+                f"{FSDP_DIR}/{name}",
+                f"truncated: {size} bytes, but the index places data up to byte {end}",
+            )
+    if shapes is None:
+        return
+    saved = {
+        key.removeprefix("model."): tuple(meta.size)
+        for key, meta in entries.items()
+        if key.startswith("model.") and isinstance(meta, TensorStorageMetadata)
+    }
+    missing = [k for k in shapes if k not in saved]
+    unexpected = [k for k in saved if k not in shapes]
+    if missing or unexpected:
+        raise DamagedCheckpointError(
+            checkpoint,
+            index,
+            f"the shards do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}",
+        )
+    for key, shape in shapes.items():
+        if saved[key] != tuple(shape):
+            raise DamagedCheckpointError(
+                checkpoint, index, f"tensor {key!r} has shape {saved[key]}, the model {shape}"
+            )
+
+
+def _dcp_failure(exc: BaseException) -> str:
+    """One line per process from torch.distributed.checkpoint's error (its
+    ``CheckpointException`` holds each process's exception and traceback)."""
+    failures = getattr(exc, "failures", None)
+    if isinstance(failures, dict) and failures:
+        found = [(f"rank {rank}: ", failure[0]) for rank, failure in sorted(failures.items())]
+    else:
+        found = [("", exc)]
+    lines = []
+    for where, error in found:
+        text = str(error).strip()
+        first = text.splitlines()[0].split(". ")[0] if text else ""
+        lines.append(f"{where}{type(error).__name__}: {first[:200]}")
+    return "; ".join(lines)
+
+
+def _model_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    """Full (unsharded) shapes of the weights; an FSDP2 DTensor's shape is the full one."""
+    return {key: tuple(value.shape) for key, value in model.state_dict().items()}
+
+
 def _load_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
     """Read DCP shards into an FSDP2 model and its optimiser; DCP reshards, so the
-    process count may differ from the run that wrote them."""
+    process count may differ from the run that wrote them.
+
+    A failure (e.g. a shard whose bytes changed, or optimiser entries that do not fit)
+    is raised as :class:`DamagedCheckpointError` on every process alike (DCP gathers
+    the processes' errors), so resumption falls back to an older checkpoint together;
+    that one overwrites every weight and optimiser entry, whatever was read here.
+    """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     plain = _plain_optimizer(optimizer)
     model_sd, optim_sd = get_state_dict(model, plain)
-    dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(folder))  # in place
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(folder))  # in place
+    except (Exception, CheckpointException) as exc:  # the latter is a BaseException
+        raise DamagedCheckpointError(
+            folder.parent, FSDP_DIR, f"the shards could not be loaded ({_dcp_failure(exc)})"
+        ) from exc
     set_state_dict(model, plain, model_state_dict=model_sd, optim_state_dict=optim_sd)
 
 
@@ -595,10 +791,12 @@ def consolidate_checkpoint(checkpoint: str | Path, output_dir: str | Path | None
     FSDP2 shards of ``checkpoint``, in one process without a process group.
 
     Only the weights are read (not the optimiser state). ``output_dir`` defaults to
-    ``<checkpoint>/consolidated``; it is written beside and renamed into place. The
-    result loads with :func:`bulkfm.models.bulkrnabert.load_pretrained` and ``bulkfm
-    embed --model``. A checkpoint that is already a model folder (a DDP run's) is
-    returned as it is.
+    ``<checkpoint>/consolidated``; it is written beside and renamed into place, and an
+    existing one is replaced only if it is empty or a model folder. The result loads
+    with :func:`bulkfm.models.bulkrnabert.load_pretrained` and ``bulkfm embed --model``.
+    A checkpoint that is already a model folder (a DDP run's) is returned as it is.
+    The command line: ``bulkfm pretrain consolidate CHECKPOINT [-o OUT]``. Damaged
+    shards raise :class:`DamagedCheckpointError` naming the file (:func:`check_shards`).
     """
     import torch.distributed.checkpoint as dcp
 
@@ -610,19 +808,32 @@ def consolidate_checkpoint(checkpoint: str | Path, output_dir: str | Path | None
     if not shards.is_dir():
         if (path / WEIGHTS_FILE).is_file():
             return path
-        raise CheckpointError(
-            f"{path} holds neither FSDP shards ({FSDP_DIR}/) nor {WEIGHTS_FILE}; give a "
-            f"folder under {CHECKPOINT_DIR}/ of a pre-training run"
+        latest = find_latest_checkpoint(path)
+        hint = (
+            f"this is a run's output folder; its newest checkpoint is {latest}"
+            if latest is not None
+            else f"give a folder under {CHECKPOINT_DIR}/ of a pre-training run"
         )
-    if not (shards / ".metadata").is_file():
-        raise DamagedCheckpointError(path, f"{FSDP_DIR}/.metadata", "missing")
-    model = BulkRNABert(read_config(path))
-    state = {"model": model.state_dict()}
-    with warnings.catch_warnings():  # "assuming ... a single process": that is the intent
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, checkpoint_id=str(shards), no_dist=True)
-    model.load_state_dict(state["model"])
+        raise CheckpointError(
+            f"{path} holds neither FSDP shards ({FSDP_DIR}/) nor {WEIGHTS_FILE}: not a "
+            f"pre-training checkpoint; {hint}"
+        )
     out = Path(output_dir) if output_dir is not None else path / CONSOLIDATED_DIR
+    _check_replaceable(out)
+    model = BulkRNABert(read_config(path))
+    check_shards(path, _model_shapes(model))
+    state = {"model": model.state_dict()}
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        with warnings.catch_warnings():  # "assuming ... a single process": that is the intent
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, checkpoint_id=str(shards), no_dist=True)
+    except (Exception, CheckpointException) as exc:  # the latter is a BaseException
+        raise DamagedCheckpointError(
+            path, FSDP_DIR, f"the shards could not be loaded ({_dcp_failure(exc)})"
+        ) from exc
+    model.load_state_dict(state["model"])
     tmp = out.with_name(f".{out.name}.tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -632,6 +843,22 @@ def consolidate_checkpoint(checkpoint: str | Path, output_dir: str | Path | None
     os.replace(tmp, out)
     logger.info("consolidated %s into %s", path, out)
     return out
+
+
+def _check_replaceable(out: Path) -> None:
+    """``out`` may receive a consolidated model: absent, an empty folder, or a model folder
+    (config.json + model.safetensors, e.g. an earlier consolidation), which is replaced.
+    Anything else is refused rather than deleted."""
+    from bulkfm.errors import OutputPathError
+    from bulkfm.models.bulkrnabert import CONFIG_FILE, WEIGHTS_FILE
+
+    check_output_dir(out, flag="-o / output_dir=")
+    model_folder = (out / CONFIG_FILE).is_file() and (out / WEIGHTS_FILE).is_file()
+    if out.is_dir() and any(out.iterdir()) and not model_folder:
+        raise OutputPathError(
+            f"output folder {out} (set by -o / output_dir=) exists and is not a "
+            "model folder; it would be replaced, so give -o a new or empty folder"
+        )
 
 
 def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -982,10 +1209,9 @@ def read_checkpoint(
             raise CheckpointError(
                 f"{path} holds FSDP2 shards (fsdp: true); resume it with --set fsdp=true "
                 "under a launch of 2 or more processes (any number), or make a model folder "
-                "of it with bulkfm.train.pretrain.consolidate_checkpoint"
+                f"of it with `bulkfm pretrain consolidate {path}`"
             )
-        if not (path / FSDP_DIR / ".metadata").is_file():
-            raise DamagedCheckpointError(path, f"{FSDP_DIR}/.metadata", "missing")
+        check_shards(path, _model_shapes(model))
     elif _is_fsdp2(model):
         raise CheckpointError(
             f"{path} was written without FSDP; resume it with fsdp: false (--set fsdp=false)"
@@ -1247,7 +1473,15 @@ def _optimizer_step(
 class _Run:
     """State of one pre-training run between set-up and the final save."""
 
-    def __init__(self, config: PretrainConfig, data: PretrainData, cpu: bool) -> None:
+    def __init__(
+        self,
+        config: PretrainConfig,
+        data: PretrainData,
+        cpu: bool,
+        *,
+        adata: ad.AnnData | None = None,
+        fresh: bool = True,
+    ) -> None:
         from accelerate.utils import set_seed
 
         self.started = time.perf_counter()
@@ -1263,6 +1497,12 @@ class _Run:
 
         set_seed(config.seed)
         model = build_model(config, data.n_genes)
+        # Once, on a fresh start; a resumed run's checkpoint holds the weights (and its
+        # trainer_state.json this record). Main process first: a Gene2Vec URL downloads once.
+        self.gene_init: dict[str, Any] = {}
+        if fresh:
+            with self.accelerator.main_process_first():
+                self.gene_init = init_gene_embedding(model, config, data, adata)
         _check_fsdp_launch(config, self.accelerator)
         # Every process built the same weights from the seed; FSDP2 keeps its shard of them.
         self.sharded = config.fsdp and self.world > 1
@@ -1307,8 +1547,11 @@ class _Run:
 
         A checkpoint with a missing, unreadable or inconsistent file is skipped with a
         warning that names the file, and the one before it is tried; every file is
-        checked before any state is loaded. A config that changed what is trained
-        (:func:`_check_resumable`) is an error before any weights are read.
+        checked before any state is loaded. FSDP2 shards are checked by their index and
+        file lengths (:func:`check_shards`); one that still fails to load is skipped the
+        same way, on every process, and the older checkpoint overwrites what it read. A
+        config that changed what is trained (:func:`_check_resumable`) is an error before
+        any weights are read.
         """
         root = self.output_dir / CHECKPOINT_DIR
         candidates = _checkpoint_folders(self.output_dir)
@@ -1325,6 +1568,10 @@ class _Run:
                 loaded = read_checkpoint(
                     path, self.accelerator, self.model, self.optimizer, state=state
                 )
+                # FSDP2 shards are read here, and may only now turn out damaged
+                _apply_checkpoint(
+                    loaded, self.accelerator, self.model, self.optimizer, self.scheduler
+                )
             except DamagedCheckpointError as exc:
                 skipped.append(str(exc))
                 logger.warning(
@@ -1334,7 +1581,6 @@ class _Run:
                     exc.problem,
                 )
                 continue
-            _apply_checkpoint(loaded, self.accelerator, self.model, self.optimizer, self.scheduler)
             self._resumed(loaded.state, path)
             if skipped:
                 logger.warning(
@@ -1352,6 +1598,7 @@ class _Run:
     def _resumed(self, saved: dict[str, Any], checkpoint: Path) -> None:
         self.progress = _Progress(int(saved["step"]), int(saved["samples_seen"]))
         self.resumed_from = self.progress.step
+        self.gene_init = dict(saved.get("gene_init", {}))  # what the fresh start did
         self.accelerator.step = 0  # checkpoints are taken at optimiser-step boundaries
         if saved.get("global_batch_size") != self.global_batch:
             logger.warning(
@@ -1383,6 +1630,7 @@ class _Run:
             "n_genes": data.n_genes,
             "genes_sha256": _genes_digest(data.genes),
             "config": self.config.to_dict(),
+            "gene_init": self.gene_init,
         }
 
     def log_row(self, **values: Any) -> None:
@@ -1580,6 +1828,7 @@ class _Run:
             elapsed_s=round(time.perf_counter() - self.started, 3),
             log_path=self.log.path,
             gene_selection=dict(data.info.get("gene_selection", {})),
+            gene_init=dict(self.gene_init),
         )
 
 
@@ -1626,15 +1875,14 @@ def pretrain(
             path=_streamed_path(adata),
         )
     else:
-        if adata is None:
-            if config.data.path is None:
-                raise ConfigError("data.path is not set; point it at a .h5ad file with X = TPM")
-            adata = load_adata(config.data.path, layer=config.data.layer)
+        if adata is None:  # an .h5ad, or ARCHS4 / parquet shards read through their source
+            adata = read_into_memory(config.data)
         data = prepare_pretrain_data(
             adata, config.data, seed=config.seed, n_bins=config.model.n_expressions_bins
         )
 
-    run = _Run(config, data, cpu=_distributed_without_gpu())
+    fresh = not (resume and _checkpoint_folders(output_dir))  # else the checkpoint's weights
+    run = _Run(config, data, cpu=_distributed_without_gpu(), adata=adata, fresh=fresh)
     if resume:
         run.resume()
     with _StopOnSignal(enabled=handle_signals) as stop:
