@@ -230,15 +230,53 @@ def test_embed_speed_smoke_in_fresh_processes() -> None:
 
 @pytest.mark.slow
 def test_embed_memory_smoke() -> None:
-    """Two files of 20 and 60 samples, each embedded by the real command in a child."""
+    """Two files of 20 and 60 samples x 32 genes, each embedded by the real command in a
+    child with a model over 12 of the 32 genes (full-width rows aligned to the model)."""
     embed_memory = load("embed_memory")
-    args = "--samples 60 20 --genes 32 --threads 1 --batch-size 8"
+    args = "--samples 60 20 --genes 32 --model-genes 12 --threads 1 --batch-size 8"
     report = embed_memory.main(args.split())
     rows = report["rows"]
     assert [r["samples"] for r in rows] == [20, 60]
     assert all("error" not in r for r in rows), rows
     assert all(r["peak_rss_mb"] > 0 and r["wall_s"] > 0 for r in rows)
     assert report["peak_ratio"] == pytest.approx(rows[1]["peak_rss_mb"] / rows[0]["peak_rss_mb"])
+    assert (report["genes"], report["model_genes"]) == (32, 12)
+    assert [r["n_model_genes"] for r in rows] == [12, 12]
+    assert [r["output_shape"] for r in rows] == [[20, 16], [60, 16]]
+
+
+def test_embed_memory_model_genes_are_a_scattered_subset() -> None:
+    """--model-genes: distinct file genes in a new order, so reading must align columns."""
+    from bulkfm.tokenize import BinTokenizer, TokenizerConfig
+
+    embed_memory = load("embed_memory")
+    file_genes = embed_memory.gene_ids(50)
+    chosen = embed_memory.model_gene_ids(50, 10)
+    assert len(set(chosen)) == 10 and set(chosen) <= set(file_genes)
+    assert embed_memory.model_gene_ids(50, None) == file_genes
+    tokenizer = BinTokenizer(TokenizerConfig(genes=chosen, normalization_factor=6.0))
+    cols = tokenizer.align_columns(file_genes)
+    assert cols is not None and (cols >= 0).all()
+    assert [file_genes[c] for c in cols] == chosen
+    assert (np.diff(cols) < 0).any()  # not the file's order
+    with pytest.raises(ValueError, match="--model-genes"):
+        embed_memory.model_gene_ids(50, 51)
+
+
+def test_embed_memory_writes_the_file_in_blocks(tmp_path: Path) -> None:
+    """Block by block (ragged last block) == one block: the writer never needs all of X."""
+    import anndata as ad
+
+    embed_memory = load("embed_memory")
+    embed_memory.write_h5ad(tmp_path / "blocks.h5ad", 23, 9, seed=3, block=5)
+    embed_memory.write_h5ad(tmp_path / "whole.h5ad", 23, 9, seed=3, block=23)
+    blocks, whole = ad.read_h5ad(tmp_path / "blocks.h5ad"), ad.read_h5ad(tmp_path / "whole.h5ad")
+    assert blocks.shape == (23, 9) and list(blocks.var_names) == embed_memory.gene_ids(9)
+    assert blocks.X.dtype == np.float32
+    np.testing.assert_allclose(blocks.X.sum(axis=1), 1e6, rtol=1e-4)  # TPM: rows sum to 1e6
+    assert np.isfinite(blocks.X).all() and (blocks.X >= 0).all()
+    assert not np.allclose(blocks.X[0], blocks.X[1])  # samples differ
+    np.testing.assert_array_equal(blocks.X, whole.X)  # one random stream, drawn in blocks
 
 
 @pytest.mark.slow
@@ -418,9 +456,10 @@ def test_train_speed_processes_and_streamed_loader_smoke(keep_torch_threads) -> 
 
 @pytest.mark.slow
 def test_pretrain_memory_smoke() -> None:
-    """Streamed and in-memory pre-training on 20 and 60 samples, each in a child."""
+    """Streamed and in-memory pre-training on 20 and 60 samples x 32 genes, each in a
+    child, a model over the 24 most variable genes."""
     pretrain_memory = load("pretrain_memory")
-    args = "--samples 60 20 --genes 32 --steps 2 --threads 1 --in-memory"
+    args = "--samples 60 20 --genes 32 --model-genes 24 --steps 2 --threads 1 --in-memory"
     report = pretrain_memory.main(args.split())
     rows = report["rows"]
     assert [(r["samples"], r["streaming"]) for r in rows] == [
@@ -430,5 +469,6 @@ def test_pretrain_memory_smoke() -> None:
         (60, False),
     ]
     assert all("error" not in r for r in rows), rows
-    assert all(r["peak_rss_mb"] > 0 and r["steps"] == 2 and r["n_genes"] == 32 for r in rows)
+    assert all(r["peak_rss_mb"] > 0 and r["steps"] == 2 and r["n_genes"] == 24 for r in rows)
     assert report["peak_ratio"] == pytest.approx(rows[2]["peak_rss_mb"] / rows[0]["peak_rss_mb"])
+    assert (report["genes"], report["model_genes"]) == (32, 24)
