@@ -29,20 +29,36 @@ ratio shows what the recomputation costs.
 With ``--device cuda`` the report ends with the projected wall time of the paper's token
 budget (12e9 tokens, ``PAPER_TOKENS``) on ``--gpus`` GPUs from the measured per-GPU
 MLM rate at the largest gene count. ``--loader-source stream`` feeds the loader from an
-``.h5ad`` on disk (``StreamingTokens``: read, tokenise and mask per sample).
+uncompressed ``.h5ad`` on disk (``StreamingTokens``: read, tokenise and mask per sample);
+``--loader-source gzip`` from one compressed as ``bulkfm data build`` writes it (gzip, in
+chunks of whole rows, ``bulkfm.io.row_chunks``, for a file of ``--loader-file-samples`` rows).
+
+Every report also ends with an **estimate, not a measurement**, usable without a GPU: the
+model FLOPs of the token budget over (dense bf16 peak of a named GPU x an assumed MFU band)
+on 1 and more GPUs, with an assumed multi-GPU scaling efficiency
+(``--estimate-gpu``, ``--mfu``, ``--assumed-efficiency``). ``--config`` takes the model
+shape, the gene count and the token budget (steps x samples per step x genes) from a
+pre-training YAML; ``--estimate-only`` skips every measurement.
 
 CPU:
     python benchmarks/train_speed.py                       # 1,024 .. 19,062 genes
     python benchmarks/train_speed.py --genes 1024 --ia3-genes 0 --loader-genes 0 \
         --processes 1 2 --threads 1                        # scaling 1 -> 2 processes
     python benchmarks/train_speed.py --genes 4096 --checkpointing on
+    python benchmarks/train_speed.py --config configs/pretrain_paper_gpu.yaml \
+        --estimate-only                                    # time-to-train estimate only
+    python benchmarks/train_speed.py --config configs/pretrain_paper_gpu.yaml \
+        --checkpointing off --ia3-genes 0 --loader-source gzip --loader-batch-size 1
 GPU (bf16 autocast, flash attention via SDPA, MFU against the bf16 peak):
     python benchmarks/train_speed.py --device cuda --batch-size 8 [--compile]
+    python benchmarks/train_speed.py --device cuda --config configs/pretrain_paper_gpu.yaml \
+        --batch-size 20 --checkpointing off --ia3-genes 0 --loader-source gzip
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import subprocess
 import sys
@@ -62,13 +78,32 @@ WARM_GENES = 256
 #: The paper's pre-training budget: "12B tokens in all" (/work/shared/docs/bulkrnabert.md).
 PAPER_TOKENS = 12e9
 DEFAULT_GPUS = (1, 8, 64)
+#: GPUs the estimate names; their dense bf16 peaks come from
+#: ``_common.GPU_BF16_PEAK_TFLOPS``: NVIDIA data sheets, A100 SXM "BF16 Tensor Core 312
+#: TFLOPS"; H100 SXM and H200 "BF16 Tensor Core 1,979 TFLOPS" with 2:4 sparsity, i.e.
+#: 989.4 dense (sparsity is never used here).
+ESTIMATE_GPUS = ("A100", "H100", "H200")
+#: Assumed model-FLOP utilisation band of the estimate (not measured for this model).
+DEFAULT_MFU = (0.25, 0.45)
+#: Assumed per-GPU rate with several GPUs over the rate of one (not measured on GPUs; the
+#: 1 -> 2 process efficiency measured on CPU with gloo does not carry over to NCCL).
+ASSUMED_EFFICIENCY = 0.9
+#: Samples of the paper's pre-training set, TCGA 11,274 + GTEx/ENCODE 20,406
+#: (/work/shared/docs/bulkrnabert.md, "Pre-training (paper)"): the row count whose
+#: chunking ``--loader-source gzip`` reproduces.
+PAPER_SAMPLES = 11_274 + 20_406
 
 
 # --------------------------------------------------------------------------- child side
-def model_config(n_genes: int, checkpointing: bool, smoke: bool) -> Any:
-    from bulkfm.models.bulkrnabert import BulkRNABertConfig
+def model_config(
+    n_genes: int, checkpointing: bool, smoke: bool, model: dict[str, Any] | None = None
+) -> Any:
+    """The benchmarked architecture: ``model`` (fields of a config's ``model:`` section)
+    or the official one, at ``n_genes`` genes; ``smoke`` shrinks it for tests."""
+    from bulkfm.models.config import BulkRNABertConfig
 
-    kw: dict[str, Any] = {"n_genes": n_genes, "gradient_checkpointing": checkpointing}
+    kw: dict[str, Any] = {**(model or {}), "n_genes": n_genes}
+    kw["gradient_checkpointing"] = checkpointing
     if smoke:
         kw.update(embed_dim=32, num_attention_heads=4, ffn_embed_dim=64, num_layers=2)
         kw.update(init_gene_embed_dim=24)
@@ -127,7 +162,7 @@ def child_mlm(payload: dict[str, Any]) -> dict[str, Any]:
 
     device, n_genes, batch = payload["device"], payload["genes"], payload["batch_size"]
     torch.manual_seed(payload["seed"])
-    config = model_config(n_genes, payload["checkpointing"], payload["smoke"])
+    config = model_config(n_genes, payload["checkpointing"], payload["smoke"], payload.get("model"))
     model = BulkRNABert(config).to(device).train()
     step = MLMStep(model, device, payload.get("compile", False))
     bins = config.n_expressions_bins
@@ -187,7 +222,7 @@ def child_ia3(payload: dict[str, Any]) -> dict[str, Any]:
 
     device, n_genes, batch = payload["device"], payload["genes"], payload["batch_size"]
     torch.manual_seed(payload["seed"])
-    config = model_config(n_genes, payload["checkpointing"], payload["smoke"])
+    config = model_config(n_genes, payload["checkpointing"], payload["smoke"], payload.get("model"))
     network = FinetuneNetwork(BulkRNABert(config), classification_head(config.embed_dim, 4))
     apply_ia3(network)
     head = {n: p for n, p in network.named_parameters() if n.startswith("head.")}
@@ -256,21 +291,22 @@ def child_loader(payload: dict[str, Any]) -> dict[str, Any]:
     from bulkfm.train.data import MaskedTokenDataset, StepBatchSampler, collate
 
     device, n_genes, batch = payload["device"], payload["genes"], payload["batch_size"]
-    steps = payload["steps"]
-    n_samples = max(64, (steps + 1) * batch)
+    steps, source = payload["steps"], payload.get("source", "memory")
+    chunks = None
+    if source == "gzip":  # the chunks data build gives a file of that many samples
+        chunks = gzip_chunks(payload.get("file_samples", PAPER_SAMPLES), n_genes)
+    n_samples = max(64, (steps + 1) * batch, chunks[0] if chunks else 0)
     rng = np.random.default_rng(0)
     tpm = rng.lognormal(1.0, 2.0, (n_samples, n_genes)).astype(np.float32)
     tpm[rng.random(tpm.shape) < 0.3] = 0.0
     genes = [f"G{i}" for i in range(n_genes)]
     tokenizer = BinTokenizer(TokenizerConfig(genes=genes, normalization_factor=5.547))
     folder = tempfile.TemporaryDirectory()
-    if payload.get("source") == "stream":  # read and tokenised per sample from disk
-        import anndata as ad
-
+    if source in ("stream", "gzip"):  # read and tokenised per sample from disk
         from bulkfm.train.stream import DiskMatrix, StreamingTokens
 
         path = Path(folder.name) / "loader.h5ad"
-        ad.AnnData(tpm).write_h5ad(path)
+        write_loader_h5ad(path, tpm, chunks)
         tokens: Any = StreamingTokens(DiskMatrix(path, "X"), None, np.arange(n_genes), tokenizer)
     else:
         tokens = tokenizer.encode(tpm).astype(np.int16)  # as prepare_pretrain_data stores them
@@ -287,9 +323,14 @@ def child_loader(payload: dict[str, Any]) -> dict[str, Any]:
         persistent_workers=workers > 0,
     )
     torch.manual_seed(payload["seed"])
-    config = model_config(n_genes, False, payload["smoke"])
-    model = BulkRNABert(config).to(device).train()
-    step = MLMStep(model, device, payload.get("compile", False))
+
+    def step(ids: Any, labels: Any) -> None:  # --loader-model off: the data time alone
+        return None
+
+    if payload.get("loader_model", True):
+        config = model_config(n_genes, False, payload["smoke"], payload.get("model"))
+        model = BulkRNABert(config).to(device).train()
+        step = MLMStep(model, device, payload.get("compile", False))  # type: ignore[assignment]
     batches = iter(loader)
     data_s: list[float] = []
     compute_s: list[float] = []
@@ -308,11 +349,33 @@ def child_loader(payload: dict[str, Any]) -> dict[str, Any]:
     folder.cleanup()
     return {
         **common.device_info(device),
+        "chunks": list(chunks) if chunks else None,
+        "model_step": payload.get("loader_model", True),
         "data_s": data_s,
         "compute_s": compute_s,
         "data_fraction": sum(data_s) / (sum(data_s) + sum(compute_s)),
         "data_s_per_sample": sum(data_s) / (len(data_s) * batch),
     }
+
+
+def gzip_chunks(n_samples: int, n_genes: int) -> tuple[int, int]:
+    """The chunk shape of a gzip-compressed float32 ``n_samples x n_genes`` X as ``bulkfm
+    data build`` writes it (``bulkfm.io.write_h5ad``: whole rows, ``row_chunks``)."""
+    from bulkfm.io import row_chunks
+
+    return row_chunks(n_samples, n_genes)
+
+
+def write_loader_h5ad(path: Path, tpm: Any, chunks: tuple[int, int] | None) -> None:
+    """An ``.h5ad`` with X = ``tpm``: uncompressed (anndata's default), or gzip in ``chunks``."""
+    import anndata as ad
+    import h5py
+
+    ad.AnnData(tpm).write_h5ad(path)
+    if chunks is not None:
+        with h5py.File(path, "a") as f:
+            del f["X"]
+            ad.io.write_elem(f, "X", tpm, dataset_kwargs={"compression": "gzip", "chunks": chunks})
 
 
 def child(payload: dict[str, Any]) -> dict[str, Any]:
@@ -323,7 +386,9 @@ def child(payload: dict[str, Any]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- parent side
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--genes", type=int, nargs="+", default=None, help="MLM gene counts")
+    p.add_argument(
+        "--genes", type=int, nargs="+", default=None, help="MLM gene counts (0: no MLM rows)"
+    )
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--threads", type=int, default=common.DEFAULT_THREADS)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -337,22 +402,86 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--loader-batch-size", type=int, default=2)
     p.add_argument("--workers", type=int, default=None, help="loader workers (cpu 0, gpu 4)")
     p.add_argument(
-        "--loader-source", choices=("memory", "stream"), default="memory", help="loader tokens"
+        "--loader-source",
+        choices=("memory", "stream", "gzip"),
+        default="memory",
+        help="loader tokens: in memory, streamed from an uncompressed .h5ad, or from a gzip one "
+        "as `bulkfm data build` writes it",
+    )
+    p.add_argument(
+        "--loader-model",
+        choices=("on", "off"),
+        default="on",
+        help="off: no training step in the loader loop, to time the loader alone over many "
+        "steps where a full-length step is too slow (CPU)",
+    )
+    p.add_argument(
+        "--loader-file-samples",
+        type=int,
+        default=PAPER_SAMPLES,
+        help="gzip: rows of the file whose chunking is reproduced (default: the paper's "
+        f"{PAPER_SAMPLES:,} pre-training samples)",
     )
     p.add_argument("--processes", type=int, nargs="+", default=None, help="scaling mode: e.g. 1 2")
     p.add_argument("--scaling-genes", type=int, default=1024, help="genes of the scaling runs")
     p.add_argument("--scaling-steps", type=int, default=6, help="optimiser steps per run")
     p.add_argument("--gpus", type=int, nargs="+", default=list(DEFAULT_GPUS), help="projection")
+    p.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="pre-training YAML: model shape, gene count (data.top_k_variable_genes, else the "
+        "official 19,062) and token budget (steps x samples per step x genes) of the report",
+    )
+    p.add_argument(
+        "--estimate-only", action="store_true", help="print the GPU estimate, measure nothing"
+    )
+    p.add_argument(
+        "--estimate-gpu",
+        nargs="+",
+        default=list(ESTIMATE_GPUS),
+        help="GPUs named in the estimate (their bf16 peaks from _common)",
+    )
+    p.add_argument(
+        "--mfu",
+        type=float,
+        nargs=2,
+        default=list(DEFAULT_MFU),
+        metavar=("LOW", "HIGH"),
+        help="assumed model-FLOP utilisation band of the estimate",
+    )
+    p.add_argument(
+        "--assumed-efficiency",
+        type=float,
+        default=ASSUMED_EFFICIENCY,
+        help="assumed per-GPU rate with several GPUs over one GPU's, for the estimate",
+    )
     common.add_run_arguments(
         p, budget_s=30.0, max_reps=3, timeout_s=3600.0, compile_help="torch.compile the model"
     )
     args = p.parse_args(argv)
+    if not 0 < args.mfu[0] <= args.mfu[1] <= 1:
+        p.error(f"--mfu {args.mfu[0]} {args.mfu[1]}: need 0 < LOW <= HIGH <= 1")
+    if not 0 < args.assumed_efficiency <= 1:
+        p.error(f"--assumed-efficiency {args.assumed_efficiency}: must lie in (0, 1]")
+    unknown = [g for g in args.estimate_gpu if common.gpu_peak_tflops(g, None) is None]
+    if unknown:
+        known = ", ".join(k for k, _ in common.GPU_BF16_PEAK_TFLOPS)
+        p.error(f"--estimate-gpu {' '.join(unknown)}: no bf16 peak known; choose from {known}")
+    args.plan = plan_from(args.config) if args.config else None
+    config_genes = args.plan["genes"] if args.plan else None
+    if args.estimate_only:
+        args.genes = [config_genes or DEFAULT_GENES[-1]] if args.genes is None else args.genes
+        args.ia3_genes = args.loader_genes = 0
+        args.processes = None
     if args.genes is None:
-        args.genes = list(SMOKE_GENES if args.smoke else DEFAULT_GENES)
+        args.genes = [config_genes] if config_genes else list(DEFAULT_GENES)
+        if args.smoke:
+            args.genes = list(SMOKE_GENES)
     if args.ia3_genes is None:
-        args.ia3_genes = SMOKE_GENES[-1] if args.smoke else 19062
+        args.ia3_genes = SMOKE_GENES[-1] if args.smoke else (config_genes or 19062)
     if args.loader_genes is None:
-        args.loader_genes = SMOKE_GENES[-1] if args.smoke else 4096
+        args.loader_genes = SMOKE_GENES[-1] if args.smoke else (config_genes or 4096)
     if args.smoke:
         args.budget_s, args.max_reps, args.loader_steps = 0.0, 1, 2
         args.scaling_steps = min(args.scaling_steps, 3)
@@ -363,8 +492,39 @@ def _flags(choice: str) -> list[bool]:
     return {"off": [False], "on": [True], "both": [False, True]}[choice]
 
 
+def plan_from(path: Path) -> dict[str, Any]:
+    """What a pre-training YAML fixes for this report: the architecture (its ``model:``
+    section), the gene count (``data.top_k_variable_genes``, else the official vocabulary
+    the paper-scale recipe trains on) and the token budget, max_steps x the tokens of one
+    optimiser step (accumulation sized for one process, as ``bulkfm pretrain`` sizes it)."""
+    from bulkfm.models.config import BulkRNABertConfig
+    from bulkfm.train.config import PretrainConfig
+
+    config = PretrainConfig.from_yaml(path)
+    genes = config.data.top_k_variable_genes or BulkRNABertConfig().n_genes
+    model = config.model.to_dict()
+    for run_key in ("n_genes", "gradient_checkpointing", "format"):
+        model.pop(run_key)
+    samples = config.grad_accum_steps(genes) * config.optim.micro_batch_size
+    return {
+        "config": str(path),
+        "model": model,
+        "genes": genes,
+        "steps": config.optim.max_steps,
+        "samples_per_step": samples,
+        "micro_batch_size": config.optim.micro_batch_size,
+        "total_tokens": float(config.optim.max_steps * samples * genes),
+    }
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.estimate_only:
+        report: dict[str, Any] = {"args": _args_record(args), "plan": args.plan}
+        report["estimate"] = estimate_for(args, _estimate_genes(args), loader=None)
+        print_estimate(report["estimate"])
+        common.write_json(args.json, report)
+        return report
     device = common.device_of(args.device, inline=args.inline)
     workers = args.workers if args.workers is not None else (4 if device == "cuda" else 0)
     print(common.machine_line(args.threads))
@@ -384,10 +544,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "min_reps": args.min_reps,
         "max_reps": args.max_reps,
         "compile": args.compile,
+        "model": args.plan["model"] if args.plan else None,
     }
     plan = [
         {"kind": "mlm", "genes": g, "checkpointing": c}
         for g in args.genes
+        if g
         for c in _flags(args.checkpointing)
     ]
     if args.ia3_genes:
@@ -421,19 +583,39 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "workers": workers,
                 "checkpointing": False,
                 "source": args.loader_source,
+                "file_samples": args.loader_file_samples,
+                "loader_model": args.loader_model == "on",
             },
             inline=args.inline,
             timeout=args.timeout_s,
             env=common.malloc_env(args.malloc_mmap_threshold),
         )
-    report = {"device": device, "args": vars(args) | {"json": str(args.json)}, "rows": rows}
+    report = {"device": device, "args": _args_record(args), "plan": args.plan, "rows": rows}
     report["loader"] = loader
     report["scaling"] = scaling(rows)
     report["processes"] = process_scaling(args, device) if args.processes else []
-    report["projection"] = projection_for(report, args.gpus) if device == "cuda" else None
+    total = args.plan["total_tokens"] if args.plan else PAPER_TOKENS
+    report["projection"] = (
+        projection_for(report, args.gpus, total_tokens=total) if device == "cuda" else None
+    )
+    report["estimate"] = estimate_for(args, _estimate_genes(args), loader=loader)
     print_report(report, device)
     common.write_json(args.json, report)
     return report
+
+
+def _estimate_genes(args: argparse.Namespace) -> int:
+    """The config's gene count, else the largest MLM gene count, else the loader's."""
+    if args.plan:
+        return int(args.plan["genes"])
+    return max(args.genes) or args.loader_genes or DEFAULT_GENES[-1]
+
+
+def _args_record(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: v for k, v in vars(args).items() if k != "plan"} | {
+        "json": str(args.json),
+        "config": str(args.config) if args.config else None,
+    }
 
 
 def _label(item: dict[str, Any]) -> str:
@@ -610,7 +792,9 @@ def projection(
     return out
 
 
-def projection_for(report: dict[str, Any], gpus: list[int]) -> dict[str, Any] | None:
+def projection_for(
+    report: dict[str, Any], gpus: list[int], *, total_tokens: float = PAPER_TOKENS
+) -> dict[str, Any] | None:
     """The projection from the MLM row at the most genes (checkpointing off if run), with
     the efficiency measured by ``--processes`` when it ran with 2+ processes."""
     mlm = [r for r in report["rows"] if r.get("kind") == "mlm" and "error" not in r]
@@ -628,8 +812,10 @@ def projection_for(report: dict[str, Any], gpus: list[int]) -> dict[str, Any] | 
         "tokens_per_s_per_gpu": row["tokens_per_s"],
         "efficiency": efficiency,
         "efficiency_measured_with": scaled[-1]["processes"] if scaled else None,
-        "total_tokens": PAPER_TOKENS,
-        "rows": projection(row["tokens_per_s"], gpus, efficiency=efficiency),
+        "total_tokens": total_tokens,
+        "rows": projection(
+            row["tokens_per_s"], gpus, total_tokens=total_tokens, efficiency=efficiency
+        ),
     }
 
 
@@ -640,13 +826,142 @@ def print_projection(proj: dict[str, Any]) -> None:
         else "assumed: perfect scaling, not measured"
     )
     print(
-        f"\nprojected time for the paper's {proj['total_tokens']:.3g} tokens at {proj['genes']} "
+        f"\nprojected time for {proj['total_tokens']:.3g} tokens at {proj['genes']} "
         f"genes (batch {proj['batch_size']} per GPU, checkpointing {proj['checkpointing']}), "
         f"from {proj['tokens_per_s_per_gpu']:,.0f} tokens/s measured on one GPU; scaling "
         f"efficiency {proj['efficiency']:.2f} ({source}):"
     )
     for r in proj["rows"]:
         print(f"  {r['gpus']:>4} GPU(s): {r['days']:.2f} days ({r['seconds'] / 3600:,.1f} h)")
+
+
+# --------------------------------------------------------------------------- estimate
+def training_flops_per_token(model: Any, n_genes: int, batch: int = 1) -> float:
+    """Model FLOPs of one MLM training token (gene position) at ``n_genes`` genes in
+    micro-batches of ``batch``: 3x the forward (the backward costs twice the forward).
+    Element-wise work and the attention the flash backward recomputes are left out, as
+    the MFU convention does."""
+    return 3 * common.model_flops(model, n_genes, batch, lm_head=True).total / (batch * n_genes)
+
+
+def time_to_train_s(
+    flops_per_token: float,
+    total_tokens: float,
+    *,
+    peak_tflops: float,
+    mfu: float,
+    gpus: int,
+    efficiency: float,
+) -> float:
+    """Seconds for ``total_tokens`` at ``mfu`` of ``gpus`` x ``peak_tflops``; beyond one GPU
+    each runs at ``efficiency`` of the one-GPU rate."""
+    if not (flops_per_token > 0 and total_tokens > 0 and peak_tflops > 0 and gpus >= 1):
+        raise ValueError("FLOPs per token, tokens, peak and GPU count must all be positive")
+    if not (0 < mfu <= 1 and 0 < efficiency <= 1):
+        raise ValueError(f"MFU ({mfu}) and efficiency ({efficiency}) must lie in (0, 1]")
+    rate = peak_tflops * 1e12 * mfu * gpus * (1.0 if gpus == 1 else efficiency)
+    return total_tokens * flops_per_token / rate
+
+
+def estimate_for(
+    args: argparse.Namespace, n_genes: int, *, loader: dict[str, Any] | None
+) -> dict[str, Any]:
+    """The labelled GPU estimate: time to train the token budget for each named GPU, each
+    end of the MFU band and each GPU count; with a measured loader, the workers per GPU
+    that keep pace with the estimated step."""
+    model = model_config(n_genes, False, args.smoke, args.plan["model"] if args.plan else None)
+    fwd = common.model_flops(model, n_genes, 1, lm_head=True)
+    batch = args.plan["micro_batch_size"] if args.plan else args.batch_size
+    per_token = training_flops_per_token(model, n_genes, batch)
+    total = args.plan["total_tokens"] if args.plan else PAPER_TOKENS
+    load_s = None
+    if loader and "error" not in loader and loader.get("genes") == n_genes:
+        load_s = loader["data_s_per_sample"]
+    rows = []
+    for name in args.estimate_gpu:
+        peak = common.gpu_peak_tflops(name, None)
+        for mfu in sorted(set(args.mfu)):
+            sample_s = per_token * n_genes / (peak * 1e12 * mfu)
+            row: dict[str, Any] = {
+                "gpu": name,
+                "peak_tflops": peak,
+                "mfu": mfu,
+                "ms_per_sample": 1000 * sample_s,
+                "samples_per_s": 1 / sample_s,
+            }
+            for n in args.gpus:
+                seconds = time_to_train_s(
+                    per_token,
+                    total,
+                    peak_tflops=peak,
+                    mfu=mfu,
+                    gpus=n,
+                    efficiency=args.assumed_efficiency,
+                )
+                row[f"hours_{n}"] = seconds / 3600
+            if load_s is not None:
+                row["loader_share_sync"] = load_s / (load_s + sample_s)
+                row["loader_workers"] = math.ceil(load_s / sample_s)
+            rows.append(row)
+    return {
+        "label": "estimate, not measured",
+        "genes": n_genes,
+        "model": {k: getattr(model, k) for k in ("embed_dim", "num_layers", "key_size")},
+        "micro_batch_size": batch,
+        "flops_per_token": per_token,
+        "attention_share": fwd.attention / fwd.total,
+        "total_tokens": total,
+        "total_flops": per_token * total,
+        "plan": args.plan,
+        "mfu_band": list(args.mfu),
+        "assumed_efficiency": args.assumed_efficiency,
+        "gpus": list(args.gpus),
+        "loader_s_per_sample": load_s,
+        "rows": rows,
+    }
+
+
+def print_estimate(est: dict[str, Any]) -> None:
+    plan = est["plan"]
+    budget = (
+        f"{plan['steps']:,} steps x {plan['samples_per_step']} samples x {est['genes']:,} "
+        f"genes of {plan['config']}"
+        if plan
+        else "the paper's budget, PAPER_TOKENS"
+    )
+    m = est["model"]
+    lo, hi = est["mfu_band"]
+    print(
+        f"\nESTIMATE, NOT MEASURED: time to train {est['total_tokens'] / 1e9:.4g}e9 tokens "
+        f"({budget}) "
+        f"with {m['num_layers']} blocks of {m['embed_dim']}-d at {est['genes']:,} genes.\n"
+        f"  model FLOPs per token {est['flops_per_token']:.4g} (3x the forward; attention "
+        f"{100 * est['attention_share']:.1f}% of it), {est['total_flops']:.4g} FLOPs in all.\n"
+        f"  Assumed, not measured: MFU {lo}-{hi} of the dense bf16 peak (attention with "
+        f"head size {m['key_size']} dominates, which keeps flash attention below its best: "
+        "expect the low end); per-GPU "
+        f"efficiency {est['assumed_efficiency']} beyond one GPU (the 1 -> 2 process "
+        "efficiency measured on CPU with gloo does not apply to GPUs)."
+    )
+    columns = [
+        ("gpu", "GPU"),
+        ("peak_tflops", "bf16 peak TFLOP/s"),
+        ("mfu", "MFU"),
+        ("ms_per_sample", "ms/sample"),
+    ]
+    columns += [(f"hours_{n}", f"hours on {n} GPU{'s' if n > 1 else ''}") for n in est["gpus"]]
+    if est["loader_s_per_sample"] is not None:
+        columns += [
+            ("loader_share_sync", "loader share, 0 workers"),
+            ("loader_workers", "workers/GPU to keep up"),
+        ]
+    print(common.format_table(est["rows"], columns))
+    if est["loader_s_per_sample"] is not None:
+        print(
+            f"  loader (measured here): {1000 * est['loader_s_per_sample']:.1f} ms per sample to "
+            "read, tokenise and mask in one process; the last column is that over the "
+            "estimated GPU time per sample, rounded up."
+        )
 
 
 def print_report(report: dict[str, Any], device: str) -> None:
@@ -661,13 +976,15 @@ def print_report(report: dict[str, Any], device: str) -> None:
     ]
     columns += common.cost_columns(device)
     rows = report["rows"]
-    print()
-    print(common.format_table([r for r in rows if "error" not in r], columns))
+    if rows:
+        print()
+        print(common.format_table([r for r in rows if "error" not in r], columns))
     for r in rows:
         if "error" in r:
             print(f"FAILED {r.get('kind')} @ {r.get('genes')} genes: {r['error']}")
     kernels = {k for r in rows for k in r.get("attention_kernels", [])}
-    print(f"attention operators (MLM step): {', '.join(sorted(kernels)) or '-'}")
+    if rows:
+        print(f"attention operators (MLM step): {', '.join(sorted(kernels)) or '-'}")
     for sc in report["scaling"]:
         print(
             f"scaling (checkpointing {sc['ckpt']}) {sc['from_genes']} -> {sc['to_genes']} "
@@ -687,6 +1004,8 @@ def print_report(report: dict[str, Any], device: str) -> None:
         )
     if report.get("projection"):
         print_projection(report["projection"])
+    if report.get("estimate"):
+        print_estimate(report["estimate"])
 
 
 def _print_loader(loader: dict[str, Any] | None) -> None:
@@ -695,8 +1014,20 @@ def _print_loader(loader: dict[str, Any] | None) -> None:
     if "error" in loader:
         print(f"FAILED loader: {loader['error']}")
         return
+    if not loader.get("model_step", True):
+        chunks = f" in chunks of {loader['chunks']}" if loader.get("chunks") else ""
+        print(
+            f"\ndata loader alone ({loader['genes']} genes, batch {loader['batch_size']}, "
+            f"{loader['workers']} workers, {len(loader['data_s'])} steps, {loader['source']} "
+            f"tokens{chunks}, no model step): {1000 * loader['data_s_per_sample']:.2f} ms per "
+            "sample to read, tokenise and mask"
+        )
+        return
     data, compute = sum(loader["data_s"]), sum(loader["compute_s"])
-    source = "streamed from disk" if loader.get("source") == "stream" else "in memory"
+    source = {
+        "stream": "streamed from an uncompressed .h5ad",
+        "gzip": f"streamed from a gzip .h5ad in chunks of {loader.get('chunks')}",
+    }.get(loader.get("source", "memory"), "in memory")
     print(
         f"\ndata loader ({loader['genes']} genes, batch {loader['batch_size']}, "
         f"{loader['workers']} workers, {len(loader['data_s'])} steps, tokens {source}): "
