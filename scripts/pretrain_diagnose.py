@@ -1,0 +1,924 @@
+"""Why the frozen BulkRNABert embedding carries no survival signal: three diagnoses.
+
+    python scripts/pretrain_diagnose.py --study /tmp/pretrain_study --out /tmp/diagnose \\
+        [--shared ../shared/data | --adata shared.h5ad] [--rungs 0,3000] [--seeds 0,1] \\
+        [--top-k 20] [--mask-repeats 8]
+
+It reads a folder written by ``scripts/pretrain_study.py`` (its runs, checkpoints and
+settings; nothing there is written) and, for each chosen rung (default: the ladder's
+largest and the random-init rung 0) and pre-training seed, on the TCGA tumours and the
+*same* patient-grouped hold-outs of the pan-cancer survival task that the study probes:
+
+1. **What the pooled vector keeps.** Ridge regression (alpha per gene by the efficient
+   leave-one-out of ``RidgeCV`` on the training rows) decodes each model gene's
+   log10(1 + TPM) from the mean-pooled last block, from token states (below), and from
+   PCA of the same genes with as many components as the embedding is wide; R^2 on the
+   test rows, averaged over all genes and over the K most prognostic genes. Prognostic:
+   the largest |z| of a univariate Cox fit per gene on the training rows, stratified by
+   cohort (lifelines ``CoxPHFitter(strata=...)``), so it is a within-cohort effect like
+   the C-index the study reports.
+2. **Survival from richer readouts of the same frozen model**, through the benchmark's
+   own survival probe and splits (``bench.run_benchmark``): the mean-pooled last block
+   (the study's embedding), the per-gene last-block states flattened and reduced by PCA
+   to the embedding width, the MLM head's reconstruction (expected bin per gene, nothing
+   masked) reduced the same way and unreduced, and the input bins reduced the same way;
+   beside PCA and raw log-TPM of the same genes. Every PCA is fitted on the training
+   rows of each split (the benchmark refits learning models per split).
+3. **Does the MLM learn prognostic genes.** Per-gene masked prediction on each split's
+   test tumours (``--mask-repeats`` seeded draws of the training module's masking, 15%
+   of genes, 80/10/10), the model's cross-entropy and accuracy against the trivial
+   per-gene predictor of the training module (``train.data.gene_bin_statistics``: the
+   training bins' frequencies, fitted on the run's own pre-training rows); the top-K
+   prognostic genes against the rest (means, Mann-Whitney U) and the Spearman
+   correlation of per-gene gain with |z|.
+
+The pre-training runs saw the probed tumours (as in the study, whose probes read
+embeddings of samples the model pre-trained on), so section 3 measures how well the
+objective fits each gene, for the model and the trivial predictor alike.
+
+Outputs in ``--out`` (outside the repository): ``diagnose.csv`` (tidy: section, seed,
+split, rung, readout, metric, value), ``genes.csv`` (per gene, seed, split and rung: |z|,
+R^2 from each source, MLM scores), ``diagnose.md`` (tables, mean +- std over seeds x
+splits) and ``diagnose.json`` (command, settings, timings, checks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import shlex
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import pretrain_study as study  # a sibling script: its loaders and rungs
+
+from bulkfm.embedders.base import Embedder
+from bulkfm.errors import BulkfmError, ConfigError, InputFileError
+
+if TYPE_CHECKING:
+    import anndata as ad
+
+    from bulkfm.data.splits import Split
+    from bulkfm.models.bulkrnabert import BulkRNABert
+    from bulkfm.tasks.data import TaskData
+
+logger = logging.getLogger("pretrain_diagnose")
+
+#: Ridge penalties searched per gene (features standardised on the training rows).
+ALPHAS: tuple[float, ...] = tuple(float(a) for a in np.logspace(-2, 4, 13))
+SURVIVAL = ("survival", "c_index_within_cohort")
+
+
+# --------------------------------------------------------------------------- 1. decoding
+def decoding_r2(
+    X_train: np.ndarray,
+    Y_train: np.ndarray,
+    X_test: np.ndarray,
+    Y_test: np.ndarray,
+    *,
+    groups_test: np.ndarray | None = None,
+    alphas: Sequence[float] = ALPHAS,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Test-row R^2 of each column of ``Y`` decoded from ``X`` by ridge regression:
+    (R^2, within-group R^2).
+
+    ``X`` is standardised on the training rows; the intercept is fitted; each target's
+    penalty is chosen from ``alphas`` by leave-one-out on the training rows (RidgeCV's
+    efficient form). R^2 = 1 - SSE / SST around the test rows' mean (sklearn
+    ``r2_score``), so a decoder that only knows the training mean scores about 0. The
+    within-group R^2 divides the same SSE by the spread around each test group's own
+    mean (``groups_test``: the cohorts), so a decoder that knows only the cohort scores
+    about 0 or below: it is what the features add beyond cohort identity (NaN without
+    groups).
+    """
+    from sklearn.linear_model import RidgeCV
+    from sklearn.metrics import r2_score
+
+    from bulkfm.scaling import Standardizer
+
+    scaler = Standardizer(np.float64).fit(X_train)
+    model = RidgeCV(alphas=list(alphas), alpha_per_target=len(alphas) > 1)
+    model.fit(scaler.transform(X_train), Y_train)
+    pred = np.asarray(model.predict(scaler.transform(X_test))).reshape(Y_test.shape)
+    r2 = np.asarray(r2_score(Y_test, pred, multioutput="raw_values"), dtype=np.float64)
+    within = np.full(r2.shape, np.nan)
+    if groups_test is not None:
+        sse = ((Y_test - pred) ** 2).sum(axis=0)
+        frame = pd.DataFrame(Y_test)
+        centred = Y_test - frame.groupby(np.asarray(groups_test)).transform("mean").to_numpy()
+        sst = (centred**2).sum(axis=0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            within = np.where(sst > 0, 1.0 - sse / sst, np.nan)
+    return r2, within
+
+
+def prognostic_z(
+    X: np.ndarray, time_: np.ndarray, event: np.ndarray, strata: np.ndarray
+) -> np.ndarray:
+    """Per column of ``X``: the z of a univariate Cox fit stratified by ``strata``.
+
+    lifelines ``CoxPHFitter`` with a baseline hazard per stratum (a within-cohort effect);
+    each column is standardised first. A column that is constant, or a fit that does not
+    converge, gets z = 0 (no evidence).
+    """
+    from lifelines import CoxPHFitter
+    from lifelines.exceptions import ConvergenceError
+
+    z = np.zeros(X.shape[1])
+    frame = pd.DataFrame({"T": time_, "E": event.astype(int), "s": strata.astype(str)})
+    for g in range(X.shape[1]):
+        col = X[:, g]
+        sd = col.std()
+        if not sd > 1e-12:
+            continue
+        frame["x"] = (col - col.mean()) / sd
+        try:
+            fit = CoxPHFitter().fit(frame, "T", "E", strata=["s"])
+        except (ConvergenceError, np.linalg.LinAlgError):
+            continue
+        value = float(fit.summary.loc["x", "z"])
+        z[g] = value if math.isfinite(value) else 0.0
+    return z
+
+
+def compare_top(values: np.ndarray, z_abs: np.ndarray, k: int) -> dict[str, float]:
+    """The top-``k`` genes by |z| against the rest: means, Mann-Whitney p (two-sided) and
+    the Spearman correlation of ``values`` with |z| over all genes (NaNs left out)."""
+    from scipy.stats import mannwhitneyu, spearmanr
+
+    ok = np.isfinite(values)
+    order = np.argsort(-z_abs, kind="stable")
+    top = np.zeros(len(values), dtype=bool)
+    top[order[:k]] = True
+    a, b = values[top & ok], values[~top & ok]
+    p = float(mannwhitneyu(a, b, alternative="two-sided").pvalue) if a.size and b.size else np.nan
+    rho, rho_p = spearmanr(values[ok], z_abs[ok])
+    return {
+        "top": float(a.mean()) if a.size else np.nan,
+        "rest": float(b.mean()) if b.size else np.nan,
+        "all": float(values[ok].mean()),
+        "mwu_p": p,
+        "spearman": float(rho),
+        "spearman_p": float(rho_p),
+    }
+
+
+# --------------------------------------------------------------------------- 2. readouts
+def token_readouts(
+    model: BulkRNABert, tokens: np.ndarray, *, batch_size: int = 32
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-gene last-block states [N, G, D] and the MLM head's expected bin [N, G].
+
+    Nothing is masked: the model reads every gene as the embedding does, and the
+    reconstruction is ``sum_b softmax(logits)_b * b`` (``train.losses.expected_bin``).
+    """
+    import torch
+
+    from bulkfm.train.losses import expected_bin
+
+    n, g = tokens.shape
+    states = np.empty((n, g, model.config.embed_dim), dtype=np.float32)
+    recon = np.empty((n, g), dtype=np.float32)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for start in range(0, n, batch_size):
+                batch = torch.from_numpy(tokens[start : start + batch_size].astype(np.int64))
+                out = model(batch.to(model.device))
+                stop = start + batch.shape[0]
+                states[start:stop] = out.last_hidden_state.float().cpu().numpy()
+                recon[start:stop] = expected_bin(out.logits).cpu().numpy()
+    finally:
+        model.train(was_training)
+    return states, recon
+
+
+class FeaturePCA(Embedder):
+    """Precomputed per-sample features (rows named by sample id), reduced by the
+    benchmark's PCA (standardised, fitted on each split's training rows) or kept whole
+    (``n_components=None``). A learning model, so the benchmark refits it per split."""
+
+    name: ClassVar[str] = "feature_pca"
+    learns: ClassVar[bool] = True
+    cacheable: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        features: np.ndarray,
+        ids: Sequence[str],
+        *,
+        n_components: int | None,
+        label: str,
+    ) -> None:
+        super().__init__(label=label)
+        self.features = np.asarray(features, dtype=np.float64).reshape(len(ids), -1)
+        self.position = pd.Index([str(i) for i in ids])
+        if not self.position.is_unique:
+            raise ConfigError(f"{label}: sample ids repeat; give one feature row per sample")
+        self.n_components = n_components
+        self._pca: Any = None
+
+    def config(self) -> dict[str, Any]:
+        return {"n_components": self.n_components, "shape": list(self.features.shape)}
+
+    def _rows(self, adata: ad.AnnData) -> np.ndarray:
+        rows = self.position.get_indexer(adata.obs_names.astype(str))
+        if (rows < 0).any():
+            raise ConfigError(f"{self.label}: {int((rows < 0).sum())} samples have no features")
+        return np.asarray(self.features[rows])
+
+    def fit(self, adata_train: ad.AnnData) -> FeaturePCA:
+        from bulkfm.embedders.classical import CappedPCA
+
+        if self.n_components is not None:
+            self._pca = CappedPCA(self.n_components, standardize=True).fit(self._rows(adata_train))
+        self._fitted = True
+        return self
+
+    def transform(self, adata: ad.AnnData) -> np.ndarray:
+        self._check_fitted()
+        values = self._rows(adata)
+        return values if self._pca is None else np.asarray(self._pca.transform(values))
+
+
+# --------------------------------------------------------------------------- 3. MLM
+def mask_draw(
+    tokens: np.ndarray, *, mask_token_id: int, n_bins: int, mask_prob: float, seed: int
+) -> Any:
+    """One seeded draw of the training module's masking over all rows of ``tokens``."""
+    import torch
+
+    from bulkfm.train.config import MaskingConfig
+    from bulkfm.train.masking import mask_tokens
+
+    return mask_tokens(
+        torch.from_numpy(tokens.astype(np.int64)),
+        mask_token_id=mask_token_id,
+        n_bins=n_bins,
+        generator=torch.Generator().manual_seed(seed),
+        config=MaskingConfig(mask_prob=mask_prob),
+    )
+
+
+def mlm_per_gene(
+    model: BulkRNABert,
+    tokens: np.ndarray,
+    *,
+    trivial: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    seeds: Sequence[int],
+    mask_prob: float = 0.15,
+    batch_size: int = 32,
+) -> pd.DataFrame:
+    """Per-gene masked prediction on ``tokens`` [N, G]: one row per gene with the number
+    of targets and the mean cross-entropy (nats) and accuracy of the model and of each
+    ``trivial`` predictor, over one mask draw per seed in ``seeds``.
+
+    ``trivial[name] = (mode, log_prob)`` as ``train.data.gene_bin_statistics`` returns
+    them: the predicted bin [G] and log-probabilities [G, n_bins] of each gene, or one
+    such set per row ([N, G] and [N, G, n_bins], e.g. per cohort). Columns:
+    ``ce_model``, ``acc_model``, ``ce_<name>``, ``acc_<name>``.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    cfg = model.config
+    n_rows, g = tokens.shape
+    names = ["model", *trivial]
+    sums = {f"{m}_{k}": np.zeros(g) for m in names for k in ("ce", "acc")}
+    count = np.zeros(g)
+    tables = {}
+    for name, (mode, log_prob) in trivial.items():
+        mode_t = torch.from_numpy(np.asarray(mode, dtype=np.int64))
+        lp_t = torch.from_numpy(np.asarray(log_prob, dtype=np.float32))
+        if mode_t.ndim == 1:
+            mode_t, lp_t = mode_t.expand(n_rows, g), lp_t.expand(n_rows, *lp_t.shape)
+        if tuple(mode_t.shape) != (n_rows, g) or tuple(lp_t.shape[:2]) != (n_rows, g):
+            raise ConfigError(f"trivial predictor {name!r} does not match tokens {tokens.shape}")
+        tables[name] = (mode_t, lp_t)
+    was_training = model.training
+    model.eval()
+    try:
+        for seed in seeds:
+            draw = mask_draw(
+                tokens,
+                mask_token_id=cfg.mask_token_id,
+                n_bins=cfg.n_expressions_bins,
+                mask_prob=mask_prob,
+                seed=seed,
+            )
+            for start in range(0, n_rows, batch_size):
+                rows = slice(start, start + batch_size)
+                sel = draw.selected[rows]
+                true = torch.where(sel, draw.labels[rows], torch.zeros_like(draw.labels[rows]))
+                w = sel.double()
+                with torch.inference_mode():
+                    logits = model(draw.input_ids[rows].to(model.device)).logits.float().cpu()
+                per_pos = {
+                    "model": (
+                        F.cross_entropy(logits.transpose(1, 2), true, reduction="none"),
+                        logits.argmax(-1) == true,
+                    )
+                }
+                for name, (mode_t, lp_t) in tables.items():
+                    lp = lp_t[rows].gather(-1, true.unsqueeze(-1)).squeeze(-1)
+                    per_pos[name] = (-lp, mode_t[rows] == true)
+                count += w.sum(0).numpy()
+                for name, (ce, hit) in per_pos.items():
+                    sums[f"{name}_ce"] += (ce.double() * w).sum(0).numpy()
+                    sums[f"{name}_acc"] += (hit.double() * w).sum(0).numpy()
+    finally:
+        model.train(was_training)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = {f"{k.split('_')[-1]}_{k.rsplit('_', 1)[0]}": v / count for k, v in sums.items()}
+    return pd.DataFrame({"n_targets": count.astype(int), **out})
+
+
+def cohort_bin_statistics(
+    tokens: np.ndarray,
+    train_rows: np.ndarray,
+    cohorts: np.ndarray,
+    rows: np.ndarray,
+    n_bins: int,
+    fallback: tuple[np.ndarray, np.ndarray],
+) -> tuple[np.ndarray, np.ndarray]:
+    """The training module's trivial predictor fitted per cohort on ``train_rows`` and
+    laid out for ``rows`` ([len(rows), G] modes, [len(rows), G, n_bins] log-probs): it
+    knows a tumour's cohort and nothing else. A cohort without training rows gets
+    ``fallback``."""
+    from bulkfm.train.data import gene_bin_statistics
+
+    g = tokens.shape[1]
+    mode = np.empty((len(rows), g), dtype=np.int64)
+    log_prob = np.empty((len(rows), g, n_bins), dtype=np.float32)
+    for cohort in np.unique(cohorts[rows]):
+        fit_rows = train_rows[cohorts[train_rows] == cohort]
+        stats = gene_bin_statistics(tokens, fit_rows, n_bins) if fit_rows.size else fallback
+        here = cohorts[rows] == cohort
+        mode[here], log_prob[here] = stats[0], stats[1]
+    return mode, log_prob
+
+
+# --------------------------------------------------------------------------- study folder
+@dataclass
+class StudyRuns:
+    """What a study folder says about its runs."""
+
+    recipe: list[str]
+    seeds: list[int]
+    tag: str
+    max_step: int
+    splits: int
+    pca_components: int
+
+
+def read_study(folder: Path, run: str | None) -> StudyRuns:
+    """The study's settings (study.json) and the run tag of its ladder (or ``run``)."""
+    meta_path = folder / "study.json"
+    if not meta_path.is_file():
+        raise InputFileError(
+            f"{meta_path} not found: --study must be a folder written by "
+            "scripts/pretrain_study.py (wait for it to finish: study.json is written last)"
+        )
+    meta = json.loads(meta_path.read_text())
+    steps = [int(s) for s in meta["steps"]]
+    v_steps = int(meta.get("variant_steps") or max(steps))
+    arm = study.REFERENCE if v_steps == max(steps) else study.LADDER
+    tag = run or f"{arm}_max{max(steps)}"
+    if not (folder / "runs" / tag).is_dir():
+        known = sorted(p.name for p in (folder / "runs").glob("*") if p.is_dir())
+        raise InputFileError(f"{folder}/runs/{tag} not found; pass --run, one of {known}")
+    try:
+        max_step = int(tag.rsplit("_max", 1)[1])
+    except (IndexError, ValueError):
+        raise ConfigError(f"--run {tag!r} is not a study run tag (NAME_maxSTEPS)") from None
+    return StudyRuns(
+        recipe=list(meta.get("recipe", [])),
+        seeds=[int(s) for s in meta["seeds"]],
+        tag=tag,
+        max_step=max_step,
+        splits=int(meta["splits"]),
+        pca_components=int(meta.get("pca_components", 64)),
+    )
+
+
+def seed_rungs(
+    adata: ad.AnnData, runs: StudyRuns, folder: Path, seed: int, rungs: Sequence[int]
+) -> list[study.Rung]:
+    """The study's own rung discovery (``pretrain_study.pretrain_rungs``) on a finished
+    run; an unfinished one is an error here, never retrained or removed."""
+    run_dir = folder / "runs" / runs.tag / f"seed{seed}"
+    if not ((run_dir / "summary.json").is_file() and (run_dir / "study_cpu_s.json").is_file()):
+        raise InputFileError(
+            f"{run_dir} is not a finished study run (no summary.json / study_cpu_s.json); "
+            "wait for the study or leave that seed out of --seeds"
+        )
+    bad = [r for r in rungs if r > runs.max_step]
+    if bad:
+        raise ConfigError(f"--rungs {bad} exceed the run's {runs.max_step} steps")
+    found = study.pretrain_rungs(
+        adata,
+        config_path=study.CONFIG,
+        overrides=runs.recipe,
+        steps=sorted({*rungs, runs.max_step}),
+        seed=seed,
+        run_dir=run_dir,
+        variant=runs.tag,
+    )
+    return [r for r in found if r.step in set(rungs)]
+
+
+def survival_task(sub: ad.AnnData, n_splits: int) -> tuple[TaskData, list[Split], np.ndarray]:
+    """The pan-cancer survival task, its splits and the rows of ``sub`` it indexes, made
+    as ``bench.run_benchmark`` makes them (same config, same seeds)."""
+    from bulkfm.bench.config import BenchConfig
+    from bulkfm.bench.selection import bench_obs, parse_tasks, sample_mask
+    from bulkfm.data.splits import holdout_splits
+    from bulkfm.tasks.data import prepare_task
+
+    config = BenchConfig(n_splits=n_splits)
+    task = parse_tasks(sub, ["survival"], config).tasks[0]
+    td = prepare_task(bench_obs(sub, config), task, config)
+    splits = holdout_splits(
+        td.strata, td.groups, seeds=config.split_seeds(), test_size=config.test_size
+    )
+    rows = np.flatnonzero(sample_mask(sub.obs, config))[td.index]
+    return td, splits, rows
+
+
+# --------------------------------------------------------------------------- one seed
+def diagnose_seed(
+    adata: ad.AnnData,
+    tumours: ad.AnnData,
+    rungs: Sequence[study.Rung],
+    *,
+    n_splits: int,
+    top_k: int,
+    mask_repeats: int,
+    mask_prob: float,
+    pca_components: int,
+    timings: dict[str, float],
+) -> tuple[list[dict[str, Any]], list[pd.DataFrame], dict[str, Any]]:
+    """All three diagnoses for the rungs of one pre-training seed (one gene set)."""
+    from bulkfm.bench.config import BenchConfig
+    from bulkfm.bench.runner import run_benchmark
+    from bulkfm.embedders.bulkrnabert import BulkRNABertEmbedder
+    from bulkfm.embedders.classical import CappedPCA, log_tpm
+    from bulkfm.embedders.registry import get_embedder
+    from bulkfm.models.bulkrnabert import load_pretrained
+    from bulkfm.train.config import PretrainConfig
+    from bulkfm.train.data import gene_bin_statistics, holdout_split, sample_groups
+
+    seed = rungs[0].seed
+    genes = rungs[0].genes
+    t0 = time.perf_counter()
+    sub = tumours[:, genes].copy()
+    td, splits, rows = survival_task(sub, n_splits)
+    ids = np.asarray(sub.obs_names.astype(str))
+    cohort = np.full(sub.n_obs, "", dtype=object)  # per row of sub (survival rows only)
+    cohort[rows] = td.cohort_labels
+    y_all = log_tpm(sub.X)  # [tumours, genes], log10(1 + TPM) as the baselines read it
+    run_dir = rungs[0].model_dir.parent
+    if run_dir.name == "checkpoints":
+        run_dir = run_dir.parent
+    run_cfg = PretrainConfig.from_yaml(run_dir / "config.yaml")
+    _, tokenizer = load_pretrained(rungs[0].model_dir)
+    tokens = tokenizer.encode_adata(sub)
+    # The training module's trivial predictor, fitted on the run's own pre-training rows.
+    every = adata[:, genes]
+    train_idx, _ = holdout_split(
+        adata.n_obs,
+        run_cfg.data.holdout_fraction,
+        seed=run_cfg.seed,
+        groups=sample_groups(adata, run_cfg.data.group_key),
+    )
+    mode, log_prob = gene_bin_statistics(tokenizer.encode_adata(every), train_idx, tokenizer.n_bins)
+    z_abs = []
+    for split in splits:
+        train = rows[split.train]
+        z = prognostic_z(
+            y_all[train], td.y[split.train, 0], td.y[split.train, 1], td.cohort_labels[split.train]
+        )
+        z_abs.append(np.abs(z))
+    timings[f"seed{seed}/setup+cox"] = time.perf_counter() - t0
+
+    records: list[dict[str, Any]] = []
+    gene_frames: list[pd.DataFrame] = []
+    checks: dict[str, Any] = {}
+
+    def record(section: str, split_no: int, step: int | None, readout: str, **values: float):
+        for metric, value in values.items():
+            records.append(
+                {
+                    "section": section,
+                    "pretrain_seed": seed,
+                    "split": split_no,
+                    "step": step,
+                    "readout": readout,
+                    "metric": metric,
+                    "value": float(value),
+                }
+            )
+
+    def record_r2(
+        split_no: int, step: int | None, readout: str, r2: np.ndarray, r2w: np.ndarray
+    ) -> None:
+        for prefix, values in (("r2", r2), ("r2_within", r2w)):
+            stats = compare_top(values, z_abs[split_no], top_k)
+            record(
+                "decode",
+                split_no,
+                step,
+                readout,
+                **{f"{prefix}_{k}": stats[k] for k in ("all", "top", "rest")},
+            )
+
+    # PCA of the same genes (fitted per split on the training rows) for decoding.
+    pca_feats = []
+    for split in splits:
+        pca = get_embedder("pca", n_components=pca_components, n_top_genes=len(genes))
+        pca.fit(sub[rows[split.train]])
+        pca_feats.append(pca.transform(sub[rows]))
+
+    models: list[Embedder] = [
+        get_embedder("pca", n_components=pca_components, n_top_genes=len(genes), label="pca"),
+        get_embedder("raw", n_top_genes=len(genes), label="raw"),
+        FeaturePCA(tokens, ids, n_components=pca_components, label="input bins, PCA"),
+    ]
+    for split_no, split in enumerate(splits):
+        r2, r2w = decoding_r2(
+            pca_feats[split_no][split.train],
+            y_all[rows[split.train]],
+            pca_feats[split_no][split.test],
+            y_all[rows[split.test]],
+            groups_test=cohort[rows[split.test]],
+        )
+        record_r2(split_no, None, "pca", r2, r2w)
+        # cohort identity alone (one-hot): what any vector that only knows the cohort keeps
+        onehot = (cohort[:, None] == np.unique(td.cohort_labels)[None, :]).astype(np.float64)
+        train, test = rows[split.train], rows[split.test]
+        c2, c2w = decoding_r2(
+            onehot[train], y_all[train], onehot[test], y_all[test], groups_test=cohort[test]
+        )
+        record_r2(split_no, None, "cohort identity (one-hot)", c2, c2w)
+        gene_frames.append(
+            pd.DataFrame(
+                {
+                    "pretrain_seed": seed,
+                    "split": split_no,
+                    "step": -1,
+                    "gene": genes,
+                    "z_abs": z_abs[split_no],
+                    "r2_pca": r2,
+                    "r2_within_pca": r2w,
+                }
+            )
+        )
+
+    for rung in rungs:
+        t1 = time.perf_counter()
+        step = rung.step
+        model, _ = load_pretrained(rung.model_dir)
+        states, recon = token_readouts(model, tokens)
+        pooled_embedder = BulkRNABertEmbedder(rung.model_dir, label=f"pooled.step{step}")
+        pooled = pooled_embedder.transform(sub)
+        checks[f"seed{seed}.step{step}.pooled_equals_mean_of_states"] = float(
+            np.abs(pooled - states.mean(axis=1)).max()
+        )
+        flat = states.reshape(len(ids), -1)
+        models += [
+            pooled_embedder,
+            FeaturePCA(
+                flat, ids, n_components=pca_components, label=f"token states, PCA.step{step}"
+            ),
+            FeaturePCA(
+                recon, ids, n_components=pca_components, label=f"reconstruction, PCA.step{step}"
+            ),
+            FeaturePCA(
+                recon, ids, n_components=None, label=f"reconstruction, all genes.step{step}"
+            ),
+        ]
+        for split_no, split in enumerate(splits):
+            train, test = rows[split.train], rows[split.test]
+            per_gene: dict[str, np.ndarray] = {}
+            for readout, X in (("pooled", pooled), ("token states, PCA", None)):
+                if X is None:
+                    reducer = CappedPCA(pca_components, standardize=True).fit(flat[train])
+                    X_train, X_test = reducer.transform(flat[train]), reducer.transform(flat[test])
+                else:
+                    X_train, X_test = X[train], X[test]
+                r2, r2w = decoding_r2(
+                    X_train, y_all[train], X_test, y_all[test], groups_test=cohort[test]
+                )
+                per_gene[f"r2_{readout}"] = r2
+                per_gene[f"r2_within_{readout}"] = r2w
+                record_r2(split_no, step, readout, r2, r2w)
+            by_cohort = cohort_bin_statistics(
+                tokens, train, cohort, test, tokenizer.n_bins, fallback=(mode, log_prob)
+            )
+            mlm = mlm_per_gene(
+                model,
+                tokens[test],
+                trivial={"trivial": (mode, log_prob), "cohort": by_cohort},
+                seeds=[10_000 * seed + 100 * split_no + r for r in range(mask_repeats)],
+                mask_prob=mask_prob,
+            )
+            gains = {
+                "ce_gain": mlm["ce_trivial"] - mlm["ce_model"],
+                "acc_gain": mlm["acc_model"] - mlm["acc_trivial"],
+                "ce_gain_cohort": mlm["ce_cohort"] - mlm["ce_model"],
+                "acc_gain_cohort": mlm["acc_model"] - mlm["acc_cohort"],
+            }
+            for name, values in gains.items():
+                stats = compare_top(values.to_numpy(), z_abs[split_no], top_k)
+                record(
+                    "mlm",
+                    split_no,
+                    step,
+                    "masked genes",
+                    **{f"{name}_{k}": v for k, v in stats.items()},
+                )
+            n = mlm["n_targets"].to_numpy()
+            totals = {
+                f"{kind}_{who}": float(np.nansum(mlm[f"{kind}_{who}"] * n) / n.sum())
+                for kind in ("ce", "acc")
+                for who in ("model", "trivial", "cohort")
+            }
+            record("mlm", split_no, step, "masked genes", **totals)
+            gene_frames.append(
+                pd.DataFrame(
+                    {
+                        "pretrain_seed": seed,
+                        "split": split_no,
+                        "step": step,
+                        "gene": genes,
+                        "z_abs": z_abs[split_no],
+                        **per_gene,
+                        **mlm.to_dict("list"),
+                    }
+                )
+            )
+        timings[f"seed{seed}/step{step}/readouts"] = time.perf_counter() - t1
+
+    # 2. survival: every readout through the benchmark's own probe and splits.
+    t1 = time.perf_counter()
+    result = run_benchmark(
+        sub, models, ["survival"], BenchConfig(n_splits=n_splits), progress=False
+    )
+    timings[f"seed{seed}/survival_probes"] = time.perf_counter() - t1
+    scores = result.scores
+    surv = scores[(scores["family"] == SURVIVAL[0]) & (scores["metric"] == SURVIVAL[1])]
+    for _, row in surv.iterrows():
+        label, _, step_text = str(row["model"]).partition(".step")
+        step = int(step_text) if step_text else None
+        record("survival", int(row["split"]), step, label, c_index_within_cohort=row["value"])
+    n_test = surv.groupby("split")["n_test"].first().to_numpy()
+    checks[f"seed{seed}.splits_match_benchmark"] = bool(
+        np.array_equal(n_test, [s.test.size for s in splits])
+    )
+    return records, gene_frames, checks
+
+
+def study_agreement(folder: Path, runs: StudyRuns, records: pd.DataFrame) -> float | None:
+    """Largest |difference| between this run's pooled survival C-index and the study's own
+    score of the same rung, seed and split (0 when the probes and splits agree; None when
+    the study has no such rows)."""
+    path = folder / "scores.csv"
+    if not path.is_file():
+        return None
+    theirs = pd.read_csv(path)
+    variant = runs.tag.rsplit("_max", 1)[0]
+    theirs = theirs[
+        (theirs["metric"] == "survival_c_index_within_cohort") & (theirs["variant"] == variant)
+    ]
+    mine = records[(records["section"] == "survival") & (records["readout"] == "pooled")]
+    keys = ["pretrain_seed", "step", "split"]
+    both = mine.astype({"step": float}).merge(
+        theirs.astype({"step": float}), on=keys, suffixes=("", "_study")
+    )
+    return float((both["value"] - both["value_study"]).abs().max()) if len(both) else None
+
+
+# --------------------------------------------------------------------------- report
+def summarise(records: pd.DataFrame) -> pd.DataFrame:
+    """Mean +- std (ddof 1) over pre-training seeds x splits of every (section, step,
+    readout, metric)."""
+    frame = records.assign(step=records["step"].fillna(-1).astype(int))
+    return (
+        frame.groupby(["section", "step", "readout", "metric"], sort=False)["value"]
+        .agg(mean="mean", std="std", n="size")
+        .reset_index()
+    )
+
+
+def _cell(summary: pd.DataFrame, section: str, step: int, readout: str, metric: str) -> str:
+    pick = summary[
+        (summary["section"] == section)
+        & (summary["step"] == step)
+        & (summary["readout"] == readout)
+        & (summary["metric"] == metric)
+    ]
+    if pick.empty:
+        return "–"
+    r = pick.iloc[0]
+    if metric.endswith("_p"):
+        return f"{r['mean']:.2g}"
+    return study._pm(float(r["mean"]), float(r["std"]))
+
+
+def _rung_name(step: int) -> str:
+    return "–" if step < 0 else ("random init (0)" if step == 0 else f"{step:,}")
+
+
+def markdown(summary: pd.DataFrame, top_k: int, meta: dict[str, Any]) -> str:
+    n = int(summary["n"].max()) if not summary.empty else 0
+    lines = [
+        f"Mean ± std over pre-training seeds × probe splits ({n} values a cell). "
+        f"Top-{top_k}: the genes with the largest |z| of a within-cohort univariate Cox fit "
+        "on each split's training rows.",
+        "",
+        "### 1. What the pooled vector keeps: R² of each gene's log10(1 + TPM), ridge-decoded",
+        "",
+        "Within-cohort R²: the same errors over the spread around each test cohort's mean "
+        "(what the features decode beyond cohort identity).",
+        "",
+        "| source | rung | R² all genes | R² top-K prognostic | R² other genes | "
+        "within-cohort R² all | within top-K | within other |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    dec = summary[summary["section"] == "decode"]
+    for (step, readout), _ in dec.groupby(["step", "readout"], sort=False):
+        cells = [
+            _cell(summary, "decode", step, readout, f"{p}_{m}")
+            for p in ("r2", "r2_within")
+            for m in ("all", "top", "rest")
+        ]
+        lines.append(f"| {readout} | {_rung_name(step)} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "### 2. Within-cohort survival C-index from readouts of the same frozen model",
+        "",
+        "| readout | rung | C-index within cohort |",
+        "|---|---|---|",
+    ]
+    sur = summary[summary["section"] == "survival"]
+    for (step, readout), _ in sur.groupby(["step", "readout"], sort=False):
+        cell = _cell(summary, "survival", step, readout, "c_index_within_cohort")
+        lines.append(f"| {readout} | {_rung_name(step)} | {cell} |")
+    lines += [
+        "",
+        "### 3. Masked-gene prediction (test tumours), model vs the trivial per-gene predictor",
+        "",
+        "Trivial: each gene's bin frequencies over the run's pre-training rows (the "
+        "training module's baseline); cohort: the same per cohort, fitted on the split's "
+        "training tumours (knows the cohort, nothing else).",
+        "",
+        "| rung | CE model | CE trivial | CE cohort | acc model | acc trivial | acc cohort |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    mlm = summary[summary["section"] == "mlm"]
+    steps = list(dict.fromkeys(mlm["step"]))
+    for step in steps:
+        cells = [
+            _cell(summary, "mlm", step, "masked genes", f"{k}_{w}")
+            for k in ("ce", "acc")
+            for w in ("model", "trivial", "cohort")
+        ]
+        lines.append(f"| {_rung_name(step)} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Per-gene gain over the trivial predictor (CE: trivial − model, nats; accuracy: model "
+        "− trivial; `_cohort`: over the cohort predictor); Mann–Whitney p is the mean over "
+        "seeds × splits of each split's p (likewise the Spearman p).",
+        "",
+        "| rung | gain | all genes | top-K prognostic | other genes | Mann–Whitney p | "
+        "Spearman(gain, abs z) | Spearman p |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for step in steps:
+        for gain in ("ce_gain", "acc_gain", "ce_gain_cohort", "acc_gain_cohort"):
+            cells = [
+                _cell(summary, "mlm", step, "masked genes", f"{gain}_{m}")
+                for m in ("all", "top", "rest", "mwu_p", "spearman", "spearman_p")
+            ]
+            lines.append(f"| {_rung_name(step)} | {gain} | " + " | ".join(cells) + " |")
+    lines += ["", f"Command: `{meta['command']}`", ""]
+    return "\n".join(lines)
+
+
+def _write_csv(frame: pd.DataFrame, path: Path) -> None:
+    from bulkfm.io import atomic_path
+
+    with atomic_path(path, flag="--out") as tmp:
+        frame.to_csv(tmp, index=False)
+
+
+# --------------------------------------------------------------------------- main
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--study", type=Path, required=True, help="a pretrain_study.py --out")
+    parser.add_argument("--out", type=Path, required=True, help="output folder (outside the repo)")
+    parser.add_argument("--shared", type=Path, default=study.REPO.parent / "shared" / "data")
+    parser.add_argument("--adata", type=Path, help="a built .h5ad instead of --shared")
+    parser.add_argument("--run", help="run tag under STUDY/runs (default: the ladder's)")
+    parser.add_argument("--rungs", type=study.int_list, help="default: 0 and the run's last")
+    parser.add_argument("--seeds", type=study.int_list, help="default: the study's seeds")
+    parser.add_argument("--top-k", type=int, default=20, help="prognostic genes compared")
+    parser.add_argument("--mask-repeats", type=int, default=8, help="mask draws per split")
+    parser.add_argument("--mask-prob", type=float, default=0.15)
+    parser.add_argument("--num-threads", type=int, default=1, help="torch and BLAS threads")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    for name in ("bulkfm.tasks", "bulkfm.tokenize", "bulkfm.embed", "bulkfm.bench"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        return _run(args)
+    except BulkfmError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    from bulkfm.io import check_output_dir, write_text
+
+    if args.top_k < 1 or args.mask_repeats < 1:
+        raise ConfigError("--top-k and --mask-repeats must be at least 1")
+    if not 0 < args.mask_prob < 1:
+        raise ConfigError(f"--mask-prob must be in (0, 1), got {args.mask_prob}")
+    out = check_output_dir(args.out, flag="--out")
+    if out.resolve() == args.study.resolve():
+        raise ConfigError("--out must differ from --study (the study folder is only read)")
+    runs = read_study(args.study, args.run)
+    seeds = args.seeds or runs.seeds
+    rungs = args.rungs or [0, runs.max_step]
+    torch.set_num_threads(args.num_threads)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+    with threadpool_limits(limits=args.num_threads):
+        adata, tumours = study.load_data(args)
+        timings["data"] = time.perf_counter() - t0
+        records: list[dict[str, Any]] = []
+        genes: list[pd.DataFrame] = []
+        checks: dict[str, Any] = {}
+        for seed in seeds:
+            found = seed_rungs(adata, runs, args.study, seed, rungs)
+            rec, gen, chk = diagnose_seed(
+                adata,
+                tumours,
+                found,
+                n_splits=runs.splits,
+                top_k=args.top_k,
+                mask_repeats=args.mask_repeats,
+                mask_prob=args.mask_prob,
+                pca_components=runs.pca_components,
+                timings=timings,
+            )
+            records += rec
+            genes += gen
+            checks.update(chk)
+    frame = pd.DataFrame(records)
+    checks["max_abs_diff_pooled_vs_study_survival"] = study_agreement(args.study, runs, frame)
+    summary = summarise(frame)
+    timings["total"] = time.perf_counter() - t0
+    meta = {
+        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+        "study": str(args.study),
+        "run": runs.tag,
+        "seeds": seeds,
+        "rungs": rungs,
+        "splits": runs.splits,
+        "top_k": args.top_k,
+        "mask_repeats": args.mask_repeats,
+        "mask_prob": args.mask_prob,
+        "pca_components": runs.pca_components,
+        "checks": checks,
+        "timings_s": {k: round(v, 1) for k, v in timings.items()},
+    }
+    _write_csv(frame, out / "diagnose.csv")
+    _write_csv(pd.concat(genes, ignore_index=True), out / "genes.csv")
+    text = markdown(summary, args.top_k, meta)
+    write_text(text, out / "diagnose.md")
+    write_text(json.dumps(meta, indent=1, default=str) + "\n", out / "diagnose.json")
+    print(text)
+    print(f"total {timings['total']:.0f} s; results in {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
