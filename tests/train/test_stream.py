@@ -15,19 +15,16 @@ import pytest
 import scipy.sparse as sp
 import torch
 from safetensors.torch import load_file
-from torch.utils.data import DataLoader
 
 from bulkfm.errors import ConfigError, ExpressionValueError
 from bulkfm.train import stream
 from bulkfm.train.data import (
-    MaskedTokenDataset,
-    StepBatchSampler,
-    collate,
     load_adata,
     prepare_pretrain_data,
 )
 from bulkfm.train.pretrain import pretrain, read_log
 from bulkfm.train.stream import DiskMatrix, StreamingTokens, prepare_streaming_data
+from tests.train.stream_checks import assert_two_ranks_match_in_memory
 
 
 def _write(tmp_path, simulated_adata, *, sparse: bool = False, n: int = 60, g: int = 24):
@@ -119,35 +116,7 @@ def test_batches_equal_in_memory_ones_on_two_ranks_and_two_workers(
     config = _data_config(pretrain_config, tmp_path, path)
     ref = prepare_pretrain_data(load_adata(path), config.data, seed=1)
     got = prepare_streaming_data(config.data, seed=1)
-    epoch = ref.n_train - ref.n_train % 4  # whole steps of 2 ranks x micro batch 2
-    keys: list[tuple[int, int]] = []
-    for rank in (0, 1):
-
-        def batches(data, workers: int, rank: int = rank) -> list[dict[str, torch.Tensor]]:
-            dataset = MaskedTokenDataset(
-                data.tokens, data.train_idx, n_bins=64, mask_token_id=64, seed=1
-            )
-            sampler = StepBatchSampler(
-                data.n_train, seed=1, micro_batch_size=2, world_size=2, rank=rank,
-                stop_sample=epoch,
-            )  # fmt: skip
-            loader = DataLoader(
-                dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers
-            )
-            return list(loader)
-
-        streamed, in_memory = batches(got, workers=2), batches(ref, workers=0)
-        assert len(streamed) == len(in_memory) == epoch // 4
-        for a, b in zip(streamed, in_memory, strict=True):
-            assert torch.equal(a["input_ids"], b["input_ids"])
-            assert torch.equal(a["labels"], b["labels"])
-        sampler = StepBatchSampler(
-            got.n_train, seed=1, micro_batch_size=2, world_size=2, rank=rank, stop_sample=epoch
-        )
-        keys += [k for batch in sampler for k in batch]
-    # the two ranks split one epoch disjointly: every sample of it once
-    assert len(keys) == len(set(keys)) == epoch
-    assert {e for e, _ in keys} == {0}
+    assert_two_ranks_match_in_memory(got, ref)
 
 
 @pytest.mark.usefixtures("one_torch_thread")

@@ -19,16 +19,12 @@ import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
-from torch.utils.data import DataLoader
 
 from bulkfm.data import archs4
 from bulkfm.data.build import BuildConfig, build_dataset
 from bulkfm.errors import BulkfmWarning, ConfigError, InputFileError
 from bulkfm.train import stream
 from bulkfm.train.data import (
-    MaskedTokenDataset,
-    StepBatchSampler,
-    collate,
     prepare_pretrain_data,
 )
 from bulkfm.train.pretrain import pretrain, read_log
@@ -40,6 +36,7 @@ from bulkfm.train.stream import (
     prepare_streaming_data,
 )
 from tests.data.test_archs4 import N_SAMPLES, gene_rows, write_archs4
+from tests.train.stream_checks import assert_two_ranks_match_in_memory
 
 __all__ = ["gene_rows"]  # the ARCHS4 tests' fixture: 300 real protein-coding genes
 
@@ -190,34 +187,7 @@ def test_two_ranks_with_two_workers_cover_disjoint_rows(tmp_path, case, pretrain
     config = _config(pretrain_config, tmp_path, case.data)
     ref = _in_memory(case, config, seed=1)
     got = prepare_streaming_data(config.data, seed=1)
-    epoch = ref.n_train - ref.n_train % 4  # whole steps of 2 ranks x micro batch 2
-    keys: list[tuple[int, int]] = []
-    for rank in (0, 1):
-
-        def batches(data, workers: int, rank: int = rank) -> list[dict[str, torch.Tensor]]:
-            dataset = MaskedTokenDataset(
-                data.tokens, data.train_idx, n_bins=64, mask_token_id=64, seed=1
-            )
-            sampler = StepBatchSampler(
-                data.n_train, seed=1, micro_batch_size=2, world_size=2, rank=rank,
-                stop_sample=epoch,
-            )  # fmt: skip
-            loader = DataLoader(
-                dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers
-            )
-            return list(loader)
-
-        streamed, in_memory = batches(got, workers=2), batches(ref, workers=0)
-        assert len(streamed) == len(in_memory) == epoch // 4
-        for a, b in zip(streamed, in_memory, strict=True):
-            assert torch.equal(a["input_ids"], b["input_ids"])
-            assert torch.equal(a["labels"], b["labels"])
-        sampler = StepBatchSampler(
-            got.n_train, seed=1, micro_batch_size=2, world_size=2, rank=rank, stop_sample=epoch
-        )
-        keys += [k for batch in sampler for k in batch]
-    assert len(keys) == len(set(keys)) == epoch  # one epoch split disjointly over ranks
-    assert {e for e, _ in keys} == {0}
+    assert_two_ranks_match_in_memory(got, ref)
 
 
 # ------------------------------------------------------------------- (b, d) runs, resume

@@ -36,7 +36,7 @@ import signal
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -725,19 +725,23 @@ def check_shards(checkpoint: Path, shapes: dict[str, tuple[int, ...]] | None = N
         for key, meta in entries.items()
         if key.startswith("model.") and isinstance(meta, TensorStorageMetadata)
     }
-    missing = [k for k in shapes if k not in saved]
-    unexpected = [k for k in saved if k not in shapes]
+    misfit = _shape_misfit({k: tuple(v) for k, v in shapes.items()}, saved)
+    if misfit:
+        raise DamagedCheckpointError(checkpoint, index, f"the shards {misfit}")
+
+
+def _shape_misfit(
+    expected: Mapping[str, tuple[int, ...]], saved: Mapping[str, tuple[int, ...]]
+) -> str | None:
+    """How stored tensors fail to fit the model (names first, then shapes), or None."""
+    missing = [k for k in expected if k not in saved]
+    unexpected = [k for k in saved if k not in expected]
     if missing or unexpected:
-        raise DamagedCheckpointError(
-            checkpoint,
-            index,
-            f"the shards do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}",
-        )
-    for key, shape in shapes.items():
-        if saved[key] != tuple(shape):
-            raise DamagedCheckpointError(
-                checkpoint, index, f"tensor {key!r} has shape {saved[key]}, the model {shape}"
-            )
+        return f"do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+    for key, shape in expected.items():
+        if tuple(saved[key]) != tuple(shape):
+            return f"do not fit the model: tensor {key!r} has shape {saved[key]}, the model {shape}"
+    return None
 
 
 def _dcp_failure(exc: BaseException) -> str:
@@ -1046,22 +1050,13 @@ def _read_weights(path: Path, model: torch.nn.Module) -> dict[str, torch.Tensor]
     except Exception as exc:  # safetensors raises its own (Rust) error types
         raise DamagedCheckpointError(path, name, f"unreadable ({exc})") from exc
     expected = model.state_dict()
-    missing = [k for k in expected if k not in weights]
-    unexpected = [k for k in weights if k not in expected]
-    if missing or unexpected:
-        raise DamagedCheckpointError(
-            path,
-            name,
-            f"does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}",
-        )
-    for key, target in expected.items():
-        tensor = weights[key]
-        if tuple(tensor.shape) != tuple(target.shape):
-            raise DamagedCheckpointError(
-                path,
-                name,
-                f"tensor {key!r} has shape {tuple(tensor.shape)}, the model {tuple(target.shape)}",
-            )
+    misfit = _shape_misfit(
+        {k: tuple(v.shape) for k, v in expected.items()},
+        {k: tuple(v.shape) for k, v in weights.items()},
+    )
+    if misfit:
+        raise DamagedCheckpointError(path, name, misfit)
+    for key, tensor in weights.items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise DamagedCheckpointError(path, name, f"tensor {key!r} holds NaN or inf values")
     return weights
