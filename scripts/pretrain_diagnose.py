@@ -2,7 +2,7 @@
 
     python scripts/pretrain_diagnose.py --study /tmp/pretrain_study --out /tmp/diagnose \\
         [--shared ../shared/data | --adata shared.h5ad] [--rungs 0,3000] [--seeds 0,1] \\
-        [--top-k 20] [--mask-repeats 8]
+        [--top-k 20] [--mask-repeats 8] [--run TAG --splits 3 --pca-components 64]
 
 It reads a folder written by ``scripts/pretrain_study.py`` (its runs, checkpoints and
 settings; nothing there is written) and, for each chosen rung (default: the ladder's
@@ -11,30 +11,42 @@ largest and the random-init rung 0) and pre-training seed, on the TCGA tumours a
 
 1. **What the pooled vector keeps.** Ridge regression (alpha per gene by the efficient
    leave-one-out of ``RidgeCV`` on the training rows) decodes each model gene's
-   log10(1 + TPM) from the mean-pooled last block, from token states (below), and from
-   PCA of the same genes with as many components as the embedding is wide; R^2 on the
-   test rows, averaged over all genes and over the K most prognostic genes. Prognostic:
-   the largest |z| of a univariate Cox fit per gene on the training rows, stratified by
-   cohort (lifelines ``CoxPHFitter(strata=...)``), so it is a within-cohort effect like
-   the C-index the study reports.
+   log10(1 + TPM) from the mean-pooled last block, from token states (below), from the
+   context-only reconstruction (below), and from PCA of the same genes with as many
+   components as the embedding is wide; R^2 on the test rows, averaged over all genes and
+   over the K most prognostic genes. Prognostic: the largest |z| of a univariate Cox fit
+   per gene on the training rows, stratified by cohort (lifelines
+   ``CoxPHFitter(strata=...)``), so it is a within-cohort effect like the C-index the
+   study reports. "own gene" rows decode each gene from its own reconstructed value only
+   (a per-gene linear fit on the training rows).
 2. **Survival from richer readouts of the same frozen model**, through the benchmark's
    own survival probe and splits (``bench.run_benchmark``): the mean-pooled last block
    (the study's embedding), the per-gene last-block states flattened and reduced by PCA
    to the embedding width, the MLM head's reconstruction (expected bin per gene, nothing
-   masked) reduced the same way and unreduced, and the input bins reduced the same way;
-   beside PCA and raw log-TPM of the same genes. Every PCA is fitted on the training
-   rows of each split (the benchmark refits learning models per split).
+   masked) reduced the same way and unreduced, the **context-only reconstruction** (the
+   genes dealt into K = ceil(1 / mask_prob) seeded disjoint groups; one forward pass per
+   group with that group set to [MASK], so each gene's expected bin comes from the other
+   genes only) reduced and unreduced, and the input bins reduced the same way; beside PCA
+   and raw log-TPM of the same genes. Every PCA is fitted on the training rows of each
+   split (the benchmark refits learning models per split).
 3. **Does the MLM learn prognostic genes.** Per-gene masked prediction on each split's
    test tumours (``--mask-repeats`` seeded draws of the training module's masking, 15%
    of genes, 80/10/10), the model's cross-entropy and accuracy against the trivial
    per-gene predictor of the training module (``train.data.gene_bin_statistics``: the
    training bins' frequencies, fitted on the run's own pre-training rows); the top-K
-   prognostic genes against the rest (means, Mann-Whitney U) and the Spearman
-   correlation of per-gene gain with |z|.
+   prognostic genes against the rest (means, Mann-Whitney U), the Spearman correlation
+   of per-gene gain with |z|, and the same partial on each gene's within-cohort variance
+   of log10(1 + TPM) on the split's training rows (both ranks residualised on its rank).
 
 The pre-training runs saw the probed tumours (as in the study, whose probes read
 embeddings of samples the model pre-trained on), so section 3 measures how well the
 objective fits each gene, for the model and the trivial predictor alike.
+
+A study still running has no ``study.json`` yet: then pass ``--run`` (and ``--splits`` /
+``--pca-components`` if the study did not use the defaults); only finished seeds (with
+``summary.json`` and ``study_cpu_s.json``) can be diagnosed. Each seed's results are
+cached in ``OUT/seeds/seedN`` with the settings that made them, so a rerun with more seeds
+computes only the new ones (``--fresh`` recomputes all).
 
 Outputs in ``--out`` (outside the repository): ``diagnose.csv`` (tidy: section, seed,
 split, rung, readout, metric, value), ``genes.csv`` (per gene, seed, split and rung: |z|,
@@ -114,9 +126,7 @@ def decoding_r2(
     within = np.full(r2.shape, np.nan)
     if groups_test is not None:
         sse = ((Y_test - pred) ** 2).sum(axis=0)
-        frame = pd.DataFrame(Y_test)
-        centred = Y_test - frame.groupby(np.asarray(groups_test)).transform("mean").to_numpy()
-        sst = (centred**2).sum(axis=0)
+        sst = (within_group_deviation(Y_test, groups_test) ** 2).sum(axis=0)
         with np.errstate(invalid="ignore", divide="ignore"):
             within = np.where(sst > 0, 1.0 - sse / sst, np.nan)
     return r2, within
@@ -151,9 +161,79 @@ def prognostic_z(
     return z
 
 
-def compare_top(values: np.ndarray, z_abs: np.ndarray, k: int) -> dict[str, float]:
+def own_gene_r2(
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_test: np.ndarray,
+    y_test: np.ndarray,
+    *,
+    groups_test: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Test-row (R^2, within-group R^2) of each column of ``y`` decoded from the same
+    column of ``x`` alone: an ordinary least-squares line per column fitted on the
+    training rows (``x``: a per-gene readout such as a reconstruction). R^2 as in
+    :func:`decoding_r2`; a column constant on the training rows predicts its mean."""
+    xm, ym = x_train.mean(axis=0), y_train.mean(axis=0)
+    dx = x_train - xm
+    var = (dx**2).sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        slope = np.where(var > 1e-12, (dx * (y_train - ym)).sum(axis=0) / var, 0.0)
+    pred = ym + slope * (x_test - xm)
+    sse = ((y_test - pred) ** 2).sum(axis=0)
+    sst = ((y_test - y_test.mean(axis=0)) ** 2).sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r2 = np.where(sst > 0, 1.0 - sse / sst, np.nan)
+    within = np.full(r2.shape, np.nan)
+    if groups_test is not None:
+        sst_w = (within_group_deviation(y_test, groups_test) ** 2).sum(axis=0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            within = np.where(sst_w > 0, 1.0 - sse / sst_w, np.nan)
+    return r2, within
+
+
+def within_group_deviation(Y: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """``Y`` minus the mean of its rows' group, per column."""
+    means = pd.DataFrame(Y).groupby(np.asarray(groups)).transform("mean").to_numpy()
+    return np.asarray(Y) - means
+
+
+def within_group_variance(Y: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """Per column: the pooled within-group variance, mean over rows of the squared
+    deviation from the row's group mean (the spread a within-cohort score can use)."""
+    return np.asarray((within_group_deviation(Y, groups) ** 2).mean(axis=0))
+
+
+def partial_spearman(x: np.ndarray, y: np.ndarray, covariate: np.ndarray) -> tuple[float, float]:
+    """Spearman correlation of ``x`` and ``y`` partial on ``covariate``: the Pearson
+    correlation of the ranks of ``x`` and ``y`` after each is residualised (least squares
+    with an intercept) on the rank of ``covariate``; two-sided p from Student's t with
+    n - 3 degrees of freedom (as pingouin's ``partial_corr(method="spearman")``). NaN
+    rows are left out."""
+    from scipy.stats import rankdata, t
+
+    ok = np.isfinite(x) & np.isfinite(y) & np.isfinite(covariate)
+    n = int(ok.sum())
+    if n < 4:
+        return np.nan, np.nan
+    ranks = [rankdata(v[ok]) for v in (x, y, covariate)]
+    design = np.column_stack([np.ones(n), ranks[2]])
+    resid = [r - design @ np.linalg.lstsq(design, r, rcond=None)[0] for r in ranks[:2]]
+    denom = math.sqrt(float(resid[0] @ resid[0]) * float(resid[1] @ resid[1]))
+    if not denom > 0:
+        return np.nan, np.nan
+    rho = float(np.clip(resid[0] @ resid[1] / denom, -1.0, 1.0))
+    dof = n - 3
+    stat = rho * math.sqrt(dof / max(1.0 - rho**2, 1e-300))
+    return rho, float(2 * t.sf(abs(stat), dof))
+
+
+def compare_top(
+    values: np.ndarray, z_abs: np.ndarray, k: int, *, covariate: np.ndarray | None = None
+) -> dict[str, float]:
     """The top-``k`` genes by |z| against the rest: means, Mann-Whitney p (two-sided) and
-    the Spearman correlation of ``values`` with |z| over all genes (NaNs left out)."""
+    the Spearman correlation of ``values`` with |z| over all genes (NaNs left out). With a
+    per-gene ``covariate`` also the Spearman correlation partial on it
+    (:func:`partial_spearman`) and that of ``values`` with the covariate."""
     from scipy.stats import mannwhitneyu, spearmanr
 
     ok = np.isfinite(values)
@@ -163,7 +243,7 @@ def compare_top(values: np.ndarray, z_abs: np.ndarray, k: int) -> dict[str, floa
     a, b = values[top & ok], values[~top & ok]
     p = float(mannwhitneyu(a, b, alternative="two-sided").pvalue) if a.size and b.size else np.nan
     rho, rho_p = spearmanr(values[ok], z_abs[ok])
-    return {
+    out = {
         "top": float(a.mean()) if a.size else np.nan,
         "rest": float(b.mean()) if b.size else np.nan,
         "all": float(values[ok].mean()),
@@ -171,6 +251,13 @@ def compare_top(values: np.ndarray, z_abs: np.ndarray, k: int) -> dict[str, floa
         "spearman": float(rho),
         "spearman_p": float(rho_p),
     }
+    if covariate is not None:
+        out["partial_spearman"], out["partial_spearman_p"] = partial_spearman(
+            values, z_abs, covariate
+        )
+        both = ok & np.isfinite(covariate)
+        out["spearman_var"] = float(spearmanr(values[both], covariate[both])[0])
+    return out
 
 
 # --------------------------------------------------------------------------- 2. readouts
@@ -204,6 +291,65 @@ def token_readouts(
     return states, recon
 
 
+def n_context_groups(mask_prob: float) -> int:
+    """K = ceil(1 / mask_prob): masking one of K equal gene groups hides about as many
+    genes per forward pass as training does (7 at 15%)."""
+    if not 0 < mask_prob < 1:
+        raise ConfigError(f"mask_prob must be in (0, 1), got {mask_prob} (masking.mask_prob)")
+    return max(2, math.ceil(1.0 / mask_prob - 1e-9))
+
+
+def gene_groups(n_genes: int, n_groups: int, *, seed: int) -> np.ndarray:
+    """Group id (0..n_groups - 1) of each gene: a seeded permutation of the genes dealt
+    round-robin, so the groups are disjoint, cover every gene and differ in size by at
+    most one."""
+    if not 1 <= n_groups <= n_genes:
+        raise ConfigError(f"cannot deal {n_genes} genes into {n_groups} non-empty groups")
+    order = np.random.default_rng(seed).permutation(n_genes)
+    groups = np.empty(n_genes, dtype=np.int64)
+    groups[order] = np.arange(n_genes) % n_groups
+    return groups
+
+
+def context_reconstruction(
+    model: BulkRNABert, tokens: np.ndarray, groups: np.ndarray, *, batch_size: int = 32
+) -> np.ndarray:
+    """The MLM head's expected bin [N, G] of every gene read from the *other* genes only.
+
+    For each group ``k`` of ``groups`` (one id per gene) one forward pass sees ``tokens``
+    with that group's genes replaced by the model's [MASK] token (``mask_token_id``, the
+    token training masks with; genes already [MASK], i.e. missing, stay so), and the
+    expected bin ``sum_b softmax(logits)_b * b`` is kept at the masked positions. Every
+    gene is thus predicted with its own value hidden, at one pass per group per sample.
+    """
+    import torch
+
+    from bulkfm.train.losses import expected_bin
+
+    n, g = tokens.shape
+    groups = np.asarray(groups)
+    if groups.shape != (g,):
+        raise ConfigError(f"gene groups have shape {groups.shape}, tokens have {g} genes")
+    members = [torch.from_numpy(np.flatnonzero(groups == k)) for k in np.unique(groups)]
+    recon = np.full((n, g), np.nan, dtype=np.float32)
+    mask_id = model.config.mask_token_id
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for start in range(0, n, batch_size):
+                batch = torch.from_numpy(tokens[start : start + batch_size].astype(np.int64))
+                stop = start + batch.shape[0]
+                for idx in members:
+                    hidden = batch.clone()
+                    hidden[:, idx] = mask_id
+                    logits = model(hidden.to(model.device)).logits[:, idx]
+                    recon[start:stop, idx.numpy()] = expected_bin(logits).cpu().numpy()
+    finally:
+        model.train(was_training)
+    return recon
+
+
 class FeaturePCA(Embedder):
     """Precomputed per-sample features (rows named by sample id), reduced by the
     benchmark's PCA (standardised, fitted on each split's training rows) or kept whole
@@ -216,7 +362,7 @@ class FeaturePCA(Embedder):
     def __init__(
         self,
         features: np.ndarray,
-        ids: Sequence[str],
+        ids: Sequence[str] | np.ndarray,
         *,
         n_components: int | None,
         label: str,
@@ -382,19 +528,34 @@ class StudyRuns:
     pca_components: int
 
 
-def read_study(folder: Path, run: str | None) -> StudyRuns:
-    """The study's settings (study.json) and the run tag of its ladder (or ``run``)."""
+def read_study(
+    folder: Path,
+    run: str | None,
+    *,
+    splits: int | None = None,
+    pca_components: int | None = None,
+) -> StudyRuns:
+    """The study's settings (study.json) and the run tag of its ladder (or ``run``).
+
+    A study still running has no study.json: then ``run`` names the run, ``splits`` and
+    ``pca_components`` default to the study's defaults (3, 64) and the seeds are the
+    run's finished ones. ``splits`` / ``pca_components`` override the study's values.
+    """
     meta_path = folder / "study.json"
-    if not meta_path.is_file():
+    if meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        steps = [int(s) for s in meta["steps"]]
+        v_steps = int(meta.get("variant_steps") or max(steps))
+        arm = study.REFERENCE if v_steps == max(steps) else study.LADDER
+        tag = run or f"{arm}_max{max(steps)}"
+        seeds = [int(s) for s in meta["seeds"]]
+    elif run is not None and (folder / "runs").is_dir():
+        meta, tag, seeds = {}, run, []
+    else:
         raise InputFileError(
             f"{meta_path} not found: --study must be a folder written by "
-            "scripts/pretrain_study.py (wait for it to finish: study.json is written last)"
+            "scripts/pretrain_study.py (while it runs, name a run with --run)"
         )
-    meta = json.loads(meta_path.read_text())
-    steps = [int(s) for s in meta["steps"]]
-    v_steps = int(meta.get("variant_steps") or max(steps))
-    arm = study.REFERENCE if v_steps == max(steps) else study.LADDER
-    tag = run or f"{arm}_max{max(steps)}"
     if not (folder / "runs" / tag).is_dir():
         known = sorted(p.name for p in (folder / "runs").glob("*") if p.is_dir())
         raise InputFileError(f"{folder}/runs/{tag} not found; pass --run, one of {known}")
@@ -402,14 +563,27 @@ def read_study(folder: Path, run: str | None) -> StudyRuns:
         max_step = int(tag.rsplit("_max", 1)[1])
     except (IndexError, ValueError):
         raise ConfigError(f"--run {tag!r} is not a study run tag (NAME_maxSTEPS)") from None
+    if not meta:
+        seeds = sorted(
+            int(d.name[4:])
+            for d in (folder / "runs" / tag).glob("seed*")
+            if d.name[4:].isdigit() and finished(d)
+        )
+        if not seeds:
+            raise InputFileError(f"{folder}/runs/{tag} has no finished seed yet; wait for one")
     return StudyRuns(
         recipe=list(meta.get("recipe", [])),
-        seeds=[int(s) for s in meta["seeds"]],
+        seeds=seeds,
         tag=tag,
         max_step=max_step,
-        splits=int(meta["splits"]),
-        pca_components=int(meta.get("pca_components", 64)),
+        splits=int(splits or meta.get("splits", 3)),
+        pca_components=int(pca_components or meta.get("pca_components", 64)),
     )
+
+
+def finished(run_dir: Path) -> bool:
+    """Whether a study run is finished (the study writes these two files last)."""
+    return (run_dir / "summary.json").is_file() and (run_dir / "study_cpu_s.json").is_file()
 
 
 def seed_rungs(
@@ -418,7 +592,7 @@ def seed_rungs(
     """The study's own rung discovery (``pretrain_study.pretrain_rungs``) on a finished
     run; an unfinished one is an error here, never retrained or removed."""
     run_dir = folder / "runs" / runs.tag / f"seed{seed}"
-    if not ((run_dir / "summary.json").is_file() and (run_dir / "study_cpu_s.json").is_file()):
+    if not finished(run_dir):
         raise InputFileError(
             f"{run_dir} is not a finished study run (no summary.json / study_cpu_s.json); "
             "wait for the study or leave that seed out of --seeds"
@@ -426,6 +600,15 @@ def seed_rungs(
     bad = [r for r in rungs if r > runs.max_step]
     if bad:
         raise ConfigError(f"--rungs {bad} exceed the run's {runs.max_step} steps")
+    # The study folder is only read: every rung's model must be there already (the
+    # study's rung discovery would otherwise build the random-init one in place).
+    for r in rungs:
+        where = run_dir / ("step_0_init" if r == 0 else f"checkpoints/step_{r:07d}")
+        if not (where / "config.json").is_file():
+            raise InputFileError(
+                f"{where} holds no model: rung {r} was not saved by this run; "
+                "choose --rungs among its checkpoints"
+            )
     found = study.pretrain_rungs(
         adata,
         config_path=study.CONFIG,
@@ -503,18 +686,28 @@ def diagnose_seed(
         groups=sample_groups(adata, run_cfg.data.group_key),
     )
     mode, log_prob = gene_bin_statistics(tokenizer.encode_adata(every), train_idx, tokenizer.n_bins)
-    z_abs = []
+    z_abs, w_var = [], []
     for split in splits:
         train = rows[split.train]
         z = prognostic_z(
             y_all[train], td.y[split.train, 0], td.y[split.train, 1], td.cohort_labels[split.train]
         )
         z_abs.append(np.abs(z))
+        w_var.append(within_group_variance(y_all[train], cohort[train]))
+    # Context-only reconstruction: as many genes hidden per pass as training masks.
+    n_groups = n_context_groups(run_cfg.masking.mask_prob)
+    groups = gene_groups(len(genes), n_groups, seed=seed)
     timings[f"seed{seed}/setup+cox"] = time.perf_counter() - t0
 
     records: list[dict[str, Any]] = []
     gene_frames: list[pd.DataFrame] = []
-    checks: dict[str, Any] = {}
+    summary_path = run_dir / "summary.json"
+    n_train_run = json.loads(summary_path.read_text()).get("n_train")
+    checks: dict[str, Any] = {
+        f"seed{seed}.context_groups": n_groups,
+        # the same data as the run: its pre-training rows are the ones refitted here
+        f"seed{seed}.pretrain_rows_match_run": n_train_run in (None, len(train_idx)),
+    }
 
     def record(section: str, split_no: int, step: int | None, readout: str, **values: float):
         for metric, value in values.items():
@@ -564,9 +757,15 @@ def diagnose_seed(
             groups_test=cohort[rows[split.test]],
         )
         record_r2(split_no, None, "pca", r2, r2w)
+        train, test = rows[split.train], rows[split.test]
+        b2, b2w = own_gene_r2(
+            tokens[train], y_all[train], tokens[test], y_all[test], groups_test=cohort[test]
+        )
+        record_r2(split_no, None, "input bins, own gene", b2, b2w)
+        rho_var = compare_top(w_var[split_no], z_abs[split_no], top_k)["spearman"]
+        record("genes", split_no, None, "abs z vs within-cohort variance", spearman=rho_var)
         # cohort identity alone (one-hot): what any vector that only knows the cohort keeps
         onehot = (cohort[:, None] == np.unique(td.cohort_labels)[None, :]).astype(np.float64)
-        train, test = rows[split.train], rows[split.test]
         c2, c2w = decoding_r2(
             onehot[train], y_all[train], onehot[test], y_all[test], groups_test=cohort[test]
         )
@@ -579,8 +778,11 @@ def diagnose_seed(
                     "step": -1,
                     "gene": genes,
                     "z_abs": z_abs[split_no],
+                    "within_cohort_var": w_var[split_no],
                     "r2_pca": r2,
                     "r2_within_pca": r2w,
+                    "r2_input bins, own gene": b2,
+                    "r2_within_input bins, own gene": b2w,
                 }
             )
         )
@@ -590,6 +792,7 @@ def diagnose_seed(
         step = rung.step
         model, _ = load_pretrained(rung.model_dir)
         states, recon = token_readouts(model, tokens)
+        context = context_reconstruction(model, tokens, groups)
         pooled_embedder = BulkRNABertEmbedder(rung.model_dir, label=f"pooled.step{step}")
         pooled = pooled_embedder.transform(sub)
         checks[f"seed{seed}.step{step}.pooled_equals_mean_of_states"] = float(
@@ -607,18 +810,46 @@ def diagnose_seed(
             FeaturePCA(
                 recon, ids, n_components=None, label=f"reconstruction, all genes.step{step}"
             ),
+            FeaturePCA(
+                context,
+                ids,
+                n_components=pca_components,
+                label=f"context-only reconstruction, PCA.step{step}",
+            ),
+            FeaturePCA(
+                context,
+                ids,
+                n_components=None,
+                label=f"context-only reconstruction, all genes.step{step}",
+            ),
         ]
         for split_no, split in enumerate(splits):
             train, test = rows[split.train], rows[split.test]
             per_gene: dict[str, np.ndarray] = {}
-            for readout, X in (("pooled", pooled), ("token states, PCA", None)):
-                if X is None:
-                    reducer = CappedPCA(pca_components, standardize=True).fit(flat[train])
-                    X_train, X_test = reducer.transform(flat[train]), reducer.transform(flat[test])
+            ridge_sources = (
+                ("pooled", pooled),
+                ("token states, PCA", flat),
+                ("context-only reconstruction, PCA", context),
+            )
+            for readout, X in ridge_sources:
+                if readout.endswith(", PCA"):  # reduced as the survival probe reads it
+                    reducer = CappedPCA(pca_components, standardize=True).fit(X[train])
+                    X_train, X_test = reducer.transform(X[train]), reducer.transform(X[test])
                 else:
                     X_train, X_test = X[train], X[test]
                 r2, r2w = decoding_r2(
                     X_train, y_all[train], X_test, y_all[test], groups_test=cohort[test]
+                )
+                per_gene[f"r2_{readout}"] = r2
+                per_gene[f"r2_within_{readout}"] = r2w
+                record_r2(split_no, step, readout, r2, r2w)
+            own_sources = (
+                ("reconstruction, own gene", recon),
+                ("context-only reconstruction, own gene", context),
+            )
+            for readout, X in own_sources:
+                r2, r2w = own_gene_r2(
+                    X[train], y_all[train], X[test], y_all[test], groups_test=cohort[test]
                 )
                 per_gene[f"r2_{readout}"] = r2
                 per_gene[f"r2_within_{readout}"] = r2w
@@ -640,7 +871,9 @@ def diagnose_seed(
                 "acc_gain_cohort": mlm["acc_model"] - mlm["acc_cohort"],
             }
             for name, values in gains.items():
-                stats = compare_top(values.to_numpy(), z_abs[split_no], top_k)
+                stats = compare_top(
+                    values.to_numpy(), z_abs[split_no], top_k, covariate=w_var[split_no]
+                )
                 record(
                     "mlm",
                     split_no,
@@ -680,8 +913,8 @@ def diagnose_seed(
     surv = scores[(scores["family"] == SURVIVAL[0]) & (scores["metric"] == SURVIVAL[1])]
     for _, row in surv.iterrows():
         label, _, step_text = str(row["model"]).partition(".step")
-        step = int(step_text) if step_text else None
-        record("survival", int(row["split"]), step, label, c_index_within_cohort=row["value"])
+        at = int(step_text) if step_text else None
+        record("survival", int(row["split"]), at, label, c_index_within_cohort=row["value"])
     n_test = surv.groupby("split")["n_test"].first().to_numpy()
     checks[f"seed{seed}.splits_match_benchmark"] = bool(
         np.array_equal(n_test, [s.test.size for s in splits])
@@ -750,7 +983,9 @@ def markdown(summary: pd.DataFrame, top_k: int, meta: dict[str, Any]) -> str:
         "### 1. What the pooled vector keeps: R² of each gene's log10(1 + TPM), ridge-decoded",
         "",
         "Within-cohort R²: the same errors over the spread around each test cohort's mean "
-        "(what the features decode beyond cohort identity).",
+        "(what the features decode beyond cohort identity). *own gene*: each gene from its "
+        "own value in that readout alone (a least-squares line per gene); the context-only "
+        "reconstruction predicts each gene with that gene masked.",
         "",
         "| source | rung | R² all genes | R² top-K prognostic | R² other genes | "
         "within-cohort R² all | within top-K | within other |",
@@ -799,19 +1034,34 @@ def markdown(summary: pd.DataFrame, top_k: int, meta: dict[str, Any]) -> str:
         "",
         "Per-gene gain over the trivial predictor (CE: trivial − model, nats; accuracy: model "
         "− trivial; `_cohort`: over the cohort predictor); Mann–Whitney p is the mean over "
-        "seeds × splits of each split's p (likewise the Spearman p).",
+        "seeds × splits of each split's p (likewise the Spearman p). Partial: the Spearman "
+        "correlation with each gene's within-cohort variance of log10(1 + TPM) (training "
+        "rows) partialled out of both ranks; Spearman(gain, var): gain against that variance.",
         "",
         "| rung | gain | all genes | top-K prognostic | other genes | Mann–Whitney p | "
-        "Spearman(gain, abs z) | Spearman p |",
-        "|---|---|---|---|---|---|---|---|",
+        "Spearman(gain, abs z) | Spearman p | partial Spearman | partial p | "
+        "Spearman(gain, var) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for step in steps:
         for gain in ("ce_gain", "acc_gain", "ce_gain_cohort", "acc_gain_cohort"):
             cells = [
                 _cell(summary, "mlm", step, "masked genes", f"{gain}_{m}")
-                for m in ("all", "top", "rest", "mwu_p", "spearman", "spearman_p")
+                for m in (
+                    "all",
+                    "top",
+                    "rest",
+                    "mwu_p",
+                    "spearman",
+                    "spearman_p",
+                    "partial_spearman",
+                    "partial_spearman_p",
+                    "spearman_var",
+                )
             ]
             lines.append(f"| {_rung_name(step)} | {gain} | " + " | ".join(cells) + " |")
+    rho_var = _cell(summary, "genes", -1, "abs z vs within-cohort variance", "spearman")
+    lines += ["", f"Spearman(abs z, within-cohort variance) over genes: {rho_var}."]
     lines += ["", f"Command: `{meta['command']}`", ""]
     return "\n".join(lines)
 
@@ -821,6 +1071,51 @@ def _write_csv(frame: pd.DataFrame, path: Path) -> None:
 
     with atomic_path(path, flag="--out") as tmp:
         frame.to_csv(tmp, index=False)
+
+
+#: Bump when what a seed's diagnosis computes changes: older caches are then recomputed.
+CACHE_VERSION = 2
+
+
+def _seed_key(args: argparse.Namespace, runs: StudyRuns, seed: int, rungs: Sequence[int]) -> dict:
+    """What one seed's results depend on (a cache entry is reused only on equality)."""
+    run_dir = args.study.resolve() / "runs" / runs.tag / f"seed{seed}"
+    summary = run_dir / "summary.json"
+    return {
+        "version": CACHE_VERSION,
+        "run_dir": str(run_dir),
+        "run_finished_at": summary.stat().st_mtime if summary.is_file() else None,
+        "data": str((args.adata or args.shared).resolve()),
+        "rungs": sorted(int(r) for r in rungs),
+        "splits": runs.splits,
+        "pca_components": runs.pca_components,
+        "top_k": args.top_k,
+        "mask_repeats": args.mask_repeats,
+        "mask_prob": args.mask_prob,
+    }
+
+
+def _load_seed(folder: Path, key: dict) -> tuple[pd.DataFrame, pd.DataFrame, dict] | None:
+    """A seed's cached (records, genes, checks + timings), or None if absent or stale."""
+    key_path = folder / "key.json"
+    if not key_path.is_file() or json.loads(key_path.read_text()) != key:
+        return None
+    extra = json.loads((folder / "checks.json").read_text())
+    return pd.read_csv(folder / "records.csv"), pd.read_csv(folder / "genes.csv"), extra
+
+
+def _save_seed(
+    folder: Path, key: dict, records: pd.DataFrame, genes: pd.DataFrame, extra: dict
+) -> None:
+    """Cache one seed's results; key.json goes last, so a killed write is never reused."""
+    from bulkfm.io import write_text
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "key.json").unlink(missing_ok=True)
+    _write_csv(records, folder / "records.csv")
+    _write_csv(genes, folder / "genes.csv")
+    write_text(json.dumps(extra, indent=1, default=str) + "\n", folder / "checks.json")
+    write_text(json.dumps(key, indent=1) + "\n", folder / "key.json")
 
 
 # --------------------------------------------------------------------------- main
@@ -833,12 +1128,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--shared", type=Path, default=study.REPO.parent / "shared" / "data")
     parser.add_argument("--adata", type=Path, help="a built .h5ad instead of --shared")
     parser.add_argument("--run", help="run tag under STUDY/runs (default: the ladder's)")
+    parser.add_argument("--splits", type=int, help="probe hold-outs (default: the study's)")
+    parser.add_argument(
+        "--pca-components", type=int, help="PCA width (default: the study's, else 64)"
+    )
     parser.add_argument("--rungs", type=study.int_list, help="default: 0 and the run's last")
     parser.add_argument("--seeds", type=study.int_list, help="default: the study's seeds")
     parser.add_argument("--top-k", type=int, default=20, help="prognostic genes compared")
     parser.add_argument("--mask-repeats", type=int, default=8, help="mask draws per split")
     parser.add_argument("--mask-prob", type=float, default=0.15)
     parser.add_argument("--num-threads", type=int, default=1, help="torch and BLAS threads")
+    parser.add_argument(
+        "--fresh", action="store_true", help="recompute every seed (ignore OUT/seeds caches)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     for name in ("bulkfm.tasks", "bulkfm.tokenize", "bulkfm.embed", "bulkfm.bench"):
@@ -860,39 +1162,61 @@ def _run(args: argparse.Namespace) -> int:
         raise ConfigError("--top-k and --mask-repeats must be at least 1")
     if not 0 < args.mask_prob < 1:
         raise ConfigError(f"--mask-prob must be in (0, 1), got {args.mask_prob}")
+    for flag, value in (("--splits", args.splits), ("--pca-components", args.pca_components)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} must be at least 1, got {value}")
     out = check_output_dir(args.out, flag="--out")
-    if out.resolve() == args.study.resolve():
-        raise ConfigError("--out must differ from --study (the study folder is only read)")
-    runs = read_study(args.study, args.run)
+    study_dir = args.study.resolve()
+    if out.resolve() == study_dir or study_dir in out.resolve().parents:
+        raise ConfigError("--out must lie outside --study (the study folder is only read)")
+    runs = read_study(args.study, args.run, splits=args.splits, pca_components=args.pca_components)
     seeds = args.seeds or runs.seeds
     rungs = args.rungs or [0, runs.max_step]
     torch.set_num_threads(args.num_threads)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
+    frames: list[pd.DataFrame] = []
+    genes: list[pd.DataFrame] = []
+    checks: dict[str, Any] = {}
+    cached: list[int] = []
+    data: tuple[ad.AnnData, ad.AnnData] | None = None
     with threadpool_limits(limits=args.num_threads):
-        adata, tumours = study.load_data(args)
-        timings["data"] = time.perf_counter() - t0
-        records: list[dict[str, Any]] = []
-        genes: list[pd.DataFrame] = []
-        checks: dict[str, Any] = {}
         for seed in seeds:
-            found = seed_rungs(adata, runs, args.study, seed, rungs)
-            rec, gen, chk = diagnose_seed(
-                adata,
-                tumours,
-                found,
-                n_splits=runs.splits,
-                top_k=args.top_k,
-                mask_repeats=args.mask_repeats,
-                mask_prob=args.mask_prob,
-                pca_components=runs.pca_components,
-                timings=timings,
-            )
-            records += rec
-            genes += gen
-            checks.update(chk)
-    frame = pd.DataFrame(records)
+            key = _seed_key(args, runs, seed, rungs)
+            folder = out / "seeds" / f"seed{seed}"
+            hit = None if args.fresh else _load_seed(folder, key)
+            if hit is None:
+                if data is None:
+                    t1 = time.perf_counter()
+                    data = study.load_data(args)
+                    timings["data"] = time.perf_counter() - t1
+                found = seed_rungs(data[0], runs, args.study, seed, rungs)
+                seed_timings: dict[str, float] = {}
+                rec, gen, chk = diagnose_seed(
+                    data[0],
+                    data[1],
+                    found,
+                    n_splits=runs.splits,
+                    top_k=args.top_k,
+                    mask_repeats=args.mask_repeats,
+                    mask_prob=args.mask_prob,
+                    pca_components=runs.pca_components,
+                    timings=seed_timings,
+                )
+                hit = (
+                    pd.DataFrame(rec),
+                    pd.concat(gen, ignore_index=True),
+                    {"checks": chk, "timings_s": seed_timings},
+                )
+                _save_seed(folder, key, *hit)
+            else:
+                cached.append(seed)
+            frames.append(hit[0])
+            genes.append(hit[1])
+            checks.update(hit[2]["checks"])
+            timings.update(hit[2]["timings_s"])
+    frame = pd.concat(frames, ignore_index=True)
     checks["max_abs_diff_pooled_vs_study_survival"] = study_agreement(args.study, runs, frame)
     summary = summarise(frame)
     timings["total"] = time.perf_counter() - t0
@@ -907,6 +1231,7 @@ def _run(args: argparse.Namespace) -> int:
         "mask_repeats": args.mask_repeats,
         "mask_prob": args.mask_prob,
         "pca_components": runs.pca_components,
+        "seeds_from_cache": cached,
         "checks": checks,
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
     }

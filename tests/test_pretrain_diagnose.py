@@ -114,6 +114,89 @@ def test_compare_top_against_a_naive_split(diag: ModuleType) -> None:
     assert got["spearman"] == pytest.approx(spearmanr(values, np.abs(z))[0])
 
 
+def test_partial_spearman_matches_the_pairwise_formula_and_removes_a_confounder(
+    diag: ModuleType,
+) -> None:
+    from scipy.stats import spearmanr, t
+
+    rng = np.random.default_rng(7)
+    v = rng.normal(size=200)
+    x = v + 0.5 * rng.normal(size=200)
+    y = v + 0.3 * x + rng.normal(size=200)
+    rho, p = diag.partial_spearman(x, y, v)
+    # naive: the first-order partial correlation from the three pairwise Spearman rhos
+    r_xy, r_xv, r_yv = spearmanr(x, y)[0], spearmanr(x, v)[0], spearmanr(y, v)[0]
+    expect = (r_xy - r_xv * r_yv) / math.sqrt((1 - r_xv**2) * (1 - r_yv**2))
+    assert rho == pytest.approx(expect, abs=1e-10)
+    stat = expect * math.sqrt((200 - 3) / (1 - expect**2))
+    assert p == pytest.approx(2 * t.sf(abs(stat), 200 - 3), rel=1e-8)
+    # two variables that share only the covariate: strongly correlated, not partially
+    a, b = v + 0.2 * rng.normal(size=200), v + 0.2 * rng.normal(size=200)
+    assert spearmanr(a, b)[0] > 0.8
+    assert abs(diag.partial_spearman(a, b, v)[0]) < 0.2
+    # NaNs are left out, as compare_top does
+    a[:5] = np.nan
+    assert diag.partial_spearman(a, b, v)[0] == pytest.approx(
+        diag.partial_spearman(a[5:], b[5:], v[5:])[0]
+    )
+
+
+def test_partial_spearman_agrees_with_pingouin_if_installed(diag: ModuleType) -> None:
+    pg = pytest.importorskip("pingouin")
+    rng = np.random.default_rng(8)
+    frame = pd.DataFrame(rng.normal(size=(80, 3)), columns=["x", "y", "v"])
+    frame["y"] += frame["x"] + frame["v"]
+    ref = pg.partial_corr(frame, x="x", y="y", covar="v", method="spearman")
+    rho, p = diag.partial_spearman(*(frame[c].to_numpy() for c in ("x", "y", "v")))
+    assert rho == pytest.approx(float(ref["r"].iloc[0]), abs=1e-10)
+    assert p == pytest.approx(float(ref["p-val"].iloc[0]), rel=1e-6)
+
+
+def test_compare_top_adds_the_partial_correlation_with_a_covariate(diag: ModuleType) -> None:
+    from scipy.stats import spearmanr
+
+    rng = np.random.default_rng(9)
+    values, z, var = rng.normal(size=40), np.abs(rng.normal(size=40)), rng.random(40)
+    got = diag.compare_top(values, z, 5, covariate=var)
+    assert got["partial_spearman"] == pytest.approx(diag.partial_spearman(values, z, var)[0])
+    assert got["spearman_var"] == pytest.approx(spearmanr(values, var)[0])
+    assert "partial_spearman" not in diag.compare_top(values, z, 5)
+
+
+def test_within_group_variance_equals_a_naive_loop(diag: ModuleType) -> None:
+    rng = np.random.default_rng(10)
+    Y = rng.normal(size=(30, 4)) + np.repeat([0.0, 5.0, -3.0], 10)[:, None]
+    groups = np.repeat(["a", "b", "c"], 10)
+    got = diag.within_group_variance(Y, groups)
+    for j in range(4):
+        total = 0.0
+        for g in ("a", "b", "c"):
+            part = Y[groups == g, j]
+            total += sum((v - part.mean()) ** 2 for v in part)
+        assert got[j] == pytest.approx(total / 30)
+
+
+def test_own_gene_r2_equals_one_least_squares_line_per_gene(diag: ModuleType) -> None:
+    from sklearn.linear_model import LinearRegression
+    from sklearn.metrics import r2_score
+
+    rng = np.random.default_rng(11)
+    x = rng.normal(size=(90, 3))
+    y = 2.0 * x + rng.normal(size=(90, 3))
+    y[:, 1] = rng.normal(size=90)  # unrelated to its own readout
+    x[:, 2] = 1.0  # constant readout: predicts the training mean
+    groups = np.repeat(["a", "b", "c"], 10)
+    r2, within = diag.own_gene_r2(x[:60], y[:60], x[60:], y[60:], groups_test=groups)
+    for j in range(3):
+        fit = LinearRegression().fit(x[:60, [j]], y[:60, j])
+        pred = fit.predict(x[60:, [j]])
+        assert r2[j] == pytest.approx(r2_score(y[60:, j], pred), abs=1e-9)
+        sst_w = sum(((y[60:, j][groups == g] - y[60:, j][groups == g].mean()) ** 2).sum()
+                    for g in "abc")  # fmt: skip
+        assert within[j] == pytest.approx(1 - ((y[60:, j] - pred) ** 2).sum() / sst_w, abs=1e-9)
+    assert r2[0] > 0.6 and r2[1] < 0.1
+
+
 # --------------------------------------------------------------------------- readouts
 def _tokens(model: Any, n: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
@@ -144,6 +227,52 @@ def test_token_readouts_equal_per_sample_outputs_and_hand_expectation(
     # the mean over genes of the states is the study's pooled embedding
     pooled = model.embed(torch.from_numpy(tokens)).numpy()
     np.testing.assert_allclose(states.mean(axis=1), pooled, atol=1e-5)
+
+
+def test_gene_groups_partition_the_genes_into_k_seeded_groups(diag: ModuleType) -> None:
+    assert [diag.n_context_groups(p) for p in (0.15, 0.2, 0.3, 0.5)] == [7, 5, 4, 2]
+    groups = diag.gene_groups(23, 7, seed=3)
+    assert groups.shape == (23,)
+    sizes = np.bincount(groups, minlength=7)
+    assert sizes.sum() == 23 and set(np.unique(groups)) == set(range(7))  # disjoint, cover
+    assert sizes.max() - sizes.min() <= 1
+    np.testing.assert_array_equal(groups, diag.gene_groups(23, 7, seed=3))
+    assert not np.array_equal(groups, diag.gene_groups(23, 7, seed=4))
+    for bad in (0, 24):
+        with pytest.raises(diag.ConfigError, match="groups"):
+            diag.gene_groups(23, bad, seed=0)
+    with pytest.raises(diag.ConfigError, match="mask_prob"):
+        diag.n_context_groups(0.0)
+
+
+@pytest.mark.filterwarnings("ignore:the tokens hold")  # the missing genes' [MASK]s
+def test_context_reconstruction_is_a_pass_with_exactly_its_group_masked(
+    diag: ModuleType, tiny_model: Callable[..., Any]
+) -> None:
+    import torch
+
+    torch.manual_seed(2)
+    model = tiny_model(num_layers=2, n_expressions_bins=8).eval()
+    n_genes, mask_id = model.config.n_genes, model.config.mask_token_id
+    tokens = _tokens(model, 5, seed=3)
+    tokens[1, [0, 4]] = mask_id  # missing genes stay [MASK] in every pass
+    before = tokens.copy()
+    groups = diag.gene_groups(n_genes, 3, seed=1)
+    got = diag.context_reconstruction(model, tokens, groups, batch_size=2)
+    np.testing.assert_array_equal(tokens, before)
+    _, unmasked = diag.token_readouts(model, tokens)
+    assert np.abs(got - unmasked).max() > 1e-3  # the own value is hidden: not a copy
+    with torch.no_grad():
+        for i in range(5):
+            for g in range(n_genes):
+                hidden = [
+                    mask_id if groups[h] == groups[g] else int(tokens[i, h]) for h in range(n_genes)
+                ]
+                logits = model(torch.tensor([hidden])).logits[0, g].double().tolist()
+                top = max(logits)
+                weights = [math.exp(v - top) for v in logits]
+                expect = sum(b * w for b, w in enumerate(weights)) / sum(weights)
+                assert got[i, g] == pytest.approx(expect, abs=1e-5)
 
 
 def test_mlm_per_gene_matches_a_naive_loop(diag: ModuleType, tiny_model: Callable[..., Any]):
@@ -240,16 +369,22 @@ def test_diagnose_runs_end_to_end_on_a_tiny_study(diag: ModuleType, tmp_path: Pa
     common = ["--study", str(folder), "--adata", str(path), "--top-k", "4"]
     assert diag.main([*common, "--out", str(out), "--mask-repeats", "2"]) == 0
     records = pd.read_csv(out / "diagnose.csv")
-    assert set(records["section"]) == {"decode", "survival", "mlm"}
+    assert set(records["section"]) == {"decode", "survival", "mlm", "genes"}
     assert set(records["step"].dropna().astype(int)) == {0, 4}
     assert set(records["pretrain_seed"]) == {0} and set(records["split"]) == {0, 1, 2}
     surv = records[records["section"] == "survival"]
-    assert {"pooled", "token states, PCA", "reconstruction, PCA", "pca", "raw"} <= set(
+    context = {"context-only reconstruction, PCA", "context-only reconstruction, all genes"}
+    assert {"pooled", "token states, PCA", "reconstruction, PCA", "pca", "raw"} | context <= set(
         surv["readout"]
     )
     assert surv["value"].between(0, 1).all()
     decode = records[records["section"] == "decode"]
-    assert {"pca", "cohort identity (one-hot)", "pooled"} <= set(decode["readout"])
+    own = {"reconstruction, own gene", "context-only reconstruction, own gene"}
+    assert {"pca", "cohort identity (one-hot)", "pooled", "input bins, own gene"} | own <= set(
+        decode["readout"]
+    )
+    mlm = records[records["section"] == "mlm"]
+    assert mlm[mlm["metric"] == "ce_gain_partial_spearman"]["value"].between(-1, 1).all()
     meta = json.loads((out / "diagnose.json").read_text())
     checks = meta["checks"]
     # the pooled survival scores are the study's own (same probe, same splits)
@@ -259,8 +394,23 @@ def test_diagnose_runs_end_to_end_on_a_tiny_study(diag: ModuleType, tmp_path: Pa
     genes = pd.read_csv(out / "genes.csv")
     assert len(genes[genes["step"] == 4]) == 3 * 16
     assert "within-cohort R²" in (out / "diagnose.md").read_text()
+    assert checks["seed0.context_groups"] == 7 and checks["seed0.pretrain_rows_match_run"]
+    # a rerun reuses the seed's cache and reproduces the tables
+    assert diag.main([*common, "--out", str(out), "--mask-repeats", "2"]) == 0
+    assert json.loads((out / "diagnose.json").read_text())["seeds_from_cache"] == [0]
+    pd.testing.assert_frame_equal(pd.read_csv(out / "diagnose.csv"), records)
+    # a study still running (no study.json): --run names the run, finished seeds only
+    running = tmp_path / "running"
+    running.mkdir()
+    (running / "runs").symlink_to(folder / "runs")
+    bare = ["--study", str(running), "--adata", str(path), "--top-k", "4", "--mask-repeats", "2"]
+    assert diag.main([*bare, "--out", str(out), "--run", "reference_max4"]) == 0
+    assert json.loads((out / "diagnose.json").read_text())["seeds"] == [0]
+    assert diag.main([*bare, "--out", str(tmp_path / "d5")]) == 2  # no study.json, no --run
     # bad input: an unknown run, a rung beyond the run, a folder that is no study
     assert diag.main([*common, "--out", str(tmp_path / "d2"), "--run", "nope_max4"]) == 2
     assert diag.main([*common, "--out", str(tmp_path / "d3"), "--rungs", "0,8"]) == 2
+    assert diag.main([*common, "--out", str(tmp_path / "d3"), "--rungs", "0,3"]) == 2  # unsaved
+    assert diag.main([*common, "--out", str(folder / "inside")]) == 2
     bad = ["--study", str(tmp_path), "--adata", str(path), "--out", str(tmp_path / "d4")]
     assert diag.main(bad) == 2
