@@ -22,8 +22,9 @@ the chosen layer and the missing mask are read a block of rows at a time. Each p
 (and each data-loader worker) opens its own read-only handle.
 
 Random reads suit local disks and SSDs. A file compressed in chunks of many rows
-decompresses a whole chunk for each sample read; write pre-training files uncompressed
-(anndata's default) or in chunks of a few rows.
+decompresses a whole chunk for each sample read; ``bulkfm data build``
+(:func:`bulkfm.io.write_h5ad`) writes X in chunks of whole rows, about 1 MB each, and an
+uncompressed file (anndata's default) works as well.
 
 Sources (``data.format``, detected from ``data.path`` by default). Each is a
 :class:`RowSource`: obs/var in memory, ``read_rows(rows)`` -> (TPM block, missing mask)
@@ -45,7 +46,7 @@ from disk, one read-only handle per process:
   (:func:`bulkfm.data.archs4.read_counts`), the fitting passes read blocks of 512
   consecutive training samples, and the last block is cached. Random access during
   training costs about one chunk band per sample; for long runs on a large selection,
-  ``bulkfm data build`` it once into an uncompressed ``.h5ad`` or write parquet shards.
+  ``bulkfm data build`` it once into an ``.h5ad`` (row-chunked) or write parquet shards.
 - ``parquet`` (:class:`ParquetSource`): a folder (every ``*.parquet``/``*.pq`` in it,
   sorted by name), a glob or one file; samples x genes TPM, the sample ids in the
   pandas index (``DataFrame.to_parquet``) or a ``sample_id`` column, numeric columns =
