@@ -1009,6 +1009,15 @@ def _raise_bad_value(
 # ----------------------------------------------------------------------------- parquet
 
 
+def open_parquet(path: str | os.PathLike, *, what: str, fix: str) -> pq.ParquetFile:
+    """``pq.ParquetFile(path)``; an unreadable file is an :class:`InputFileError` naming
+    ``what`` it is and the ``fix``."""
+    try:
+        return pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as err:
+        raise InputFileError(f"cannot read {what}: {err}. Fix: {fix}.") from err
+
+
 def _arrow_is_number(dtype: pa.DataType) -> bool:
     return pa.types.is_integer(dtype) or pa.types.is_floating(dtype) or pa.types.is_decimal(dtype)
 
@@ -1021,13 +1030,11 @@ def _read_parquet(
     gene_column: str | None,
     sample_column: str | None,
 ) -> _Parsed:
-    try:
-        pf = pq.ParquetFile(path)
-    except (pa.ArrowException, OSError) as err:
-        raise InputFileError(
-            f"cannot read parquet file {path}: {err}. Fix: write it again (e.g. "
-            "DataFrame.to_parquet) or check the download is complete."
-        ) from err
+    pf = open_parquet(
+        path,
+        what=f"parquet file {path}",
+        fix="write it again (e.g. DataFrame.to_parquet) or check the download is complete",
+    )
     schema = pf.schema_arrow
     names = list(schema.names)
     if len(set(names)) != len(names):

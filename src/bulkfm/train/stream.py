@@ -610,9 +610,8 @@ class ParquetSource(_BlockSource):
     _transient = ("_last", "_files", "_cache", "_pid")
 
     def __init__(self, path: str | Path, *, cache_bytes: int = _PARQUET_CACHE_BYTES) -> None:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
 
+        from bulkfm.data.readers import open_parquet
         from bulkfm.data.validate import check_unique
 
         super().__init__()
@@ -626,13 +625,11 @@ class ParquetSource(_BlockSource):
         sizes: list[int] = []
         shard_rows: list[int] = []
         for s, shard in enumerate(self.shards):
-            try:
-                pf = pq.ParquetFile(shard)
-            except (pa.ArrowException, OSError) as err:
-                raise InputFileError(
-                    f"cannot read parquet shard {shard} of data.path {path}: {err}. Fix: write "
-                    "it again (DataFrame.to_parquet) or remove it from the folder."
-                ) from err
+            pf = open_parquet(
+                shard,
+                what=f"parquet shard {shard} of data.path {path}",
+                fix="write it again (DataFrame.to_parquet) or remove it from the folder",
+            )
             id_column, genes, annotation = _parquet_layout(shard, pf.schema_arrow)
             if s == 0:
                 self.genes = genes
