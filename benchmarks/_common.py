@@ -106,6 +106,16 @@ def memory_fields(timing: Timing) -> dict[str, Any]:
     }
 
 
+def peak_ratio(rows: list[dict[str, Any]], **match: Any) -> float | None:
+    """Peak RSS of the run with the most samples over that of the fewest, among the
+    rows that ran (no ``error``) and whose fields equal ``match``; None: fewer than two."""
+    ok = [r for r in rows if "error" not in r and all(r.get(k) == v for k, v in match.items())]
+    if len(ok) < 2:
+        return None
+    ok.sort(key=lambda r: r["samples"])
+    return float(ok[-1]["peak_rss_mb"] / ok[0]["peak_rss_mb"])
+
+
 def current_rss_mb() -> float:
     rss = _status_mb("VmRSS")
     return math.nan if rss is None else rss

@@ -199,15 +199,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             result.update(samples=n, file_mb=path.stat().st_size / 2**20)
             rows.append(result)
             path.unlink()
-    ok = [r for r in rows if "error" not in r]
-    ratio = ok[-1]["peak_rss_mb"] / ok[0]["peak_rss_mb"] if len(ok) >= 2 else None
     report = {
         "genes": args.genes,
         "model_genes": args.model_genes or args.genes,
         "batch_size": args.batch_size,
         "threads": args.threads,
         "rows": rows,
-        "peak_ratio": ratio,
+        "peak_ratio": common.peak_ratio(rows),
         "target": TARGET_RATIO,
     }
     print_report(report)

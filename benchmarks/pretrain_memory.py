@@ -149,8 +149,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "top_k": args.top_k,
         "steps": args.steps,
         "rows": rows,
-        "peak_ratio": peak_ratio(rows, streaming=True),
-        "in_memory_peak_ratio": peak_ratio(rows, streaming=False),
+        "peak_ratio": common.peak_ratio(rows, streaming=True),
+        "in_memory_peak_ratio": common.peak_ratio(rows, streaming=False),
         "target": TARGET_RATIO,
     }
     print_report(report)
@@ -159,15 +159,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         write_text(json.dumps(report, indent=1) + "\n", args.json)
     return report
-
-
-def peak_ratio(rows: list[dict[str, Any]], *, streaming: bool) -> float | None:
-    """Peak RSS of the largest file over that of the smallest (None: fewer than two ran)."""
-    ok = [r for r in rows if r["streaming"] == streaming and "error" not in r]
-    if len(ok) < 2:
-        return None
-    ok.sort(key=lambda r: r["samples"])
-    return float(ok[-1]["peak_rss_mb"] / ok[0]["peak_rss_mb"])
 
 
 def print_report(report: dict[str, Any]) -> None:

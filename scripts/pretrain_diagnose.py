@@ -63,7 +63,7 @@ import math
 import shlex
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -269,26 +269,34 @@ def token_readouts(
     Nothing is masked: the model reads every gene as the embedding does, and the
     reconstruction is ``sum_b softmax(logits)_b * b`` (``train.losses.expected_bin``).
     """
-    import torch
-
     from bulkfm.train.losses import expected_bin
 
     n, g = tokens.shape
     states = np.empty((n, g, model.config.embed_dim), dtype=np.float32)
     recon = np.empty((n, g), dtype=np.float32)
+    for start, stop, batch in _eval_batches(model, tokens, batch_size):
+        out = model(batch.to(model.device))
+        states[start:stop] = out.last_hidden_state.float().cpu().numpy()
+        recon[start:stop] = expected_bin(out.logits).cpu().numpy()
+    return states, recon
+
+
+def _eval_batches(
+    model: BulkRNABert, tokens: np.ndarray, batch_size: int
+) -> Iterator[tuple[int, int, Any]]:
+    """(start, stop, int64 token tensor) per batch of rows, with ``model`` in eval and
+    inference mode while they are used; its training flag is restored afterwards."""
+    import torch
+
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
-            for start in range(0, n, batch_size):
+            for start in range(0, len(tokens), batch_size):
                 batch = torch.from_numpy(tokens[start : start + batch_size].astype(np.int64))
-                out = model(batch.to(model.device))
-                stop = start + batch.shape[0]
-                states[start:stop] = out.last_hidden_state.float().cpu().numpy()
-                recon[start:stop] = expected_bin(out.logits).cpu().numpy()
+                yield start, start + batch.shape[0], batch
     finally:
         model.train(was_training)
-    return states, recon
 
 
 def n_context_groups(mask_prob: float) -> int:
@@ -333,20 +341,12 @@ def context_reconstruction(
     members = [torch.from_numpy(np.flatnonzero(groups == k)) for k in np.unique(groups)]
     recon = np.full((n, g), np.nan, dtype=np.float32)
     mask_id = model.config.mask_token_id
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for start in range(0, n, batch_size):
-                batch = torch.from_numpy(tokens[start : start + batch_size].astype(np.int64))
-                stop = start + batch.shape[0]
-                for idx in members:
-                    hidden = batch.clone()
-                    hidden[:, idx] = mask_id
-                    logits = model(hidden.to(model.device)).logits[:, idx]
-                    recon[start:stop, idx.numpy()] = expected_bin(logits).cpu().numpy()
-    finally:
-        model.train(was_training)
+    for start, stop, batch in _eval_batches(model, tokens, batch_size):
+        for idx in members:
+            hidden = batch.clone()
+            hidden[:, idx] = mask_id
+            logits = model(hidden.to(model.device)).logits[:, idx]
+            recon[start:stop, idx.numpy()] = expected_bin(logits).cpu().numpy()
     return recon
 
 
